@@ -1,0 +1,42 @@
+//! The CPU backend: the model's math on host memory, parallel over rayon's threads.
+
+mod linear;
+pub mod ops;
+
+pub use linear::{decode_row, dot, linear, linear_plain};
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::error::Result;
+use crate::model::{Model, SeqInput};
+use crate::state::SeqState;
+
+/// Runs a [`Model`] on the CPU.
+pub struct CpuBackend {
+    /// The weights.
+    pub model: Model,
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &str {
+        "cpu"
+    }
+    fn config(&self) -> &Config {
+        &self.model.cfg
+    }
+    fn new_state(&self) -> SeqState {
+        self.model.new_state()
+    }
+    fn forward(&self, inputs: &mut [SeqInput]) -> Result<Vec<f32>> {
+        self.model.forward(inputs)
+    }
+    fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        self.model.logits(hidden)
+    }
+    fn new_mtp_state(&self, i: usize) -> SeqState {
+        self.model.new_mtp_state(i)
+    }
+    fn mtp_forward(&self, i: usize, hidden: &[f32], inputs: &mut [SeqInput]) -> Result<Vec<f32>> {
+        self.model.mtp_forward(i, hidden, inputs)
+    }
+}

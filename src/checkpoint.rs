@@ -1,0 +1,365 @@
+//! Memory-mapped safetensors checkpoints, single-file or sharded through
+//! `model.safetensors.index.json`.
+//!
+//! Tensors are borrowed from the mapping, never copied: an FP8 weight stays e4m3 bytes and an FP4
+//! expert stays packed, so resident weight memory is the checkpoint's size. Loading takes each
+//! tensor by name with its expected dtype and shape; whatever is missing, extra, mistyped,
+//! misshapen or truncated is an error naming the tensor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// Bytes that live either in a file mapping or in memory.
+enum Backing {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+/// A shared, immutable byte range of a mapped file or buffer.
+#[derive(Clone)]
+pub struct Bytes {
+    backing: Arc<Backing>,
+    start: usize,
+    len: usize,
+}
+
+impl Bytes {
+    /// Wraps owned bytes.
+    pub fn owned(v: Vec<u8>) -> Self {
+        let len = v.len();
+        Bytes {
+            backing: Arc::new(Backing::Owned(v)),
+            start: 0,
+            len,
+        }
+    }
+}
+
+impl Bytes {
+    /// A sub-range `[start, start + len)` of these bytes, sharing the backing.
+    pub fn slice(&self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.len, "byte slice out of range");
+        Bytes {
+            backing: self.backing.clone(),
+            start: self.start + start,
+            len,
+        }
+    }
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        let all: &[u8] = match &*self.backing {
+            Backing::Map(m) => m,
+            Backing::Owned(v) => v,
+        };
+        &all[self.start..self.start + self.len]
+    }
+}
+
+/// One tensor of a checkpoint: its dtype, shape and raw little-endian bytes.
+#[derive(Clone)]
+pub struct RawTensor {
+    /// Canonical name.
+    pub name: String,
+    /// Storage dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Raw data.
+    pub data: Bytes,
+}
+
+impl RawTensor {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The tensor converted to f32 (for small parameters: norms, biases, mHC, `ape`).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let d = &self.data;
+        Ok(match self.dtype {
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|c| crate::quant::bf16(c[0], c[1]))
+                .collect(),
+            other => {
+                return Err(Error::Checkpoint(format!(
+                    "tensor {}: dtype {other:?} where a float tensor (F32/BF16) was expected",
+                    self.name
+                )))
+            }
+        })
+    }
+
+    /// The tensor as integers (`tid2eid`).
+    pub fn to_i64(&self) -> Result<Vec<i64>> {
+        let d = &self.data;
+        Ok(match self.dtype {
+            Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+            other => {
+                return Err(Error::Checkpoint(format!(
+                    "tensor {}: dtype {other:?} where I32/I64 was expected",
+                    self.name
+                )))
+            }
+        })
+    }
+
+    /// Checks the shape.
+    pub fn expect_shape(&self, shape: &[usize]) -> Result<()> {
+        if self.shape != shape {
+            return Err(Error::Checkpoint(format!(
+                "tensor {}: shape {:?}, expected {:?} from config.json",
+                self.name, self.shape, shape
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The tensors of a checkpoint, taken one by one while the model is built.
+pub struct Checkpoint {
+    tensors: BTreeMap<String, RawTensor>,
+    taken: BTreeSet<String>,
+    /// Total bytes of tensor data.
+    pub bytes: u64,
+}
+
+/// Maps the names of a Hugging Face export onto the reference's names (which the released V4
+/// checkpoints use as is).
+fn canonical_name(name: &str) -> String {
+    let n = name.strip_prefix("model.").unwrap_or(name);
+    n.replace(".self_attn.", ".attn.")
+        .replace(".mlp.", ".ffn.")
+        .replace("weight_scale_inv", "scale")
+        .replace("e_score_correction_bias", "bias")
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the mapping is read-only; a checkpoint rewritten while being served is outside
+    // what any inference engine can defend against.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// Names the first tensor that a truncated file cuts off, from its raw header.
+fn truncated_tensor(buf: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(buf.get(8..8usize.checked_add(n)?)?).ok()?;
+    let avail = buf.len().saturating_sub(8 + n);
+    header.as_object()?.iter().find_map(|(k, v)| {
+        let end = v.get("data_offsets")?.get(1)?.as_u64()? as usize;
+        (end > avail).then(|| k.clone())
+    })
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir`: `model.safetensors.index.json` with its shards, or
+    /// `model.safetensors`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let mut ck = Checkpoint {
+            tensors: BTreeMap::new(),
+            taken: BTreeSet::new(),
+            bytes: 0,
+        };
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                Error::Checkpoint(format!("{}: not JSON: {e}", index.display()))
+            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    Error::Checkpoint(format!("{}: no `weight_map` object", index.display()))
+                })?;
+            let mut by_file: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    Error::Checkpoint(format!("{}: weight_map[{name}] is not a file name", index.display()))
+                })?;
+                if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                    return Err(Error::Checkpoint(format!(
+                        "{}: weight_map[{name}] = {file:?} is not a plain file name",
+                        index.display()
+                    )));
+                }
+                by_file.entry(file.to_string()).or_default().insert(name.clone());
+            }
+            for (file, names) in by_file {
+                let path = dir.join(&file);
+                let found = ck.add_file(&path)?;
+                for n in &names {
+                    if !found.contains(n) {
+                        return Err(Error::Checkpoint(format!(
+                            "tensor {n}: listed in the index under {file} but absent from that file"
+                        )));
+                    }
+                }
+                if let Some(extra) = found.iter().find(|n| !names.contains(*n)) {
+                    return Err(Error::Checkpoint(format!(
+                        "tensor {extra}: in {file} but not listed in model.safetensors.index.json"
+                    )));
+                }
+            }
+        } else if single.exists() {
+            ck.add_file(&single)?;
+        } else {
+            return Err(Error::Checkpoint(format!(
+                "{}: neither model.safetensors.index.json nor model.safetensors found",
+                dir.display()
+            )));
+        }
+        Ok(ck)
+    }
+
+    /// Maps one safetensors file and registers its tensors; returns their names as stored.
+    fn add_file(&mut self, path: &Path) -> Result<BTreeSet<String>> {
+        let map = map_file(path)?;
+        let (n, meta) = match SafeTensors::read_metadata(&map) {
+            Ok(x) => x,
+            Err(e) => {
+                let what = truncated_tensor(&map)
+                    .map(|t| format!("tensor {t} is truncated (file ends early)"))
+                    .unwrap_or_else(|| e.to_string());
+                return Err(Error::Checkpoint(format!("{}: {what}", path.display())));
+            }
+        };
+        let backing = Arc::new(Backing::Map(map));
+        let mut names = BTreeSet::new();
+        for (name, info) in meta.tensors() {
+            let (s, e) = info.data_offsets;
+            let canon = canonical_name(&name);
+            let t = RawTensor {
+                name: canon.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                data: Bytes {
+                    backing: backing.clone(),
+                    start: 8 + n + s,
+                    len: e - s,
+                },
+            };
+            self.bytes += (e - s) as u64;
+            if self.tensors.insert(canon.clone(), t).is_some() {
+                return Err(Error::Checkpoint(format!(
+                    "tensor {canon}: stored twice (second copy in {})",
+                    path.display()
+                )));
+            }
+            names.insert(name);
+        }
+        Ok(names)
+    }
+
+    /// Builds a checkpoint from in-memory tensors (tests, generated models).
+    pub fn from_tensors(tensors: Vec<RawTensor>) -> Self {
+        let bytes = tensors.iter().map(|t| t.data.len() as u64).sum();
+        Checkpoint {
+            tensors: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            taken: BTreeSet::new(),
+            bytes,
+        }
+    }
+
+    /// Names of the tensors not yet taken.
+    pub fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
+    /// Whether a tensor exists (and has not been taken).
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Takes a tensor by name.
+    pub fn take(&mut self, name: &str) -> Result<RawTensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| Error::Checkpoint(format!("tensor {name}: missing")))?;
+        self.taken.insert(name.to_string());
+        Ok(t)
+    }
+
+    /// Takes a float parameter of the given shape, converted to f32.
+    pub fn take_f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.take(name)?;
+        t.expect_shape(shape)?;
+        t.to_f32()
+    }
+
+    /// Fails if any tensor was not used by the model.
+    pub fn finish(self) -> Result<()> {
+        if let Some((name, t)) = self.tensors.iter().next() {
+            let more = self.tensors.len() - 1;
+            return Err(Error::Checkpoint(format!(
+                "tensor {name} ({:?} {:?}) is not part of the model described by config.json{}",
+                t.dtype,
+                t.shape,
+                if more > 0 {
+                    format!(" (and {more} more unexpected tensors)")
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Path of `config.json` beside the weights.
+    pub fn config_path(dir: &Path) -> PathBuf {
+        dir.join("config.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hugging_face_names_are_canonicalized() {
+        assert_eq!(
+            canonical_name("model.layers.3.self_attn.wq_a.weight_scale_inv"),
+            "layers.3.attn.wq_a.scale"
+        );
+        assert_eq!(
+            canonical_name("model.layers.3.mlp.gate.e_score_correction_bias"),
+            "layers.3.ffn.gate.bias"
+        );
+        assert_eq!(canonical_name("layers.0.attn.wkv.weight"), "layers.0.attn.wkv.weight");
+    }
+
+    #[test]
+    fn truncated_file_names_the_tensor() {
+        let header = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#;
+        let mut buf = (header.len() as u64).to_le_bytes().to_vec();
+        buf.extend_from_slice(header);
+        buf.extend_from_slice(&[0u8; 12]);
+        assert_eq!(truncated_tensor(&buf).as_deref(), Some("b"));
+    }
+}

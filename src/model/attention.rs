@@ -1,0 +1,277 @@
+//! Attention: low-rank queries, one shared KV head, a 128-token window with an attention sink,
+//! compressed entries (all of them for HCA, the indexer's top-k for CSA), and a grouped
+//! low-rank output projection.
+
+use rayon::prelude::*;
+
+use crate::backend::cpu::{dot, linear, linear_plain, ops::rms_norm, ops::rms_scale};
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::model::compressor::Compressor;
+use crate::model::indexer::Indexer;
+use crate::model::rope::{CosSin, Rope};
+use crate::model::Span;
+use crate::state::{BlockState, RowCodec};
+use crate::weights::Matrix;
+
+/// Attention weights of one block.
+pub struct Attention {
+    wq_a: Matrix,
+    q_norm: Vec<f32>,
+    wq_b: Matrix,
+    wkv: Matrix,
+    kv_norm: Vec<f32>,
+    wo_a: Vec<Matrix>,
+    wo_b: Matrix,
+    sink: Vec<f32>,
+    compressor: Option<Compressor>,
+    indexer: Option<Indexer>,
+    rope: Rope,
+    heads: usize,
+    dim: usize,
+    window: usize,
+    ratio: usize,
+    eps: f32,
+    codec: RowCodec,
+}
+
+/// Per-sequence work of one chunk: where each query's keys are.
+struct SeqKeys {
+    /// Decoded raw KV rows from position `first` on (window history, then the chunk).
+    raw: Vec<f32>,
+    first: usize,
+    /// Decoded compressed entries (`n x dim`) and, per query, the entries it attends to.
+    comp: Vec<f32>,
+    picks: Vec<Vec<usize>>,
+}
+
+impl Attention {
+    /// Loads `{prefix}.*` (e.g. `layers.3.attn`) for a block with compress ratio `ratio`.
+    pub fn load(ck: &mut Checkpoint, prefix: &str, cfg: &Config, ratio: usize) -> Result<Self> {
+        let (d, h, dh) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim);
+        let (g, r) = (cfg.o_groups, cfg.o_lora_rank);
+        let eps = cfg.rms_norm_eps as f32;
+        let p = |n: &str| format!("{prefix}.{n}");
+        let codec = RowCodec::Attention {
+            dim: dh,
+            rope: cfg.qk_rope_head_dim,
+        };
+        let wo_a = Matrix::load(ck, &p("wo_a"), g * r, h * dh / g)?;
+        let wo_a = (0..g)
+            .map(|i| wo_a.row_block(i * r, r))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                Error::Checkpoint(format!(
+                    "tensor {prefix}.wo_a.weight: o_lora_rank {r} does not align with its 128-row scale blocks"
+                ))
+            })?;
+        Ok(Attention {
+            wq_a: Matrix::load(ck, &p("wq_a"), cfg.q_lora_rank, d)?,
+            q_norm: ck.take_f32(&p("q_norm.weight"), &[cfg.q_lora_rank])?,
+            wq_b: Matrix::load(ck, &p("wq_b"), h * dh, cfg.q_lora_rank)?,
+            wkv: Matrix::load(ck, &p("wkv"), dh, d)?,
+            kv_norm: ck.take_f32(&p("kv_norm.weight"), &[dh])?,
+            wo_a,
+            wo_b: Matrix::load(ck, &p("wo_b"), d, g * r)?,
+            sink: ck.take_f32(&p("attn_sink"), &[h])?,
+            compressor: if ratio > 0 {
+                Some(Compressor::load(ck, &p("compressor"), d, ratio, dh, codec, eps)?)
+            } else {
+                None
+            },
+            indexer: if ratio == 4 {
+                Some(Indexer::load(ck, &p("indexer"), cfg)?)
+            } else {
+                None
+            },
+            rope: Rope::for_ratio(cfg, ratio),
+            heads: h,
+            dim: dh,
+            window: cfg.sliding_window,
+            ratio,
+            eps,
+            codec,
+        })
+    }
+
+    /// Attention over a batch: `y` is `T x D` (normed sublayer input) laid out by `spans`;
+    /// advances each sequence's block state by its span. Returns `T x D`.
+    pub fn forward(&self, y: &[f32], spans: &[Span], states: &mut [&mut BlockState]) -> Vec<f32> {
+        let (h, dh) = (self.heads, self.dim);
+        let t_all = spans.iter().map(|s| s.len).sum::<usize>();
+        let cs: Vec<CosSin> = spans
+            .iter()
+            .flat_map(|s| (s.pos..s.pos + s.len).map(|p| self.rope.at(p)))
+            .collect();
+
+        let mut qr = linear(&self.wq_a, y);
+        for row in qr.chunks_mut(self.q_norm.len()) {
+            rms_norm(row, &self.q_norm, self.eps);
+        }
+        let mut q = linear(&self.wq_b, &qr);
+        for (t, row) in q.chunks_mut(h * dh).enumerate() {
+            for head in row.chunks_mut(dh) {
+                let r = rms_scale(head, self.eps);
+                head.iter_mut().for_each(|v| *v *= r);
+                Rope::apply(head, &cs[t], false);
+            }
+        }
+        let mut kv = linear(&self.wkv, y);
+        let row_bytes = self.codec.bytes();
+        let mut packed = vec![0u8; t_all * row_bytes];
+        for (t, (row, pk)) in kv.chunks_mut(dh).zip(packed.chunks_mut(row_bytes)).enumerate() {
+            rms_norm(row, &self.kv_norm, self.eps);
+            Rope::apply(row, &cs[t], false);
+            self.codec.encode(row, pk);
+        }
+        let comp_proj = self.compressor.as_ref().map(|c| c.project(y));
+        let index_proj = self.indexer.as_ref().map(|ix| {
+            let (iq, iw) = ix.queries(&qr, y, &cs);
+            (iq, iw, ix.compressor.project(y))
+        });
+
+        let mut o = vec![0f32; t_all * h * dh];
+        for (s, st) in spans.iter().zip(states.iter_mut()) {
+            let rows = s.start..s.start + s.len;
+            let keys = self.gather(s, st, &kv[rows.start * dh..rows.end * dh], &cs, comp_proj.as_ref(), index_proj.as_ref());
+            self.store_window(s, st, &packed[rows.start * row_bytes..rows.end * row_bytes]);
+            let qs = &q[rows.start * h * dh..rows.end * h * dh];
+            o[rows.start * h * dh..rows.end * h * dh]
+                .par_chunks_mut(dh)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let (t, head) = (i / h, i % h);
+                    let qh = &qs[t * h * dh + head * dh..t * h * dh + (head + 1) * dh];
+                    self.attend(qh, head, s.pos + t, &keys, t, out);
+                    Rope::apply(out, &cs[s.start + t], true);
+                });
+        }
+
+        // Grouped low-rank output: each group of heads goes through its own wo_a slice.
+        let g = self.wo_a.len();
+        let gw = h * dh / g;
+        let r = self.wo_a[0].rows;
+        let mut z = vec![0f32; t_all * g * r];
+        for (gi, wa) in self.wo_a.iter().enumerate() {
+            let og: Vec<f32> = o
+                .chunks(h * dh)
+                .flat_map(|row| &row[gi * gw..(gi + 1) * gw])
+                .copied()
+                .collect();
+            let zg = linear_plain(wa, &og);
+            for (t, zr) in zg.chunks(r).enumerate() {
+                z[t * g * r + gi * r..t * g * r + (gi + 1) * r].copy_from_slice(zr);
+            }
+        }
+        linear(&self.wo_b, &z)
+    }
+
+    /// Collects the keys of one sequence's chunk: window rows, and the compressed entries after
+    /// feeding the chunk to the compressors.
+    fn gather(
+        &self,
+        s: &Span,
+        st: &mut BlockState,
+        chunk_kv: &[f32],
+        cs: &[CosSin],
+        comp_proj: Option<&(Vec<f32>, Vec<f32>)>,
+        index_proj: Option<&(Vec<f32>, Vec<f32>, (Vec<f32>, Vec<f32>))>,
+    ) -> SeqKeys {
+        let (w, dh) = (self.window, self.dim);
+        let first = s.pos.saturating_sub(w - 1);
+        let mut raw = vec![0f32; (s.pos - first) * dh];
+        for (i, p) in (first..s.pos).enumerate() {
+            let b = self.codec.bytes();
+            let slot = p % w;
+            self.codec
+                .decode(&st.window[slot * b..(slot + 1) * b], &mut raw[i * dh..(i + 1) * dh]);
+        }
+        raw.extend_from_slice(chunk_kv);
+
+        let mut picks = Vec::new();
+        let mut comp = Vec::new();
+        if let (Some(c), Some((ckv, csc))) = (&self.compressor, comp_proj) {
+            let cst = st.compressor.as_mut().expect("compressed block without compressor state");
+            let width = ckv.len() / cs.len();
+            for i in 0..s.len {
+                let r = (s.start + i) * width..(s.start + i + 1) * width;
+                c.push(cst, s.pos + i, &ckv[r.clone()], &csc[r], &self.rope);
+            }
+            comp = c.decode_all(cst, cst.entries.len);
+            picks = match (&self.indexer, index_proj) {
+                (Some(ix), Some((iq, iw, (ikv, isc)))) => {
+                    let ist = st.indexer.as_mut().expect("CSA block without indexer state");
+                    let iwidth = ikv.len() / cs.len();
+                    for i in 0..s.len {
+                        let r = (s.start + i) * iwidth..(s.start + i + 1) * iwidth;
+                        ix.compressor.push(ist, s.pos + i, &ikv[r.clone()], &isc[r], &self.rope);
+                    }
+                    let keys = ix.compressor.decode_all(ist, ist.entries.len);
+                    let (hq, hw) = (iq.len() / cs.len(), iw.len() / cs.len());
+                    (0..s.len)
+                        .into_par_iter()
+                        .map(|i| {
+                            let t = s.start + i;
+                            let n = (s.pos + i + 1) / self.ratio;
+                            ix.select(&iq[t * hq..(t + 1) * hq], &iw[t * hw..(t + 1) * hw], &keys, n)
+                        })
+                        .collect()
+                }
+                _ => (0..s.len).map(|i| (0..(s.pos + i + 1) / self.ratio).collect()).collect(),
+            };
+        }
+        SeqKeys {
+            raw,
+            first,
+            comp,
+            picks,
+        }
+    }
+
+    /// Writes the chunk's packed KV rows into the window ring.
+    fn store_window(&self, s: &Span, st: &mut BlockState, packed: &[u8]) {
+        let (w, b) = (self.window, self.codec.bytes());
+        if st.window.len() != w * b {
+            st.window = vec![0u8; w * b];
+        }
+        let from = s.len.saturating_sub(w);
+        for i in from..s.len {
+            let slot = (s.pos + i) % w;
+            st.window[slot * b..(slot + 1) * b].copy_from_slice(&packed[i * b..(i + 1) * b]);
+        }
+    }
+
+    /// One head of one query at position `pos`: softmax over its visible keys and the sink.
+    fn attend(&self, q: &[f32], head: usize, pos: usize, keys: &SeqKeys, i: usize, out: &mut [f32]) {
+        let dh = self.dim;
+        let scale = (dh as f32).powf(-0.5);
+        let lo = pos.saturating_sub(self.window - 1) - keys.first;
+        let hi = pos + 1 - keys.first;
+        let raw = &keys.raw[lo * dh..hi * dh];
+        let picks: &[usize] = keys.picks.get(i).map_or(&[], |v| v);
+        let mut sc: Vec<f32> = raw.chunks(dh).map(|k| dot(q, k) * scale).collect();
+        sc.extend(picks.iter().map(|&b| dot(q, &keys.comp[b * dh..(b + 1) * dh]) * scale));
+        let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0f32;
+        for v in sc.iter_mut() {
+            *v = (*v - mx).exp();
+            sum += *v;
+        }
+        let denom = sum + (self.sink[head] - mx).exp();
+        out.fill(0.0);
+        let n_raw = hi - lo;
+        for (j, e) in sc.iter().enumerate() {
+            let p = e / denom;
+            let k = if j < n_raw {
+                &raw[j * dh..(j + 1) * dh]
+            } else {
+                let b = picks[j - n_raw];
+                &keys.comp[b * dh..(b + 1) * dh]
+            };
+            for (o, v) in out.iter_mut().zip(k) {
+                *o += p * v;
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Per-sequence decode state: a plain value that can be serialized, restored and moved.
+//!
+//! It holds only what the architecture needs to continue a sequence:
+//! * per block, the sliding-window ring of the last W raw KV rows;
+//! * per compressor, the rows of the block being filled (and, for c = 4, the previous block's
+//!   overlap half);
+//! * per compressor, the compressed entries emitted so far (attention KV and indexer keys).
+//!
+//! KV rows are stored in the precision the reference rounds them to, losslessly: the non-RoPE
+//! dims as e4m3 codes with one UE8M0 scale per 64, the RoPE dims as f32; indexer keys as packed
+//! e2m1 with one scale per 32. So the state is the compressed size and decoding it gives the
+//! reference's values bit for bit.
+
+use serde::{Deserialize, Serialize};
+
+use crate::quant::{
+    e8m0, e8m0_encode, encode_e2m1, encode_e4m3, fp4_scale, fp8_scale, round_e2m1, round_e4m3,
+    E2M1, E4M3, FP4_MAX, FP8_MAX, INDEX_FP4_BLOCK, KV_FP8_BLOCK,
+};
+
+/// How one KV row is packed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RowCodec {
+    /// Attention KV of width `dim`: FP8 non-RoPE dims (block 64), f32 RoPE dims.
+    Attention {
+        /// Row width (head_dim).
+        dim: usize,
+        /// RoPE dims at the end.
+        rope: usize,
+    },
+    /// Indexer key of width `dim`: FP4 (block 32).
+    Index {
+        /// Row width (index_head_dim).
+        dim: usize,
+    },
+}
+
+impl RowCodec {
+    /// Packed bytes per row.
+    pub fn bytes(&self) -> usize {
+        match *self {
+            RowCodec::Attention { dim, rope } => {
+                let nope = dim - rope;
+                nope + nope / KV_FP8_BLOCK + 4 * rope
+            }
+            RowCodec::Index { dim } => dim / 2 + dim / INDEX_FP4_BLOCK,
+        }
+    }
+
+    /// Row width in values.
+    pub fn dim(&self) -> usize {
+        match *self {
+            RowCodec::Attention { dim, .. } | RowCodec::Index { dim } => dim,
+        }
+    }
+
+    /// Rounds `x` as the reference does (FP8 on the non-RoPE dims, or FP4 on all dims), packs
+    /// it into `out`, and leaves the rounded values in `x`.
+    pub fn encode(&self, x: &mut [f32], out: &mut [u8]) {
+        match *self {
+            RowCodec::Attention { dim, rope } => {
+                let nope = dim - rope;
+                let (codes, rest) = out.split_at_mut(nope);
+                let (scales, tail) = rest.split_at_mut(nope / KV_FP8_BLOCK);
+                for (b, blk) in x[..nope].chunks_mut(KV_FP8_BLOCK).enumerate() {
+                    let s = fp8_scale(blk);
+                    scales[b] = e8m0_encode(s);
+                    for (i, v) in blk.iter_mut().enumerate() {
+                        let q = round_e4m3((*v / s).clamp(-FP8_MAX, FP8_MAX));
+                        codes[b * KV_FP8_BLOCK + i] = encode_e4m3(q);
+                        *v = q * s;
+                    }
+                }
+                for (c, v) in tail.chunks_exact_mut(4).zip(&x[nope..]) {
+                    c.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            RowCodec::Index { dim } => {
+                let (packed, scales) = out.split_at_mut(dim / 2);
+                for (b, blk) in x.chunks_mut(INDEX_FP4_BLOCK).enumerate() {
+                    let s = fp4_scale(blk);
+                    scales[b] = e8m0_encode(s);
+                    for (i, v) in blk.iter_mut().enumerate() {
+                        let q = round_e2m1((*v / s).clamp(-FP4_MAX, FP4_MAX));
+                        let j = b * INDEX_FP4_BLOCK + i;
+                        let nib = encode_e2m1(q);
+                        if j % 2 == 0 {
+                            packed[j / 2] = nib;
+                        } else {
+                            packed[j / 2] |= nib << 4;
+                        }
+                        *v = q * s;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unpacks one row.
+    pub fn decode(&self, b: &[u8], out: &mut [f32]) {
+        match *self {
+            RowCodec::Attention { dim, rope } => {
+                let nope = dim - rope;
+                let (codes, rest) = b.split_at(nope);
+                let (scales, tail) = rest.split_at(nope / KV_FP8_BLOCK);
+                for (i, o) in out[..nope].iter_mut().enumerate() {
+                    *o = E4M3[codes[i] as usize] * e8m0(scales[i / KV_FP8_BLOCK]);
+                }
+                for (o, c) in out[nope..dim].iter_mut().zip(tail.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            RowCodec::Index { dim } => {
+                let (packed, scales) = b.split_at(dim / 2);
+                for (j, o) in out[..dim].iter_mut().enumerate() {
+                    let nib = (packed[j / 2] >> (4 * (j % 2))) & 15;
+                    *o = E2M1[nib as usize] * e8m0(scales[j / INDEX_FP4_BLOCK]);
+                }
+            }
+        }
+    }
+}
+
+/// A growing list of packed rows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rows {
+    /// Packed bytes, `len x codec.bytes()`.
+    pub data: Vec<u8>,
+    /// Number of rows.
+    pub len: usize,
+}
+
+impl Rows {
+    /// Appends a packed row.
+    pub fn push(&mut self, row: &[u8]) {
+        self.data.extend_from_slice(row);
+        self.len += 1;
+    }
+
+    /// Packed row `i`.
+    pub fn row(&self, i: usize, bytes: usize) -> &[u8] {
+        &self.data[i * bytes..(i + 1) * bytes]
+    }
+}
+
+/// State of one compressor (attention's or the indexer's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompressorState {
+    /// `kv` rows of the block being filled, `ratio x coff*dim` (f32, as projected).
+    pub kv: Vec<f32>,
+    /// Gate scores (`ape` added) of the block being filled.
+    pub score: Vec<f32>,
+    /// For c = 4: the previous block's overlap half (`kv` then `score`, `ratio x dim` each);
+    /// empty before the first block completes.
+    pub prev_kv: Vec<f32>,
+    /// See `prev_kv`.
+    pub prev_score: Vec<f32>,
+    /// Compressed entries so far, packed.
+    pub entries: Rows,
+}
+
+impl CompressorState {
+    fn new() -> Self {
+        CompressorState {
+            kv: Vec::new(),
+            score: Vec::new(),
+            prev_kv: Vec::new(),
+            prev_score: Vec::new(),
+            entries: Rows::default(),
+        }
+    }
+}
+
+/// State of one block.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// The last `sliding_window` raw KV rows, packed; row of position p at slot `p % W`.
+    pub window: Vec<u8>,
+    /// The attention compressor (c > 0).
+    pub compressor: Option<CompressorState>,
+    /// The indexer's compressor (c = 4).
+    pub indexer: Option<CompressorState>,
+}
+
+impl BlockState {
+    /// Empty state of a block with compress ratio `ratio`.
+    pub fn new(ratio: usize) -> Self {
+        BlockState {
+            window: Vec::new(),
+            compressor: (ratio > 0).then(CompressorState::new),
+            indexer: (ratio == 4).then(CompressorState::new),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let c = |c: &Option<CompressorState>| {
+            c.as_ref().map_or(0, |c| {
+                4 * (c.kv.len() + c.score.len() + c.prev_kv.len() + c.prev_score.len())
+                    + c.entries.data.len()
+            })
+        };
+        self.window.len() + c(&self.compressor) + c(&self.indexer)
+    }
+}
+
+/// Everything one sequence carries between forward calls.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SeqState {
+    /// Tokens consumed so far (the next token's position).
+    pub pos: usize,
+    /// One state per block run by this state's owner (main blocks, or one MTP block).
+    pub blocks: Vec<BlockState>,
+}
+
+impl SeqState {
+    /// Empty state for blocks with the given compress ratios.
+    pub fn new(ratios: &[usize]) -> Self {
+        SeqState {
+            pos: 0,
+            blocks: ratios.iter().map(|&r| BlockState::new(r)).collect(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.blocks.iter().map(BlockState::bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{fake_quant_fp4, fake_quant_fp8};
+
+    #[test]
+    fn codecs_round_like_the_reference_and_are_lossless() {
+        let mut x: Vec<f32> = (0..192).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let mut want = x.clone();
+        fake_quant_fp8(&mut want[..128], KV_FP8_BLOCK);
+        let c = RowCodec::Attention { dim: 192, rope: 64 };
+        let mut packed = vec![0u8; c.bytes()];
+        c.encode(&mut x, &mut packed);
+        assert_eq!(x, want);
+        let mut back = vec![0f32; 192];
+        c.decode(&packed, &mut back);
+        assert_eq!(back, want);
+        assert_eq!(c.bytes(), 128 + 2 + 256);
+
+        let mut y: Vec<f32> = (0..128).map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021).collect();
+        let mut want = y.clone();
+        fake_quant_fp4(&mut want, INDEX_FP4_BLOCK);
+        let c = RowCodec::Index { dim: 128 };
+        let mut packed = vec![0u8; c.bytes()];
+        c.encode(&mut y, &mut packed);
+        assert_eq!(y, want);
+        let mut back = vec![0f32; 128];
+        c.decode(&packed, &mut back);
+        assert_eq!(back, want);
+        assert_eq!(c.bytes(), 68);
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let mut s = SeqState::new(&[0, 4, 128]);
+        s.pos = 3;
+        s.blocks[1].compressor.as_mut().unwrap().kv = vec![1.5, -2.0];
+        let text = serde_json::to_string(&s).unwrap();
+        let back: SeqState = serde_json::from_str(&text).unwrap();
+        assert_eq!(s, back);
+    }
+}
