@@ -167,7 +167,8 @@ fn map_file(path: &Path) -> Result<Mmap> {
 /// Names the first tensor that a truncated file cuts off, from its raw header.
 fn truncated_tensor(buf: &[u8]) -> Option<String> {
     let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?) as usize;
-    let header: serde_json::Value = serde_json::from_slice(buf.get(8..8usize.checked_add(n)?)?).ok()?;
+    let header: serde_json::Value =
+        serde_json::from_slice(buf.get(8..8usize.checked_add(n)?)?).ok()?;
     let avail = buf.len().saturating_sub(8 + n);
     header.as_object()?.iter().find_map(|(k, v)| {
         let end = v.get("data_offsets")?.get(1)?.as_u64()? as usize;
@@ -188,9 +189,8 @@ impl Checkpoint {
         };
         if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                Error::Checkpoint(format!("{}: not JSON: {e}", index.display()))
-            })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Checkpoint(format!("{}: not JSON: {e}", index.display())))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -200,7 +200,10 @@ impl Checkpoint {
             let mut by_file: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             for (name, file) in map {
                 let file = file.as_str().ok_or_else(|| {
-                    Error::Checkpoint(format!("{}: weight_map[{name}] is not a file name", index.display()))
+                    Error::Checkpoint(format!(
+                        "{}: weight_map[{name}] is not a file name",
+                        index.display()
+                    ))
                 })?;
                 if file.contains('/') || file.contains('\\') || file.starts_with('.') {
                     return Err(Error::Checkpoint(format!(
@@ -208,7 +211,10 @@ impl Checkpoint {
                         index.display()
                     )));
                 }
-                by_file.entry(file.to_string()).or_default().insert(name.clone());
+                by_file
+                    .entry(file.to_string())
+                    .or_default()
+                    .insert(name.clone());
             }
             for (file, names) in by_file {
                 let path = dir.join(&file);
@@ -351,7 +357,10 @@ mod tests {
             canonical_name("model.layers.3.mlp.gate.e_score_correction_bias"),
             "layers.3.ffn.gate.bias"
         );
-        assert_eq!(canonical_name("layers.0.attn.wkv.weight"), "layers.0.attn.wkv.weight");
+        assert_eq!(
+            canonical_name("layers.0.attn.wkv.weight"),
+            "layers.0.attn.wkv.weight"
+        );
     }
 
     #[test]

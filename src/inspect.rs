@@ -120,7 +120,11 @@ impl Plan {
             cfg.n_routed_experts,
         );
         let dense = if cfg.fp8() { Format::Fp8 } else { Format::Bf16 };
-        let expert = if cfg.fp4_experts() { Format::Fp4 } else { dense };
+        let expert = if cfg.fp4_experts() {
+            Format::Fp4
+        } else {
+            dense
+        };
         add(&mut w, "embedding", Format::Bf16, v, d, 1);
         add(&mut w, "head", Format::Bf16, v, d, 1);
         add(&mut w, "head", Format::Bf16, 1, d, 1);
@@ -129,15 +133,35 @@ impl Plan {
         let mut active = 2 * (v * d) as u64;
         for i in 0..cfg.total_blocks() {
             let mtp = i >= cfg.num_hidden_layers;
-            let tag = |s: &str| if mtp { format!("mtp {s}") } else { s.to_string() };
+            let tag = |s: &str| {
+                if mtp {
+                    format!("mtp {s}")
+                } else {
+                    s.to_string()
+                }
+            };
             let before = total(&w);
             let attn = tag("attention");
             add(&mut w, &attn, dense, cfg.q_lora_rank, d, 1);
             add(&mut w, &attn, dense, h * dh, cfg.q_lora_rank, 1);
             add(&mut w, &attn, dense, dh, d, 1);
-            add(&mut w, &attn, dense, cfg.o_groups * cfg.o_lora_rank, h * dh / cfg.o_groups, 1);
+            add(
+                &mut w,
+                &attn,
+                dense,
+                cfg.o_groups * cfg.o_lora_rank,
+                h * dh / cfg.o_groups,
+                1,
+            );
             add(&mut w, &attn, dense, d, cfg.o_groups * cfg.o_lora_rank, 1);
-            add(&mut w, &attn, Format::Bf16, 1, cfg.q_lora_rank + dh + 2 * d, 1);
+            add(
+                &mut w,
+                &attn,
+                Format::Bf16,
+                1,
+                cfg.q_lora_rank + dh + 2 * d,
+                1,
+            );
             add(&mut w, &attn, Format::F32, 1, h, 1);
             let c = cfg.ratio(i);
             if c > 0 {
@@ -214,7 +238,7 @@ impl Plan {
                     window + pending(dh) + pending(cfg.index_head_dim),
                 ),
             };
-            let entries = if c > 0 { (context / c) as u64 } else { 0 };
+            let entries = context.checked_div(c).unwrap_or(0) as u64;
             let row = match kind {
                 LayerKind::Csa => attn_row + index_row,
                 _ => attn_row,
@@ -265,10 +289,18 @@ impl Plan {
             cfg.vocab_size,
             cfg.max_position_embeddings
         );
-        let _ = writeln!(s, "\nweights                    format   parameters        bytes");
+        let _ = writeln!(
+            s,
+            "\nweights                    format   parameters        bytes"
+        );
         for (part, by) in &self.weights {
             for (fmt, t) in by {
-                let _ = writeln!(s, "  {part:<24} {fmt:<6} {:>12} {:>12}", count(t.params), bytes(t.bytes));
+                let _ = writeln!(
+                    s,
+                    "  {part:<24} {fmt:<6} {:>12} {:>12}",
+                    count(t.params),
+                    bytes(t.bytes)
+                );
             }
         }
         let _ = writeln!(
@@ -280,9 +312,18 @@ impl Plan {
             bytes(self.weight_bytes),
             count(self.active_params)
         );
-        let _ = writeln!(s, "\ndecode state per layer     layers   bytes/token   fixed bytes");
+        let _ = writeln!(
+            s,
+            "\ndecode state per layer     layers   bytes/token   fixed bytes"
+        );
         for (kind, k) in &self.state {
-            let _ = writeln!(s, "  {kind:<24} {:>6} {:>13.2} {:>13}", k.layers, k.bytes_per_token, bytes(k.fixed_bytes));
+            let _ = writeln!(
+                s,
+                "  {kind:<24} {:>6} {:>13.2} {:>13}",
+                k.layers,
+                k.bytes_per_token,
+                bytes(k.fixed_bytes)
+            );
         }
         let _ = writeln!(
             s,

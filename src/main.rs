@@ -14,7 +14,11 @@ use hadal::model::Model;
 use hadal::score;
 
 #[derive(Parser)]
-#[command(name = "hadal", version, about = "Inference engine for the DeepSeek V4 family")]
+#[command(
+    name = "hadal",
+    version,
+    about = "Inference engine for the DeepSeek V4 family"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -44,7 +48,12 @@ enum Cmd {
         #[arg(long)]
         model: PathBuf,
         /// Safetensors file with `tokens` (I32 or I64, [batch, length]).
-        #[arg(long, required_unless_present = "text", conflicts_with = "text", requires = "out")]
+        #[arg(
+            long,
+            required_unless_present = "text",
+            conflicts_with = "text",
+            requires = "out"
+        )]
         tokens: Option<PathBuf>,
         /// Output safetensors file: `logits` F32 [batch, length, vocab] (and `mtp_logits`).
         #[arg(long)]
@@ -79,7 +88,12 @@ fn parse_tokens(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{s:?} is not a positive token count (e.g. 131072, 128K, 1M)"))
 }
 
-fn inspect(model: Option<&Path>, config: Option<&Path>, context: usize, json: bool) -> anyhow::Result<()> {
+fn inspect(
+    model: Option<&Path>,
+    config: Option<&Path>,
+    context: usize,
+    json: bool,
+) -> anyhow::Result<()> {
     let (cfg, ck) = match (model, config) {
         (Some(dir), _) => {
             let cfg = Config::from_file(&Checkpoint::config_path(dir))?;
@@ -125,9 +139,16 @@ fn score_cmd(
     text: Option<&Path>,
 ) -> anyhow::Result<()> {
     if let Some(out) = out {
-        let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !dir.is_dir() {
-            bail!("--out {}: directory {} does not exist", out.display(), dir.display());
+            bail!(
+                "--out {}: directory {} does not exist",
+                out.display(),
+                dir.display()
+            );
         }
     }
     let seqs = match (tokens, text) {
@@ -189,7 +210,14 @@ fn main() -> ExitCode {
             prefill,
             mtp,
             text,
-        } => score_cmd(model, tokens.as_deref(), out.as_deref(), *prefill, *mtp, text.as_deref()),
+        } => score_cmd(
+            model,
+            tokens.as_deref(),
+            out.as_deref(),
+            *prefill,
+            *mtp,
+            text.as_deref(),
+        ),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,13 +32,20 @@ pub struct Scores {
 
 /// Scores equal-length sequences: chunks of `chunks[0]`, `chunks[1]`, ... tokens, then single
 /// tokens to the end. With `mtp`, MTP block 0 is run over the first chunk.
-pub fn score(backend: &dyn Backend, seqs: &[Vec<u32>], chunks: &[usize], mtp: bool) -> Result<Scores> {
+pub fn score(
+    backend: &dyn Backend,
+    seqs: &[Vec<u32>],
+    chunks: &[usize],
+    mtp: bool,
+) -> Result<Scores> {
     let (b, n) = (seqs.len(), seqs.first().map_or(0, Vec::len));
     if b == 0 || n == 0 {
         return Err(Error::Input("no tokens to score".into()));
     }
     if seqs.iter().any(|s| s.len() != n) {
-        return Err(Error::Input("all sequences must have the same length".into()));
+        return Err(Error::Input(
+            "all sequences must have the same length".into(),
+        ));
     }
     let scheduled: usize = chunks.iter().sum();
     if chunks.contains(&0) || scheduled > n {
@@ -50,7 +57,9 @@ pub fn score(backend: &dyn Backend, seqs: &[Vec<u32>], chunks: &[usize], mtp: bo
     sizes.extend(std::iter::repeat_n(1, n - scheduled));
     let prefill = sizes[0];
     if mtp && prefill < 2 {
-        return Err(Error::Input("MTP scoring needs a prefill of at least 2 tokens".into()));
+        return Err(Error::Input(
+            "MTP scoring needs a prefill of at least 2 tokens".into(),
+        ));
     }
     let cfg = backend.config();
     let v = cfg.vocab_size;
@@ -62,12 +71,16 @@ pub fn score(backend: &dyn Backend, seqs: &[Vec<u32>], chunks: &[usize], mtp: bo
         let mut inputs: Vec<SeqInput> = states
             .iter_mut()
             .zip(seqs)
-            .map(|(state, s)| SeqInput { state, tokens: &s[pos..pos + len] })
+            .map(|(state, s)| SeqInput {
+                state,
+                tokens: &s[pos..pos + len],
+            })
             .collect();
         let hidden = backend.forward(&mut inputs)?;
         let l = backend.logits(&hidden);
         for i in 0..b {
-            logits[(i * n + pos) * v..(i * n + pos + len) * v].copy_from_slice(&l[i * len * v..(i + 1) * len * v]);
+            logits[(i * n + pos) * v..(i * n + pos + len) * v]
+                .copy_from_slice(&l[i * len * v..(i + 1) * len * v]);
         }
         if mtp && pos == 0 {
             mtp_logits = Some(mtp_over_prefill(backend, seqs, &hidden, len)?);
@@ -85,7 +98,12 @@ pub fn score(backend: &dyn Backend, seqs: &[Vec<u32>], chunks: &[usize], mtp: bo
 }
 
 /// MTP block 0 over positions `0..p-1` of each sequence, fed tokens `1..p`.
-fn mtp_over_prefill(backend: &dyn Backend, seqs: &[Vec<u32>], hidden: &[f32], p: usize) -> Result<Vec<f32>> {
+fn mtp_over_prefill(
+    backend: &dyn Backend,
+    seqs: &[Vec<u32>],
+    hidden: &[f32],
+    p: usize,
+) -> Result<Vec<f32>> {
     let cfg = backend.config();
     let row = cfg.hc_mult * cfg.hidden_size;
     let h: Vec<f32> = (0..seqs.len())
@@ -96,7 +114,10 @@ fn mtp_over_prefill(backend: &dyn Backend, seqs: &[Vec<u32>], hidden: &[f32], p:
     let mut inputs: Vec<SeqInput> = states
         .iter_mut()
         .zip(seqs)
-        .map(|(state, s)| SeqInput { state, tokens: &s[1..p] })
+        .map(|(state, s)| SeqInput {
+            state,
+            tokens: &s[1..p],
+        })
         .collect();
     backend.mtp_forward(0, &h, &mut inputs)
 }
@@ -136,8 +157,16 @@ pub fn read_tokens(path: &Path) -> Result<Vec<Vec<u32>>> {
         )));
     }
     let ids: Vec<i64> = match t.dtype() {
-        Dtype::I32 => t.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64).collect(),
-        Dtype::I64 => t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
+        Dtype::I32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+            .collect(),
+        Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
         other => {
             return Err(Error::Input(format!(
                 "{}: `tokens` is {other:?}; expected I32 or I64",
@@ -146,9 +175,15 @@ pub fn read_tokens(path: &Path) -> Result<Vec<Vec<u32>>> {
         }
     };
     if let Some(bad) = ids.iter().find(|&&i| i < 0 || i > u32::MAX as i64) {
-        return Err(Error::Input(format!("{}: token id {bad} is not valid", path.display())));
+        return Err(Error::Input(format!(
+            "{}: token id {bad} is not valid",
+            path.display()
+        )));
     }
-    Ok(ids.chunks(shape[1]).map(|c| c.iter().map(|&i| i as u32).collect()).collect())
+    Ok(ids
+        .chunks(shape[1])
+        .map(|c| c.iter().map(|&i| i as u32).collect())
+        .collect())
 }
 
 /// Writes `logits` (and `mtp_logits`) to a safetensors file, atomically: a failure leaves no
@@ -161,9 +196,15 @@ pub fn write_scores(path: &Path, s: &Scores) -> Result<()> {
         TensorView::new(Dtype::F32, shape, data)
             .map_err(|e| Error::Input(format!("cannot serialize logits: {e}")))
     }
-    let mut tensors = vec![("logits".to_string(), view(&logits, vec![s.batch, s.len, s.vocab])?)];
+    let mut tensors = vec![(
+        "logits".to_string(),
+        view(&logits, vec![s.batch, s.len, s.vocab])?,
+    )];
     if let Some(m) = &mtp {
-        tensors.push(("mtp_logits".to_string(), view(m, vec![s.batch, s.prefill - 1, s.vocab])?));
+        tensors.push((
+            "mtp_logits".to_string(),
+            view(m, vec![s.batch, s.prefill - 1, s.vocab])?,
+        ));
     }
     let meta: HashMap<String, String> = [("prefill".to_string(), s.prefill.to_string())].into();
     let tmp = path.with_file_name(format!(

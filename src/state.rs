@@ -235,7 +235,9 @@ mod tests {
 
     #[test]
     fn codecs_round_like_the_reference_and_are_lossless() {
-        let mut x: Vec<f32> = (0..192).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let mut x: Vec<f32> = (0..192)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
         let mut want = x.clone();
         fake_quant_fp8(&mut want[..128], KV_FP8_BLOCK);
         let c = RowCodec::Attention { dim: 192, rope: 64 };
@@ -247,7 +249,9 @@ mod tests {
         assert_eq!(back, want);
         assert_eq!(c.bytes(), 128 + 2 + 256);
 
-        let mut y: Vec<f32> = (0..128).map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021).collect();
+        let mut y: Vec<f32> = (0..128)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
+            .collect();
         let mut want = y.clone();
         fake_quant_fp4(&mut want, INDEX_FP4_BLOCK);
         let c = RowCodec::Index { dim: 128 };

@@ -35,7 +35,10 @@ fn dir() -> PathBuf {
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(t.dtype(), Dtype::F32, "{name}");
-    t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn fixture() -> &'static Fixture {
@@ -45,8 +48,12 @@ fn fixture() -> &'static Fixture {
         let model = Model::load(&dir).expect("load model");
         let g = std::fs::read(dir.join("golden.safetensors")).expect("golden.safetensors");
         let g = SafeTensors::deserialize(&g).unwrap();
-        let (_, meta) = SafeTensors::read_metadata(&std::fs::read(dir.join("golden.safetensors")).unwrap()).unwrap();
-        let prefill: usize = meta.metadata().as_ref().unwrap()["prefill"].parse().unwrap();
+        let (_, meta) =
+            SafeTensors::read_metadata(&std::fs::read(dir.join("golden.safetensors")).unwrap())
+                .unwrap();
+        let prefill: usize = meta.metadata().as_ref().unwrap()["prefill"]
+            .parse()
+            .unwrap();
         let tok = g.tensor("tokens").unwrap();
         let (b, n) = (tok.shape()[0], tok.shape()[1]);
         let ids: Vec<u32> = tok
@@ -110,19 +117,35 @@ fn assert_close(what: &str, errs: &[f64]) {
         .enumerate()
         .fold((0, 0.0), |a, (i, e)| if e > a.1 { (i, e) } else { a });
     let frac = ok as f64 / errs.len() as f64;
-    eprintln!("{what}: {:.1}% of {} positions within 1e-3, worst {worst:.2e} at {worst_pos}", 100.0 * frac, errs.len());
-    assert!(frac >= 0.95, "{what}: only {:.1}% of positions within 1e-3 (worst {worst:.2e} at position {worst_pos})", 100.0 * frac);
-    assert!(worst <= 5e-2, "{what}: relative error {worst:.2e} at position {worst_pos} exceeds 5e-2");
+    eprintln!(
+        "{what}: {:.1}% of {} positions within 1e-3, worst {worst:.2e} at {worst_pos}",
+        100.0 * frac,
+        errs.len()
+    );
+    assert!(
+        frac >= 0.95,
+        "{what}: only {:.1}% of positions within 1e-3 (worst {worst:.2e} at position {worst_pos})",
+        100.0 * frac
+    );
+    assert!(
+        worst <= 5e-2,
+        "{what}: relative error {worst:.2e} at position {worst_pos} exceeds 5e-2"
+    );
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
+    v.iter()
+        .enumerate()
+        .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
 }
 
 /// Logits of each sequence (`N x V`), fed in `chunks` then one token at a time, all batched.
 fn run(f: &Fixture, seqs: &[Vec<u32>], chunks: &[usize]) -> Vec<Vec<f32>> {
     let s = score(&f.cpu, seqs, chunks, false).unwrap();
-    s.logits.chunks(s.len * s.vocab).map(<[f32]>::to_vec).collect()
+    s.logits
+        .chunks(s.len * s.vocab)
+        .map(<[f32]>::to_vec)
+        .collect()
 }
 
 #[test]
@@ -151,11 +174,19 @@ fn check2_blocks_teacher_forced() {
             let len = if pos == 0 { f.prefill } else { 1 };
             let mut x = input[pos * row..(pos + len) * row].to_vec();
             let span = Span { start: 0, len, pos };
-            block.forward(&mut x, &f.tokens[0][pos..pos + len], &[span], &mut [&mut state]);
+            block.forward(
+                &mut x,
+                &f.tokens[0][pos..pos + len],
+                &[span],
+                &mut [&mut state],
+            );
             out.extend_from_slice(&x);
             pos += len;
         }
-        assert_close(&format!("check 2, block {i}"), &rel_errors(&out, &f.layers[i], row));
+        assert_close(
+            &format!("check 2, block {i}"),
+            &rel_errors(&out, &f.layers[i], row),
+        );
     }
 }
 
@@ -164,7 +195,10 @@ fn check3_mtp_teacher_forced() {
     let f = fixture();
     let p = f.prefill;
     let mut state = f.model().new_mtp_state(0);
-    let mut inputs = [SeqInput { state: &mut state, tokens: &f.tokens[0][1..p] }];
+    let mut inputs = [SeqInput {
+        state: &mut state,
+        tokens: &f.tokens[0][1..p],
+    }];
     let got = f.model().mtp_forward(0, &f.mtp_input, &mut inputs).unwrap();
     let want = &f.mtp_logits[..(p - 1) * f.vocab];
     assert_close("check 3, MTP", &rel_errors(&got, want, f.vocab));
@@ -178,16 +212,29 @@ fn check4_free_running() {
     let v = f.vocab;
     let stats = |a: &[f32], b: &[f32]| {
         let errs = rel_errors(a, b, v);
-        let agree = a.chunks(v).zip(b.chunks(v)).filter(|(x, y)| argmax(x) == argmax(y)).count();
-        (errs.iter().sum::<f64>() / errs.len() as f64, agree as f64 / errs.len() as f64)
+        let agree = a
+            .chunks(v)
+            .zip(b.chunks(v))
+            .filter(|(x, y)| argmax(x) == argmax(y))
+            .count();
+        (
+            errs.iter().sum::<f64>() / errs.len() as f64,
+            agree as f64 / errs.len() as f64,
+        )
     };
     let (r, a) = stats(&f.logits, &f.logits_full);
     let got: Vec<f32> = got.concat();
     let (mean, agree) = stats(&got, &f.logits);
     let (mean_bound, agree_bound) = ((1.5 * r).max(5e-2), (a - 0.05).min(0.90));
     eprintln!("check 4: reference self-disagreement r = {r:.3e}, a = {a:.3}; hadal: mean {mean:.3e} (bound {mean_bound:.3e}), argmax agreement {agree:.3} (bound {agree_bound:.3})");
-    assert!(mean <= mean_bound, "mean relative error {mean:.3e} > {mean_bound:.3e}");
-    assert!(agree >= agree_bound, "argmax agreement {agree:.3} < {agree_bound:.3}");
+    assert!(
+        mean <= mean_bound,
+        "mean relative error {mean:.3e} > {mean_bound:.3e}"
+    );
+    assert!(
+        agree >= agree_bound,
+        "argmax agreement {agree:.3} < {agree_bound:.3}"
+    );
 }
 
 #[test]
@@ -208,9 +255,18 @@ fn check5_chunked_and_batched_agree() {
         left -= c;
     }
     let chunked = run(f, &f.tokens[..1], &chunks);
-    assert_close("check 5, chunked prefill", &rel_errors(&chunked[0], &one[0], v));
+    assert_close(
+        "check 5, chunked prefill",
+        &rel_errors(&chunked[0], &one[0], v),
+    );
     let steps = run(f, &f.tokens[..1], &[]);
-    assert_close("check 5, token by token", &rel_errors(&steps[0], &one[0], v));
+    assert_close(
+        "check 5, token by token",
+        &rel_errors(&steps[0], &one[0], v),
+    );
     let batch = run(f, &f.tokens, &[n]);
-    assert_close("check 5, inside a batch", &rel_errors(&batch[0], &one[0], v));
+    assert_close(
+        "check 5, inside a batch",
+        &rel_errors(&batch[0], &one[0], v),
+    );
 }

@@ -36,6 +36,16 @@ pub struct Attention {
     codec: RowCodec,
 }
 
+/// Per-token compressor projections: `(kv, score)`, each `T x width`.
+type Proj = (Vec<f32>, Vec<f32>);
+
+/// Indexer inputs of a batch: queries, head weights, and its compressor's projections.
+struct IndexProj {
+    q: Vec<f32>,
+    w: Vec<f32>,
+    keys: Proj,
+}
+
 /// Per-sequence work of one chunk: where each query's keys are.
 struct SeqKeys {
     /// Decoded raw KV rows from position `first` on (window history, then the chunk).
@@ -76,7 +86,15 @@ impl Attention {
             wo_b: Matrix::load(ck, &p("wo_b"), d, g * r)?,
             sink: ck.take_f32(&p("attn_sink"), &[h])?,
             compressor: if ratio > 0 {
-                Some(Compressor::load(ck, &p("compressor"), d, ratio, dh, codec, eps)?)
+                Some(Compressor::load(
+                    ck,
+                    &p("compressor"),
+                    d,
+                    ratio,
+                    dh,
+                    codec,
+                    eps,
+                )?)
             } else {
                 None
             },
@@ -120,21 +138,36 @@ impl Attention {
         let mut kv = linear(&self.wkv, y);
         let row_bytes = self.codec.bytes();
         let mut packed = vec![0u8; t_all * row_bytes];
-        for (t, (row, pk)) in kv.chunks_mut(dh).zip(packed.chunks_mut(row_bytes)).enumerate() {
+        for (t, (row, pk)) in kv
+            .chunks_mut(dh)
+            .zip(packed.chunks_mut(row_bytes))
+            .enumerate()
+        {
             rms_norm(row, &self.kv_norm, self.eps);
             Rope::apply(row, &cs[t], false);
             self.codec.encode(row, pk);
         }
         let comp_proj = self.compressor.as_ref().map(|c| c.project(y));
         let index_proj = self.indexer.as_ref().map(|ix| {
-            let (iq, iw) = ix.queries(&qr, y, &cs);
-            (iq, iw, ix.compressor.project(y))
+            let (q, w) = ix.queries(&qr, y, &cs);
+            IndexProj {
+                q,
+                w,
+                keys: ix.compressor.project(y),
+            }
         });
 
         let mut o = vec![0f32; t_all * h * dh];
         for (s, st) in spans.iter().zip(states.iter_mut()) {
             let rows = s.start..s.start + s.len;
-            let keys = self.gather(s, st, &kv[rows.start * dh..rows.end * dh], &cs, comp_proj.as_ref(), index_proj.as_ref());
+            let keys = self.gather(
+                s,
+                st,
+                &kv[rows.start * dh..rows.end * dh],
+                &cs,
+                comp_proj.as_ref(),
+                index_proj.as_ref(),
+            );
             self.store_window(s, st, &packed[rows.start * row_bytes..rows.end * row_bytes]);
             let qs = &q[rows.start * h * dh..rows.end * h * dh];
             o[rows.start * h * dh..rows.end * h * dh]
@@ -175,8 +208,8 @@ impl Attention {
         st: &mut BlockState,
         chunk_kv: &[f32],
         cs: &[CosSin],
-        comp_proj: Option<&(Vec<f32>, Vec<f32>)>,
-        index_proj: Option<&(Vec<f32>, Vec<f32>, (Vec<f32>, Vec<f32>))>,
+        comp_proj: Option<&Proj>,
+        index_proj: Option<&IndexProj>,
     ) -> SeqKeys {
         let (w, dh) = (self.window, self.dim);
         let first = s.pos.saturating_sub(w - 1);
@@ -184,15 +217,20 @@ impl Attention {
         for (i, p) in (first..s.pos).enumerate() {
             let b = self.codec.bytes();
             let slot = p % w;
-            self.codec
-                .decode(&st.window[slot * b..(slot + 1) * b], &mut raw[i * dh..(i + 1) * dh]);
+            self.codec.decode(
+                &st.window[slot * b..(slot + 1) * b],
+                &mut raw[i * dh..(i + 1) * dh],
+            );
         }
         raw.extend_from_slice(chunk_kv);
 
         let mut picks = Vec::new();
         let mut comp = Vec::new();
         if let (Some(c), Some((ckv, csc))) = (&self.compressor, comp_proj) {
-            let cst = st.compressor.as_mut().expect("compressed block without compressor state");
+            let cst = st
+                .compressor
+                .as_mut()
+                .expect("compressed block without compressor state");
             let width = ckv.len() / cs.len();
             for i in 0..s.len {
                 let r = (s.start + i) * width..(s.start + i + 1) * width;
@@ -200,12 +238,23 @@ impl Attention {
             }
             comp = c.decode_all(cst, cst.entries.len);
             picks = match (&self.indexer, index_proj) {
-                (Some(ix), Some((iq, iw, (ikv, isc)))) => {
-                    let ist = st.indexer.as_mut().expect("CSA block without indexer state");
+                (
+                    Some(ix),
+                    Some(IndexProj {
+                        q: iq,
+                        w: iw,
+                        keys: (ikv, isc),
+                    }),
+                ) => {
+                    let ist = st
+                        .indexer
+                        .as_mut()
+                        .expect("CSA block without indexer state");
                     let iwidth = ikv.len() / cs.len();
                     for i in 0..s.len {
                         let r = (s.start + i) * iwidth..(s.start + i + 1) * iwidth;
-                        ix.compressor.push(ist, s.pos + i, &ikv[r.clone()], &isc[r], &self.rope);
+                        ix.compressor
+                            .push(ist, s.pos + i, &ikv[r.clone()], &isc[r], &self.rope);
                     }
                     let keys = ix.compressor.decode_all(ist, ist.entries.len);
                     let (hq, hw) = (iq.len() / cs.len(), iw.len() / cs.len());
@@ -214,11 +263,18 @@ impl Attention {
                         .map(|i| {
                             let t = s.start + i;
                             let n = (s.pos + i + 1) / self.ratio;
-                            ix.select(&iq[t * hq..(t + 1) * hq], &iw[t * hw..(t + 1) * hw], &keys, n)
+                            ix.select(
+                                &iq[t * hq..(t + 1) * hq],
+                                &iw[t * hw..(t + 1) * hw],
+                                &keys,
+                                n,
+                            )
                         })
                         .collect()
                 }
-                _ => (0..s.len).map(|i| (0..(s.pos + i + 1) / self.ratio).collect()).collect(),
+                _ => (0..s.len)
+                    .map(|i| (0..(s.pos + i + 1) / self.ratio).collect())
+                    .collect(),
             };
         }
         SeqKeys {
@@ -243,7 +299,15 @@ impl Attention {
     }
 
     /// One head of one query at position `pos`: softmax over its visible keys and the sink.
-    fn attend(&self, q: &[f32], head: usize, pos: usize, keys: &SeqKeys, i: usize, out: &mut [f32]) {
+    fn attend(
+        &self,
+        q: &[f32],
+        head: usize,
+        pos: usize,
+        keys: &SeqKeys,
+        i: usize,
+        out: &mut [f32],
+    ) {
         let dh = self.dim;
         let scale = (dh as f32).powf(-0.5);
         let lo = pos.saturating_sub(self.window - 1) - keys.first;
@@ -251,7 +315,11 @@ impl Attention {
         let raw = &keys.raw[lo * dh..hi * dh];
         let picks: &[usize] = keys.picks.get(i).map_or(&[], |v| v);
         let mut sc: Vec<f32> = raw.chunks(dh).map(|k| dot(q, k) * scale).collect();
-        sc.extend(picks.iter().map(|&b| dot(q, &keys.comp[b * dh..(b + 1) * dh]) * scale));
+        sc.extend(
+            picks
+                .iter()
+                .map(|&b| dot(q, &keys.comp[b * dh..(b + 1) * dh]) * scale),
+        );
         let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0f32;
         for v in sc.iter_mut() {

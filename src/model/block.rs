@@ -36,7 +36,12 @@ impl Block {
         };
         Ok(Block {
             attn: Attention::load(ck, &format!("{prefix}.attn"), cfg, cfg.ratio(index))?,
-            ffn: Moe::load(ck, &format!("{prefix}.ffn"), cfg, index < cfg.num_hash_layers)?,
+            ffn: Moe::load(
+                ck,
+                &format!("{prefix}.ffn"),
+                cfg,
+                index < cfg.num_hash_layers,
+            )?,
             attn_norm: ck.take_f32(&format!("{prefix}.attn_norm.weight"), &[d])?,
             ffn_norm: ck.take_f32(&format!("{prefix}.ffn_norm.weight"), &[d])?,
             hc_attn: HyperConn::load(ck, &format!("{prefix}.hc_attn"), dims)?,
@@ -46,15 +51,23 @@ impl Block {
     }
 
     /// Runs the block on a `T x M x D` stream in place, advancing each sequence's state.
-    pub fn forward(&self, x: &mut [f32], tokens: &[u32], spans: &[Span], states: &mut [&mut BlockState]) {
+    pub fn forward(
+        &self,
+        x: &mut [f32],
+        tokens: &[u32],
+        spans: &[Span],
+        states: &mut [&mut BlockState],
+    ) {
         let (mut y, mix) = self.hc_attn.pre(x);
         let d = self.attn_norm.len();
-        y.chunks_mut(d).for_each(|r| rms_norm(r, &self.attn_norm, self.eps));
+        y.chunks_mut(d)
+            .for_each(|r| rms_norm(r, &self.attn_norm, self.eps));
         let a = self.attn.forward(&y, spans, states);
         self.hc_attn.post(x, &a, &mix);
 
         let (mut y, mix) = self.hc_ffn.pre(x);
-        y.chunks_mut(d).for_each(|r| rms_norm(r, &self.ffn_norm, self.eps));
+        y.chunks_mut(d)
+            .for_each(|r| rms_norm(r, &self.ffn_norm, self.eps));
         let f = self.ffn.forward(&y, tokens);
         self.hc_ffn.post(x, &f, &mix);
     }

@@ -80,13 +80,24 @@ impl Compressor {
     }
 
     /// Feeds the projections of the token at `pos`; emits an entry when its block completes.
-    pub fn push(&self, st: &mut CompressorState, pos: usize, kv: &[f32], score: &[f32], rope: &Rope) {
+    pub fn push(
+        &self,
+        st: &mut CompressorState,
+        pos: usize,
+        kv: &[f32],
+        score: &[f32],
+        rope: &Rope,
+    ) {
         let (c, w) = (self.ratio, self.width());
         let slot = pos % c;
         debug_assert_eq!(st.kv.len(), slot * w, "compressor state out of step");
         st.kv.extend_from_slice(kv);
-        st.score
-            .extend(score.iter().zip(&self.ape[slot * w..(slot + 1) * w]).map(|(s, a)| s + a));
+        st.score.extend(
+            score
+                .iter()
+                .zip(&self.ape[slot * w..(slot + 1) * w])
+                .map(|(s, a)| s + a),
+        );
         if slot + 1 < c {
             return;
         }
@@ -95,22 +106,26 @@ impl Compressor {
         let mut p = vec![0f32; 2 * c];
         for (j, e) in entry.iter_mut().enumerate() {
             // Rows taking part, previous block's overlap halves first.
-            let (prev, off) = if self.overlap { (st.prev_kv.len() / d, d) } else { (0, 0) };
+            let (prev, off) = if self.overlap {
+                (st.prev_kv.len() / d, d)
+            } else {
+                (0, 0)
+            };
             let n = prev + c;
-            for i in 0..prev {
-                p[i] = st.prev_score[i * d + j];
+            for (i, v) in p[..prev].iter_mut().enumerate() {
+                *v = st.prev_score[i * d + j];
             }
-            for i in 0..c {
-                p[prev + i] = st.score[i * w + off + j];
+            for (i, v) in p[prev..n].iter_mut().enumerate() {
+                *v = st.score[i * w + off + j];
             }
             let pr = &mut p[..n];
             crate::backend::cpu::ops::softmax(pr);
             let mut acc = 0f32;
-            for i in 0..prev {
-                acc += st.prev_kv[i * d + j] * pr[i];
+            for (i, pw) in pr[..prev].iter().enumerate() {
+                acc += st.prev_kv[i * d + j] * pw;
             }
-            for i in 0..c {
-                acc += st.kv[i * w + off + j] * pr[prev + i];
+            for (i, pw) in pr[prev..].iter().enumerate() {
+                acc += st.kv[i * w + off + j] * pw;
             }
             *e = acc;
         }

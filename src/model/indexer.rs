@@ -32,7 +32,12 @@ impl Indexer {
         let (heads, dim) = (cfg.index_n_heads, cfg.index_head_dim);
         Ok(Indexer {
             wq_b: Matrix::load(ck, &format!("{prefix}.wq_b"), heads * dim, cfg.q_lora_rank)?,
-            weights_proj: Matrix::load(ck, &format!("{prefix}.weights_proj"), heads, cfg.hidden_size)?,
+            weights_proj: Matrix::load(
+                ck,
+                &format!("{prefix}.weights_proj"),
+                heads,
+                cfg.hidden_size,
+            )?,
             compressor: Compressor::load(
                 ck,
                 &format!("{prefix}.compressor"),

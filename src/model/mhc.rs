@@ -107,7 +107,12 @@ impl HyperConn {
                 *v = mx[2 * m + k] * s[2] + b[2 * m + k];
             }
             sinkhorn(c, m, self.iters, self.hc_eps);
-            reduce(&pre, &x[i * m * d..(i + 1) * m * d], d, &mut y[i * d..(i + 1) * d]);
+            reduce(
+                &pre,
+                &x[i * m * d..(i + 1) * m * d],
+                d,
+                &mut y[i * d..(i + 1) * d],
+            );
         }
         (y, Mix { post, comb })
     }
@@ -156,7 +161,11 @@ fn load_param_matrix(ck: &mut Checkpoint, name: &str, rows: usize, cols: usize) 
             )))
         }
     };
-    Ok(Matrix { rows, cols, storage })
+    Ok(Matrix {
+        rows,
+        cols,
+        storage,
+    })
 }
 
 /// Row softmax plus eps, then alternate column and row normalization, as the reference.
@@ -226,7 +235,12 @@ impl HcHead {
             let pre: Vec<f32> = (0..m)
                 .map(|j| sigmoid(mix[i * m + j] * self.scale + self.base[j]) + self.hc_eps)
                 .collect();
-            reduce(&pre, &x[i * m * d..(i + 1) * m * d], d, &mut y[i * d..(i + 1) * d]);
+            reduce(
+                &pre,
+                &x[i * m * d..(i + 1) * m * d],
+                d,
+                &mut y[i * d..(i + 1) * d],
+            );
         }
         y
     }

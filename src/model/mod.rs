@@ -123,7 +123,11 @@ impl Model {
                     s.state.blocks.len()
                 )));
             }
-            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(&t) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
                 return Err(Error::Input(format!(
                     "sequence {i}: token id {t} is outside the vocabulary (size {})",
                     self.cfg.vocab_size
@@ -193,9 +197,17 @@ impl Model {
     /// MTP block `i` over a batch: each sequence feeds the main model's final stream at its
     /// positions (`hidden`, `T x M x D`) with the token that follows each position (`tokens` of
     /// the inputs); returns logits for the token after that (`T x V`).
-    pub fn mtp_forward(&self, i: usize, hidden: &[f32], inputs: &mut [SeqInput]) -> Result<Vec<f32>> {
+    pub fn mtp_forward(
+        &self,
+        i: usize,
+        hidden: &[f32],
+        inputs: &mut [SeqInput],
+    ) -> Result<Vec<f32>> {
         let mtp = self.mtp.get(i).ok_or_else(|| {
-            Error::Input(format!("the model has {} MTP blocks; block {i} requested", self.mtp.len()))
+            Error::Input(format!(
+                "the model has {} MTP blocks; block {i} requested",
+                self.mtp.len()
+            ))
         })?;
         let (tokens, spans) = self.layout(inputs, 1)?;
         let (m, d) = (self.cfg.hc_mult, self.cfg.hidden_size);

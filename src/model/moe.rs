@@ -129,7 +129,9 @@ impl Moe {
         let mut scores = linear_plain(&self.gate, y);
         for row in scores.chunks_mut(e) {
             match self.func {
-                ScoringFunc::Sqrtsoftplus => row.iter_mut().for_each(|v| *v = ops::softplus(*v).sqrt()),
+                ScoringFunc::Sqrtsoftplus => {
+                    row.iter_mut().for_each(|v| *v = ops::softplus(*v).sqrt())
+                }
                 ScoringFunc::Sigmoid => row.iter_mut().for_each(|v| *v = ops::sigmoid(*v)),
                 ScoringFunc::Softmax => ops::softmax(row),
             }
@@ -175,7 +177,11 @@ impl Moe {
             if rows.is_empty() {
                 continue;
             }
-            let x: Vec<f32> = rows.iter().flat_map(|&(t, _)| &y[t * d..(t + 1) * d]).copied().collect();
+            let x: Vec<f32> = rows
+                .iter()
+                .flat_map(|&(t, _)| &y[t * d..(t + 1) * d])
+                .copied()
+                .collect();
             let w: Vec<f32> = rows.iter().map(|&(_, w)| w).collect();
             let r = self.experts[e].forward(&x, Some(&w), self.limit);
             for (&(t, _), rr) in rows.iter().zip(r.chunks(d)) {

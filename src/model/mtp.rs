@@ -35,7 +35,10 @@ impl Mtp {
         let d = cfg.hidden_size;
         for name in ck.names() {
             if let Some(rest) = name.strip_prefix(&format!("{p}.")) {
-                if rest.starts_with("emb") || rest == "head.weight" || rest.starts_with("shared_head.") {
+                if rest.starts_with("emb")
+                    || rest == "head.weight"
+                    || rest.starts_with("shared_head.")
+                {
                     ck.take(&name)?;
                 }
             }
@@ -57,16 +60,18 @@ impl Mtp {
     pub fn input(&self, emb: &[f32], hidden: &[f32]) -> Vec<f32> {
         let d = self.enorm.len();
         let mut e = emb.to_vec();
-        e.chunks_mut(d).for_each(|r| rms_norm(r, &self.enorm, self.eps));
+        e.chunks_mut(d)
+            .for_each(|r| rms_norm(r, &self.enorm, self.eps));
         let e = linear(&self.e_proj, &e);
         let mut h = hidden.to_vec();
-        h.chunks_mut(d).for_each(|r| rms_norm(r, &self.hnorm, self.eps));
+        h.chunks_mut(d)
+            .for_each(|r| rms_norm(r, &self.hnorm, self.eps));
         let mut x = linear(&self.h_proj, &h);
         let m = x.len() / e.len();
         for (t, row) in x.chunks_mut(m * d).enumerate() {
             for copy in row.chunks_mut(d) {
                 for (v, a) in copy.iter_mut().zip(&e[t * d..(t + 1) * d]) {
-                    *v = a + *v;
+                    *v += a;
                 }
             }
         }

@@ -117,7 +117,12 @@ mod tests {
     #[test]
     fn yarn_interpolates_only_low_frequencies() {
         let plain = Rope::new(64, 160000.0, None);
-        let y = Yarn { factor: 16.0, original: 65536.0, beta_fast: 32.0, beta_slow: 1.0 };
+        let y = Yarn {
+            factor: 16.0,
+            original: 65536.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        };
         let yarn = Rope::new(64, 160000.0, Some(y));
         // Highest frequencies (many rotations over the original context) are untouched.
         assert_eq!(plain.freqs[0], yarn.freqs[0]);

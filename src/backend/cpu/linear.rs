@@ -10,7 +10,9 @@
 
 use rayon::prelude::*;
 
-use crate::quant::{bf16, e8m0, QuantAct, ACT_BLOCK, E2M1, E4M3, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK};
+use crate::quant::{
+    bf16, e8m0, QuantAct, ACT_BLOCK, E2M1, E4M3, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK,
+};
 use crate::weights::{Matrix, Storage};
 
 /// Dot product with eight independent accumulators (vectorizes, and fixes the summation order).
@@ -60,12 +62,18 @@ pub fn decode_row(m: &Matrix, r: usize, out: &mut [f32]) {
             }
         }
         Storage::Bf16(w) => {
-            for (o, c) in out[..k].iter_mut().zip(w[r * k * 2..(r + 1) * k * 2].chunks_exact(2)) {
+            for (o, c) in out[..k]
+                .iter_mut()
+                .zip(w[r * k * 2..(r + 1) * k * 2].chunks_exact(2))
+            {
                 *o = bf16(c[0], c[1]);
             }
         }
         Storage::F32(w) => {
-            for (o, c) in out[..k].iter_mut().zip(w[r * k * 4..(r + 1) * k * 4].chunks_exact(4)) {
+            for (o, c) in out[..k]
+                .iter_mut()
+                .zip(w[r * k * 4..(r + 1) * k * 4].chunks_exact(4))
+            {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
@@ -180,14 +188,18 @@ mod tests {
         let mut y = vec![0.0; rows * n];
         for r in 0..rows {
             for j in 0..n {
-                y[r * n + j] = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum::<f64>() as f32;
+                y[r * n + j] = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y
     }
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -195,12 +207,17 @@ mod tests {
     fn fp8_linear_matches_dequantized_product() {
         let (n, k, rows) = (130, 256, 3);
         let mut seed = 7;
-        let codes: Vec<u8> = (0..n * k).map(|_| encode_e4m3(round_e4m3(lcg(&mut seed) * 8.0))).collect();
+        let codes: Vec<u8> = (0..n * k)
+            .map(|_| encode_e4m3(round_e4m3(lcg(&mut seed) * 8.0)))
+            .collect();
         let scales: Vec<u8> = (0..2 * 2).map(|i| 120 + i as u8).collect();
         let m = Matrix {
             rows: n,
             cols: k,
-            storage: Storage::F8 { w: Bytes::owned(codes), s: Bytes::owned(scales) },
+            storage: Storage::F8 {
+                w: Bytes::owned(codes),
+                s: Bytes::owned(scales),
+            },
         };
         let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
         let mut wd = vec![0f32; n * k];
@@ -208,7 +225,11 @@ mod tests {
             decode_row(&m, j, &mut wd[j * k..(j + 1) * k]);
         }
         let xq = QuantAct::new(&x, k);
-        let xd: Vec<f32> = xq.q.iter().enumerate().map(|(i, q)| q * xq.s[i / 128]).collect();
+        let xd: Vec<f32> =
+            xq.q.iter()
+                .enumerate()
+                .map(|(i, q)| q * xq.s[i / 128])
+                .collect();
         let want = reference(&xd, &wd, k);
         let got = linear(&m, &x);
         for (a, b) in got.iter().zip(&want) {
@@ -223,12 +244,17 @@ mod tests {
     fn fp4_linear_matches_dequantized_product() {
         let (n, k, rows) = (4, 128, 2);
         let mut seed = 3;
-        let packed: Vec<u8> = (0..n * k / 2).map(|_| (lcg(&mut seed).to_bits() >> 7) as u8).collect();
+        let packed: Vec<u8> = (0..n * k / 2)
+            .map(|_| (lcg(&mut seed).to_bits() >> 7) as u8)
+            .collect();
         let scales: Vec<u8> = (0..n * k / 32).map(|i| 125 + (i % 4) as u8).collect();
         let m = Matrix {
             rows: n,
             cols: k,
-            storage: Storage::F4 { w: Bytes::owned(packed), s: Bytes::owned(scales) },
+            storage: Storage::F4 {
+                w: Bytes::owned(packed),
+                s: Bytes::owned(scales),
+            },
         };
         let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
         let mut wd = vec![0f32; n * k];
@@ -236,7 +262,11 @@ mod tests {
             decode_row(&m, j, &mut wd[j * k..(j + 1) * k]);
         }
         let xq = QuantAct::new(&x, k);
-        let xd: Vec<f32> = xq.q.iter().enumerate().map(|(i, q)| q * xq.s[i / 128]).collect();
+        let xd: Vec<f32> =
+            xq.q.iter()
+                .enumerate()
+                .map(|(i, q)| q * xq.s[i / 128])
+                .collect();
         let want = reference(&xd, &wd, k);
         for (a, b) in linear(&m, &x).iter().zip(&want) {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{a} vs {b}");
