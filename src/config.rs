@@ -263,6 +263,40 @@ impl Config {
                 return bad(msg);
             }
         }
+        // Sizes far beyond any V4 model are refused, so that size arithmetic cannot overflow.
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            (
+                "num_nextn_predict_layers",
+                self.num_nextn_predict_layers,
+                16,
+            ),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("n_routed_experts", self.n_routed_experts, 1 << 12),
+            ("moe_intermediate_size", self.moe_intermediate_size, 1 << 16),
+            ("q_lora_rank", self.q_lora_rank, 1 << 16),
+            ("o_lora_rank", self.o_lora_rank, 1 << 16),
+            ("head_dim", self.head_dim, 1 << 12),
+            ("sliding_window", self.sliding_window, 1 << 20),
+            ("index_n_heads", self.index_n_heads, 1 << 10),
+            ("index_head_dim", self.index_head_dim, 1 << 12),
+            ("index_topk", self.index_topk, 1 << 24),
+            ("hc_mult", self.hc_mult, 16),
+            ("hc_sinkhorn_iters", self.hc_sinkhorn_iters, 1 << 10),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 30,
+            ),
+        ] {
+            if v > max {
+                return bad(format!(
+                    "{name} = {v} is beyond any supported model (at most {max})"
+                ));
+            }
+        }
         // Activations entering an FP8/FP4 linear are quantized in blocks of 128.
         for (name, v) in [
             ("hidden_size", self.hidden_size),

@@ -104,6 +104,12 @@ fn inspect(
         (None, Some(file)) => (Config::from_file(file)?, None),
         (None, None) => bail!("give --model DIR or --config FILE"),
     };
+    if context > cfg.max_position_embeddings {
+        bail!(
+            "--context {context} exceeds the model's max_position_embeddings = {}",
+            cfg.max_position_embeddings
+        );
+    }
     let plan = Plan::new(&cfg, context);
     // With weights, load the model: this checks every tensor against the configuration.
     let stored = ck

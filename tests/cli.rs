@@ -1,0 +1,244 @@
+//! The `hadal` binary: outputs on good input; one-line errors, non-zero exits and no partial
+//! files on bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use hadal::backend::cpu::CpuBackend;
+use hadal::model::Model;
+
+fn hadal(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hadal"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Asserts a failure with a single `hadal: error:` line mentioning `needle`.
+fn assert_fails(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.starts_with("hadal: error: ") && err.contains(needle),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn tokens_file(dir: &Path, ids: &[Vec<i32>]) -> std::path::PathBuf {
+    let mut t = std::collections::BTreeMap::new();
+    let bytes: Vec<u8> = ids.iter().flatten().flat_map(|i| i.to_le_bytes()).collect();
+    t.insert(
+        "tokens".to_string(),
+        (
+            safetensors::Dtype::I32,
+            vec![ids.len(), ids[0].len()],
+            bytes,
+        ),
+    );
+    let path = dir.join("tokens.safetensors");
+    common::write(&path, &t);
+    path
+}
+
+#[test]
+fn inspect_reports_pro_without_weights() {
+    let cfg =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek-v4-pro.config.json");
+    let out = hadal(&["inspect", "--config", p(&cfg), "--context", "128K"]);
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("1.60T") && s.contains("30 CSA, 31 HCA"), "{s}");
+    assert!(s.contains("one sequence at 128K tokens"), "{s}");
+    let json = hadal(&["inspect", "--config", p(&cfg), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["context"], 1 << 20);
+    assert_eq!(v["config"]["hidden_size"], 7168);
+}
+
+#[test]
+fn inspect_checks_a_checkpoint() {
+    let out = hadal(&["inspect", "--model", p(&common::fixture())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("every tensor matches config.json"));
+    let bad = common::damaged(|t| {
+        t.remove("mtp.0.hnorm.weight");
+    });
+    assert_fails(
+        &hadal(&["inspect", "--model", p(bad.path())]),
+        "mtp.0.hnorm.weight",
+    );
+    assert_fails(
+        &hadal(&["inspect", "--model", "/nonexistent"]),
+        "/nonexistent/config.json",
+    );
+    let cfg = common::fixture().join("config.json");
+    assert_fails(
+        &hadal(&["inspect", "--config", p(&cfg), "--context", "4096M"]),
+        "max_position_embeddings",
+    );
+}
+
+#[test]
+fn score_writes_what_the_library_computes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = vec![
+        (0..24).map(|i| i * 37 % 1000).collect::<Vec<i32>>(),
+        (0..24).map(|i| i * 11 % 997).collect(),
+    ];
+    let tokens = tokens_file(dir.path(), &ids);
+    let out_path = dir.path().join("out.safetensors");
+    let out = hadal(&[
+        "score",
+        "--model",
+        p(&common::fixture()),
+        "--tokens",
+        p(&tokens),
+        "--out",
+        p(&out_path),
+        "--prefill",
+        "9",
+        "--mtp",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = common::read(&out_path);
+    let (_, shape, logits) = &written["logits"];
+    assert_eq!(shape, &vec![2, 24, 1024]);
+    assert_eq!(written["mtp_logits"].1, vec![2, 8, 1024]);
+
+    let backend = CpuBackend {
+        model: Model::load(&common::fixture()).unwrap(),
+    };
+    let seqs: Vec<Vec<u32>> = ids
+        .iter()
+        .map(|s| s.iter().map(|&i| i as u32).collect())
+        .collect();
+    let want = hadal::score::score(&backend, &seqs, &[9], true).unwrap();
+    let got: Vec<f32> = logits
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(got, want.logits);
+    let mtp: Vec<f32> = written["mtp_logits"]
+        .2
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(Some(mtp), want.mtp_logits);
+}
+
+#[test]
+fn score_refuses_bad_input_without_leaving_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture();
+    let out_path = dir.path().join("out.safetensors");
+    let good = tokens_file(dir.path(), &[vec![1, 2, 3, 4]]);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--prefill".into(), "9".into()], "--prefill 9"),
+        (vec!["--prefill".into(), "0".into()], "--prefill 0"),
+        (
+            vec!["--prefill".into(), "1".into(), "--mtp".into()],
+            "--mtp",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec![
+            "score",
+            "--model",
+            p(&model),
+            "--tokens",
+            p(&good),
+            "--out",
+            p(&out_path),
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        assert_fails(&hadal(&args), needle);
+        assert!(!out_path.exists());
+    }
+    let oov = tokens_file(dir.path(), &[vec![1, 5000]]);
+    assert_fails(
+        &hadal(&[
+            "score",
+            "--model",
+            p(&model),
+            "--tokens",
+            p(&oov),
+            "--out",
+            p(&out_path),
+        ]),
+        "5000",
+    );
+    let neg = tokens_file(dir.path(), &[vec![1, -3]]);
+    assert_fails(
+        &hadal(&[
+            "score",
+            "--model",
+            p(&model),
+            "--tokens",
+            p(&neg),
+            "--out",
+            p(&out_path),
+        ]),
+        "-3",
+    );
+    let cfg = model.join("config.json");
+    assert_fails(
+        &hadal(&[
+            "score",
+            "--model",
+            p(&model),
+            "--tokens",
+            p(&cfg),
+            "--out",
+            p(&out_path),
+        ]),
+        "not a safetensors file",
+    );
+    assert_fails(
+        &hadal(&[
+            "score",
+            "--model",
+            p(&model),
+            "--tokens",
+            p(&good),
+            "--out",
+            "/nonexistent/dir/x",
+        ]),
+        "does not exist",
+    );
+    assert!(!out_path.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn usage_errors_exit_nonzero() {
+    let out = hadal(&["score", "--model", "x"]);
+    assert!(!out.status.success());
+    let out = hadal(&["inspect"]);
+    assert!(!out.status.success());
+}
