@@ -80,6 +80,16 @@ pub struct RawTensor {
 }
 
 impl RawTensor {
+    /// An F32 tensor from values.
+    pub fn f32(name: &str, shape: &[usize], v: &[f32]) -> Self {
+        RawTensor {
+            name: name.to_string(),
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            data: Bytes::owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        }
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()

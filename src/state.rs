@@ -144,7 +144,7 @@ impl Rows {
 }
 
 /// State of one compressor (attention's or the indexer's).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CompressorState {
     /// `kv` rows of the block being filled, `ratio x coff*dim` (f32, as projected).
     pub kv: Vec<f32>,
@@ -160,14 +160,9 @@ pub struct CompressorState {
 }
 
 impl CompressorState {
-    fn new() -> Self {
-        CompressorState {
-            kv: Vec::new(),
-            score: Vec::new(),
-            prev_kv: Vec::new(),
-            prev_score: Vec::new(),
-            entries: Rows::default(),
-        }
+    /// An empty compressor state.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 

@@ -4,7 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::{dot, linear, linear_plain, ops::rms_norm, ops::rms_scale};
+use crate::backend::cpu::ops::{rms_norm, rms_scale, sink_attention};
+use crate::backend::cpu::{linear, linear_plain};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -298,7 +299,7 @@ impl Attention {
         }
     }
 
-    /// One head of one query at position `pos`: softmax over its visible keys and the sink.
+    /// One head of one query at position `pos`: its window rows, then its compressed picks.
     fn attend(
         &self,
         q: &[f32],
@@ -309,37 +310,12 @@ impl Attention {
         out: &mut [f32],
     ) {
         let dh = self.dim;
-        let scale = (dh as f32).powf(-0.5);
         let lo = pos.saturating_sub(self.window - 1) - keys.first;
         let hi = pos + 1 - keys.first;
-        let raw = &keys.raw[lo * dh..hi * dh];
         let picks: &[usize] = keys.picks.get(i).map_or(&[], |v| v);
-        let mut sc: Vec<f32> = raw.chunks(dh).map(|k| dot(q, k) * scale).collect();
-        sc.extend(
-            picks
-                .iter()
-                .map(|&b| dot(q, &keys.comp[b * dh..(b + 1) * dh]) * scale),
-        );
-        let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0f32;
-        for v in sc.iter_mut() {
-            *v = (*v - mx).exp();
-            sum += *v;
-        }
-        let denom = sum + (self.sink[head] - mx).exp();
-        out.fill(0.0);
-        let n_raw = hi - lo;
-        for (j, e) in sc.iter().enumerate() {
-            let p = e / denom;
-            let k = if j < n_raw {
-                &raw[j * dh..(j + 1) * dh]
-            } else {
-                let b = picks[j - n_raw];
-                &keys.comp[b * dh..(b + 1) * dh]
-            };
-            for (o, v) in out.iter_mut().zip(k) {
-                *o += p * v;
-            }
-        }
+        let rows = keys.raw[lo * dh..hi * dh]
+            .chunks(dh)
+            .chain(picks.iter().map(|&b| &keys.comp[b * dh..(b + 1) * dh]));
+        sink_attention(q, rows, self.sink[head], (dh as f32).powf(-0.5), out);
     }
 }

@@ -155,3 +155,116 @@ impl Compressor {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::ops::softmax;
+    use crate::checkpoint::RawTensor;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
+                    / 500.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    fn compressor(ratio: usize, dim: usize, hidden: usize, codec: RowCodec) -> Compressor {
+        let width = if ratio == 4 { 2 * dim } else { dim };
+        let mut ck = Checkpoint::from_tensors(vec![
+            RawTensor::f32("c.wkv.weight", &[width, hidden], &values(width * hidden, 1)),
+            RawTensor::f32(
+                "c.wgate.weight",
+                &[width, hidden],
+                &values(width * hidden, 2),
+            ),
+            RawTensor::f32("c.ape", &[ratio, width], &values(ratio * width, 3)),
+            RawTensor::f32("c.norm.weight", &[dim], &values(dim, 4)),
+        ]);
+        let c = Compressor::load(&mut ck, "c", hidden, ratio, dim, codec, 1e-6).unwrap();
+        ck.finish().unwrap();
+        c
+    }
+
+    /// Entry b from the whole sequence at once, as the architecture document states it.
+    fn direct(c: &Compressor, kv: &[f32], score: &[f32], b: usize, rope: &Rope) -> Vec<f32> {
+        let (r, d, w) = (c.ratio, c.dim, c.width());
+        let mut rows: Vec<(f32, f32)> = Vec::new(); // (kv, score) per row for one dim
+        let mut out = vec![0f32; d];
+        for (j, o) in out.iter_mut().enumerate() {
+            rows.clear();
+            if c.overlap && b > 0 {
+                for t in (b - 1) * r..b * r {
+                    rows.push((kv[t * w + j], score[t * w + j] + c.ape[(t % r) * w + j]));
+                }
+            }
+            let off = if c.overlap { d } else { 0 };
+            for t in b * r..(b + 1) * r {
+                rows.push((
+                    kv[t * w + off + j],
+                    score[t * w + off + j] + c.ape[(t % r) * w + off + j],
+                ));
+            }
+            let mut p: Vec<f32> = rows.iter().map(|x| x.1).collect();
+            softmax(&mut p);
+            *o = rows.iter().zip(&p).map(|(x, p)| x.0 * p).sum();
+        }
+        rms_norm(&mut out, &c.norm, 1e-6);
+        Rope::apply(&mut out, &rope.at(b * r), false);
+        if matches!(c.codec, RowCodec::Index { .. }) {
+            hadamard(&mut out);
+        }
+        c.codec.encode(&mut out, &mut vec![0u8; c.codec.bytes()]);
+        out
+    }
+
+    fn check(ratio: usize, codec: RowCodec, tokens: usize) {
+        let (hidden, dim) = (128, codec.dim());
+        let c = compressor(ratio, dim, hidden, codec);
+        let rope = Rope::plain(64, 10000.0);
+        let y = values(tokens * hidden, 9);
+        let (kv, score) = c.project(&y);
+        let w = c.width();
+        let mut st = CompressorState::new();
+        for t in 0..tokens {
+            // Serialize and restore mid-way: the state is a plain value.
+            if t == tokens / 2 {
+                st = serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+            }
+            c.push(
+                &mut st,
+                t,
+                &kv[t * w..(t + 1) * w],
+                &score[t * w..(t + 1) * w],
+                &rope,
+            );
+            assert_eq!(st.entries.len, (t + 1) / ratio, "entries after token {t}");
+        }
+        let got = c.decode_all(&st, st.entries.len);
+        for b in 0..st.entries.len {
+            let want = direct(&c, &kv, &score, b, &rope);
+            let g = &got[b * dim..(b + 1) * dim];
+            let err = g
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(err <= 1e-5 * scale, "ratio {ratio} entry {b}: {err}");
+        }
+    }
+
+    #[test]
+    fn overlapping_compressor_matches_the_definition() {
+        check(4, RowCodec::Attention { dim: 128, rope: 64 }, 23);
+        check(4, RowCodec::Index { dim: 128 }, 17);
+    }
+
+    #[test]
+    fn plain_compressor_matches_the_definition() {
+        check(128, RowCodec::Attention { dim: 128, rope: 64 }, 300);
+    }
+}

@@ -197,3 +197,127 @@ impl Moe {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::RawTensor;
+
+    const D: usize = 128;
+    const F: usize = 128;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2246822519).wrapping_add(seed) >> 9) % 997) as f32
+                    / 4000.0
+                    - 0.12
+            })
+            .collect()
+    }
+
+    fn moe(hash: bool) -> Moe {
+        let mut cfg =
+            Config::from_json(include_str!("../../tests/fixtures/tiny-a/config.json")).unwrap();
+        (
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+            cfg.n_routed_experts,
+            cfg.num_experts_per_tok,
+        ) = (D, F, 4, 2);
+        (cfg.vocab_size, cfg.routed_scaling_factor, cfg.swiglu_limit) = (3, 1.5, 0.5);
+        let mut t = vec![RawTensor::f32("m.gate.weight", &[4, D], &values(4 * D, 1))];
+        if hash {
+            let ids: Vec<u8> = [3i32, 1, 0, 2, 2, 2]
+                .iter()
+                .flat_map(|i| i.to_le_bytes())
+                .collect();
+            let mut r = RawTensor::f32("m.gate.tid2eid", &[3, 2], &[0.0; 6]);
+            (r.dtype, r.data) = (
+                safetensors::Dtype::I32,
+                crate::checkpoint::Bytes::owned(ids),
+            );
+            t.push(r);
+        } else {
+            t.push(RawTensor::f32("m.gate.bias", &[4], &[0.0, 0.0, 10.0, 0.0]));
+        }
+        for (e, p) in (0..4)
+            .map(|e| (e, format!("m.experts.{e}")))
+            .chain([(4, "m.shared_experts".to_string())])
+        {
+            for (w, shape) in [("w1", [F, D]), ("w2", [D, F]), ("w3", [F, D])] {
+                t.push(RawTensor::f32(
+                    &format!("{p}.{w}.weight"),
+                    &shape,
+                    &values(F * D, 10 + e as u32),
+                ));
+            }
+        }
+        let mut ck = Checkpoint::from_tensors(t);
+        let m = Moe::load(&mut ck, "m", &cfg, hash).unwrap();
+        ck.finish().unwrap();
+        m
+    }
+
+    #[test]
+    fn bias_selects_but_does_not_weigh() {
+        let m = moe(false);
+        let y = values(D, 7);
+        let (ids, ws) = m.route(&y, &[0]);
+        // Expert 2 has a large selection bias, so it is always picked ...
+        assert!(ids.contains(&2), "{ids:?}");
+        // ... but the weights are its unbiased scores, normalized, times the scaling factor.
+        let logits = linear_plain(&m.gate, &y);
+        let s: Vec<f32> = logits.iter().map(|&l| ops::softplus(l).sqrt()).collect();
+        let sum: f32 = ids.iter().map(|&i| s[i]).sum();
+        for (&i, &w) in ids.iter().zip(&ws) {
+            assert!((w - s[i] / sum * 1.5).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn hash_layers_route_by_token_id() {
+        let m = moe(true);
+        let y = values(3 * D, 5);
+        let (ids, ws) = m.route(&y, &[0, 1, 2]);
+        assert_eq!(ids, vec![3, 1, 0, 2, 2, 2]);
+        assert!((ws[4] + ws[5] - 1.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn output_sums_routed_and_shared_experts() {
+        let m = moe(true);
+        let y = values(2 * D, 3);
+        let out = m.forward(&y, &[0, 1]);
+        let (ids, ws) = m.route(&y, &[0, 1]);
+        for t in 0..2 {
+            let x = &y[t * D..(t + 1) * D];
+            let mut pairs: Vec<(usize, f32)> =
+                (0..2).map(|j| (ids[t * 2 + j], ws[t * 2 + j])).collect();
+            pairs.sort_by_key(|p| p.0);
+            let mut want = vec![0f32; D];
+            for (e, w) in pairs {
+                let r = m.experts[e].forward(x, Some(&[w]), m.limit);
+                want.iter_mut().zip(&r).for_each(|(a, b)| *a += b);
+            }
+            let s = m.shared.forward(x, None, m.limit);
+            want.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+            assert_eq!(&out[t * D..(t + 1) * D], &want[..]);
+        }
+    }
+
+    #[test]
+    fn swiglu_clamps_gate_and_up() {
+        let m = moe(true);
+        let e = &m.experts[0];
+        let x = values(D, 2);
+        let g = linear_plain(&e.w1, &x);
+        let u = linear_plain(&e.w3, &x);
+        let h: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| silu(g.min(0.5)) * u.clamp(-0.5, 0.5))
+            .collect();
+        assert_eq!(e.forward(&x, None, 0.5), linear_plain(&e.w2, &h));
+    }
+}

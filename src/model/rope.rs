@@ -32,6 +32,11 @@ impl Rope {
         Self::new(dim, cfg.compress_rope_theta, yarn)
     }
 
+    /// Plain RoPE over `dim` dims with base `base`.
+    pub fn plain(dim: usize, base: f64) -> Self {
+        Self::new(dim, base, None)
+    }
+
     fn new(dim: usize, base: f64, yarn: Option<Yarn>) -> Self {
         let half = dim / 2;
         let mut freqs: Vec<f32> = (0..half)

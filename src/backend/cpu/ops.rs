@@ -73,9 +73,68 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// One head's attention over `keys` (which double as values) with a sink: `softmax` over the
+/// scores `q . k * scale` and the sink logit, the sink carrying no value.
+pub fn sink_attention<'a>(
+    q: &[f32],
+    keys: impl Iterator<Item = &'a [f32]> + Clone,
+    sink: f32,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let mut sc: Vec<f32> = keys.clone().map(|k| super::dot(q, k) * scale).collect();
+    let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f32;
+    for v in sc.iter_mut() {
+        *v = (*v - mx).exp();
+        sum += *v;
+    }
+    let denom = sum + (sink - mx).exp();
+    out.fill(0.0);
+    for (e, k) in sc.iter().zip(keys) {
+        let p = e / denom;
+        for (o, v) in out.iter_mut().zip(k) {
+            *o += p * v;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sink_attention_matches_softmax_with_an_empty_key() {
+        let q = [0.5f32, -1.0, 2.0, 0.25];
+        let keys = [
+            [1.0f32, 0.0, 0.5, -1.0],
+            [0.0, 2.0, -0.5, 1.0],
+            [0.3, 0.3, 0.3, 0.3],
+        ];
+        let sink = 0.7f32;
+        let mut out = [0f32; 4];
+        sink_attention(&q, keys.iter().map(|k| &k[..]), sink, 0.5, &mut out);
+        let logits: Vec<f64> = keys
+            .iter()
+            .map(|k| q.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() * 0.5)
+            .collect();
+        let z: f64 = logits.iter().map(|l| l.exp()).sum::<f64>() + (sink as f64).exp();
+        for d in 0..4 {
+            let want: f64 = logits
+                .iter()
+                .zip(&keys)
+                .map(|(l, k)| l.exp() / z * k[d] as f64)
+                .sum();
+            assert!(
+                (out[d] as f64 - want).abs() < 1e-6,
+                "dim {d}: {} vs {want}",
+                out[d]
+            );
+        }
+        // A very negative sink vanishes; a very large one absorbs all the mass.
+        sink_attention(&q, keys.iter().map(|k| &k[..]), 80.0, 0.5, &mut out);
+        assert!(out.iter().all(|v| v.abs() < 1e-20));
+    }
 
     #[test]
     fn top_k_breaks_ties_to_lower_index() {
