@@ -6,6 +6,7 @@
 //! device; [`inspect`] and [`score`] are the CLI's reports.
 
 pub mod backend;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod model;
 pub mod quant;
 pub mod score;
 pub mod state;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
