@@ -246,7 +246,7 @@ impl Config {
             (self.hidden_act == "silu", format!("hidden_act = {:?}; only \"silu\" is supported", self.hidden_act)),
             (!self.tie_word_embeddings, "tie_word_embeddings = true is not a V4 layout".into()),
             (self.qk_rope_head_dim % 2 == 0 && self.qk_rope_head_dim < self.head_dim, format!("qk_rope_head_dim = {} must be even and below head_dim = {}", self.qk_rope_head_dim, self.head_dim)),
-            ((self.head_dim - self.qk_rope_head_dim) % 64 == 0, format!("head_dim - qk_rope_head_dim = {} must be a multiple of 64 (FP8 KV blocks)", self.head_dim - self.qk_rope_head_dim)),
+            (self.head_dim.saturating_sub(self.qk_rope_head_dim) % 64 == 0, format!("head_dim - qk_rope_head_dim = {} must be a multiple of 64 (FP8 KV blocks)", self.head_dim.saturating_sub(self.qk_rope_head_dim))),
             (self.num_attention_heads % self.o_groups.max(1) == 0 && self.o_groups > 0, format!("num_attention_heads = {} is not divisible by o_groups = {}", self.num_attention_heads, self.o_groups)),
             (self.index_head_dim.is_power_of_two() && self.index_head_dim % 32 == 0 && self.index_head_dim > self.qk_rope_head_dim, format!("index_head_dim = {} must be a power of two, a multiple of 32 and above qk_rope_head_dim", self.index_head_dim)),
             (self.num_experts_per_tok >= 1 && self.num_experts_per_tok <= self.n_routed_experts, format!("num_experts_per_tok = {} with n_routed_experts = {}", self.num_experts_per_tok, self.n_routed_experts)),

@@ -6,12 +6,18 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+use std::io::{Read, Write};
+
 use hadal::backend::cpu::CpuBackend;
+use hadal::chat::parse::parse;
+use hadal::chat::request::conversation;
+use hadal::chat::{encode, Effort, Options, ThinkingMode};
 use hadal::checkpoint::Checkpoint;
 use hadal::config::Config;
 use hadal::inspect::{bytes, Plan};
 use hadal::model::Model;
 use hadal::score;
+use hadal::tokenizer::Tokenizer;
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +77,117 @@ enum Cmd {
         #[arg(long)]
         text: Option<PathBuf>,
     },
+    /// Print the exact V4 prompt of a chat request (an OpenAI request object or an array of
+    /// messages; `-` reads standard input).
+    Render {
+        /// The request file.
+        request: PathBuf,
+        /// Chat or thinking (default: the request's `thinking`, else thinking).
+        #[arg(long, value_enum)]
+        thinking_mode: Option<Mode>,
+        /// `high` or `max` (default: the request's `reasoning_effort`).
+        #[arg(long, value_enum)]
+        reasoning_effort: Option<EffortArg>,
+        /// Keep the reasoning of earlier turns.
+        #[arg(long)]
+        keep_thinking: bool,
+        /// Print token ids (one JSON array) instead of text.
+        #[arg(long)]
+        ids: bool,
+        /// tokenizer.json for --ids (default: the bundled V4 tokenizer).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Parse a completion (standard input) into an assistant message, printed as JSON.
+    Parse {
+        /// How the completion was generated.
+        #[arg(long, value_enum)]
+        thinking_mode: Mode,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Mode {
+    Chat,
+    Thinking,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EffortArg {
+    High,
+    Max,
+}
+
+impl From<Mode> for ThinkingMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Chat => ThinkingMode::Chat,
+            Mode::Thinking => ThinkingMode::Thinking,
+        }
+    }
+}
+
+fn read_input(path: &Path) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("standard input")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).with_context(|| path.display().to_string())
+    }
+}
+
+fn render(
+    request: &Path,
+    mode: Option<Mode>,
+    effort: Option<EffortArg>,
+    keep_thinking: bool,
+    ids: bool,
+    tokenizer: Option<&Path>,
+) -> anyhow::Result<()> {
+    let text = read_input(request)?;
+    let req: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", request.display()))?;
+    let conv = conversation(&req)?;
+    let opts = Options {
+        mode: mode
+            .map(Into::into)
+            .or(conv.mode)
+            .unwrap_or(ThinkingMode::Thinking),
+        effort: effort
+            .map(|e| match e {
+                EffortArg::High => Effort::High,
+                EffortArg::Max => Effort::Max,
+            })
+            .or(conv.effort),
+        drop_thinking: !keep_thinking,
+        add_bos: true,
+    };
+    let prompt = encode(&conv.messages, &opts)?;
+    let mut out = std::io::stdout().lock();
+    if ids {
+        let tok = match tokenizer {
+            Some(p) => Tokenizer::from_file(p)?,
+            None => Tokenizer::bundled(),
+        };
+        writeln!(out, "{}", serde_json::to_string(&tok.encode(&prompt)?)?)?;
+    } else {
+        out.write_all(prompt.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn parse_cmd(mode: Mode) -> anyhow::Result<()> {
+    let text = read_input(Path::new("-"))?;
+    let p = parse(&text, mode.into());
+    let mut msg = p.to_message();
+    if let Some(e) = &p.error {
+        msg.insert("error".into(), e.clone().into());
+    }
+    println!("{}", serde_json::to_string_pretty(&msg)?);
+    Ok(())
 }
 
 /// Parses a token count with an optional `K` (1024) or `M` (1024^2) suffix.
@@ -160,14 +277,9 @@ fn score_cmd(
     let seqs = match (tokens, text) {
         (Some(t), _) => score::read_tokens(t)?,
         (None, Some(t)) => {
-            let tok_path = model.join("tokenizer.json");
-            let tok = tokenizers::Tokenizer::from_file(&tok_path)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+            let tok = Tokenizer::for_model(model)?;
             let body = std::fs::read_to_string(t).with_context(|| t.display().to_string())?;
-            let enc = tok
-                .encode(body, false)
-                .map_err(|e| anyhow::anyhow!("{}: cannot tokenize: {e}", t.display()))?;
-            vec![enc.get_ids().to_vec()]
+            vec![tok.encode(&body)?]
         }
         (None, None) => bail!("give --tokens FILE or --text FILE"),
     };
@@ -224,6 +336,22 @@ fn main() -> ExitCode {
             *mtp,
             text.as_deref(),
         ),
+        Cmd::Render {
+            request,
+            thinking_mode,
+            reasoning_effort,
+            keep_thinking,
+            ids,
+            tokenizer,
+        } => render(
+            request,
+            *thinking_mode,
+            *reasoning_effort,
+            *keep_thinking,
+            *ids,
+            tokenizer.as_deref(),
+        ),
+        Cmd::Parse { thinking_mode } => parse_cmd(*thinking_mode),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -240,7 +240,10 @@ mod config {
             let obj = v.as_object_mut().unwrap();
             let k = obj.keys().nth(key % obj.len()).unwrap().clone();
             obj.insert(k, val);
-            let _ = Config::from_json(&v.to_string());
+            if let Ok(cfg) = Config::from_json(&v.to_string()) {
+                let p = hadal::inspect::Plan::new(&cfg, cfg.max_position_embeddings);
+                let _ = p.render(&cfg);
+            }
         }
     }
 

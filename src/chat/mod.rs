@@ -2,6 +2,7 @@
 
 pub mod encode;
 pub mod json;
+pub mod parse;
 pub mod request;
 pub mod tokens;
 

@@ -6,13 +6,20 @@
 
 use serde_json::Value;
 
-use super::encode::{Effort, EncodeError, Message, Options, ThinkingMode};
+use super::encode::{Effort, EncodeError, Message, ThinkingMode};
+
+/// A request's conversation and the choices it makes.
+pub struct Conversation {
+    /// Messages, with top-level `tools`/`response_format` placed on the leading system message.
+    pub messages: Vec<Message>,
+    /// The mode `thinking` asks for.
+    pub mode: Option<ThinkingMode>,
+    /// The effort `reasoning_effort` asks for.
+    pub effort: Option<Effort>,
+}
 
 /// Reads a request: either a JSON array of messages or an object with `messages`.
-/// Returns the messages and the mode and effort the request asks for (if any).
-pub fn conversation(
-    req: &Value,
-) -> Result<(Vec<Message>, Option<ThinkingMode>, Option<Effort>), EncodeError> {
+pub fn conversation(req: &Value) -> Result<Conversation, EncodeError> {
     let bad = |m: String| Err(EncodeError(m));
     let (list, obj) = match req {
         Value::Array(a) => (a, None),
@@ -43,7 +50,11 @@ pub fn conversation(
         }
     }
     let Some(obj) = obj else {
-        return Ok((messages, None, None));
+        return Ok(Conversation {
+            messages,
+            mode: None,
+            effort: None,
+        });
     };
     for key in ["tools", "response_format"] {
         if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
@@ -88,7 +99,11 @@ pub fn conversation(
         None | Some(Value::Null) => None,
         Some(e) => Some(parse_effort(e.as_str().unwrap_or("?"))?),
     };
-    Ok((messages, mode, effort))
+    Ok(Conversation {
+        messages,
+        mode,
+        effort,
+    })
 }
 
 /// `high` or `max` (`low` and `medium`, which OpenAI clients send, map to `high`).
@@ -99,14 +114,5 @@ pub fn parse_effort(s: &str) -> Result<Effort, EncodeError> {
         other => Err(EncodeError(format!(
             "reasoning_effort {other:?}: expected \"high\" or \"max\""
         ))),
-    }
-}
-
-/// Options from a request's choices over defaults.
-pub fn options(mode: Option<ThinkingMode>, effort: Option<Effort>, base: Options) -> Options {
-    Options {
-        mode: mode.unwrap_or(base.mode),
-        effort: effort.or(base.effort),
-        ..base
     }
 }
