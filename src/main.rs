@@ -9,11 +9,12 @@ use clap::{Parser, Subcommand};
 use std::io::{Read, Write};
 
 use hadal::backend::cpu::CpuBackend;
-use hadal::chat::parse::parse;
+use hadal::chat::parse::{parse, Delta, StreamParser};
 use hadal::chat::request::conversation;
 use hadal::chat::{encode, Effort, Options, ThinkingMode};
 use hadal::checkpoint::Checkpoint;
 use hadal::config::Config;
+use hadal::generate::{generate, Finish, SamplingParams};
 use hadal::inspect::{bytes, Plan};
 use hadal::model::Model;
 use hadal::score;
@@ -98,12 +99,86 @@ enum Cmd {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
+    /// Run a small random-weight V4 end to end (no download) and print speed and the memory
+    /// plans of V4-Flash and V4-Pro.
+    Demo {
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Seed of the random weights and of sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The user message.
+        #[arg(
+            long,
+            default_value = "Hello! What can you tell me about the deep sea?"
+        )]
+        prompt: String,
+    },
+    /// Generate a completion for a prompt (one user message) or a chat request.
+    Generate {
+        /// Checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A user message.
+        #[arg(long, conflicts_with = "request", required_unless_present = "request")]
+        prompt: Option<String>,
+        /// A chat request (OpenAI JSON, `-` for standard input).
+        #[arg(long)]
+        request: Option<PathBuf>,
+        /// Chat or thinking (default: the request's `thinking`, else chat).
+        #[arg(long, value_enum)]
+        thinking_mode: Option<Mode>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
     /// Parse a completion (standard input) into an assistant message, printed as JSON.
     Parse {
         /// How the completion was generated.
         #[arg(long, value_enum)]
         thinking_mode: Mode,
     },
+}
+
+/// Sampling flags shared by the generating commands.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens below this fraction of the top probability.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Seed of the random draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// A text that ends the completion (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            logprobs: None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -176,6 +251,194 @@ fn render(
     } else {
         out.write_all(prompt.as_bytes())?;
     }
+    Ok(())
+}
+
+/// Streams a completion to stdout, reasoning apart from the answer; returns it parsed.
+fn stream_completion(
+    backend: &CpuBackend,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    mode: ThinkingMode,
+    params: &SamplingParams,
+) -> anyhow::Result<(hadal::generate::Completion, hadal::chat::parse::Parsed)> {
+    let mut state = backend.model.new_state();
+    let mut sp = StreamParser::new(mode);
+    let mut shown = None::<bool>;
+    let mut out = std::io::stdout().lock();
+    let mut show = |deltas: Vec<Delta>, out: &mut std::io::StdoutLock| {
+        for d in deltas {
+            let (reasoning, text) = match d {
+                Delta::Reasoning(t) => (true, t),
+                Delta::Content(t) => (false, t),
+                Delta::ToolCall { call, .. } => (
+                    false,
+                    format!("\n[tool call] {}({})", call.name, call.arguments),
+                ),
+            };
+            if shown != Some(reasoning) {
+                let _ = write!(
+                    out,
+                    "{}",
+                    if reasoning {
+                        "\n[reasoning] "
+                    } else {
+                        "\n[answer] "
+                    }
+                );
+                shown = Some(reasoning);
+            }
+            let _ = write!(out, "{text}");
+            let _ = out.flush();
+        }
+    };
+    let c = generate(backend, tok, &mut state, prompt, params, 512, |t| {
+        show(sp.push(t), &mut std::io::stdout().lock());
+        true
+    })?;
+    show(sp.finish(), &mut out);
+    let _ = writeln!(out);
+    let full = if c.finish == Finish::Eos {
+        format!("{}{}", c.text, hadal::chat::tokens::EOS)
+    } else {
+        c.text.clone()
+    };
+    Ok((c, parse(&full, mode)))
+}
+
+fn demo(max_tokens: usize, seed: u64, prompt: &str) -> anyhow::Result<()> {
+    println!("hadal demo: a small DeepSeek V4 (window, CSA and HCA attention, hash and score routing, MTP)");
+    println!("with RANDOM weights and the real V4 tokenizer. Its words are noise: the demo shows the path and the numbers.\n");
+    let cfg = hadal::demo::demo_config();
+    let dir = std::env::temp_dir().join(format!("hadal-demo-{}", std::process::id()));
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let t = std::time::Instant::now();
+    hadal::demo::write_random_checkpoint(&dir, &cfg, seed)?;
+    let built = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let backend = CpuBackend {
+        model: Model::load(&dir)?,
+    };
+    let tok = Tokenizer::for_model(&dir)?;
+    println!(
+        "built a {} checkpoint in {built:.2}s, loaded it in {:.2}s",
+        bytes(backend.model.checkpoint_bytes),
+        t.elapsed().as_secs_f64()
+    );
+    let messages =
+        conversation(&serde_json::json!([{"role": "user", "content": prompt}]))?.messages;
+    let text = encode(
+        &messages,
+        &Options {
+            mode: ThinkingMode::Chat,
+            ..Options::default()
+        },
+    )?;
+    let ids = tok.encode(&text)?;
+    println!("prompt ({} tokens): {text:?}", ids.len());
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed,
+        max_tokens,
+        ..Default::default()
+    };
+    let (c, parsed) = stream_completion(&backend, &tok, &ids, ThinkingMode::Chat, &params)?;
+    println!(
+        "\nparsed: {} chars of content, {} tool calls{}",
+        parsed.content.chars().count(),
+        parsed.tool_calls.len(),
+        parsed
+            .error
+            .as_deref()
+            .map(|e| format!(" (format note: {e})"))
+            .unwrap_or_default()
+    );
+    let decoded = c.tokens.len().saturating_sub(1).max(1);
+    println!(
+        "speed: prefill {} tokens in {:.1} ms ({:.0} tokens/s); decode {} tokens in {:.1} ms ({:.1} tokens/s), on {} threads",
+        ids.len(),
+        c.prefill_secs * 1e3,
+        ids.len() as f64 / c.prefill_secs,
+        c.tokens.len(),
+        c.decode_secs * 1e3,
+        decoded as f64 / c.decode_secs.max(1e-9),
+        rayon::current_num_threads()
+    );
+    println!("\nmemory plan of the real models (weights as released, decode state per sequence):");
+    for (name, text) in [
+        ("V4-Flash", hadal::demo::FLASH_CONFIG),
+        ("V4-Pro", hadal::demo::PRO_CONFIG),
+    ] {
+        let cfg = Config::from_json(text)?;
+        for ctx in [128 * 1024, 1 << 20] {
+            let p = Plan::new(&cfg, ctx);
+            println!(
+                "  {name:<8} {:>4} context: weights {:>10}, state {:>10} ({} per token; a dense BF16 KV cache would be {})",
+                hadal::inspect::tokens(ctx),
+                bytes(p.weight_bytes),
+                bytes(p.sequence_bytes),
+                bytes(p.sequence_bytes / ctx as u64),
+                bytes(p.dense_bf16_kv_bytes)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn generate_cmd(
+    model: &Path,
+    prompt: Option<&str>,
+    request: Option<&Path>,
+    mode: Option<Mode>,
+    sampling: &SamplingArgs,
+) -> anyhow::Result<()> {
+    let req = match (prompt, request) {
+        (Some(p), _) => serde_json::json!([{"role": "user", "content": p}]),
+        (None, Some(r)) => serde_json::from_str(&read_input(r)?)
+            .with_context(|| format!("{}: not JSON", r.display()))?,
+        (None, None) => bail!("give --prompt TEXT or --request FILE"),
+    };
+    let conv = conversation(&req)?;
+    let mode = mode
+        .map(Into::into)
+        .or(conv.mode)
+        .unwrap_or(ThinkingMode::Chat);
+    let text = encode(
+        &conv.messages,
+        &Options {
+            mode,
+            effort: conv.effort,
+            ..Options::default()
+        },
+    )?;
+    let params = sampling.params();
+    params.validate()?;
+    let backend = CpuBackend {
+        model: Model::load(model)?,
+    };
+    let tok = Tokenizer::for_model(model)?;
+    let ids = tok.encode(&text)?;
+    let (c, parsed) = stream_completion(&backend, &tok, &ids, mode, &params)?;
+    eprintln!(
+        "{} prompt tokens, {} generated ({:?}); prefill {:.0} tokens/s, decode {:.1} tokens/s{}",
+        ids.len(),
+        c.tokens.len(),
+        c.finish,
+        ids.len() as f64 / c.prefill_secs.max(1e-9),
+        c.tokens.len() as f64 / c.decode_secs.max(1e-9),
+        parsed
+            .error
+            .as_deref()
+            .map(|e| format!("; format note: {e}"))
+            .unwrap_or_default()
+    );
     Ok(())
 }
 
@@ -352,6 +615,24 @@ fn main() -> ExitCode {
             tokenizer.as_deref(),
         ),
         Cmd::Parse { thinking_mode } => parse_cmd(*thinking_mode),
+        Cmd::Demo {
+            max_tokens,
+            seed,
+            prompt,
+        } => demo(*max_tokens, *seed, prompt),
+        Cmd::Generate {
+            model,
+            prompt,
+            request,
+            thinking_mode,
+            sampling,
+        } => generate_cmd(
+            model,
+            prompt.as_deref(),
+            request.as_deref(),
+            *thinking_mode,
+            sampling,
+        ),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -242,3 +242,75 @@ fn usage_errors_exit_nonzero() {
     let out = hadal(&["inspect"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn render_prints_the_official_prompts_and_ids() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoding");
+    for n in 1..=4 {
+        let input = dir.join(format!("test_input_{n}.json"));
+        let mode = if n == 4 { "chat" } else { "thinking" };
+        let out = hadal(&["render", "--thinking-mode", mode, p(&input)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.stdout,
+            std::fs::read(dir.join(format!("test_output_{n}.txt"))).unwrap(),
+            "case {n}"
+        );
+        let ids = hadal(&["render", "--ids", "--thinking-mode", mode, p(&input)]);
+        let got: Vec<u32> = serde_json::from_slice(&ids.stdout).unwrap();
+        let want: Vec<u32> = serde_json::from_slice(
+            &std::fs::read(dir.join(format!("test_output_{n}.ids.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(got, want, "case {n} ids");
+    }
+    let bad = hadal(&["render", p(&dir.join("test_output_1.txt"))]);
+    assert_fails(&bad, "not JSON");
+}
+
+#[test]
+fn parse_reads_a_completion_from_stdin() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hadal"))
+        .args(["parse", "--thinking-mode", "thinking"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all("Sum.</think>4<｜end▁of▁sentence｜>".as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["reasoning_content"], "Sum.");
+    assert_eq!(v["content"], "4");
+    assert!(v.get("error").is_none());
+}
+
+#[test]
+fn demo_runs_out_of_the_box() {
+    let out = hadal(&["demo", "--max-tokens", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("RANDOM weights"), "{s}");
+    assert!(s.contains("tokens/s"), "{s}");
+    for line in [
+        "V4-Flash 128K",
+        "V4-Flash   1M",
+        "V4-Pro   128K",
+        "V4-Pro     1M",
+    ] {
+        assert!(s.contains(line), "{line} missing from {s}");
+    }
+}

@@ -1,0 +1,443 @@
+//! Sampling and the generation loop.
+//!
+//! A sampler turns logits into a token: greedy, or temperature then top-k, top-p and min-p
+//! filtering, drawn from a seeded generator so that a seed reproduces a completion. The loop
+//! prefills the prompt in chunks, decodes one token at a time, and streams text as it becomes
+//! final: a suffix that could still grow into a stop string, or an incomplete UTF-8 character, is
+//! held back.
+
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::SeqInput;
+use crate::state::SeqState;
+use crate::tokenizer::Tokenizer;
+
+/// How tokens are chosen and when generation stops.
+#[derive(Clone, Debug)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus mass (1 disables).
+    pub top_p: f32,
+    /// Keep the k most likely tokens (0 disables).
+    pub top_k: usize,
+    /// Drop tokens below `min_p` times the top probability (0 disables).
+    pub min_p: f32,
+    /// Seed of the random draws.
+    pub seed: u64,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Texts that end the completion (not included in it).
+    pub stop: Vec<String>,
+    /// Alternatives to report with each token's log-probability (None: no logprobs).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: 0,
+            max_tokens: 256,
+            stop: Vec::new(),
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks ranges; the error names the parameter.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Input(m));
+        if !(0.0..=100.0).contains(&self.temperature) {
+            return bad(format!(
+                "temperature {} must be within [0, 100]",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p {} must be within (0, 1]", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p {} must be within [0, 1]", self.min_p));
+        }
+        if self.logprobs.is_some_and(|n| n > 20) {
+            return bad("logprobs: at most 20 alternatives".into());
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop strings must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64: small, fast, and the same sequence for a seed on every platform.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A chosen token with its log-probability and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The token.
+    pub token: u32,
+    /// Its log-probability under the model.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of logits.
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let mx = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = mx
+        + logits
+            .iter()
+            .map(|&x| (x as f64 - mx).exp())
+            .sum::<f64>()
+            .ln();
+    logits.iter().map(|&x| (x as f64 - lse) as f32).collect()
+}
+
+/// Picks tokens from logits.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    /// A sampler seeded by `params.seed`.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = Rng::new(params.seed);
+        Sampler { params, rng }
+    }
+
+    /// Chooses the next token.
+    pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
+        let p = &self.params;
+        let token = if p.temperature == 0.0 {
+            crate::backend::cpu::ops::top_k(logits, 1)[0]
+        } else {
+            let mut idx: Vec<usize> = if p.top_k > 0 {
+                crate::backend::cpu::ops::top_k(logits, p.top_k)
+            } else {
+                crate::backend::cpu::ops::top_k(logits, logits.len())
+            };
+            let t = p.temperature as f64;
+            let mx = logits[idx[0]] as f64;
+            let mut probs: Vec<f64> = idx
+                .iter()
+                .map(|&i| ((logits[i] as f64 - mx) / t).exp())
+                .collect();
+            let sum: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= sum);
+            // Nucleus: the smallest prefix (by probability) holding top_p of the mass.
+            let mut keep = probs.len();
+            if p.top_p < 1.0 {
+                let mut acc = 0.0;
+                for (j, q) in probs.iter().enumerate() {
+                    acc += q;
+                    if acc >= p.top_p as f64 {
+                        keep = j + 1;
+                        break;
+                    }
+                }
+            }
+            if p.min_p > 0.0 {
+                let floor = probs[0] * p.min_p as f64;
+                keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+            }
+            idx.truncate(keep);
+            probs.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            let mut u = self.rng.uniform() * total;
+            let mut choice = idx[keep - 1];
+            for (j, q) in probs.iter().enumerate() {
+                if u < *q {
+                    choice = idx[j];
+                    break;
+                }
+                u -= q;
+            }
+            choice
+        };
+        let lp = p.logprobs.map(|n| {
+            let ls = log_softmax(logits);
+            let top = crate::backend::cpu::ops::top_k(logits, n)
+                .into_iter()
+                .map(|i| (i as u32, ls[i]))
+                .collect();
+            TokenLogprob {
+                token: token as u32,
+                logprob: ls[token],
+                top,
+            }
+        });
+        (token as u32, lp)
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// The model emitted an end-of-sequence token.
+    Eos,
+    /// A stop string appeared.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+    /// The caller asked to stop.
+    Cancelled,
+}
+
+/// A finished completion.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// Generated tokens (the EOS token included when that is how it ended).
+    pub tokens: Vec<u32>,
+    /// Generated text, cut before a stop string; special tokens included, EOS excluded.
+    pub text: String,
+    /// Why it ended.
+    pub finish: Finish,
+    /// Per-token log-probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    /// Seconds spent in prefill.
+    pub prefill_secs: f64,
+    /// Seconds spent decoding.
+    pub decode_secs: f64,
+}
+
+/// Length of the longest suffix of `s` that is a proper prefix of some stop string.
+fn stop_holdback(s: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|st| {
+            st.char_indices()
+                .skip(1)
+                .map(|(k, _)| k)
+                .filter(|&k| s.ends_with(&st[..k]))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Feeds `prompt` (after whatever `state` holds) and generates a completion, calling
+/// `on_text` with each piece of final text; `on_text` returning false cancels. The state ends
+/// holding every token but the last generated one.
+pub fn generate(
+    backend: &dyn Backend,
+    tok: &Tokenizer,
+    state: &mut SeqState,
+    prompt: &[u32],
+    params: &SamplingParams,
+    prefill_chunk: usize,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Completion> {
+    params.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::Input("empty prompt".into()));
+    }
+    let eos = backend.config().eos_token_id;
+    let t0 = Instant::now();
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(prefill_chunk.max(1)) {
+        let h = backend.forward(&mut [SeqInput {
+            state,
+            tokens: chunk,
+        }])?;
+        let row = h.len() / chunk.len();
+        logits = backend.logits(&h[h.len() - row..]);
+    }
+    let prefill_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut sampler = Sampler::new(params.clone());
+    let (mut tokens, mut lps) = (Vec::new(), Vec::new());
+    let (mut text, mut emitted) = (String::new(), 0usize);
+    let mut finish = Finish::Length;
+    while tokens.len() < params.max_tokens {
+        let (t, lp) = sampler.sample(&logits);
+        tokens.push(t);
+        lps.extend(lp);
+        if Some(t) == eos {
+            finish = Finish::Eos;
+            break;
+        }
+        text = tok.decode(&tokens[..])?;
+        if let Some(pos) = params
+            .stop
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(pos);
+            finish = Finish::Stop;
+            break;
+        }
+        // An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives.
+        let settled = text.trim_end_matches('\u{FFFD}').len();
+        let upto = settled - stop_holdback(&text[..settled], &params.stop);
+        if upto > emitted {
+            if !on_text(&text[emitted..upto]) {
+                finish = Finish::Cancelled;
+                emitted = upto;
+                break;
+            }
+            emitted = upto;
+        }
+        if tokens.len() == params.max_tokens {
+            break;
+        }
+        let h = backend.forward(&mut [SeqInput {
+            state,
+            tokens: &[t],
+        }])?;
+        logits = backend.logits(&h);
+    }
+    if finish != Finish::Cancelled && text.len() > emitted {
+        on_text(&text[emitted..]);
+    }
+    Ok(Completion {
+        tokens,
+        text,
+        finish,
+        logprobs: lps,
+        prefill_secs,
+        decode_secs: t1.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        (0..50).map(|i| ((i * 7919) % 50) as f32 / 10.0).collect()
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut s = Sampler::new(SamplingParams::default());
+        let l = logits();
+        let best = (0..50).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap();
+        assert_eq!(s.sample(&l).0 as usize, best);
+    }
+
+    #[test]
+    fn a_seed_reproduces_the_draws() {
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 42,
+            ..Default::default()
+        };
+        let l = logits();
+        let draws = |p: SamplingParams| {
+            let mut s = Sampler::new(p);
+            (0..20).map(|_| s.sample(&l).0).collect::<Vec<u32>>()
+        };
+        assert_eq!(draws(p.clone()), draws(p.clone()));
+        assert_ne!(draws(p.clone()), draws(SamplingParams { seed: 7, ..p }));
+    }
+
+    #[test]
+    fn filters_restrict_the_candidates() {
+        let l = logits();
+        let mut order: Vec<usize> = (0..50).collect();
+        order.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+        for seed in 0..50 {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 2.0,
+                top_k: 3,
+                seed,
+                ..Default::default()
+            });
+            assert!(order[..3].contains(&(s.sample(&l).0 as usize)));
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                top_p: 1e-6,
+                seed,
+                ..Default::default()
+            });
+            assert_eq!(s.sample(&l).0 as usize, order[0]);
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                min_p: 0.99,
+                seed,
+                ..Default::default()
+            });
+            assert_eq!(s.sample(&l).0 as usize, order[0]);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let l = [0.0f32, (3.0f32).ln()];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: 1,
+            ..Default::default()
+        });
+        let ones = (0..4000).filter(|_| s.sample(&l).0 == 1).count();
+        assert!((2850..3150).contains(&ones), "{ones}");
+    }
+
+    #[test]
+    fn logprobs_report_the_choice_and_alternatives() {
+        let mut s = Sampler::new(SamplingParams {
+            logprobs: Some(2),
+            ..Default::default()
+        });
+        let (t, lp) = s.sample(&[1.0, 3.0, 2.0]);
+        let lp = lp.unwrap();
+        assert_eq!((t, lp.token), (1, 1));
+        assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+        let z = (1f64.exp() + 3f64.exp() + 2f64.exp()).ln();
+        assert!((lp.logprob as f64 - (3.0 - z)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn stop_prefixes_are_held_back() {
+        let stops = vec!["STOP".to_string(), "\n\n".to_string()];
+        assert_eq!(stop_holdback("abc ST", &stops), 2);
+        assert_eq!(stop_holdback("abc\n", &stops), 1);
+        assert_eq!(stop_holdback("abc", &stops), 0);
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let e = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("top_p"));
+        let e = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("temperature"));
+    }
+}

@@ -1,0 +1,106 @@
+//! Generation on the golden fixture's model: reproducible sampling, stop strings, limits.
+
+mod common;
+
+use hadal::backend::cpu::CpuBackend;
+use hadal::generate::{generate, Completion, Finish, SamplingParams};
+use hadal::model::Model;
+use hadal::tokenizer::Tokenizer;
+
+fn run(backend: &CpuBackend, tok: &Tokenizer, params: &SamplingParams) -> (Completion, String) {
+    let mut state = backend.model.new_state();
+    let mut streamed = String::new();
+    let prompt = [0u32, 17, 300, 301, 5];
+    let c = generate(backend, tok, &mut state, &prompt, params, 2, |t| {
+        streamed.push_str(t);
+        true
+    })
+    .unwrap();
+    // The state holds the prompt and every generated token but the last.
+    assert_eq!(state.pos, prompt.len() + c.tokens.len() - 1);
+    (c, streamed)
+}
+
+#[test]
+fn sampling_is_reproducible_and_stops_where_asked() {
+    let backend = CpuBackend {
+        model: Model::load(&common::fixture()).unwrap(),
+    };
+    let tok = Tokenizer::bundled();
+    let sampled = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 11,
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let (a, sa) = run(&backend, &tok, &sampled);
+    let (b, _) = run(&backend, &tok, &sampled);
+    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
+    assert_eq!(a.finish, Finish::Length);
+    assert_eq!(a.tokens.len(), 24);
+    assert_eq!(sa, a.text, "the stream adds up to the text");
+    let (c, _) = run(
+        &backend,
+        &tok,
+        &SamplingParams {
+            seed: 12,
+            ..sampled.clone()
+        },
+    );
+    assert_ne!(a.tokens, c.tokens, "another seed, other tokens");
+
+    // A stop string taken from the middle of the greedy completion cuts it there.
+    let greedy = SamplingParams {
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let (g, _) = run(&backend, &tok, &greedy);
+    let chars: Vec<char> = g.text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let cut = g.text.find(&stop).unwrap();
+    let (s, streamed) = run(
+        &backend,
+        &tok,
+        &SamplingParams {
+            stop: vec![stop.clone()],
+            ..greedy
+        },
+    );
+    assert_eq!(s.finish, Finish::Stop);
+    assert_eq!(s.text, g.text[..cut]);
+    assert_eq!(
+        streamed, s.text,
+        "nothing past the stop string was streamed"
+    );
+    assert!(!streamed.contains(&stop));
+}
+
+#[test]
+fn a_cancelled_generation_stops_at_once() {
+    let backend = CpuBackend {
+        model: Model::load(&common::fixture()).unwrap(),
+    };
+    let tok = Tokenizer::bundled();
+    let mut state = backend.model.new_state();
+    let mut calls = 0;
+    let c = generate(
+        &backend,
+        &tok,
+        &mut state,
+        &[3, 4, 5],
+        &SamplingParams {
+            max_tokens: 50,
+            ..Default::default()
+        },
+        8,
+        |_| {
+            calls += 1;
+            false
+        },
+    )
+    .unwrap();
+    assert_eq!(c.finish, Finish::Cancelled);
+    assert_eq!(calls, 1);
+    assert!(c.tokens.len() < 50);
+}
