@@ -133,56 +133,63 @@ impl Sampler {
         Sampler { params, rng }
     }
 
-    /// Chooses the next token.
-    pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
+    /// The candidate tokens and their probabilities after temperature, top-k, top-p and min-p
+    /// (one token with probability 1 when greedy), most likely first.
+    pub fn candidates(&self, logits: &[f32]) -> (Vec<usize>, Vec<f64>) {
         let p = &self.params;
-        let token = if p.temperature == 0.0 {
-            crate::backend::cpu::ops::top_k(logits, 1)[0]
-        } else {
-            let mut idx: Vec<usize> = if p.top_k > 0 {
-                crate::backend::cpu::ops::top_k(logits, p.top_k)
-            } else {
-                crate::backend::cpu::ops::top_k(logits, logits.len())
-            };
-            let t = p.temperature as f64;
-            let mx = logits[idx[0]] as f64;
-            let mut probs: Vec<f64> = idx
-                .iter()
-                .map(|&i| ((logits[i] as f64 - mx) / t).exp())
-                .collect();
-            let sum: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|q| *q /= sum);
-            // Nucleus: the smallest prefix (by probability) holding top_p of the mass.
-            let mut keep = probs.len();
-            if p.top_p < 1.0 {
-                let mut acc = 0.0;
-                for (j, q) in probs.iter().enumerate() {
-                    acc += q;
-                    if acc >= p.top_p as f64 {
-                        keep = j + 1;
-                        break;
-                    }
-                }
+        if p.temperature == 0.0 {
+            return (crate::backend::cpu::ops::top_k(logits, 1), vec![1.0]);
+        }
+        let k = if p.top_k > 0 { p.top_k } else { logits.len() };
+        let mut idx = crate::backend::cpu::ops::top_k(logits, k);
+        let t = p.temperature as f64;
+        let mx = logits[idx[0]] as f64;
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((logits[i] as f64 - mx) / t).exp())
+            .collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= sum);
+        // Nucleus: the smallest prefix (by probability) holding top_p of the mass.
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            if let Some(j) = probs.iter().position(|q| {
+                acc += q;
+                acc >= p.top_p as f64
+            }) {
+                keep = j + 1;
             }
-            if p.min_p > 0.0 {
-                let floor = probs[0] * p.min_p as f64;
-                keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p as f64;
+            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        idx.truncate(keep);
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        (idx, probs)
+    }
+
+    /// Draws from a candidate distribution.
+    fn draw(&mut self, idx: &[usize], probs: &[f64]) -> usize {
+        if idx.len() == 1 {
+            return idx[0];
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = self.rng.uniform() * total;
+        for (&i, q) in idx.iter().zip(probs) {
+            if u < *q {
+                return i;
             }
-            idx.truncate(keep);
-            probs.truncate(keep);
-            let total: f64 = probs.iter().sum();
-            let mut u = self.rng.uniform() * total;
-            let mut choice = idx[keep - 1];
-            for (j, q) in probs.iter().enumerate() {
-                if u < *q {
-                    choice = idx[j];
-                    break;
-                }
-                u -= q;
-            }
-            choice
-        };
-        let lp = p.logprobs.map(|n| {
+            u -= q;
+        }
+        idx[idx.len() - 1]
+    }
+
+    fn logprob(&self, logits: &[f32], token: usize) -> Option<TokenLogprob> {
+        self.params.logprobs.map(|n| {
             let ls = log_softmax(logits);
             let top = crate::backend::cpu::ops::top_k(logits, n)
                 .into_iter()
@@ -193,8 +200,38 @@ impl Sampler {
                 logprob: ls[token],
                 top,
             }
-        });
-        (token as u32, lp)
+        })
+    }
+
+    /// Chooses the next token.
+    pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
+        let (idx, probs) = self.candidates(logits);
+        let token = self.draw(&idx, &probs);
+        (token as u32, self.logprob(logits, token))
+    }
+
+    /// Speculative acceptance of a `draft` token drawn greedily by a drafter: accepted with
+    /// the probability the target gives it, otherwise replaced by a draw from the target with
+    /// the draft removed. The output follows the target distribution exactly.
+    pub fn verify(&mut self, logits: &[f32], draft: u32) -> (bool, u32, Option<TokenLogprob>) {
+        let (idx, probs) = self.candidates(logits);
+        let pd = idx
+            .iter()
+            .position(|&i| i == draft as usize)
+            .map_or(0.0, |j| probs[j]);
+        let accept = pd >= 1.0 || (pd > 0.0 && self.rng.uniform() < pd);
+        let token = if accept {
+            draft as usize
+        } else {
+            let (i, q): (Vec<usize>, Vec<f64>) = idx
+                .iter()
+                .zip(&probs)
+                .filter(|(&i, _)| i != draft as usize)
+                .map(|(&i, &q)| (i, q))
+                .unzip();
+            self.draw(&i, &q)
+        };
+        (accept, token as u32, self.logprob(logits, token))
     }
 }
 
@@ -226,6 +263,8 @@ pub struct Completion {
     pub prefill_secs: f64,
     /// Seconds spent decoding.
     pub decode_secs: f64,
+    /// With speculative decoding: drafts proposed and drafts accepted.
+    pub drafts: (usize, usize),
 }
 
 /// Length of the longest suffix of `s` that is a proper prefix of some stop string.
@@ -242,6 +281,75 @@ fn stop_holdback(s: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
+/// Turns generated tokens into streamed text, watching for EOS, stop strings, the token limit
+/// and cancellation.
+struct Emitter<'a, F: FnMut(&str) -> bool> {
+    tok: &'a Tokenizer,
+    params: &'a SamplingParams,
+    eos: Option<u32>,
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    text: String,
+    emitted: usize,
+    on_text: F,
+    finish: Option<Finish>,
+}
+
+impl<F: FnMut(&str) -> bool> Emitter<'_, F> {
+    /// Takes one token; false when generation is over.
+    fn push(&mut self, t: u32, lp: Option<TokenLogprob>) -> Result<bool> {
+        self.tokens.push(t);
+        self.logprobs.extend(lp);
+        if Some(t) == self.eos {
+            self.finish = Some(Finish::Eos);
+            return Ok(false);
+        }
+        self.text = self.tok.decode(&self.tokens)?;
+        let stops = &self.params.stop;
+        if let Some(pos) = stops
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(pos);
+            self.finish = Some(Finish::Stop);
+            return Ok(false);
+        }
+        // An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives.
+        let settled = self.text.trim_end_matches('\u{FFFD}').len();
+        let upto = settled - stop_holdback(&self.text[..settled], stops);
+        if upto > self.emitted {
+            let go_on = (self.on_text)(&self.text[self.emitted..upto]);
+            self.emitted = upto;
+            if !go_on {
+                self.finish = Some(Finish::Cancelled);
+                return Ok(false);
+            }
+        }
+        if self.tokens.len() >= self.params.max_tokens {
+            self.finish = Some(Finish::Length);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn done(mut self, prefill_secs: f64, decode_secs: f64, drafts: (usize, usize)) -> Completion {
+        let finish = self.finish.unwrap_or(Finish::Length);
+        if finish != Finish::Cancelled && self.text.len() > self.emitted {
+            (self.on_text)(&self.text[self.emitted..]);
+        }
+        Completion {
+            tokens: self.tokens,
+            text: self.text,
+            finish,
+            logprobs: self.logprobs,
+            prefill_secs,
+            decode_secs,
+            drafts,
+        }
+    }
+}
+
 /// Feeds `prompt` (after whatever `state` holds) and generates a completion, calling
 /// `on_text` with each piece of final text; `on_text` returning false cancels. The state ends
 /// holding every token but the last generated one.
@@ -252,13 +360,23 @@ pub fn generate(
     prompt: &[u32],
     params: &SamplingParams,
     prefill_chunk: usize,
-    mut on_text: impl FnMut(&str) -> bool,
+    on_text: impl FnMut(&str) -> bool,
 ) -> Result<Completion> {
     params.validate()?;
     if prompt.is_empty() {
         return Err(Error::Input("empty prompt".into()));
     }
-    let eos = backend.config().eos_token_id;
+    let mut em = Emitter {
+        tok,
+        params,
+        eos: backend.config().eos_token_id,
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+        text: String::new(),
+        emitted: 0,
+        on_text,
+        finish: None,
+    };
     let t0 = Instant::now();
     let mut logits = Vec::new();
     for chunk in prompt.chunks(prefill_chunk.max(1)) {
@@ -272,40 +390,9 @@ pub fn generate(
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut sampler = Sampler::new(params.clone());
-    let (mut tokens, mut lps) = (Vec::new(), Vec::new());
-    let (mut text, mut emitted) = (String::new(), 0usize);
-    let mut finish = Finish::Length;
-    while tokens.len() < params.max_tokens {
+    loop {
         let (t, lp) = sampler.sample(&logits);
-        tokens.push(t);
-        lps.extend(lp);
-        if Some(t) == eos {
-            finish = Finish::Eos;
-            break;
-        }
-        text = tok.decode(&tokens[..])?;
-        if let Some(pos) = params
-            .stop
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            text.truncate(pos);
-            finish = Finish::Stop;
-            break;
-        }
-        // An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives.
-        let settled = text.trim_end_matches('\u{FFFD}').len();
-        let upto = settled - stop_holdback(&text[..settled], &params.stop);
-        if upto > emitted {
-            if !on_text(&text[emitted..upto]) {
-                finish = Finish::Cancelled;
-                emitted = upto;
-                break;
-            }
-            emitted = upto;
-        }
-        if tokens.len() == params.max_tokens {
+        if !em.push(t, lp)? {
             break;
         }
         let h = backend.forward(&mut [SeqInput {
@@ -314,17 +401,133 @@ pub fn generate(
         }])?;
         logits = backend.logits(&h);
     }
-    if finish != Finish::Cancelled && text.len() > emitted {
-        on_text(&text[emitted..]);
+    Ok(em.done(prefill_secs, t1.elapsed().as_secs_f64(), (0, 0)))
+}
+
+/// [`generate`] with MTP speculative decoding: MTP block 0 drafts the token after next, and the
+/// main model verifies it in the same forward pass that consumes the next token. Greedy output
+/// is identical to [`generate`]'s; sampled output follows the same distribution. Afterwards
+/// `state.pos` tells how many of the prompt and completion tokens the state holds (all but the
+/// last one or few).
+pub fn generate_speculative(
+    backend: &dyn Backend,
+    tok: &Tokenizer,
+    state: &mut SeqState,
+    prompt: &[u32],
+    params: &SamplingParams,
+    prefill_chunk: usize,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<Completion> {
+    params.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::Input("empty prompt".into()));
     }
-    Ok(Completion {
-        tokens,
-        text,
-        finish,
-        logprobs: lps,
-        prefill_secs,
-        decode_secs: t1.elapsed().as_secs_f64(),
-    })
+    if backend.config().num_nextn_predict_layers == 0 {
+        return Err(Error::Input(
+            "speculative decoding needs an MTP block; this model has none".into(),
+        ));
+    }
+    let cfg = backend.config();
+    let row = cfg.hc_mult * cfg.hidden_size;
+    let mut em = Emitter {
+        tok,
+        params,
+        eos: cfg.eos_token_id,
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+        text: String::new(),
+        emitted: 0,
+        on_text,
+        finish: None,
+    };
+    let mut mtp = backend.new_mtp_state(0);
+    // Pairs (final stream at t, token t+1) the MTP block has yet to consume.
+    let mut queue_h: Vec<f32> = Vec::new();
+    let mut queue_t: Vec<u32> = Vec::new();
+    let t0 = Instant::now();
+    let mut last = Vec::new();
+    for (c, chunk) in prompt.chunks(prefill_chunk.max(1)).enumerate() {
+        let h = backend.forward(&mut [SeqInput {
+            state,
+            tokens: chunk,
+        }])?;
+        let start = c * prefill_chunk.max(1);
+        // The MTP block follows the prompt as the main model reads it.
+        queue_h.extend_from_slice(&last);
+        let n = chunk.len();
+        queue_h.extend_from_slice(&h[..(n - 1) * row]);
+        queue_t.extend_from_slice(&prompt[start + usize::from(start == 0)..start + n]);
+        if !queue_t.is_empty() {
+            backend.mtp_forward(
+                0,
+                &queue_h,
+                &mut [SeqInput {
+                    state: &mut mtp,
+                    tokens: &queue_t,
+                }],
+            )?;
+        }
+        queue_h.clear();
+        queue_t.clear();
+        last = h[(n - 1) * row..].to_vec();
+    }
+    let logits = backend.logits(&last);
+    let prefill_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut sampler = Sampler::new(params.clone());
+    let (y, lp) = sampler.sample(&logits);
+    let mut drafts = (0, 0);
+    if em.push(y, lp)? {
+        let mut pending = vec![y];
+        queue_h.extend_from_slice(&last);
+        queue_t.push(y);
+        loop {
+            let ml = backend.mtp_forward(
+                0,
+                &queue_h,
+                &mut [SeqInput {
+                    state: &mut mtp,
+                    tokens: &queue_t,
+                }],
+            )?;
+            let v = cfg.vocab_size;
+            let draft = crate::backend::cpu::ops::top_k(&ml[ml.len() - v..], 1)[0] as u32;
+            queue_h.clear();
+            queue_t.clear();
+            let mark = state.mark();
+            let mut chunk = pending.clone();
+            chunk.push(draft);
+            let h = backend.forward(&mut [SeqInput {
+                state,
+                tokens: &chunk,
+            }])?;
+            let k = pending.len();
+            let lg = backend.logits(&h[(k - 1) * row..]);
+            let (accept, y1, lp) = sampler.verify(&lg[..v], draft);
+            drafts.0 += 1;
+            if !accept {
+                state.rewind(mark);
+            }
+            if !em.push(y1, lp)? {
+                break;
+            }
+            if accept {
+                drafts.1 += 1;
+                let (z, lp) = sampler.sample(&lg[v..]);
+                if !em.push(z, lp)? {
+                    break;
+                }
+                queue_h.extend_from_slice(&h[(k - 1) * row..]);
+                queue_t.extend([draft, z]);
+                pending = vec![z];
+            } else {
+                queue_h.extend_from_slice(&h[(k - 1) * row..k * row]);
+                queue_t.push(y1);
+                pending.push(y1);
+            }
+        }
+    }
+    Ok(em.done(prefill_secs, t1.elapsed().as_secs_f64(), drafts))
 }
 
 #[cfg(test)]
@@ -413,6 +616,26 @@ mod tests {
         assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
         let z = (1f64.exp() + 3f64.exp() + 2f64.exp()).ln();
         assert!((lp.logprob as f64 - (3.0 - z)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn speculative_acceptance_keeps_the_target_distribution() {
+        let l = [0.0f32, (3.0f32).ln(), (2.0f32).ln()];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..Default::default()
+        });
+        let mut counts = [0usize; 3];
+        for _ in 0..6000 {
+            counts[s.verify(&l, 2).1 as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip([1.0 / 6.0, 0.5, 1.0 / 3.0]) {
+            assert!((*c as f64 / 6000.0 - p).abs() < 0.02, "{counts:?}");
+        }
+        let mut g = Sampler::new(SamplingParams::default());
+        assert_eq!(g.verify(&l, 1), (true, 1, None));
+        assert_eq!(g.verify(&l, 2), (false, 1, None));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use hadal::chat::request::conversation;
 use hadal::chat::{encode, Effort, Options, ThinkingMode};
 use hadal::checkpoint::Checkpoint;
 use hadal::config::Config;
-use hadal::generate::{generate, Finish, SamplingParams};
+use hadal::generate::{generate, generate_speculative, Finish, SamplingParams};
 use hadal::inspect::{bytes, Plan};
 use hadal::model::Model;
 use hadal::score;
@@ -129,6 +129,9 @@ enum Cmd {
         /// Chat or thinking (default: the request's `thinking`, else chat).
         #[arg(long, value_enum)]
         thinking_mode: Option<Mode>,
+        /// Draft with the MTP block and verify with the main model.
+        #[arg(long)]
+        speculative: bool,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -261,6 +264,7 @@ fn stream_completion(
     prompt: &[u32],
     mode: ThinkingMode,
     params: &SamplingParams,
+    speculative: bool,
 ) -> anyhow::Result<(hadal::generate::Completion, hadal::chat::parse::Parsed)> {
     let mut state = backend.model.new_state();
     let mut sp = StreamParser::new(mode);
@@ -292,10 +296,15 @@ fn stream_completion(
             let _ = out.flush();
         }
     };
-    let c = generate(backend, tok, &mut state, prompt, params, 512, |t| {
+    let on_text = |t: &str| {
         show(sp.push(t), &mut std::io::stdout().lock());
         true
-    })?;
+    };
+    let c = if speculative {
+        generate_speculative(backend, tok, &mut state, prompt, params, 512, on_text)?
+    } else {
+        generate(backend, tok, &mut state, prompt, params, 512, on_text)?
+    };
     show(sp.finish(), &mut out);
     let _ = writeln!(out);
     let full = if c.finish == Finish::Eos {
@@ -349,7 +358,7 @@ fn demo(max_tokens: usize, seed: u64, prompt: &str) -> anyhow::Result<()> {
         max_tokens,
         ..Default::default()
     };
-    let (c, parsed) = stream_completion(&backend, &tok, &ids, ThinkingMode::Chat, &params)?;
+    let (c, parsed) = stream_completion(&backend, &tok, &ids, ThinkingMode::Chat, &params, false)?;
     println!(
         "\nparsed: {} chars of content, {} tool calls{}",
         parsed.content.chars().count(),
@@ -397,6 +406,7 @@ fn generate_cmd(
     prompt: Option<&str>,
     request: Option<&Path>,
     mode: Option<Mode>,
+    speculative: bool,
     sampling: &SamplingArgs,
 ) -> anyhow::Result<()> {
     let req = match (prompt, request) {
@@ -425,9 +435,14 @@ fn generate_cmd(
     };
     let tok = Tokenizer::for_model(model)?;
     let ids = tok.encode(&text)?;
-    let (c, parsed) = stream_completion(&backend, &tok, &ids, mode, &params)?;
+    let (c, parsed) = stream_completion(&backend, &tok, &ids, mode, &params, speculative)?;
+    let drafts = if speculative {
+        format!("; MTP drafts accepted {}/{}", c.drafts.1, c.drafts.0)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "{} prompt tokens, {} generated ({:?}); prefill {:.0} tokens/s, decode {:.1} tokens/s{}",
+        "{} prompt tokens, {} generated ({:?}); prefill {:.0} tokens/s, decode {:.1} tokens/s{drafts}{}",
         ids.len(),
         c.tokens.len(),
         c.finish,
@@ -625,12 +640,14 @@ fn main() -> ExitCode {
             prompt,
             request,
             thinking_mode,
+            speculative,
             sampling,
         } => generate_cmd(
             model,
             prompt.as_deref(),
             request.as_deref(),
             *thinking_mode,
+            *speculative,
             sampling,
         ),
     };

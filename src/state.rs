@@ -199,6 +199,37 @@ impl BlockState {
     }
 }
 
+/// The mutable tail of a [`SeqState`], to undo tokens fed speculatively.
+#[derive(Clone, Debug)]
+pub struct Mark {
+    pos: usize,
+    windows: Vec<Vec<u8>>,
+    compressors: Vec<Option<(CompressorState, usize)>>,
+}
+
+/// A compressor's pending rows and entry count (its entries are only ever appended).
+fn tail(c: &Option<CompressorState>) -> Option<(CompressorState, usize)> {
+    c.as_ref().map(|c| {
+        let pending = CompressorState {
+            kv: c.kv.clone(),
+            score: c.score.clone(),
+            prev_kv: c.prev_kv.clone(),
+            prev_score: c.prev_score.clone(),
+            entries: Rows::default(),
+        };
+        (pending, c.entries.len)
+    })
+}
+
+fn restore(c: &mut Option<CompressorState>, t: Option<(CompressorState, usize)>) {
+    if let (Some(c), Some((p, n))) = (c.as_mut(), t) {
+        let row = c.entries.data.len() / c.entries.len.max(1);
+        c.entries.data.truncate(n * row);
+        c.entries.len = n;
+        (c.kv, c.score, c.prev_kv, c.prev_score) = (p.kv, p.score, p.prev_kv, p.prev_score);
+    }
+}
+
 /// Everything one sequence carries between forward calls.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SeqState {
@@ -220,6 +251,32 @@ impl SeqState {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.blocks.iter().map(BlockState::bytes).sum()
+    }
+
+    /// Remembers the current position so that tokens fed afterwards can be undone. The window
+    /// rings and the compressors' pending rows are copied; the compressed history, which only
+    /// grows, is not.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            pos: self.pos,
+            windows: self.blocks.iter().map(|b| b.window.clone()).collect(),
+            compressors: self
+                .blocks
+                .iter()
+                .flat_map(|b| [tail(&b.compressor), tail(&b.indexer)])
+                .collect(),
+        }
+    }
+
+    /// Returns to a mark taken on this state.
+    pub fn rewind(&mut self, mark: Mark) {
+        let mut it = mark.compressors.into_iter();
+        for (b, w) in self.blocks.iter_mut().zip(mark.windows) {
+            b.window = w;
+            restore(&mut b.compressor, it.next().flatten());
+            restore(&mut b.indexer, it.next().flatten());
+        }
+        self.pos = mark.pos;
     }
 }
 

@@ -104,3 +104,65 @@ fn a_cancelled_generation_stops_at_once() {
     assert_eq!(calls, 1);
     assert!(c.tokens.len() < 50);
 }
+
+#[test]
+fn greedy_speculative_decoding_equals_plain_greedy() {
+    let backend = CpuBackend {
+        model: Model::load(&common::fixture()).unwrap(),
+    };
+    let tok = Tokenizer::bundled();
+    let greedy = SamplingParams {
+        max_tokens: 40,
+        ..Default::default()
+    };
+    for (i, prompt) in [
+        vec![0u32, 17, 300, 301, 5],
+        (0..37).map(|i| (i * 53 % 1000) as u32).collect(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut s1 = backend.model.new_state();
+        let plain = generate(&backend, &tok, &mut s1, prompt, &greedy, 16, |_| true).unwrap();
+        let mut s2 = backend.model.new_state();
+        let spec = hadal::generate::generate_speculative(
+            &backend,
+            &tok,
+            &mut s2,
+            prompt,
+            &greedy,
+            16,
+            |_| true,
+        )
+        .unwrap();
+        assert_eq!(spec.tokens, plain.tokens, "prompt {i}");
+        assert_eq!(spec.text, plain.text);
+        let (drafts, accepted) = spec.drafts;
+        eprintln!("prompt {i}: {accepted}/{drafts} drafts accepted");
+        assert!(drafts > 0 && accepted <= drafts);
+    }
+}
+
+#[test]
+fn a_rewound_state_continues_like_a_fresh_one() {
+    let m = Model::load(&common::fixture()).unwrap();
+    let run = |st: &mut hadal::state::SeqState, t: &[u32]| {
+        let h = m
+            .forward(&mut [hadal::model::SeqInput {
+                state: st,
+                tokens: t,
+            }])
+            .unwrap();
+        m.logits(&h)
+    };
+    let prefix: Vec<u32> = (0..130).map(|i| (i * 7 % 1000) as u32).collect();
+    let mut a = m.new_state();
+    run(&mut a, &prefix);
+    let mark = a.mark();
+    run(&mut a, &[9, 9, 9, 9, 9]);
+    a.rewind(mark);
+    let mut b = m.new_state();
+    run(&mut b, &prefix);
+    assert_eq!(a, b, "rewinding restores the state exactly");
+    assert_eq!(run(&mut a, &[1, 2, 3]), run(&mut b, &[1, 2, 3]));
+}
