@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use hadal::backend::cpu::CpuBackend;
 use hadal::chat::parse::{parse, Delta, StreamParser};
@@ -18,6 +19,7 @@ use hadal::generate::{generate, generate_speculative, Finish, SamplingParams};
 use hadal::inspect::{bytes, Plan};
 use hadal::model::Model;
 use hadal::score;
+use hadal::session::ChatSession;
 use hadal::tokenizer::Tokenizer;
 
 #[derive(Parser)]
@@ -114,6 +116,9 @@ enum Cmd {
             default_value = "Hello! What can you tell me about the deep sea?"
         )]
         prompt: String,
+        /// Keep the generated checkpoint in this directory (to try `chat` or `generate` on it).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Generate a completion for a prompt (one user message) or a chat request.
     Generate {
@@ -129,6 +134,20 @@ enum Cmd {
         /// Chat or thinking (default: the request's `thinking`, else chat).
         #[arg(long, value_enum)]
         thinking_mode: Option<Mode>,
+        /// Draft with the MTP block and verify with the main model.
+        #[arg(long)]
+        speculative: bool,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Chat interactively; the decode state is kept between turns.
+    Chat {
+        /// Checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Start in chat or thinking mode (`/think`, `/nothink` switch).
+        #[arg(long, value_enum, default_value = "chat")]
+        thinking_mode: Mode,
         /// Draft with the MTP block and verify with the main model.
         #[arg(long)]
         speculative: bool,
@@ -315,18 +334,25 @@ fn stream_completion(
     Ok((c, parse(&full, mode)))
 }
 
-fn demo(max_tokens: usize, seed: u64, prompt: &str) -> anyhow::Result<()> {
+fn demo(max_tokens: usize, seed: u64, prompt: &str, keep: Option<&Path>) -> anyhow::Result<()> {
     println!("hadal demo: a small DeepSeek V4 (window, CSA and HCA attention, hash and score routing, MTP)");
     println!("with RANDOM weights and the real V4 tokenizer. Its words are noise: the demo shows the path and the numbers.\n");
     let cfg = hadal::demo::demo_config();
-    let dir = std::env::temp_dir().join(format!("hadal-demo-{}", std::process::id()));
-    struct Cleanup(PathBuf);
+    struct Cleanup(Option<PathBuf>);
     impl Drop for Cleanup {
         fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            if let Some(d) = &self.0 {
+                let _ = std::fs::remove_dir_all(d);
+            }
         }
     }
-    let _cleanup = Cleanup(dir.clone());
+    let (dir, _cleanup) = match keep {
+        Some(d) => (d.to_path_buf(), Cleanup(None)),
+        None => {
+            let d = std::env::temp_dir().join(format!("hadal-demo-{}", std::process::id()));
+            (d.clone(), Cleanup(Some(d)))
+        }
+    };
     let t = std::time::Instant::now();
     hadal::demo::write_random_checkpoint(&dir, &cfg, seed)?;
     let built = t.elapsed().as_secs_f64();
@@ -454,6 +480,116 @@ fn generate_cmd(
             .map(|e| format!("; format note: {e}"))
             .unwrap_or_default()
     );
+    Ok(())
+}
+
+static GENERATING: AtomicBool = AtomicBool::new(false);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn chat(
+    model: &Path,
+    mode: Mode,
+    speculative: bool,
+    sampling: &SamplingArgs,
+) -> anyhow::Result<()> {
+    let params = sampling.params();
+    params.validate()?;
+    let t = std::time::Instant::now();
+    let backend = CpuBackend {
+        model: Model::load(model)?,
+    };
+    let tok = Tokenizer::for_model(model)?;
+    eprintln!(
+        "loaded {} of weights in {:.1}s. Commands: /think, /nothink, /effort max|high, /clear, /quit. Ctrl-C stops an answer.",
+        bytes(backend.model.checkpoint_bytes),
+        t.elapsed().as_secs_f64()
+    );
+    ctrlc::set_handler(|| {
+        if GENERATING.load(Ordering::SeqCst) {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        } else {
+            std::process::exit(130);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let mut session = ChatSession::new(&backend, mode.into());
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("\n> ");
+        let mut line = String::new();
+        if stdin.read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [] => continue,
+            ["/quit" | "/exit"] => break,
+            ["/clear"] => {
+                session.clear(&backend);
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            ["/think"] => {
+                session.mode = ThinkingMode::Thinking;
+                eprintln!("(thinking mode)");
+                continue;
+            }
+            ["/nothink"] => {
+                session.mode = ThinkingMode::Chat;
+                eprintln!("(chat mode)");
+                continue;
+            }
+            ["/effort", e] => {
+                session.effort = Some(hadal::chat::request::parse_effort(e)?);
+                eprintln!("(reasoning effort {e})");
+                continue;
+            }
+            [c, ..] if c.starts_with('/') => {
+                eprintln!("unknown command {c}; commands: /think, /nothink, /effort max|high, /clear, /quit");
+                continue;
+            }
+            _ => {}
+        }
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        GENERATING.store(true, Ordering::SeqCst);
+        let mut shown = None::<bool>;
+        let mut out = std::io::stdout().lock();
+        let r = session.turn(&backend, &tok, line, &params, speculative, |d| {
+            let (reasoning, text) = match d {
+                Delta::Reasoning(t) => (true, t),
+                Delta::Content(t) => (false, t),
+                Delta::ToolCall { call, .. } => (
+                    false,
+                    format!("\n[tool call] {}({})", call.name, call.arguments),
+                ),
+            };
+            if shown != Some(reasoning) {
+                let _ = write!(out, "{}", if reasoning { "[reasoning] " } else { "\n" });
+                shown = Some(reasoning);
+            }
+            let _ = write!(out, "{text}");
+            let _ = out.flush();
+            !INTERRUPTED.load(Ordering::SeqCst)
+        });
+        GENERATING.store(false, Ordering::SeqCst);
+        let _ = writeln!(out);
+        match r {
+            Ok(turn) => {
+                let c = &turn.completion;
+                eprintln!(
+                    "[{} tokens prefilled{}, {} generated at {:.1} tokens/s{}; context {} tokens, state {}]",
+                    turn.prefilled,
+                    if turn.restarted { " (whole conversation)" } else { "" },
+                    c.tokens.len(),
+                    c.tokens.len() as f64 / c.decode_secs.max(1e-9),
+                    if c.finish == Finish::Cancelled { ", stopped" } else { "" },
+                    session.context_tokens(),
+                    bytes(session.state_bytes() as u64)
+                );
+            }
+            Err(e) => eprintln!("hadal: error: {e}"),
+        }
+    }
     Ok(())
 }
 
@@ -630,11 +766,18 @@ fn main() -> ExitCode {
             tokenizer.as_deref(),
         ),
         Cmd::Parse { thinking_mode } => parse_cmd(*thinking_mode),
+        Cmd::Chat {
+            model,
+            thinking_mode,
+            speculative,
+            sampling,
+        } => chat(model, *thinking_mode, *speculative, sampling),
         Cmd::Demo {
             max_tokens,
             seed,
             prompt,
-        } => demo(*max_tokens, *seed, prompt),
+            out,
+        } => demo(*max_tokens, *seed, prompt, out.as_deref()),
         Cmd::Generate {
             model,
             prompt,

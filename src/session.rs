@@ -1,0 +1,149 @@
+//! A chat conversation that keeps its decode state between turns.
+//!
+//! Each turn feeds only what the conversation adds after the tokens the state already holds:
+//! the rendering is prefix-stable as long as earlier reasoning is kept in context (the encoder's
+//! `drop_thinking = false`), so a long conversation is prefilled once. When the rendering does
+//! change (thinking mode or effort switched), the turn starts over with a fresh prefill.
+
+use crate::backend::Backend;
+use crate::chat::parse::{Delta, Parsed, StreamParser};
+use crate::chat::{encode, Effort, Message, Options, ThinkingMode};
+use crate::error::{Error, Result};
+use crate::generate::{generate, generate_speculative, Completion, Finish, SamplingParams};
+use crate::state::SeqState;
+use crate::tokenizer::Tokenizer;
+
+/// One conversation.
+pub struct ChatSession {
+    /// The messages so far.
+    pub messages: Vec<Message>,
+    /// Chat or thinking.
+    pub mode: ThinkingMode,
+    /// Reasoning effort.
+    pub effort: Option<Effort>,
+    state: SeqState,
+    /// Text of the tokens the state holds followed by `unfed`.
+    held: String,
+    /// Generated tokens the state has not consumed yet.
+    unfed: Vec<u32>,
+}
+
+/// What a turn did.
+pub struct Turn {
+    /// The completion.
+    pub completion: Completion,
+    /// The assistant message as streamed (with `error` set when the output broke the format).
+    pub parsed: Parsed,
+    /// Tokens prefilled for this turn (only the new part of the conversation).
+    pub prefilled: usize,
+    /// Whether the turn had to prefill the whole conversation again.
+    pub restarted: bool,
+}
+
+impl ChatSession {
+    /// An empty conversation.
+    pub fn new(backend: &dyn Backend, mode: ThinkingMode) -> Self {
+        ChatSession {
+            messages: Vec::new(),
+            mode,
+            effort: None,
+            state: backend.new_state(),
+            held: String::new(),
+            unfed: Vec::new(),
+        }
+    }
+
+    /// Forgets the conversation.
+    pub fn clear(&mut self, backend: &dyn Backend) {
+        *self = Self::new(backend, self.mode);
+    }
+
+    /// The text of every token fed or generated so far.
+    pub fn transcript(&self) -> &str {
+        &self.held
+    }
+
+    /// Tokens of context the state holds.
+    pub fn context_tokens(&self) -> usize {
+        self.state.pos
+    }
+
+    /// Bytes of decode state held.
+    pub fn state_bytes(&self) -> usize {
+        self.state.bytes()
+    }
+
+    /// Runs one user turn, passing deltas to `on_delta` (false cancels the answer).
+    pub fn turn(
+        &mut self,
+        backend: &dyn Backend,
+        tok: &Tokenizer,
+        user: &str,
+        params: &SamplingParams,
+        speculative: bool,
+        mut on_delta: impl FnMut(Delta) -> bool,
+    ) -> Result<Turn> {
+        let mut msgs = self.messages.clone();
+        let mut m = Message::new();
+        m.insert("role".into(), "user".into());
+        m.insert("content".into(), user.into());
+        msgs.push(m);
+        let opts = Options {
+            mode: self.mode,
+            effort: self.effort,
+            drop_thinking: false,
+            add_bos: true,
+        };
+        let text = encode(&msgs, &opts).map_err(|e| Error::Input(e.to_string()))?;
+        let restarted = self.held.is_empty() || !text.starts_with(&self.held);
+        let feed = if restarted {
+            self.state = backend.new_state();
+            tok.encode(&text)?
+        } else {
+            let mut f = std::mem::take(&mut self.unfed);
+            f.extend(tok.encode(&text[self.held.len()..])?);
+            f
+        };
+        let before = self.state.pos;
+        let mut sp = StreamParser::new(self.mode);
+        // The message as streamed: what the user saw, and what the history keeps.
+        let mut msg = Parsed::default();
+        let mut keep = |d: &Delta| match d {
+            Delta::Reasoning(t) => msg.reasoning_content.push_str(t),
+            Delta::Content(t) => msg.content.push_str(t),
+            Delta::ToolCall { call, .. } => msg.tool_calls.push(call.clone()),
+        };
+        let mut go_on = true;
+        let on_text = |t: &str| {
+            for d in sp.push(t) {
+                keep(&d);
+                go_on &= on_delta(d);
+            }
+            go_on
+        };
+        let c = if speculative {
+            generate_speculative(backend, tok, &mut self.state, &feed, params, 512, on_text)?
+        } else {
+            generate(backend, tok, &mut self.state, &feed, params, 512, on_text)?
+        };
+        for d in sp.finish() {
+            keep(&d);
+            if c.finish != Finish::Cancelled {
+                on_delta(d);
+            }
+        }
+        msg.error = sp.error.take();
+        let generated = tok.decode(&c.tokens)?;
+        let consumed = (self.state.pos - before).saturating_sub(feed.len());
+        self.unfed = c.tokens[consumed.min(c.tokens.len())..].to_vec();
+        self.held = format!("{text}{generated}");
+        self.messages = msgs;
+        self.messages.push(msg.to_message());
+        Ok(Turn {
+            prefilled: feed.len(),
+            completion: c,
+            parsed: msg,
+            restarted,
+        })
+    }
+}

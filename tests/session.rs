@@ -1,0 +1,78 @@
+//! A chat session keeps its decode state: the second turn feeds only what it adds, and continues
+//! exactly as a fresh run over the same tokens.
+
+use hadal::backend::cpu::CpuBackend;
+use hadal::chat::{encode, Message, Options, ThinkingMode};
+use hadal::generate::{generate, SamplingParams};
+use hadal::model::Model;
+use hadal::session::ChatSession;
+use hadal::tokenizer::Tokenizer;
+
+#[test]
+fn second_turn_reuses_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    hadal::demo::write_random_checkpoint(dir.path(), &hadal::demo::demo_config(), 5).unwrap();
+    let backend = CpuBackend {
+        model: Model::load(dir.path()).unwrap(),
+    };
+    let tok = Tokenizer::for_model(dir.path()).unwrap();
+    let params = SamplingParams {
+        max_tokens: 6,
+        ..Default::default()
+    };
+    let mut s = ChatSession::new(&backend, ThinkingMode::Thinking);
+
+    let t1 = s
+        .turn(&backend, &tok, "Hello there", &params, false, |_| true)
+        .unwrap();
+    assert!(t1.restarted);
+    let transcript1 = s.transcript().to_string();
+    let t2 = s
+        .turn(&backend, &tok, "And then?", &params, false, |_| true)
+        .unwrap();
+    assert!(
+        !t2.restarted,
+        "the second turn must not prefill the conversation again"
+    );
+
+    // The same tokens fed to a fresh state give the same continuation.
+    let user = |c: &str| -> Message {
+        serde_json::from_value(serde_json::json!({"role": "user", "content": c})).unwrap()
+    };
+    let o = Options {
+        mode: ThinkingMode::Thinking,
+        drop_thinking: false,
+        ..Options::default()
+    };
+    let prompt1 = encode(&[user("Hello there")], &o).unwrap();
+    let mut msgs = vec![
+        user("Hello there"),
+        t1.parsed.to_message(),
+        user("And then?"),
+    ];
+    let prompt2 = encode(&msgs, &o).unwrap();
+    let suffix = prompt2
+        .strip_prefix(transcript1.as_str())
+        .expect("prefix-stable rendering");
+    let mut tokens = tok.encode(&prompt1).unwrap();
+    tokens.extend(&t1.completion.tokens);
+    tokens.extend(tok.encode(suffix).unwrap());
+    let mut fresh = backend.model.new_state();
+    let c = generate(&backend, &tok, &mut fresh, &tokens, &params, 512, |_| true).unwrap();
+    assert_eq!(c.tokens, t2.completion.tokens);
+    assert!(
+        t2.prefilled < tokens.len() / 2,
+        "{} of {}",
+        t2.prefilled,
+        tokens.len()
+    );
+    msgs.push(t2.parsed.to_message());
+    assert_eq!(s.messages, msgs);
+
+    // Switching mode changes the rendering of the history: the next turn starts over.
+    s.mode = ThinkingMode::Chat;
+    let t3 = s
+        .turn(&backend, &tok, "Bye", &params, false, |_| true)
+        .unwrap();
+    assert!(t3.restarted);
+}
