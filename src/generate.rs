@@ -281,6 +281,32 @@ fn stop_holdback(s: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
+/// How the prompt is fed.
+#[derive(Clone, Copy)]
+pub struct Prefill<'a> {
+    /// Tokens per forward call.
+    pub chunk: usize,
+    /// Called after each chunk with (tokens fed, tokens to feed).
+    pub progress: Option<&'a (dyn Fn(usize, usize) + Sync)>,
+}
+
+impl Default for Prefill<'_> {
+    fn default() -> Self {
+        Prefill {
+            chunk: 512,
+            progress: None,
+        }
+    }
+}
+
+impl Prefill<'_> {
+    fn report(&self, done: usize, total: usize) {
+        if let Some(p) = self.progress {
+            p(done, total);
+        }
+    }
+}
+
 /// Turns generated tokens into streamed text, watching for EOS, stop strings, the token limit
 /// and cancellation.
 struct Emitter<'a, F: FnMut(&str) -> bool> {
@@ -359,7 +385,7 @@ pub fn generate(
     state: &mut SeqState,
     prompt: &[u32],
     params: &SamplingParams,
-    prefill_chunk: usize,
+    prefill: Prefill,
     on_text: impl FnMut(&str) -> bool,
 ) -> Result<Completion> {
     params.validate()?;
@@ -379,13 +405,15 @@ pub fn generate(
     };
     let t0 = Instant::now();
     let mut logits = Vec::new();
-    for chunk in prompt.chunks(prefill_chunk.max(1)) {
+    let step = prefill.chunk.max(1);
+    for (c, chunk) in prompt.chunks(step).enumerate() {
         let h = backend.forward(&mut [SeqInput {
             state,
             tokens: chunk,
         }])?;
         let row = h.len() / chunk.len();
         logits = backend.logits(&h[h.len() - row..]);
+        prefill.report(c * step + chunk.len(), prompt.len());
     }
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
@@ -415,7 +443,7 @@ pub fn generate_speculative(
     state: &mut SeqState,
     prompt: &[u32],
     params: &SamplingParams,
-    prefill_chunk: usize,
+    prefill: Prefill,
     on_text: impl FnMut(&str) -> bool,
 ) -> Result<Completion> {
     params.validate()?;
@@ -446,12 +474,14 @@ pub fn generate_speculative(
     let mut queue_t: Vec<u32> = Vec::new();
     let t0 = Instant::now();
     let mut last = Vec::new();
-    for (c, chunk) in prompt.chunks(prefill_chunk.max(1)).enumerate() {
+    let step = prefill.chunk.max(1);
+    for (c, chunk) in prompt.chunks(step).enumerate() {
         let h = backend.forward(&mut [SeqInput {
             state,
             tokens: chunk,
         }])?;
-        let start = c * prefill_chunk.max(1);
+        let start = c * step;
+        prefill.report(start + chunk.len(), prompt.len());
         // The MTP block follows the prompt as the main model reads it.
         queue_h.extend_from_slice(&last);
         let n = chunk.len();

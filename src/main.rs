@@ -15,12 +15,13 @@ use hadal::chat::request::conversation;
 use hadal::chat::{encode, Effort, Options, ThinkingMode};
 use hadal::checkpoint::Checkpoint;
 use hadal::config::Config;
-use hadal::generate::{generate, generate_speculative, Finish, SamplingParams};
+use hadal::generate::{generate, generate_speculative, Finish, Prefill, SamplingParams};
 use hadal::inspect::{bytes, Plan};
 use hadal::model::Model;
 use hadal::score;
-use hadal::session::ChatSession;
+use hadal::session::{ChatSession, TurnOptions};
 use hadal::tokenizer::Tokenizer;
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(
@@ -276,6 +277,39 @@ fn render(
     Ok(())
 }
 
+/// A progress bar on stderr (drawn only on a terminal).
+fn bar(template: &str) -> ProgressBar {
+    let b = ProgressBar::new(0);
+    b.set_style(ProgressStyle::with_template(template).expect("valid template"));
+    b
+}
+
+/// Loads a model with a progress bar over its blocks.
+fn load_model(dir: &Path) -> anyhow::Result<CpuBackend> {
+    let b = bar("loading {bar:30} {pos}/{len} blocks");
+    let model = Model::load_with_progress(dir, &|done, total| {
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+    })?;
+    b.finish_and_clear();
+    Ok(CpuBackend { model })
+}
+
+/// Runs `f` with a prefill progress bar (tokens and tokens/s).
+fn with_prefill_bar<T>(f: impl FnOnce(Prefill) -> T) -> T {
+    let b = bar("prefill {bar:30} {pos}/{len} tokens, {per_sec}");
+    let progress = |done: usize, total: usize| {
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+    };
+    let r = f(Prefill {
+        chunk: 512,
+        progress: Some(&progress),
+    });
+    b.finish_and_clear();
+    r
+}
+
 /// Streams a completion to stdout, reasoning apart from the answer; returns it parsed.
 fn stream_completion(
     backend: &CpuBackend,
@@ -319,11 +353,13 @@ fn stream_completion(
         show(sp.push(t), &mut std::io::stdout().lock());
         true
     };
-    let c = if speculative {
-        generate_speculative(backend, tok, &mut state, prompt, params, 512, on_text)?
-    } else {
-        generate(backend, tok, &mut state, prompt, params, 512, on_text)?
-    };
+    let c = with_prefill_bar(|prefill| {
+        if speculative {
+            generate_speculative(backend, tok, &mut state, prompt, params, prefill, on_text)
+        } else {
+            generate(backend, tok, &mut state, prompt, params, prefill, on_text)
+        }
+    })?;
     show(sp.finish(), &mut out);
     let _ = writeln!(out);
     let full = if c.finish == Finish::Eos {
@@ -456,9 +492,7 @@ fn generate_cmd(
     )?;
     let params = sampling.params();
     params.validate()?;
-    let backend = CpuBackend {
-        model: Model::load(model)?,
-    };
+    let backend = load_model(model)?;
     let tok = Tokenizer::for_model(model)?;
     let ids = tok.encode(&text)?;
     let (c, parsed) = stream_completion(&backend, &tok, &ids, mode, &params, speculative)?;
@@ -495,9 +529,7 @@ fn chat(
     let params = sampling.params();
     params.validate()?;
     let t = std::time::Instant::now();
-    let backend = CpuBackend {
-        model: Model::load(model)?,
-    };
+    let backend = load_model(model)?;
     let tok = Tokenizer::for_model(model)?;
     eprintln!(
         "loaded {} of weights in {:.1}s. Commands: /think, /nothink, /effort max|high, /clear, /quit. Ctrl-C stops an answer.",
@@ -554,22 +586,34 @@ fn chat(
         GENERATING.store(true, Ordering::SeqCst);
         let mut shown = None::<bool>;
         let mut out = std::io::stdout().lock();
-        let r = session.turn(&backend, &tok, line, &params, speculative, |d| {
-            let (reasoning, text) = match d {
-                Delta::Reasoning(t) => (true, t),
-                Delta::Content(t) => (false, t),
-                Delta::ToolCall { call, .. } => (
-                    false,
-                    format!("\n[tool call] {}({})", call.name, call.arguments),
-                ),
-            };
-            if shown != Some(reasoning) {
-                let _ = write!(out, "{}", if reasoning { "[reasoning] " } else { "\n" });
-                shown = Some(reasoning);
-            }
-            let _ = write!(out, "{text}");
-            let _ = out.flush();
-            !INTERRUPTED.load(Ordering::SeqCst)
+        let r = with_prefill_bar(|prefill| {
+            session.turn(
+                &backend,
+                &tok,
+                line,
+                TurnOptions {
+                    params: &params,
+                    speculative,
+                    prefill,
+                },
+                |d| {
+                    let (reasoning, text) = match d {
+                        Delta::Reasoning(t) => (true, t),
+                        Delta::Content(t) => (false, t),
+                        Delta::ToolCall { call, .. } => (
+                            false,
+                            format!("\n[tool call] {}({})", call.name, call.arguments),
+                        ),
+                    };
+                    if shown != Some(reasoning) {
+                        let _ = write!(out, "{}", if reasoning { "[reasoning] " } else { "\n" });
+                        shown = Some(reasoning);
+                    }
+                    let _ = write!(out, "{text}");
+                    let _ = out.flush();
+                    !INTERRUPTED.load(Ordering::SeqCst)
+                },
+            )
         });
         GENERATING.store(false, Ordering::SeqCst);
         let _ = writeln!(out);
@@ -705,9 +749,7 @@ fn score_cmd(
     if mtp && p < 2 {
         bail!("--mtp needs --prefill of at least 2");
     }
-    let backend = CpuBackend {
-        model: Model::load(model)?,
-    };
+    let backend = load_model(model)?;
     if text.is_some() {
         let ppl = score::perplexity(&backend, &seqs[0])?;
         println!("{n} tokens, perplexity {ppl:.4}");

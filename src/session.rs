@@ -9,7 +9,9 @@ use crate::backend::Backend;
 use crate::chat::parse::{Delta, Parsed, StreamParser};
 use crate::chat::{encode, Effort, Message, Options, ThinkingMode};
 use crate::error::{Error, Result};
-use crate::generate::{generate, generate_speculative, Completion, Finish, SamplingParams};
+use crate::generate::{
+    generate, generate_speculative, Completion, Finish, Prefill, SamplingParams,
+};
 use crate::state::SeqState;
 use crate::tokenizer::Tokenizer;
 
@@ -26,6 +28,17 @@ pub struct ChatSession {
     held: String,
     /// Generated tokens the state has not consumed yet.
     unfed: Vec<u32>,
+}
+
+/// How a turn generates.
+#[derive(Clone, Copy)]
+pub struct TurnOptions<'a> {
+    /// Sampling and stopping.
+    pub params: &'a SamplingParams,
+    /// Draft with MTP and verify.
+    pub speculative: bool,
+    /// How the new part of the conversation is fed.
+    pub prefill: Prefill<'a>,
 }
 
 /// What a turn did.
@@ -79,8 +92,7 @@ impl ChatSession {
         backend: &dyn Backend,
         tok: &Tokenizer,
         user: &str,
-        params: &SamplingParams,
-        speculative: bool,
+        opts: TurnOptions,
         mut on_delta: impl FnMut(Delta) -> bool,
     ) -> Result<Turn> {
         let mut msgs = self.messages.clone();
@@ -88,13 +100,14 @@ impl ChatSession {
         m.insert("role".into(), "user".into());
         m.insert("content".into(), user.into());
         msgs.push(m);
-        let opts = Options {
+        let (params, prefill) = (opts.params, opts.prefill);
+        let opts_enc = Options {
             mode: self.mode,
             effort: self.effort,
             drop_thinking: false,
             add_bos: true,
         };
-        let text = encode(&msgs, &opts).map_err(|e| Error::Input(e.to_string()))?;
+        let text = encode(&msgs, &opts_enc).map_err(|e| Error::Input(e.to_string()))?;
         let restarted = self.held.is_empty() || !text.starts_with(&self.held);
         let feed = if restarted {
             self.state = backend.new_state();
@@ -121,10 +134,26 @@ impl ChatSession {
             }
             go_on
         };
-        let c = if speculative {
-            generate_speculative(backend, tok, &mut self.state, &feed, params, 512, on_text)?
+        let c = if opts.speculative {
+            generate_speculative(
+                backend,
+                tok,
+                &mut self.state,
+                &feed,
+                params,
+                prefill,
+                on_text,
+            )?
         } else {
-            generate(backend, tok, &mut self.state, &feed, params, 512, on_text)?
+            generate(
+                backend,
+                tok,
+                &mut self.state,
+                &feed,
+                params,
+                prefill,
+                on_text,
+            )?
         };
         for d in sp.finish() {
             keep(&d);

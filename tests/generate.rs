@@ -3,7 +3,7 @@
 mod common;
 
 use hadal::backend::cpu::CpuBackend;
-use hadal::generate::{generate, Completion, Finish, SamplingParams};
+use hadal::generate::{generate, Completion, Finish, Prefill, SamplingParams};
 use hadal::model::Model;
 use hadal::tokenizer::Tokenizer;
 
@@ -11,10 +11,21 @@ fn run(backend: &CpuBackend, tok: &Tokenizer, params: &SamplingParams) -> (Compl
     let mut state = backend.model.new_state();
     let mut streamed = String::new();
     let prompt = [0u32, 17, 300, 301, 5];
-    let c = generate(backend, tok, &mut state, &prompt, params, 2, |t| {
-        streamed.push_str(t);
-        true
-    })
+    let c = generate(
+        backend,
+        tok,
+        &mut state,
+        &prompt,
+        params,
+        Prefill {
+            chunk: 2,
+            progress: None,
+        },
+        |t| {
+            streamed.push_str(t);
+            true
+        },
+    )
     .unwrap();
     // The state holds the prompt and every generated token but the last.
     assert_eq!(state.pos, prompt.len() + c.tokens.len() - 1);
@@ -93,7 +104,10 @@ fn a_cancelled_generation_stops_at_once() {
             max_tokens: 50,
             ..Default::default()
         },
-        8,
+        Prefill {
+            chunk: 8,
+            progress: None,
+        },
         |_| {
             calls += 1;
             false
@@ -123,7 +137,19 @@ fn greedy_speculative_decoding_equals_plain_greedy() {
     .enumerate()
     {
         let mut s1 = backend.model.new_state();
-        let plain = generate(&backend, &tok, &mut s1, prompt, &greedy, 16, |_| true).unwrap();
+        let plain = generate(
+            &backend,
+            &tok,
+            &mut s1,
+            prompt,
+            &greedy,
+            Prefill {
+                chunk: 16,
+                progress: None,
+            },
+            |_| true,
+        )
+        .unwrap();
         let mut s2 = backend.model.new_state();
         let spec = hadal::generate::generate_speculative(
             &backend,
@@ -131,7 +157,10 @@ fn greedy_speculative_decoding_equals_plain_greedy() {
             &mut s2,
             prompt,
             &greedy,
-            16,
+            Prefill {
+                chunk: 16,
+                progress: None,
+            },
             |_| true,
         )
         .unwrap();

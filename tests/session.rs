@@ -3,9 +3,9 @@
 
 use hadal::backend::cpu::CpuBackend;
 use hadal::chat::{encode, Message, Options, ThinkingMode};
-use hadal::generate::{generate, SamplingParams};
+use hadal::generate::{generate, Prefill, SamplingParams};
 use hadal::model::Model;
-use hadal::session::ChatSession;
+use hadal::session::{ChatSession, TurnOptions};
 use hadal::tokenizer::Tokenizer;
 
 #[test]
@@ -23,12 +23,32 @@ fn second_turn_reuses_the_state() {
     let mut s = ChatSession::new(&backend, ThinkingMode::Thinking);
 
     let t1 = s
-        .turn(&backend, &tok, "Hello there", &params, false, |_| true)
+        .turn(
+            &backend,
+            &tok,
+            "Hello there",
+            TurnOptions {
+                params: &params,
+                speculative: false,
+                prefill: Prefill::default(),
+            },
+            |_| true,
+        )
         .unwrap();
     assert!(t1.restarted);
     let transcript1 = s.transcript().to_string();
     let t2 = s
-        .turn(&backend, &tok, "And then?", &params, false, |_| true)
+        .turn(
+            &backend,
+            &tok,
+            "And then?",
+            TurnOptions {
+                params: &params,
+                speculative: false,
+                prefill: Prefill::default(),
+            },
+            |_| true,
+        )
         .unwrap();
     assert!(
         !t2.restarted,
@@ -58,7 +78,19 @@ fn second_turn_reuses_the_state() {
     tokens.extend(&t1.completion.tokens);
     tokens.extend(tok.encode(suffix).unwrap());
     let mut fresh = backend.model.new_state();
-    let c = generate(&backend, &tok, &mut fresh, &tokens, &params, 512, |_| true).unwrap();
+    let c = generate(
+        &backend,
+        &tok,
+        &mut fresh,
+        &tokens,
+        &params,
+        Prefill {
+            chunk: 512,
+            progress: None,
+        },
+        |_| true,
+    )
+    .unwrap();
     assert_eq!(c.tokens, t2.completion.tokens);
     assert!(
         t2.prefilled < tokens.len() / 2,
@@ -72,7 +104,17 @@ fn second_turn_reuses_the_state() {
     // Switching mode changes the rendering of the history: the next turn starts over.
     s.mode = ThinkingMode::Chat;
     let t3 = s
-        .turn(&backend, &tok, "Bye", &params, false, |_| true)
+        .turn(
+            &backend,
+            &tok,
+            "Bye",
+            TurnOptions {
+                params: &params,
+                speculative: false,
+                prefill: Prefill::default(),
+            },
+            |_| true,
+        )
         .unwrap();
     assert!(t3.restarted);
 }

@@ -64,13 +64,22 @@ pub struct Model {
 impl Model {
     /// Loads `config.json` and the safetensors weights from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with_progress(dir, &|_, _| {})
+    }
+
+    /// [`Model::load`], calling `progress(blocks loaded, blocks)` as it goes.
+    pub fn load_with_progress(dir: &Path, progress: &dyn Fn(usize, usize)) -> Result<Self> {
         let cfg = Config::from_file(&Checkpoint::config_path(dir))?;
         let ck = Checkpoint::open(dir)?;
-        Self::from_checkpoint(cfg, ck)
+        Self::from_checkpoint(cfg, ck, progress)
     }
 
     /// Builds the model from a configuration and its tensors; every tensor must be used.
-    pub fn from_checkpoint(cfg: Config, mut ck: Checkpoint) -> Result<Self> {
+    pub fn from_checkpoint(
+        cfg: Config,
+        mut ck: Checkpoint,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
         let (v, d, m) = (cfg.vocab_size, cfg.hidden_size, cfg.hc_mult);
         let dims = HcDims {
             m,
@@ -81,11 +90,20 @@ impl Model {
         };
         let embed = Matrix::load(&mut ck, "embed", v, d)?;
         let head = Matrix::load(&mut ck, "head", v, d)?;
+        let total = cfg.total_blocks();
         let blocks = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(&mut ck, &format!("layers.{i}"), &cfg, i))
+            .map(|i| {
+                let b = Block::load(&mut ck, &format!("layers.{i}"), &cfg, i);
+                progress(i + 1, total);
+                b
+            })
             .collect::<Result<Vec<_>>>()?;
         let mtp = (0..cfg.num_nextn_predict_layers)
-            .map(|i| Mtp::load(&mut ck, i, &cfg, dims))
+            .map(|i| {
+                let m = Mtp::load(&mut ck, i, &cfg, dims);
+                progress(cfg.num_hidden_layers + i + 1, total);
+                m
+            })
             .collect::<Result<Vec<_>>>()?;
         let model = Model {
             norm: ck.take_f32("norm.weight", &[d])?,
