@@ -52,7 +52,8 @@ struct SeqKeys {
     /// Decoded raw KV rows from position `first` on (window history, then the chunk).
     raw: Vec<f32>,
     first: usize,
-    /// Decoded compressed entries (`n x dim`) and, per query, the entries it attends to.
+    /// Decoded compressed entries (`n x dim`, only those attended) and, per query, the rows of
+    /// `comp` it attends to.
     comp: Vec<f32>,
     picks: Vec<Vec<usize>>,
 }
@@ -237,7 +238,6 @@ impl Attention {
                 let r = (s.start + i) * width..(s.start + i + 1) * width;
                 c.push(cst, s.pos + i, &ckv[r.clone()], &csc[r], &self.rope);
             }
-            comp = c.decode_all(cst, cst.entries.len);
             picks = match (&self.indexer, index_proj) {
                 (
                     Some(ix),
@@ -277,6 +277,19 @@ impl Attention {
                     .map(|i| (0..(s.pos + i + 1) / self.ratio).collect())
                     .collect(),
             };
+            // Decode only the entries some query of the chunk attends to, and point the picks
+            // at their rows: a decoded token touches index_topk entries, not the whole history.
+            let mut used: Vec<usize> = picks.iter().flatten().copied().collect();
+            used.sort_unstable();
+            used.dedup();
+            comp = c.decode_rows(cst, &used);
+            let mut row = vec![u32::MAX; cst.entries.len];
+            for (r, &e) in used.iter().enumerate() {
+                row[e] = r as u32;
+            }
+            for p in picks.iter_mut().flatten() {
+                *p = row[*p] as usize;
+            }
         }
         SeqKeys {
             raw,

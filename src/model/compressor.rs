@@ -147,10 +147,15 @@ impl Compressor {
 
     /// Decodes entries `0..n` into `n x dim` f32.
     pub fn decode_all(&self, st: &CompressorState, n: usize) -> Vec<f32> {
+        self.decode_rows(st, &(0..n).collect::<Vec<_>>())
+    }
+
+    /// Decodes the given entries, in order, into `rows.len() x dim` f32.
+    pub fn decode_rows(&self, st: &CompressorState, rows: &[usize]) -> Vec<f32> {
         let (b, d) = (self.codec.bytes(), self.dim);
-        let mut out = vec![0f32; n * d];
-        for (i, o) in out.chunks_mut(d).enumerate() {
-            self.codec.decode(st.entries.row(i, b), o);
+        let mut out = vec![0f32; rows.len() * d];
+        for (&r, o) in rows.iter().zip(out.chunks_mut(d)) {
+            self.codec.decode(st.entries.row(r, b), o);
         }
         out
     }
