@@ -308,10 +308,10 @@ impl Prefill<'_> {
 }
 
 /// Turns generated tokens into streamed text, watching for EOS, stop strings, the token limit
-/// and cancellation.
-struct Emitter<'a, F: FnMut(&str) -> bool> {
+/// and cancellation (`on_text` returning false).
+pub struct Emitter<'a, F: FnMut(&str) -> bool> {
     tok: &'a Tokenizer,
-    params: &'a SamplingParams,
+    params: SamplingParams,
     eos: Option<u32>,
     tokens: Vec<u32>,
     logprobs: Vec<TokenLogprob>,
@@ -321,9 +321,29 @@ struct Emitter<'a, F: FnMut(&str) -> bool> {
     finish: Option<Finish>,
 }
 
-impl<F: FnMut(&str) -> bool> Emitter<'_, F> {
+impl<'a, F: FnMut(&str) -> bool> Emitter<'a, F> {
+    /// An emitter for one completion; `eos` ends it.
+    pub fn new(tok: &'a Tokenizer, params: SamplingParams, eos: Option<u32>, on_text: F) -> Self {
+        Emitter {
+            tok,
+            params,
+            eos,
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            on_text,
+            finish: None,
+        }
+    }
+
+    /// Tokens taken so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
     /// Takes one token; false when generation is over.
-    fn push(&mut self, t: u32, lp: Option<TokenLogprob>) -> Result<bool> {
+    pub fn push(&mut self, t: u32, lp: Option<TokenLogprob>) -> Result<bool> {
         self.tokens.push(t);
         self.logprobs.extend(lp);
         if Some(t) == self.eos {
@@ -359,7 +379,13 @@ impl<F: FnMut(&str) -> bool> Emitter<'_, F> {
         Ok(true)
     }
 
-    fn done(mut self, prefill_secs: f64, decode_secs: f64, drafts: (usize, usize)) -> Completion {
+    /// Flushes what was held back and returns the completion.
+    pub fn done(
+        mut self,
+        prefill_secs: f64,
+        decode_secs: f64,
+        drafts: (usize, usize),
+    ) -> Completion {
         let finish = self.finish.unwrap_or(Finish::Length);
         if finish != Finish::Cancelled && self.text.len() > self.emitted {
             (self.on_text)(&self.text[self.emitted..]);
@@ -392,17 +418,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::Input("empty prompt".into()));
     }
-    let mut em = Emitter {
-        tok,
-        params,
-        eos: backend.config().eos_token_id,
-        tokens: Vec::new(),
-        logprobs: Vec::new(),
-        text: String::new(),
-        emitted: 0,
-        on_text,
-        finish: None,
-    };
+    let mut em = Emitter::new(tok, params.clone(), backend.config().eos_token_id, on_text);
     let t0 = Instant::now();
     let mut logits = Vec::new();
     let step = prefill.chunk.max(1);
@@ -457,17 +473,7 @@ pub fn generate_speculative(
     }
     let cfg = backend.config();
     let row = cfg.hc_mult * cfg.hidden_size;
-    let mut em = Emitter {
-        tok,
-        params,
-        eos: cfg.eos_token_id,
-        tokens: Vec::new(),
-        logprobs: Vec::new(),
-        text: String::new(),
-        emitted: 0,
-        on_text,
-        finish: None,
-    };
+    let mut em = Emitter::new(tok, params.clone(), cfg.eos_token_id, on_text);
     let mut mtp = backend.new_mtp_state(0);
     // Pairs (final stream at t, token t+1) the MTP block has yet to consume.
     let mut queue_h: Vec<f32> = Vec::new();

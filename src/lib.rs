@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod model;
 pub mod quant;
 pub mod score;
+pub mod server;
 pub mod session;
 pub mod state;
 pub mod tokenizer;

@@ -155,6 +155,42 @@ enum Cmd {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Serve an OpenAI-compatible API with continuous batching.
+    Serve {
+        /// Checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on.
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY`.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Model name in `/v1/models` and responses (default: the directory name).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = 8 << 20)]
+        max_body_bytes: usize,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 16)]
+        max_running: usize,
+        /// Tokens per forward step (decode tokens first, prefill chunks share the rest).
+        #[arg(long, default_value_t = 512)]
+        max_batch_tokens: usize,
+        /// Requests waiting beyond the running ones; more get 503.
+        #[arg(long, default_value_t = 64)]
+        max_queue: usize,
+        /// Finished conversations kept for prefix reuse.
+        #[arg(long, default_value_t = 8)]
+        prefix_cache: usize,
+        /// max_tokens of requests that give none.
+        #[arg(long, default_value_t = 4096)]
+        default_max_tokens: usize,
+    },
     /// Parse a completion (standard input) into an assistant message, printed as JSON.
     Parse {
         /// How the completion was generated.
@@ -637,6 +673,51 @@ fn chat(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn serve_cmd(
+    model: &Path,
+    host: &str,
+    port: u16,
+    api_key: Option<String>,
+    name: Option<String>,
+    max_body_bytes: usize,
+    engine: hadal::server::engine::EngineOptions,
+    default_max_tokens: usize,
+) -> anyhow::Result<()> {
+    if engine.max_running == 0 || engine.max_batch_tokens == 0 || engine.max_queue == 0 {
+        bail!("--max-running, --max-batch-tokens and --max-queue must be positive");
+    }
+    let addr: std::net::SocketAddr = format!("{host}:{port}")
+        .parse()
+        .or_else(|_| format!("[{host}]:{port}").parse())
+        .with_context(|| format!("--host {host}: not an IP address"))?;
+    let backend = load_model(model)?;
+    let tok = Tokenizer::for_model(model)?;
+    let model_name = name.unwrap_or_else(|| {
+        model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "deepseek-v4".into())
+    });
+    let opts = hadal::server::ServerOptions {
+        model_name,
+        api_key,
+        max_body_bytes,
+        default_max_tokens,
+        max_n: 8,
+        engine,
+    };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(hadal::server::serve(
+        std::sync::Arc::new(backend),
+        std::sync::Arc::new(tok),
+        opts,
+        addr,
+    ))
+    .with_context(|| format!("serving on {addr}"))
+}
+
 fn parse_cmd(mode: Mode) -> anyhow::Result<()> {
     let text = read_input(Path::new("-"))?;
     let p = parse(&text, mode.into());
@@ -808,6 +889,33 @@ fn main() -> ExitCode {
             tokenizer.as_deref(),
         ),
         Cmd::Parse { thinking_mode } => parse_cmd(*thinking_mode),
+        Cmd::Serve {
+            model,
+            host,
+            port,
+            api_key,
+            served_model_name,
+            max_body_bytes,
+            max_running,
+            max_batch_tokens,
+            max_queue,
+            prefix_cache,
+            default_max_tokens,
+        } => serve_cmd(
+            model,
+            host,
+            *port,
+            api_key.clone(),
+            served_model_name.clone(),
+            *max_body_bytes,
+            hadal::server::engine::EngineOptions {
+                max_running: *max_running,
+                max_batch_tokens: *max_batch_tokens,
+                max_queue: *max_queue,
+                cache_entries: *prefix_cache,
+            },
+            *default_max_tokens,
+        ),
         Cmd::Chat {
             model,
             thinking_mode,

@@ -1,0 +1,345 @@
+//! The engine thread: continuous batching over one backend.
+//!
+//! Every step runs one forward call over a batch that holds one token for each decoding
+//! sequence and, within a token budget, chunks of the prompts still being prefilled, so that
+//! long prefills never stall running streams. Requests join between steps; a client that goes
+//! away frees its sequence at the next step. Finished sequences leave their decode state in a
+//! small cache, and a new prompt that extends a cached one resumes from it instead of prefilling
+//! again (exact: chunked and one-shot prefill compute the same bits).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::backend::Backend;
+use crate::generate::{Emitter, Finish, Sampler, SamplingParams, TokenLogprob};
+use crate::model::SeqInput;
+use crate::server::metrics::Metrics;
+use crate::state::{Mark, SeqState};
+use crate::tokenizer::Tokenizer;
+
+/// A generation request.
+pub struct Job {
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Sampling and stopping.
+    pub params: SamplingParams,
+    /// Where the results go; dropping the receiver cancels the job.
+    pub events: UnboundedSender<Event>,
+}
+
+/// The result of a finished job.
+#[derive(Debug)]
+pub struct Done {
+    /// Why it ended.
+    pub finish: Finish,
+    /// The whole completion text (EOS excluded, cut before a stop string).
+    pub text: String,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Prompt tokens taken from a cached state instead of prefilled.
+    pub cached_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Log-probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// What a job reports.
+#[derive(Debug)]
+pub enum Event {
+    /// A piece of final text.
+    Text(String),
+    /// The end.
+    Done(Done),
+    /// The job failed.
+    Failed(String),
+}
+
+/// Engine limits.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Sequences decoded together.
+    pub max_running: usize,
+    /// Tokens per forward call (decode tokens first, prefill chunks share the rest).
+    pub max_batch_tokens: usize,
+    /// Requests waiting beyond the running ones; more are refused.
+    pub max_queue: usize,
+    /// Finished sequences kept for prefix reuse.
+    pub cache_entries: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_running: 16,
+            max_batch_tokens: 512,
+            max_queue: 64,
+            cache_entries: 8,
+        }
+    }
+}
+
+/// The engine is full.
+#[derive(Debug)]
+pub struct Overloaded;
+
+/// Handle to submit jobs.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Job>,
+    queued: Arc<AtomicI64>,
+    /// Metrics shared with the HTTP layer.
+    pub metrics: Arc<Metrics>,
+}
+
+impl EngineHandle {
+    /// Queues a job, or refuses it when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Overloaded> {
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                let q = self.queued.fetch_add(1, Ordering::SeqCst) + 1;
+                self.metrics.queue_depth.set(q);
+                Ok(())
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(Overloaded),
+        }
+    }
+}
+
+/// A finished sequence's state, kept for prefix reuse.
+struct Cached {
+    /// Tokens the state holds.
+    tokens: Vec<u32>,
+    state: SeqState,
+    /// The state at the end of its prompt (prompts are what agents resend).
+    prompt_mark: Mark,
+    prompt_len: usize,
+}
+
+/// Sends a sequence's text to its client; false once the client is gone.
+type Sink<'t> = Box<dyn FnMut(&str) -> bool + 't>;
+
+struct Seq<'t> {
+    prompt: Vec<u32>,
+    fed: usize,
+    cached: usize,
+    state: SeqState,
+    prompt_mark: Option<Mark>,
+    pending: Option<u32>,
+    sampler: Sampler,
+    emitter: Emitter<'t, Sink<'t>>,
+    events: UnboundedSender<Event>,
+    started: Instant,
+    last_token: Option<Instant>,
+}
+
+/// Starts the engine thread.
+pub fn spawn(
+    backend: Arc<dyn Backend>,
+    tok: Arc<Tokenizer>,
+    opts: EngineOptions,
+    metrics: Arc<Metrics>,
+) -> EngineHandle {
+    let (tx, rx) = std::sync::mpsc::sync_channel(opts.max_queue);
+    let queued = Arc::new(AtomicI64::new(0));
+    let handle = EngineHandle {
+        tx,
+        queued: queued.clone(),
+        metrics: metrics.clone(),
+    };
+    std::thread::Builder::new()
+        .name("hadal-engine".into())
+        .spawn(move || run(&*backend, &tok, &opts, &rx, &queued, &metrics))
+        .expect("spawn the engine thread");
+    handle
+}
+
+/// Longest cached state whose tokens start `prompt` (leaving at least one token to feed).
+fn reuse(cache: &[Cached], prompt: &[u32]) -> Option<(SeqState, usize)> {
+    let mut best: Option<(usize, usize, bool)> = None;
+    for (i, c) in cache.iter().enumerate() {
+        for (len, whole) in [(c.tokens.len(), true), (c.prompt_len, false)] {
+            if len > 0
+                && len < prompt.len()
+                && c.tokens[..len] == prompt[..len]
+                && best.is_none_or(|b| len > b.1)
+            {
+                best = Some((i, len, whole));
+            }
+        }
+    }
+    best.map(|(i, len, whole)| {
+        let mut state = cache[i].state.clone();
+        if !whole {
+            state.rewind(cache[i].prompt_mark.clone());
+        }
+        (state, len)
+    })
+}
+
+fn run(
+    backend: &dyn Backend,
+    tok: &Tokenizer,
+    opts: &EngineOptions,
+    rx: &Receiver<Job>,
+    queued: &AtomicI64,
+    m: &Metrics,
+) {
+    let eos = backend.config().eos_token_id;
+    let mut running: Vec<Seq> = Vec::new();
+    let mut cache: Vec<Cached> = Vec::new();
+    loop {
+        // Admit new requests between steps; sleep only when idle.
+        while running.len() < opts.max_running {
+            let job = if running.is_empty() {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            };
+            m.queue_depth.set(queued.fetch_sub(1, Ordering::SeqCst) - 1);
+            let (state, cached) =
+                reuse(&cache, &job.prompt).unwrap_or_else(|| (backend.new_state(), 0));
+            m.prompt_tokens.inc_by(job.prompt.len() as u64);
+            m.cached_prompt_tokens.inc_by(cached as u64);
+            let events = job.events.clone();
+            let sink = job.events;
+            let on_text: Box<dyn FnMut(&str) -> bool> =
+                Box::new(move |t: &str| sink.send(Event::Text(t.to_string())).is_ok());
+            running.push(Seq {
+                fed: cached,
+                cached,
+                state,
+                prompt_mark: None,
+                pending: None,
+                sampler: Sampler::new(job.params.clone()),
+                emitter: Emitter::new(tok, job.params, eos, on_text),
+                prompt: job.prompt,
+                events,
+                started: Instant::now(),
+                last_token: None,
+            });
+        }
+        // A client that went away frees its sequence now.
+        running.retain(|s| !s.events.is_closed());
+        m.running.set(running.len() as i64);
+        if running.is_empty() {
+            continue;
+        }
+
+        // Decode tokens first, then prefill chunks within the remaining budget.
+        let mut budget = opts
+            .max_batch_tokens
+            .saturating_sub(running.iter().filter(|s| s.pending.is_some()).count());
+        let chunks: Vec<Vec<u32>> = running
+            .iter()
+            .map(|s| match s.pending {
+                Some(t) => vec![t],
+                None => {
+                    let n = (s.prompt.len() - s.fed).min(budget.max(1));
+                    budget = budget.saturating_sub(n);
+                    s.prompt[s.fed..s.fed + n].to_vec()
+                }
+            })
+            .collect();
+        let mut inputs: Vec<SeqInput> = running
+            .iter_mut()
+            .zip(&chunks)
+            .map(|(s, c)| SeqInput {
+                state: &mut s.state,
+                tokens: c,
+            })
+            .collect();
+        let hidden = match backend.forward(&mut inputs) {
+            Ok(h) => h,
+            Err(e) => {
+                for s in running.drain(..) {
+                    let _ = s.events.send(Event::Failed(e.to_string()));
+                }
+                continue;
+            }
+        };
+        drop(inputs);
+        let row = hidden.len() / chunks.iter().map(Vec::len).sum::<usize>().max(1);
+        // Sequences that now sample: decoding ones, and those whose prompt is fully fed.
+        let mut rows = Vec::new();
+        let mut who = Vec::new();
+        let mut offset = 0;
+        for (i, (s, c)) in running.iter_mut().zip(&chunks).enumerate() {
+            offset += c.len();
+            if s.pending.take().is_none() {
+                s.fed += c.len();
+                if s.fed < s.prompt.len() {
+                    continue;
+                }
+                s.prompt_mark = Some(s.state.mark());
+            }
+            rows.extend_from_slice(&hidden[(offset - 1) * row..offset * row]);
+            who.push(i);
+        }
+        let logits = backend.logits(&rows);
+        let v = backend.config().vocab_size;
+        let mut finished = Vec::new();
+        for (j, &i) in who.iter().enumerate() {
+            let s = &mut running[i];
+            let (t, lp) = s.sampler.sample(&logits[j * v..(j + 1) * v]);
+            let now = Instant::now();
+            match s.last_token {
+                None => m.ttft.observe(now.duration_since(s.started).as_secs_f64()),
+                Some(prev) => m.itl.observe(now.duration_since(prev).as_secs_f64()),
+            }
+            s.last_token = Some(now);
+            m.generated_tokens.inc();
+            match s.emitter.push(t, lp) {
+                Ok(true) => s.pending = Some(t),
+                Ok(false) => finished.push(i),
+                Err(e) => {
+                    let _ = s.events.send(Event::Failed(e.to_string()));
+                    finished.push(i);
+                }
+            }
+        }
+        for &i in finished.iter().rev() {
+            let s = running.swap_remove(i);
+            let mut tokens = s.prompt.clone();
+            let (prompt_tokens, cached) = (s.prompt.len(), s.cached);
+            let c = s
+                .emitter
+                .done(s.started.elapsed().as_secs_f64(), 0.0, (0, 0));
+            tokens.extend(&c.tokens);
+            tokens.truncate(s.state.pos);
+            let _ = s.events.send(Event::Done(Done {
+                finish: c.finish,
+                text: c.text,
+                prompt_tokens,
+                cached_tokens: cached,
+                completion_tokens: c.tokens.len(),
+                logprobs: c.logprobs,
+            }));
+            if let (Some(mark), true) = (s.prompt_mark, opts.cache_entries > 0) {
+                if cache.len() >= opts.cache_entries {
+                    cache.remove(0);
+                }
+                cache.push(Cached {
+                    tokens,
+                    state: s.state,
+                    prompt_mark: mark,
+                    prompt_len: prompt_tokens,
+                });
+            }
+        }
+        let bytes: usize = running.iter().map(|s| s.state.bytes()).sum::<usize>()
+            + cache.iter().map(|c| c.state.bytes()).sum::<usize>();
+        m.state_bytes.set(bytes as i64);
+    }
+}
