@@ -346,6 +346,51 @@ fn with_prefill_bar<T>(f: impl FnOnce(Prefill) -> T) -> T {
     r
 }
 
+/// Prints streamed deltas to stdout, labelling reasoning apart from the answer.
+struct Printer {
+    /// Whether the last delta shown was reasoning.
+    reasoning: Option<bool>,
+    /// What introduces the answer.
+    answer_mark: &'static str,
+}
+
+impl Default for Printer {
+    fn default() -> Self {
+        Printer {
+            reasoning: None,
+            answer_mark: "\n[answer] ",
+        }
+    }
+}
+
+impl Printer {
+    fn show(&mut self, d: Delta) {
+        let (reasoning, text) = match d {
+            Delta::Reasoning(t) => (true, t),
+            Delta::Content(t) => (false, t),
+            Delta::ToolCall { call, .. } => (
+                false,
+                format!("\n[tool call] {}({})", call.name, call.arguments),
+            ),
+        };
+        let mut out = std::io::stdout().lock();
+        if self.reasoning != Some(reasoning) {
+            let _ = write!(
+                out,
+                "{}",
+                if reasoning {
+                    "[reasoning] "
+                } else {
+                    self.answer_mark
+                }
+            );
+            self.reasoning = Some(reasoning);
+        }
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+    }
+}
+
 /// Streams a completion to stdout, reasoning apart from the answer; returns it parsed.
 fn stream_completion(
     backend: &CpuBackend,
@@ -357,36 +402,9 @@ fn stream_completion(
 ) -> anyhow::Result<(hadal::generate::Completion, hadal::chat::parse::Parsed)> {
     let mut state = backend.model.new_state();
     let mut sp = StreamParser::new(mode);
-    let mut shown = None::<bool>;
-    let mut out = std::io::stdout().lock();
-    let mut show = |deltas: Vec<Delta>, out: &mut std::io::StdoutLock| {
-        for d in deltas {
-            let (reasoning, text) = match d {
-                Delta::Reasoning(t) => (true, t),
-                Delta::Content(t) => (false, t),
-                Delta::ToolCall { call, .. } => (
-                    false,
-                    format!("\n[tool call] {}({})", call.name, call.arguments),
-                ),
-            };
-            if shown != Some(reasoning) {
-                let _ = write!(
-                    out,
-                    "{}",
-                    if reasoning {
-                        "\n[reasoning] "
-                    } else {
-                        "\n[answer] "
-                    }
-                );
-                shown = Some(reasoning);
-            }
-            let _ = write!(out, "{text}");
-            let _ = out.flush();
-        }
-    };
+    let mut printer = Printer::default();
     let on_text = |t: &str| {
-        show(sp.push(t), &mut std::io::stdout().lock());
+        sp.push(t).into_iter().for_each(|d| printer.show(d));
         true
     };
     let c = with_prefill_bar(|prefill| {
@@ -396,8 +414,8 @@ fn stream_completion(
             generate(backend, tok, &mut state, prompt, params, prefill, on_text)
         }
     })?;
-    show(sp.finish(), &mut out);
-    let _ = writeln!(out);
+    sp.finish().into_iter().for_each(|d| printer.show(d));
+    println!();
     let full = if c.finish == Finish::Eos {
         format!("{}{}", c.text, hadal::chat::tokens::EOS)
     } else {
@@ -620,8 +638,10 @@ fn chat(
         }
         INTERRUPTED.store(false, Ordering::SeqCst);
         GENERATING.store(true, Ordering::SeqCst);
-        let mut shown = None::<bool>;
-        let mut out = std::io::stdout().lock();
+        let mut printer = Printer {
+            reasoning: None,
+            answer_mark: "\n",
+        };
         let r = with_prefill_bar(|prefill| {
             session.turn(
                 &backend,
@@ -633,26 +653,13 @@ fn chat(
                     prefill,
                 },
                 |d| {
-                    let (reasoning, text) = match d {
-                        Delta::Reasoning(t) => (true, t),
-                        Delta::Content(t) => (false, t),
-                        Delta::ToolCall { call, .. } => (
-                            false,
-                            format!("\n[tool call] {}({})", call.name, call.arguments),
-                        ),
-                    };
-                    if shown != Some(reasoning) {
-                        let _ = write!(out, "{}", if reasoning { "[reasoning] " } else { "\n" });
-                        shown = Some(reasoning);
-                    }
-                    let _ = write!(out, "{text}");
-                    let _ = out.flush();
+                    printer.show(d);
                     !INTERRUPTED.load(Ordering::SeqCst)
                 },
             )
         });
         GENERATING.store(false, Ordering::SeqCst);
-        let _ = writeln!(out);
+        println!();
         match r {
             Ok(turn) => {
                 let c = &turn.completion;

@@ -82,6 +82,18 @@ fn response_format_block(rf: &Value) -> String {
     )
 }
 
+/// The tools and response-format sections a system or developer message carries.
+fn push_schemas(prompt: &mut String, tools: Option<&Vec<Value>>, rf: Option<&Value>) {
+    if let Some(t) = tools {
+        prompt.push_str("\n\n");
+        prompt.push_str(&tools_block(t));
+    }
+    if let Some(rf) = rf {
+        prompt.push_str("\n\n");
+        prompt.push_str(&response_format_block(rf));
+    }
+}
+
 /// Python truthiness of an optional JSON value.
 fn truthy(v: Option<&Value>) -> bool {
     match v {
@@ -189,14 +201,7 @@ fn render(index: usize, messages: &[Message], o: &Options, drop_thinking: bool) 
     match role(msg) {
         Some("system") => {
             prompt.push_str(&text_of(msg.get("content")));
-            if let Some(t) = tools {
-                prompt.push_str("\n\n");
-                prompt.push_str(&tools_block(t));
-            }
-            if let Some(rf) = rf {
-                prompt.push_str("\n\n");
-                prompt.push_str(&response_format_block(rf));
-            }
+            push_schemas(&mut prompt, tools, rf);
         }
         Some("developer") => {
             if !truthy(msg.get("content")) {
@@ -206,14 +211,7 @@ fn render(index: usize, messages: &[Message], o: &Options, drop_thinking: bool) 
             }
             prompt.push_str(USER);
             prompt.push_str(&text_of(msg.get("content")));
-            if let Some(t) = tools {
-                prompt.push_str("\n\n");
-                prompt.push_str(&tools_block(t));
-            }
-            if let Some(rf) = rf {
-                prompt.push_str("\n\n");
-                prompt.push_str(&response_format_block(rf));
-            }
+            push_schemas(&mut prompt, tools, rf);
         }
         Some("user") => {
             prompt.push_str(USER);

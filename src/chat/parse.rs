@@ -293,6 +293,26 @@ impl StreamParser {
         });
     }
 
+    /// Emits the calls of a DSML block (the text after its opening marker), or the block as
+    /// content when it is malformed.
+    fn tool_calls(&mut self, block: &str, out: &mut Vec<Delta>) {
+        match parse_tool_calls(block, 0) {
+            Ok((_, calls)) => {
+                for call in calls {
+                    out.push(Delta::ToolCall {
+                        index: self.calls,
+                        call,
+                    });
+                    self.calls += 1;
+                }
+            }
+            Err(e) => {
+                self.note(e);
+                out.push(Delta::Content(format!("{}{block}", tools_start())));
+            }
+        }
+    }
+
     /// Feeds decoded text.
     pub fn push(&mut self, text: &str) -> Vec<Delta> {
         self.buf.push_str(text);
@@ -342,21 +362,7 @@ impl StreamParser {
                         return out;
                     };
                     let block: String = self.buf.drain(..p + block_end.len()).collect();
-                    match parse_tool_calls(&block, 0) {
-                        Ok((_, calls)) => {
-                            for call in calls {
-                                out.push(Delta::ToolCall {
-                                    index: self.calls,
-                                    call,
-                                });
-                                self.calls += 1;
-                            }
-                        }
-                        Err(e) => {
-                            self.note(e);
-                            out.push(Delta::Content(format!("{start}{block}")));
-                        }
-                    }
+                    self.tool_calls(&block, &mut out);
                     self.phase = Phase::Done;
                 }
                 Phase::Done => {
@@ -379,21 +385,7 @@ impl StreamParser {
         let mut out = Vec::new();
         match self.phase {
             // The official parser takes an unclosed block at the end of the text as it stands.
-            Phase::ToolCalls => match parse_tool_calls(&rest, 0) {
-                Ok((_, calls)) => {
-                    for call in calls {
-                        out.push(Delta::ToolCall {
-                            index: self.calls,
-                            call,
-                        });
-                        self.calls += 1;
-                    }
-                }
-                Err(e) => {
-                    self.note(e);
-                    out.push(Delta::Content(format!("{}{rest}", tools_start())));
-                }
-            },
+            Phase::ToolCalls => self.tool_calls(&rest, &mut out),
             Phase::Done => {}
             _ => self.emit(&mut out, rest),
         }

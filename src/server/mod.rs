@@ -404,6 +404,14 @@ fn tool_calls_json(calls: &[crate::chat::parse::ToolCall], id: &str) -> Vec<Valu
         .collect()
 }
 
+/// One SSE `data:` line: a JSON chunk, or the bare `[DONE]` marker.
+fn sse_event(v: Value) -> Result<SseEvent, Infallible> {
+    Ok(match v {
+        Value::String(s) => SseEvent::default().data(s),
+        v => SseEvent::default().data(v.to_string()),
+    })
+}
+
 fn request_id() -> String {
     format!(
         "{:x}",
@@ -525,12 +533,7 @@ async fn chat_completions(
     });
     let sse = futures_util::stream::once(async move { first })
         .chain(events)
-        .map(|v| {
-            Ok::<_, Infallible>(match v {
-                Value::String(s) => SseEvent::default().data(s),
-                v => SseEvent::default().data(v.to_string()),
-            })
-        });
+        .map(sse_event);
     Ok(Sse::new(sse).into_response())
 }
 
@@ -592,12 +595,7 @@ async fn completions(State(app): State<App>, _h: HeaderMap, body: Body) -> ApiRe
                 Value::String("[DONE]".into()),
             ],
         };
-        futures_util::stream::iter(out).map(|v| {
-            Ok::<_, Infallible>(match v {
-                Value::String(s) => SseEvent::default().data(s),
-                v => SseEvent::default().data(v.to_string()),
-            })
-        })
+        futures_util::stream::iter(out).map(sse_event)
     });
     Ok(Sse::new(sse).into_response())
 }
