@@ -134,6 +134,19 @@ threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
 [t.join() for t in threads]
 check(all(r is not None and r[1] == ["length"] for r in results), "every concurrent stream completed")
 check(all(r[0] == e for r, e in zip(results, expected)), "every stream got exactly its own tokens")
+# A client that goes away frees its sequence at once.
+import re, time
+stream = main.chat.completions.create(model=MODEL, messages=user, max_tokens=5000, stream=True)
+next(iter(stream)); next(iter(stream))
+stream.close()
+def running():
+    m = urllib.request.urlopen(MAIN + "/metrics").read().decode()
+    return int(re.search(r"^hadal_running_sequences (\d+)", m, re.M).group(1))
+deadline = time.time() + 10
+while running() != 0 and time.time() < deadline:
+    time.sleep(0.05)
+check(running() == 0, "a disconnected stream frees its sequence")
+
 s, m = urllib.request.urlopen(MAIN + "/metrics").status, urllib.request.urlopen(MAIN + "/metrics").read().decode()
 check(s == 200 and "hadal_time_to_first_token_seconds_bucket" in m and "hadal_cached_prompt_tokens_total" in m, "/metrics")
 print("all server checks passed")

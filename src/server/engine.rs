@@ -341,5 +341,6 @@ fn run(
         let bytes: usize = running.iter().map(|s| s.state.bytes()).sum::<usize>()
             + cache.iter().map(|c| c.state.bytes()).sum::<usize>();
         m.state_bytes.set(bytes as i64);
+        m.running.set(running.len() as i64);
     }
 }
