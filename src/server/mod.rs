@@ -325,6 +325,16 @@ fn submit(
     params: &SamplingParams,
     n: usize,
 ) -> ApiResult<Vec<tokio::sync::mpsc::UnboundedReceiver<Event>>> {
+    // A token the model cannot embed would fail the whole batch it joins: refuse it here.
+    if let Some(t) = prompt.iter().find(|&&t| t as usize >= app.cfg.vocab_size) {
+        return Err(ApiError::bad(
+            None,
+            format!(
+                "the prompt has token id {t}, outside the model's vocabulary of {}",
+                app.cfg.vocab_size
+            ),
+        ));
+    }
     (0..n)
         .map(|i| {
             let (tx, rx) = unbounded_channel();
