@@ -43,18 +43,6 @@ impl Bytes {
     }
 }
 
-impl Bytes {
-    /// A sub-range `[start, start + len)` of these bytes, sharing the backing.
-    pub fn slice(&self, start: usize, len: usize) -> Self {
-        assert!(start + len <= self.len, "byte slice out of range");
-        Bytes {
-            backing: self.backing.clone(),
-            start: self.start + start,
-            len,
-        }
-    }
-}
-
 impl Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

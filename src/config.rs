@@ -248,7 +248,7 @@ impl Config {
             (self.qk_rope_head_dim % 2 == 0 && self.qk_rope_head_dim < self.head_dim, format!("qk_rope_head_dim = {} must be even and below head_dim = {}", self.qk_rope_head_dim, self.head_dim)),
             (self.head_dim.saturating_sub(self.qk_rope_head_dim) % 64 == 0, format!("head_dim - qk_rope_head_dim = {} must be a multiple of 64 (FP8 KV blocks)", self.head_dim.saturating_sub(self.qk_rope_head_dim))),
             (self.num_attention_heads % self.o_groups.max(1) == 0 && self.o_groups > 0, format!("num_attention_heads = {} is not divisible by o_groups = {}", self.num_attention_heads, self.o_groups)),
-            (self.index_head_dim.is_power_of_two() && self.index_head_dim % 32 == 0 && self.index_head_dim > self.qk_rope_head_dim, format!("index_head_dim = {} must be a power of two, a multiple of 32 and above qk_rope_head_dim", self.index_head_dim)),
+            (self.index_head_dim.is_power_of_two() && self.index_head_dim % 32 == 0 && self.index_head_dim >= self.qk_rope_head_dim, format!("index_head_dim = {} must be a power of two, a multiple of 32 and at least qk_rope_head_dim", self.index_head_dim)),
             (self.num_experts_per_tok >= 1 && self.num_experts_per_tok <= self.n_routed_experts, format!("num_experts_per_tok = {} with n_routed_experts = {}", self.num_experts_per_tok, self.n_routed_experts)),
             (self.hc_mult >= 1 && self.hc_sinkhorn_iters >= 1, format!("hc_mult = {}, hc_sinkhorn_iters = {} must be at least 1", self.hc_mult, self.hc_sinkhorn_iters)),
             (self.sliding_window >= 1, "sliding_window must be at least 1".into()),
@@ -302,8 +302,7 @@ impl Config {
             ("hidden_size", self.hidden_size),
             ("q_lora_rank", self.q_lora_rank),
             ("moe_intermediate_size", self.moe_intermediate_size),
-            ("o_lora_rank", self.o_lora_rank),
-            ("head_dim", self.head_dim),
+            ("o_groups * o_lora_rank", self.o_groups * self.o_lora_rank),
         ] {
             if v == 0 || v % 128 != 0 {
                 return bad(format!(

@@ -125,40 +125,6 @@ impl Matrix {
         }
     }
 
-    /// Rows `start..start + n` as a matrix of their own; `None` when the cut would split an FP8
-    /// scale block.
-    pub fn row_block(&self, start: usize, n: usize) -> Option<Matrix> {
-        let k = self.cols;
-        let storage = match &self.storage {
-            Storage::F8 { w, s } => {
-                if start % FP8_WEIGHT_BLOCK != 0
-                    || (n % FP8_WEIGHT_BLOCK != 0 && start + n != self.rows)
-                {
-                    return None;
-                }
-                let kb = k.div_ceil(FP8_WEIGHT_BLOCK);
-                Storage::F8 {
-                    w: w.slice(start * k, n * k),
-                    s: s.slice(
-                        start / FP8_WEIGHT_BLOCK * kb,
-                        n.div_ceil(FP8_WEIGHT_BLOCK) * kb,
-                    ),
-                }
-            }
-            Storage::F4 { w, s } => Storage::F4 {
-                w: w.slice(start * k / 2, n * k / 2),
-                s: s.slice(start * (k / FP4_WEIGHT_BLOCK), n * (k / FP4_WEIGHT_BLOCK)),
-            },
-            Storage::Bf16(w) => Storage::Bf16(w.slice(start * k * 2, n * k * 2)),
-            Storage::F32(w) => Storage::F32(w.slice(start * k * 4, n * k * 4)),
-        };
-        Some(Matrix {
-            rows: n,
-            cols: k,
-            storage,
-        })
-    }
-
     /// Decodes row `r` to f32 (scales applied).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         crate::backend::cpu::decode_row(self, r, out);

@@ -5,10 +5,10 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::ops::{rms_norm, rms_scale, sink_attention};
-use crate::backend::cpu::{linear, linear_plain};
+use crate::backend::cpu::{linear, linear_plain_rows};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::compressor::Compressor;
 use crate::model::indexer::Indexer;
 use crate::model::rope::{CosSin, Rope};
@@ -23,7 +23,8 @@ pub struct Attention {
     wq_b: Matrix,
     wkv: Matrix,
     kv_norm: Vec<f32>,
-    wo_a: Vec<Matrix>,
+    wo_a: Matrix,
+    groups: usize,
     wo_b: Matrix,
     sink: Vec<f32>,
     compressor: Option<Compressor>,
@@ -69,22 +70,14 @@ impl Attention {
             dim: dh,
             rope: cfg.qk_rope_head_dim,
         };
-        let wo_a = Matrix::load(ck, &p("wo_a"), g * r, h * dh / g)?;
-        let wo_a = (0..g)
-            .map(|i| wo_a.row_block(i * r, r))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| {
-                Error::Checkpoint(format!(
-                    "tensor {prefix}.wo_a.weight: o_lora_rank {r} does not align with its 128-row scale blocks"
-                ))
-            })?;
         Ok(Attention {
             wq_a: Matrix::load(ck, &p("wq_a"), cfg.q_lora_rank, d)?,
             q_norm: ck.take_f32(&p("q_norm.weight"), &[cfg.q_lora_rank])?,
             wq_b: Matrix::load(ck, &p("wq_b"), h * dh, cfg.q_lora_rank)?,
             wkv: Matrix::load(ck, &p("wkv"), dh, d)?,
             kv_norm: ck.take_f32(&p("kv_norm.weight"), &[dh])?,
-            wo_a,
+            wo_a: Matrix::load(ck, &p("wo_a"), g * r, h * dh / g)?,
+            groups: g,
             wo_b: Matrix::load(ck, &p("wo_b"), d, g * r)?,
             sink: ck.take_f32(&p("attn_sink"), &[h])?,
             compressor: if ratio > 0 {
@@ -184,17 +177,17 @@ impl Attention {
         }
 
         // Grouped low-rank output: each group of heads goes through its own wo_a slice.
-        let g = self.wo_a.len();
+        let g = self.groups;
         let gw = h * dh / g;
-        let r = self.wo_a[0].rows;
+        let r = self.wo_a.rows / g;
         let mut z = vec![0f32; t_all * g * r];
-        for (gi, wa) in self.wo_a.iter().enumerate() {
+        for gi in 0..g {
             let og: Vec<f32> = o
                 .chunks(h * dh)
                 .flat_map(|row| &row[gi * gw..(gi + 1) * gw])
                 .copied()
                 .collect();
-            let zg = linear_plain(wa, &og);
+            let zg = linear_plain_rows(&self.wo_a, &og, gi * r..(gi + 1) * r);
             for (t, zr) in zg.chunks(r).enumerate() {
                 z[t * g * r + gi * r..t * g * r + (gi + 1) * r].copy_from_slice(zr);
             }

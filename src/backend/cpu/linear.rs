@@ -166,10 +166,15 @@ pub fn linear(m: &Matrix, x: &[f32]) -> Vec<f32> {
 
 /// `y = x W^T` in f32 with `W` decoded exactly (no activation rounding), whatever its storage.
 pub fn linear_plain(m: &Matrix, x: &[f32]) -> Vec<f32> {
+    linear_plain_rows(m, x, 0..m.rows)
+}
+
+/// [`linear_plain`] with only the output features `range` of `W` (rows of the matrix).
+pub fn linear_plain_rows(m: &Matrix, x: &[f32], range: std::ops::Range<usize>) -> Vec<f32> {
     let k = m.cols;
     let rows = x.len() / k;
-    by_columns(rows, m.rows, k, |j, wrow, out| {
-        decode_row(m, j, wrow);
+    by_columns(rows, range.len(), k, |j, wrow, out| {
+        decode_row(m, range.start + j, wrow);
         for (t, o) in out.iter_mut().enumerate() {
             *o = dot(&x[t * k..(t + 1) * k], wrow);
         }

@@ -3,7 +3,7 @@
 mod linear;
 pub mod ops;
 
-pub use linear::{decode_row, dot, linear, linear_plain};
+pub use linear::{decode_row, dot, linear, linear_plain, linear_plain_rows};
 
 use crate::backend::Backend;
 use crate::config::Config;

@@ -1,0 +1,77 @@
+//! Other shapes than the bundled fixture: random checkpoints of unusual configurations load,
+//! and chunked, token-by-token and batched runs compute exactly what one prefill computes.
+
+use hadal::config::Config;
+use hadal::model::{Model, SeqInput};
+
+fn variant(edits: serde_json::Value) -> Config {
+    let mut v: serde_json::Value = serde_json::to_value(hadal::demo::demo_config()).unwrap();
+    for (k, x) in edits.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    Config::from_json(&v.to_string()).unwrap()
+}
+
+/// Logits of `seqs` fed in `chunks` (then one token at a time), all in one batch.
+fn run(m: &Model, seqs: &[Vec<u32>], chunks: &[usize]) -> Vec<f32> {
+    let mut states: Vec<_> = seqs.iter().map(|_| m.new_state()).collect();
+    let n = seqs[0].len();
+    let mut sizes = chunks.to_vec();
+    sizes.extend(std::iter::repeat_n(1, n - chunks.iter().sum::<usize>()));
+    let (mut pos, mut out) = (0, vec![Vec::new(); seqs.len()]);
+    for len in sizes {
+        let mut inputs: Vec<SeqInput> = states
+            .iter_mut()
+            .zip(seqs)
+            .map(|(state, s)| SeqInput {
+                state,
+                tokens: &s[pos..pos + len],
+            })
+            .collect();
+        let l = m.logits(&m.forward(&mut inputs).unwrap());
+        let v = m.cfg.vocab_size;
+        for (i, o) in out.iter_mut().enumerate() {
+            o.extend_from_slice(&l[i * len * v..(i + 1) * len * v]);
+        }
+        pos += len;
+    }
+    out.concat()
+}
+
+#[test]
+fn unusual_shapes_are_consistent() {
+    let variants = [
+        serde_json::json!({"head_dim": 192, "o_groups": 4, "o_lora_rank": 64, "sliding_window": 5,
+            "compress_ratios": [4, 128, 0, 4, 4], "index_topk": 3, "index_head_dim": 64,
+            "num_hash_layers": 2, "hc_mult": 2, "hc_sinkhorn_iters": 3, "n_routed_experts": 4,
+            "num_experts_per_tok": 3, "vocab_size": 300, "swiglu_limit": 0.0}),
+        serde_json::json!({"num_hidden_layers": 2, "compress_ratios": [128, 128, 0], "sliding_window": 200,
+            "num_hash_layers": 0, "vocab_size": 500, "rope_scaling": null}),
+    ];
+    for (i, edits) in variants.into_iter().enumerate() {
+        let cfg = variant(edits);
+        let dir = tempfile::tempdir().unwrap();
+        hadal::demo::write_random_checkpoint(dir.path(), &cfg, 9 + i as u64).unwrap();
+        let m = Model::load(dir.path()).unwrap();
+        let v = cfg.vocab_size as u32;
+        let a: Vec<u32> = (0..150).map(|t| (t * 37 + 11) % v).collect();
+        let b: Vec<u32> = (0..150).map(|t| (t * 91 + 3) % v).collect();
+        let one = run(&m, std::slice::from_ref(&a), &[150]);
+        assert!(
+            one.iter().all(|x| x.is_finite()),
+            "variant {i}: non-finite logits"
+        );
+        assert_eq!(
+            run(&m, std::slice::from_ref(&a), &[7, 1, 60, 13]),
+            one,
+            "variant {i}: chunked"
+        );
+        assert_eq!(
+            run(&m, std::slice::from_ref(&a), &[]),
+            one,
+            "variant {i}: token by token"
+        );
+        let both = run(&m, &[a.clone(), b], &[150]);
+        assert_eq!(&both[..one.len()], &one[..], "variant {i}: batched");
+    }
+}
