@@ -1,8 +1,9 @@
 //! Other shapes than the bundled fixture: random checkpoints of unusual configurations load,
 //! and chunked, token-by-token and batched runs compute exactly what one prefill computes.
 
+use hadal::backend::cpu::CpuBackend;
 use hadal::config::Config;
-use hadal::model::{Model, SeqInput};
+use hadal::model::Model;
 
 fn variant(edits: serde_json::Value) -> Config {
     let mut v: serde_json::Value = serde_json::to_value(hadal::demo::demo_config()).unwrap();
@@ -13,29 +14,8 @@ fn variant(edits: serde_json::Value) -> Config {
 }
 
 /// Logits of `seqs` fed in `chunks` (then one token at a time), all in one batch.
-fn run(m: &Model, seqs: &[Vec<u32>], chunks: &[usize]) -> Vec<f32> {
-    let mut states: Vec<_> = seqs.iter().map(|_| m.new_state()).collect();
-    let n = seqs[0].len();
-    let mut sizes = chunks.to_vec();
-    sizes.extend(std::iter::repeat_n(1, n - chunks.iter().sum::<usize>()));
-    let (mut pos, mut out) = (0, vec![Vec::new(); seqs.len()]);
-    for len in sizes {
-        let mut inputs: Vec<SeqInput> = states
-            .iter_mut()
-            .zip(seqs)
-            .map(|(state, s)| SeqInput {
-                state,
-                tokens: &s[pos..pos + len],
-            })
-            .collect();
-        let l = m.logits(&m.forward(&mut inputs).unwrap());
-        let v = m.cfg.vocab_size;
-        for (i, o) in out.iter_mut().enumerate() {
-            o.extend_from_slice(&l[i * len * v..(i + 1) * len * v]);
-        }
-        pos += len;
-    }
-    out.concat()
+fn run(m: &CpuBackend, seqs: &[Vec<u32>], chunks: &[usize]) -> Vec<f32> {
+    hadal::score::score(m, seqs, chunks, false).unwrap().logits
 }
 
 #[test]
@@ -52,7 +32,9 @@ fn unusual_shapes_are_consistent() {
         let cfg = variant(edits);
         let dir = tempfile::tempdir().unwrap();
         hadal::demo::write_random_checkpoint(dir.path(), &cfg, 9 + i as u64).unwrap();
-        let m = Model::load(dir.path()).unwrap();
+        let m = CpuBackend {
+            model: Model::load(dir.path()).unwrap(),
+        };
         let v = cfg.vocab_size as u32;
         let a: Vec<u32> = (0..150).map(|t| (t * 37 + 11) % v).collect();
         let b: Vec<u32> = (0..150).map(|t| (t * 91 + 3) % v).collect();
