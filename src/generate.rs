@@ -267,6 +267,22 @@ pub struct Completion {
     pub drafts: (usize, usize),
 }
 
+impl Completion {
+    /// The completion as the model wrote it, for parsing: the text, then EOS if it ended so.
+    pub fn raw_text(&self) -> String {
+        raw_text(&self.text, self.finish)
+    }
+}
+
+/// `text` followed by the EOS token when generation ended with it.
+pub fn raw_text(text: &str, finish: Finish) -> String {
+    if finish == Finish::Eos {
+        format!("{text}{}", crate::chat::tokens::EOS)
+    } else {
+        text.to_string()
+    }
+}
+
 /// Length of the longest suffix of `s` that is a proper prefix of some stop string.
 fn stop_holdback(s: &str, stops: &[String]) -> usize {
     stops
@@ -420,17 +436,18 @@ pub fn generate(
     }
     let mut em = Emitter::new(tok, params.clone(), backend.config().eos_token_id, on_text);
     let t0 = Instant::now();
-    let mut logits = Vec::new();
+    let mut last = Vec::new();
     let step = prefill.chunk.max(1);
     for (c, chunk) in prompt.chunks(step).enumerate() {
         let h = backend.forward(&mut [SeqInput {
             state,
             tokens: chunk,
         }])?;
-        let row = h.len() / chunk.len();
-        logits = backend.logits(&h[h.len() - row..]);
+        last = h[h.len() - h.len() / chunk.len()..].to_vec();
         prefill.report(c * step + chunk.len(), prompt.len());
     }
+    // Only the prompt's last position needs the head.
+    let mut logits = backend.logits(&last);
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut sampler = Sampler::new(params.clone());

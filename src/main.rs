@@ -416,12 +416,8 @@ fn stream_completion(
     })?;
     sp.finish().into_iter().for_each(|d| printer.show(d));
     println!();
-    let full = if c.finish == Finish::Eos {
-        format!("{}{}", c.text, hadal::chat::tokens::EOS)
-    } else {
-        c.text.clone()
-    };
-    Ok((c, parse(&full, mode)))
+    let parsed = parse(&c.raw_text(), mode);
+    Ok((c, parsed))
 }
 
 fn demo(max_tokens: usize, seed: u64, prompt: &str, keep: Option<&Path>) -> anyhow::Result<()> {

@@ -30,7 +30,7 @@ use crate::chat::parse::{parse, Delta, StreamParser};
 use crate::chat::request::conversation;
 use crate::chat::{encode, Options, ThinkingMode};
 use crate::config::Config;
-use crate::generate::{Finish, SamplingParams, TokenLogprob};
+use crate::generate::{raw_text, Finish, SamplingParams, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 use engine::{Done, EngineHandle, EngineOptions, Event, Job};
 use metrics::Metrics;
@@ -464,12 +464,7 @@ async fn chat_completions(
             let d = finish(rx).await?;
             completion += d.completion_tokens;
             cached = d.cached_tokens;
-            let full = if d.finish == Finish::Eos {
-                format!("{}{}", d.text, crate::chat::tokens::EOS)
-            } else {
-                d.text.clone()
-            };
-            let p = parse(&full, mode);
+            let p = parse(&raw_text(&d.text, d.finish), mode);
             let mut message = json!({"role": "assistant", "content": p.content});
             if mode == ThinkingMode::Thinking {
                 message["reasoning_content"] = p.reasoning_content.clone().into();
