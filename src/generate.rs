@@ -418,6 +418,15 @@ impl<'a, F: FnMut(&str) -> bool> Emitter<'a, F> {
     }
 }
 
+/// Rejects invalid sampling parameters and an empty prompt.
+fn check_request(params: &SamplingParams, prompt: &[u32]) -> Result<()> {
+    params.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::Input("empty prompt".into()));
+    }
+    Ok(())
+}
+
 /// Feeds `prompt` (after whatever `state` holds) and generates a completion, calling
 /// `on_text` with each piece of final text; `on_text` returning false cancels. The state ends
 /// holding every token but the last generated one.
@@ -430,10 +439,7 @@ pub fn generate(
     prefill: Prefill,
     on_text: impl FnMut(&str) -> bool,
 ) -> Result<Completion> {
-    params.validate()?;
-    if prompt.is_empty() {
-        return Err(Error::Input("empty prompt".into()));
-    }
+    check_request(params, prompt)?;
     let mut em = Emitter::new(tok, params.clone(), backend.config().eos_token_id, on_text);
     let t0 = Instant::now();
     let mut last = Vec::new();
@@ -479,10 +485,7 @@ pub fn generate_speculative(
     prefill: Prefill,
     on_text: impl FnMut(&str) -> bool,
 ) -> Result<Completion> {
-    params.validate()?;
-    if prompt.is_empty() {
-        return Err(Error::Input("empty prompt".into()));
-    }
+    check_request(params, prompt)?;
     if backend.config().num_nextn_predict_layers == 0 {
         return Err(Error::Input(
             "speculative decoding needs an MTP block; this model has none".into(),

@@ -70,7 +70,7 @@ def random_checkpoint(net, cfg, kernels, g):
     for name, p in net.named_parameters():
         if name.startswith("mtp.") and name.endswith(("embed.weight", "head.weight")):
             continue
-        if name.endswith(".scale") and not name.endswith("hc_head_scale") and "hc_" not in name:
+        if name.endswith(".scale"):
             continue  # written with its weight
         shape = tuple(p.shape)
         if p.dtype == torch.float4_e2m1fn_x2:
