@@ -30,8 +30,9 @@ pub struct Scores {
     pub mtp_logits: Option<Vec<f32>>,
 }
 
-/// Scores equal-length sequences: chunks of `chunks[0]`, `chunks[1]`, ... tokens, then single
-/// tokens to the end. With `mtp`, MTP block 0 is run over the first chunk.
+/// Scores equal-length sequences: a prompt prefilled in chunks of `chunks[0]`, `chunks[1]`, ...
+/// tokens, then one-token decode steps to the end. With `mtp`, MTP block 0 is run over the
+/// first chunk.
 pub fn score(
     backend: &dyn Backend,
     seqs: &[Vec<u32>],
@@ -64,6 +65,8 @@ pub fn score(
     let cfg = backend.config();
     let v = cfg.vocab_size;
     let mut states: Vec<_> = (0..b).map(|_| backend.new_state()).collect();
+    // The scheduled chunks are one prompt: ranked as if prefilled at once.
+    states.iter_mut().for_each(|s| s.prompt_end = scheduled);
     let mut logits = vec![0f32; b * n * v];
     let mut mtp_logits = None;
     let mut pos = 0;

@@ -235,6 +235,14 @@ fn restore(c: &mut Option<CompressorState>, t: Option<(CompressorState, usize)>)
 pub struct SeqState {
     /// Tokens consumed so far (the next token's position).
     pub pos: usize,
+    /// Where the prompt being prefilled ends, when it is fed in several chunks. The reference
+    /// prefills a prompt in one call, and its indexer ranks each query's row over every entry of
+    /// that call (the not yet visible ones at -inf); which of several exactly tied entries it
+    /// keeps depends on that row's length. Queries before `prompt_end` rank the row of the whole
+    /// prompt, so a prompt gives the same result however it is chunked. At or before `pos` it
+    /// has no effect: one-token decode ranks the visible entries, as the reference's does.
+    #[serde(default)]
+    pub prompt_end: usize,
     /// One state per block run by this state's owner (main blocks, or one MTP block).
     pub blocks: Vec<BlockState>,
 }
@@ -244,6 +252,7 @@ impl SeqState {
     pub fn new(ratios: &[usize]) -> Self {
         SeqState {
             pos: 0,
+            prompt_end: 0,
             blocks: ratios.iter().map(|&r| BlockState::new(r)).collect(),
         }
     }

@@ -129,6 +129,13 @@ fn assert_close(what: &str, errs: &[f64]) {
         100.0 * frac,
         errs.len()
     );
+    if std::env::var_os("HADAL_GOLDEN_VERBOSE").is_some() {
+        let off: Vec<String> = (errs.iter().enumerate())
+            .filter(|(_, &e)| e > 1e-3)
+            .map(|(i, e)| format!("{i}:{e:.1e}"))
+            .collect();
+        eprintln!("  positions over 1e-3: {}", off.join(" "));
+    }
     assert!(
         frac >= 0.95,
         "{what}: only {:.1}% of positions within 1e-3 (worst {worst:.2e} at position {worst_pos})",
@@ -180,7 +187,12 @@ fn check2_blocks_teacher_forced() {
         while pos < f.n {
             let len = if pos == 0 { f.prefill } else { 1 };
             let mut x = input[pos * row..(pos + len) * row].to_vec();
-            let span = Span { start: 0, len, pos };
+            let span = Span {
+                start: 0,
+                len,
+                pos,
+                prompt_end: 0,
+            };
             block.forward(
                 &mut x,
                 &f.tokens[0][pos..pos + len],
@@ -273,7 +285,10 @@ fn check5_chunked_and_batched_agree() {
         "check 5, chunked prefill",
         &rel_errors(&chunked[0], &one[0], v),
     );
-    let steps = run(f, &f.tokens[..1], &[]);
+    // The prompt fed one token per call. (Decoding the same tokens without declaring them a
+    // prompt ranks the indexer's rows over the visible entries only, as the reference's decode
+    // does; at an exact tie that may keep other entries than one prefill, in both.)
+    let steps = run(f, &f.tokens[..1], &vec![1; n]);
     assert_close(
         "check 5, token by token",
         &rel_errors(&steps[0], &one[0], v),

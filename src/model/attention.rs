@@ -251,17 +251,18 @@ impl Attention {
                             .push(ist, s.pos + i, &ikv[r.clone()], &isc[r], &self.rope);
                     }
                     let keys = ix.compressor.decode_all(ist, ist.entries.len);
+                    let ranked = (s.pos + s.len).max(s.prompt_end) / self.ratio;
                     let (hq, hw) = (iq.len() / cs.len(), iw.len() / cs.len());
                     (0..s.len)
                         .into_par_iter()
                         .map(|i| {
                             let t = s.start + i;
-                            let n = (s.pos + i + 1) / self.ratio;
                             ix.select(
                                 &iq[t * hq..(t + 1) * hq],
                                 &iw[t * hw..(t + 1) * hw],
                                 &keys,
-                                n,
+                                (s.pos + i + 1) / self.ratio,
+                                ranked,
                             )
                         })
                         .collect()

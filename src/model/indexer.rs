@@ -3,9 +3,10 @@
 //!
 //! Queries `qi = wq_b(qr)` (RoPE, Hadamard, FP4) are scored against the indexer's own compressed
 //! keys (Hadamard, FP4): `score(b) = sum_h w_h * relu(qi_h . key_b)` with per-head weights
-//! `w = weights_proj(y) / sqrt(index_head_dim * index_n_heads)`. Ties go to the lower entry.
+//! `w = weights_proj(y) / sqrt(index_head_dim * index_n_heads)`. Among tied scores it keeps
+//! those the reference's `torch.topk` keeps.
 
-use crate::backend::cpu::{dot, linear, linear_plain, ops::top_k};
+use crate::backend::cpu::{dot, linear, linear_plain, top_k};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
@@ -69,12 +70,23 @@ impl Indexer {
         (q, w)
     }
 
-    /// The entries (among the first `n` of `keys`, `n x dim`) that one query attends to.
-    pub fn select(&self, q: &[f32], w: &[f32], keys: &[f32], n: usize) -> Vec<usize> {
+    /// The entries (among the first `n` of `keys`) that one query attends to, ranked in a row
+    /// of `ranked >= n` entries whose last `ranked - n` (not yet visible) score -inf.
+    ///
+    /// The reference ranks such a row, of every entry its forward call will have; which of
+    /// several tied scores it keeps depends on the row's length (see `backend::cpu::topk`).
+    pub fn select(
+        &self,
+        q: &[f32],
+        w: &[f32],
+        keys: &[f32],
+        n: usize,
+        ranked: usize,
+    ) -> Vec<usize> {
         if n <= self.topk {
             return (0..n).collect();
         }
-        let scores: Vec<f32> = keys[..n * self.dim]
+        let mut scores: Vec<f32> = keys[..n * self.dim]
             .chunks(self.dim)
             .map(|k| {
                 let mut s = 0f32;
@@ -84,6 +96,7 @@ impl Indexer {
                 s
             })
             .collect();
+        scores.resize(ranked.max(n), f32::NEG_INFINITY);
         let mut idx = top_k(&scores, self.topk);
         idx.sort_unstable();
         idx

@@ -35,6 +35,8 @@ pub struct Span {
     pub len: usize,
     /// Position of the first token in its sequence.
     pub pos: usize,
+    /// Where the prompt this chunk belongs to ends (see [`SeqState::prompt_end`]).
+    pub prompt_end: usize,
 }
 
 /// One sequence's input to a forward call.
@@ -162,6 +164,7 @@ impl Model {
                 start: tokens.len(),
                 len: s.tokens.len(),
                 pos: s.state.pos,
+                prompt_end: s.state.prompt_end,
             });
             tokens.extend_from_slice(s.tokens);
         }

@@ -147,7 +147,7 @@ impl Moe {
                     .collect(),
                 Routing::Score(bias) => {
                     let biased: Vec<f32> = row.iter().zip(bias).map(|(s, b)| s + b).collect();
-                    ops::top_k(&biased, k)
+                    crate::backend::cpu::top_k(&biased, k)
                 }
             };
             let mut w: Vec<f32> = pick.iter().map(|&i| row[i]).collect();

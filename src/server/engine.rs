@@ -208,8 +208,9 @@ fn run(
                 }
             };
             m.queue_depth.set(queued.fetch_sub(1, Ordering::SeqCst) - 1);
-            let (state, cached) =
+            let (mut state, cached) =
                 reuse(&cache, &job.prompt).unwrap_or_else(|| (backend.new_state(), 0));
+            state.prompt_end = job.prompt.len();
             m.prompt_tokens.inc_by(job.prompt.len() as u64);
             m.cached_prompt_tokens.inc_by(cached as u64);
             let events = job.events.clone();

@@ -2,8 +2,10 @@
 
 mod linear;
 pub mod ops;
+mod topk;
 
 pub use linear::{decode_row, dot, linear, linear_plain, linear_plain_rows};
+pub use topk::top_k;
 
 use crate::backend::Backend;
 use crate::config::Config;

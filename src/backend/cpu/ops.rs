@@ -52,27 +52,6 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// Indices of the `k` largest values, ties to the lower index, in descending order of value.
-pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    let better = |a: &usize, b: &usize| {
-        scores[*b]
-            .partial_cmp(&scores[*a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(b))
-    };
-    let k = k.min(idx.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, better);
-        idx.truncate(k);
-    }
-    idx.sort_unstable_by(better);
-    idx
-}
-
 /// One head's attention over `keys` (which double as values) with a sink: `softmax` over the
 /// scores `q . k * scale` and the sink logit, the sink carrying no value.
 pub fn sink_attention<'a>(
@@ -134,13 +113,6 @@ mod tests {
         // A very negative sink vanishes; a very large one absorbs all the mass.
         sink_attention(&q, keys.iter().map(|k| &k[..]), 80.0, 0.5, &mut out);
         assert!(out.iter().all(|v| v.abs() < 1e-20));
-    }
-
-    #[test]
-    fn top_k_breaks_ties_to_lower_index() {
-        assert_eq!(top_k(&[1.0, 3.0, 3.0, 0.0, 3.0], 2), vec![1, 2]);
-        assert_eq!(top_k(&[0.0, -0.0, 0.0], 2), vec![0, 1]);
-        assert_eq!(top_k(&[2.0, 1.0], 5), vec![0, 1]);
     }
 
     #[test]
