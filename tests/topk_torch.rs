@@ -1,39 +1,39 @@
 //! hadal's top-k against `torch.topk` on the CPU (the reference's), on rows full of ties: the
 //! same entries, in the same order. Cases from `tools/reference/make_topk_cases.py`.
 
-use hadal::backend::cpu::top_k;
-use safetensors::SafeTensors;
+mod common;
 
-fn column<T: Copy>(st: &SafeTensors, name: &str, from: fn([u8; 4]) -> T) -> Vec<T> {
-    let t = st.tensor(name).unwrap();
-    t.data()
-        .chunks_exact(4)
-        .map(|b| from(b.try_into().unwrap()))
-        .collect()
-}
+use hadal::backend::cpu::top_k;
 
 #[test]
 fn picks_what_torch_picks() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/topk_torch.safetensors"
-    );
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let values = column(&st, "values", f32::from_le_bytes);
-    let lens = column(&st, "lens", i32::from_le_bytes);
-    let ks = column(&st, "k", i32::from_le_bytes);
-    let picks = column(&st, "picks", i32::from_le_bytes);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/topk_torch.safetensors");
+    let t = common::read(&path);
+    let words = |name: &str| -> Vec<[u8; 4]> {
+        t[name]
+            .2
+            .chunks_exact(4)
+            .map(|b| b.try_into().unwrap())
+            .collect()
+    };
+    let values: Vec<f32> = words("values")
+        .into_iter()
+        .map(f32::from_le_bytes)
+        .collect();
+    let ints = |name: &str| -> Vec<usize> {
+        words(name)
+            .into_iter()
+            .map(|b| i32::from_le_bytes(b) as usize)
+            .collect()
+    };
+    let (lens, ks, picks) = (ints("lens"), ints("k"), ints("picks"));
     let (mut v0, mut p0, mut wrong) = (0, 0, Vec::new());
     for (&n, &k) in lens.iter().zip(&ks) {
-        let (n, k) = (n as usize, k as usize);
-        let row = &values[v0..v0 + n];
-        let want: Vec<usize> = picks[p0..p0 + k].iter().map(|&i| i as usize).collect();
-        if top_k(row, k) != want {
-            wrong.push(format!(
-                "n {n} k {k}: {:?} vs torch {want:?}",
-                top_k(row, k)
-            ));
+        let got = top_k(&values[v0..v0 + n], k);
+        let want = &picks[p0..p0 + k];
+        if got != want {
+            wrong.push(format!("n {n} k {k}: {got:?} vs torch {want:?}"));
         }
         v0 += n;
         p0 += k;

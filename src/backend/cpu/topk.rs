@@ -196,11 +196,11 @@ fn sort_heap(v: &mut [Elem]) {
 }
 
 /// Fills the hole at `hole` by moving the larger child up to a leaf, then pushes `val` back
-/// up from there.
+/// up from there. `v` is never empty.
 fn adjust_heap(v: &mut [Elem], mut hole: usize, val: Elem) {
     let (len, top) = (v.len(), hole);
     let mut child = hole;
-    while child < len.saturating_sub(1) / 2 {
+    while child < (len - 1) / 2 {
         child = 2 * (child + 1);
         if before(&v[child], &v[child - 1]) {
             child -= 1;
@@ -208,7 +208,7 @@ fn adjust_heap(v: &mut [Elem], mut hole: usize, val: Elem) {
         v[hole] = v[child];
         hole = child;
     }
-    if len % 2 == 0 && len >= 2 && child == (len - 2) / 2 {
+    if len % 2 == 0 && child == (len - 2) / 2 {
         child = 2 * (child + 1);
         v[hole] = v[child - 1];
         hole = child - 1;
