@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::ops::{rms_norm, rms_scale, sink_attention};
+use crate::backend::cpu::order::order;
 use crate::backend::cpu::{linear, linear_plain_rows};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
@@ -323,6 +324,7 @@ impl Attention {
         let rows = keys.raw[lo * dh..hi * dh]
             .chunks(dh)
             .chain(picks.iter().map(|&b| &keys.comp[b * dh..(b + 1) * dh]));
-        sink_attention(q, rows, self.sink[head], (dh as f32).powf(-0.5), out);
+        let order = order(self.heads, dh);
+        sink_attention(q, rows, self.sink[head], (dh as f32).powf(-0.5), order, out);
     }
 }

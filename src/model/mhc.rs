@@ -5,7 +5,7 @@
 //! copies to the sublayer input, `post` (2 sigmoid) spreads the sublayer output back, and `comb`
 //! (Sinkhorn-normalized towards doubly stochastic) mixes the copies.
 
-use crate::backend::cpu::{linear_plain, ops::rms_scale, ops::sigmoid};
+use crate::backend::cpu::{linear_plain, ops::rms_scale, ops::sigmoid_vec};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::weights::Matrix;
@@ -94,21 +94,25 @@ impl HyperConn {
         let mut post = vec![0f32; t * m];
         let mut comb = vec![0f32; t * m * m];
         let (b, s) = (&self.base, &self.scale);
+        let mut pre = vec![0f32; t * m];
+        for i in 0..t {
+            for j in 0..m {
+                pre[i * m + j] = mix[i * n + j] * s[0] + b[j];
+                post[i * m + j] = mix[i * n + m + j] * s[1] + b[m + j];
+            }
+        }
+        pre.iter_mut()
+            .for_each(|v| *v = sigmoid_vec(*v) + self.hc_eps);
+        post.iter_mut().for_each(|v| *v = 2.0 * sigmoid_vec(*v));
         for i in 0..t {
             let mx = &mix[i * n..(i + 1) * n];
-            let pre: Vec<f32> = (0..m)
-                .map(|j| sigmoid(mx[j] * s[0] + b[j]) + self.hc_eps)
-                .collect();
-            for j in 0..m {
-                post[i * m + j] = 2.0 * sigmoid(mx[m + j] * s[1] + b[m + j]);
-            }
             let c = &mut comb[i * m * m..(i + 1) * m * m];
             for (k, v) in c.iter_mut().enumerate() {
                 *v = mx[2 * m + k] * s[2] + b[2 * m + k];
             }
             sinkhorn(c, m, self.iters, self.hc_eps);
             reduce(
-                &pre,
+                &pre[i * m..(i + 1) * m],
                 &x[i * m * d..(i + 1) * m * d],
                 d,
                 &mut y[i * d..(i + 1) * d],
@@ -231,12 +235,14 @@ impl HcHead {
         let mix = mixes(&self.fn_, x, m * d, self.norm_eps);
         let t = x.len() / (m * d);
         let mut y = vec![0f32; t * d];
+        let mut pre: Vec<f32> = (0..t * m)
+            .map(|i| mix[i] * self.scale + self.base[i % m])
+            .collect();
+        pre.iter_mut()
+            .for_each(|v| *v = sigmoid_vec(*v) + self.hc_eps);
         for i in 0..t {
-            let pre: Vec<f32> = (0..m)
-                .map(|j| sigmoid(mix[i * m + j] * self.scale + self.base[j]) + self.hc_eps)
-                .collect();
             reduce(
-                &pre,
+                &pre[i * m..(i + 1) * m],
                 &x[i * m * d..(i + 1) * m * d],
                 d,
                 &mut y[i * d..(i + 1) * d],

@@ -1,15 +1,15 @@
 //! Matrix products against weights in checkpoint precision.
 //!
-//! FP8/FP4 linears follow the reference GEMMs: the activation is FP8-rounded in blocks of 128,
-//! each weight block's partial dot product is taken over exact FP8/FP4 values, then scaled by
-//! the activation and weight scales and accumulated in f32. Plain linears decode BF16/F32 (or,
-//! for `wo_a`, FP8 times its scale, which is exact) and multiply f32 activations.
-//!
-//! Every output element is computed the same way whatever the batch, so a sequence gives the
-//! same bits alone and inside a batch.
+//! FP8/FP4 linears follow the reference: the activation is FP8-rounded in blocks of 128, both
+//! sides are dequantized (exactly) and multiplied in f32. Plain linears decode BF16/F32 (or, for
+//! `wo_a`, FP8 times its scale, which is exact) and multiply f32 activations. Every output is one
+//! fused chain over `k` in blocks ([`super::order`]), the reference platform's order for products
+//! of many rows; it does not depend on the batch, so a sequence gives the same bits alone, inside
+//! a batch, prefilled at once or in chunks.
 
 use rayon::prelude::*;
 
+use super::order::{dot_in, Order};
 use crate::quant::{
     bf16, e8m0, QuantAct, ACT_BLOCK, E2M1, E4M3, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK,
 };
@@ -116,49 +116,21 @@ where
 
 /// `y = x W^T` with the reference numerics for `W`'s format: FP8-rounded activations for FP8 and
 /// FP4 weights, f32 activations otherwise. `x` is `rows x m.cols`; returns `rows x m.rows`.
+///
+/// The reference multiplies the dequantized matrices (exact products: FP8 times FP8, FP4 times
+/// FP8, scaled by powers of two) in float32; the sum over `k` is the chain its platform uses for
+/// a many-row product ([`Order::Chain`]), whatever the number of rows.
 pub fn linear(m: &Matrix, x: &[f32]) -> Vec<f32> {
-    let k = m.cols;
-    debug_assert_eq!(x.len() % k, 0);
-    let rows = x.len() / k;
     match &m.storage {
-        Storage::F8 { w, s } => {
+        Storage::F8 { .. } | Storage::F4 { .. } => {
+            let k = m.cols;
             let a = QuantAct::new(x, k);
-            let kb = k / ACT_BLOCK;
-            let skb = k.div_ceil(FP8_WEIGHT_BLOCK);
-            by_columns(rows, m.rows, k, |j, wrow, out| {
-                for (o, c) in wrow.iter_mut().zip(&w[j * k..(j + 1) * k]) {
-                    *o = E4M3[*c as usize];
-                }
-                let ws = &s[(j / FP8_WEIGHT_BLOCK) * skb..(j / FP8_WEIGHT_BLOCK + 1) * skb];
-                for (t, o) in out.iter_mut().enumerate() {
-                    let (xq, xs) = (&a.q[t * k..(t + 1) * k], &a.s[t * kb..(t + 1) * kb]);
-                    let mut acc = 0f32;
-                    for b in 0..kb {
-                        let r = b * ACT_BLOCK..(b + 1) * ACT_BLOCK;
-                        acc += dot(&xq[r.clone()], &wrow[r]) * (xs[b] * e8m0(ws[b]));
-                    }
-                    *o = acc;
-                }
-            })
-        }
-        Storage::F4 { w, s } => {
-            let a = QuantAct::new(x, k);
-            let kb = k / ACT_BLOCK;
-            let wb = k / FP4_WEIGHT_BLOCK;
-            by_columns(rows, m.rows, k, |j, wrow, out| {
-                decode_fp4_codes(&w[j * k / 2..(j + 1) * k / 2], wrow);
-                let ws = &s[j * wb..(j + 1) * wb];
-                for (t, o) in out.iter_mut().enumerate() {
-                    let (xq, xs) = (&a.q[t * k..(t + 1) * k], &a.s[t * kb..(t + 1) * kb]);
-                    let mut acc = 0f32;
-                    for b in 0..wb {
-                        let r = b * FP4_WEIGHT_BLOCK..(b + 1) * FP4_WEIGHT_BLOCK;
-                        let sa = xs[b * FP4_WEIGHT_BLOCK / ACT_BLOCK];
-                        acc += dot(&xq[r.clone()], &wrow[r]) * sa * e8m0(ws[b]);
-                    }
-                    *o = acc;
-                }
-            })
+            let xd: Vec<f32> =
+                a.q.iter()
+                    .enumerate()
+                    .map(|(i, q)| q * a.s[i / ACT_BLOCK])
+                    .collect();
+            linear_plain(m, &xd)
         }
         Storage::Bf16(_) | Storage::F32(_) => linear_plain(m, x),
     }
@@ -176,7 +148,7 @@ pub fn linear_plain_rows(m: &Matrix, x: &[f32], range: std::ops::Range<usize>) -
     by_columns(rows, range.len(), k, |j, wrow, out| {
         decode_row(m, range.start + j, wrow);
         for (t, o) in out.iter_mut().enumerate() {
-            *o = dot(&x[t * k..(t + 1) * k], wrow);
+            *o = dot_in(Order::Chain, &x[t * k..(t + 1) * k], wrow);
         }
     })
 }

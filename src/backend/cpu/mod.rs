@@ -2,6 +2,7 @@
 
 mod linear;
 pub mod ops;
+pub mod order;
 mod topk;
 
 pub use linear::{decode_row, dot, linear, linear_plain, linear_plain_rows};

@@ -1,0 +1,247 @@
+//! Summation orders of the reference platform's float32 arithmetic.
+//!
+//! The golden fixtures were computed by the official code on an Intel AVX-512 CPU, where matrix
+//! products run in MKL's sgemm and reductions in ATen's kernels. Rounding to FP8/FP4 and top-k
+//! selection turn a one-ulp difference into a different value, so hadal sums in the same order
+//! where the order is known. Each rule below was measured on that platform
+//! (`tools/reference/probe_orders.py`; `docs/numerics.md` lists the results):
+//!
+//! - a product with several rows (more than [`small_rows`] of them) sums each output as one fused
+//!   multiply-add chain over `k`, split for `k > 384` into blocks of whole 64-element units as
+//!   even as possible (larger first), each block from zero, blocks added in order;
+//! - a product with 2 to [`small_rows`] rows keeps 16 lane chains (`k mod 16`), adds the four
+//!   128-bit quarters of the vector in order, then the lanes as `(l0 + l1) + (l2 + l3)`;
+//! - one row (a matrix-vector product) follows a kernel whose order depends on the column; it is
+//!   not reproduced, and gets the 16-lane order;
+//! - ATen's float sum of a contiguous row: 8 lanes, four vector accumulators, and a cascade of
+//!   partial sums for long rows ([`aten_sum`]).
+
+/// How one output element of a matrix product is summed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// One fused chain over `k`, in blocks (see [`blocks`]).
+    Chain,
+    /// Sixteen lane chains, reduced by quarters then pairs.
+    Lanes16,
+}
+
+/// The largest number of rows MKL's small-matrix kernel takes for inner dimension `k`.
+pub fn small_rows(k: usize) -> usize {
+    match k {
+        0..=128 => 5,
+        129..=256 => 10,
+        _ => 12,
+    }
+}
+
+/// The order a product of `m` rows with inner dimension `k` is summed in.
+pub fn order(m: usize, k: usize) -> Order {
+    if m <= small_rows(k) {
+        Order::Lanes16
+    } else {
+        Order::Chain
+    }
+}
+
+/// Block sizes of the chain over `k`: one block up to 384, else the fewest blocks of at most 384,
+/// in whole units of 64, larger blocks first.
+pub fn blocks(k: usize) -> impl Iterator<Item = usize> {
+    let (units, rest) = (k / 64, k % 64);
+    let n = if k <= 384 { 1 } else { k.div_ceil(384) };
+    let (base, extra) = (units / n, units % n);
+    (0..n).map(move |b| {
+        let u = base + usize::from(b < extra);
+        u * 64 + if b + 1 == n { rest } else { 0 }
+    })
+}
+
+#[inline(always)]
+fn chain(a: &[f32], b: &[f32]) -> f32 {
+    let mut tot = 0f32;
+    let mut at = 0;
+    for (i, len) in blocks(a.len()).enumerate() {
+        let mut acc = 0f32;
+        for (x, y) in a[at..at + len].iter().zip(&b[at..at + len]) {
+            acc = x.mul_add(*y, acc);
+        }
+        tot = if i == 0 { acc } else { tot + acc };
+        at += len;
+    }
+    tot
+}
+
+#[inline(always)]
+fn lanes16(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for (ca, cb) in a.chunks(16).zip(b.chunks(16)) {
+        for l in 0..ca.len() {
+            acc[l] = ca[l].mul_add(cb[l], acc[l]);
+        }
+    }
+    let q: [f32; 4] = std::array::from_fn(|l| ((acc[l] + acc[l + 4]) + acc[l + 8]) + acc[l + 12]);
+    (q[0] + q[1]) + (q[2] + q[3])
+}
+
+#[inline(always)]
+fn dot_generic(order: Order, a: &[f32], b: &[f32]) -> f32 {
+    match order {
+        Order::Chain => chain(a, b),
+        Order::Lanes16 => lanes16(a, b),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn dot_fma(order: Order, a: &[f32], b: &[f32]) -> f32 {
+    dot_generic(order, a, b)
+}
+
+/// `sum_k a[k] b[k]` with fused multiply-adds in `order` (`a` and `b` of equal length).
+#[inline]
+pub fn dot_in(order: Order, a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA.
+        return unsafe { dot_fma(order, a, b) };
+    }
+    dot_generic(order, a, b)
+}
+
+/// `sum_k p[k] v_k` over rows `v_k` of `vals` (`len` wide), one fused chain per output in the
+/// order of `p`: the reference's weighted sum of attention values.
+pub fn weighted_rows<'a>(p: &[f32], vals: impl Iterator<Item = &'a [f32]>, out: &mut [f32]) {
+    out.fill(0.0);
+    for (&w, v) in p.iter().zip(vals) {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = w.mul_add(*x, *o);
+        }
+    }
+}
+
+/// ATen's float sum of a contiguous row: 8-lane vectors dealt to four accumulators, which
+/// cascade through four levels for long rows; then the tail elements, then the lanes, in order.
+pub fn aten_sum(x: &[f32]) -> f32 {
+    const V: usize = 8;
+    let nv = x.len() / V;
+    let vec = |i: usize| -> [f32; V] { std::array::from_fn(|l| x[i * V + l]) };
+    let add = |a: &mut [f32; V], b: &[f32; V]| a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+    let mut lanes = [0f32; V];
+    if nv > 0 {
+        let size = nv / 4;
+        let ceil_log2 = if size > 1 {
+            usize::BITS - (size - 1).leading_zeros()
+        } else {
+            0
+        };
+        let power = (ceil_log2 as usize / 4).max(4);
+        let (step, mask) = (1usize << power, (1usize << power) - 1);
+        let mut acc = [[[0f32; V]; 4]; 4];
+        let mut i = 0;
+        while i + step <= size {
+            for _ in 0..step {
+                for (k, a) in acc[0].iter_mut().enumerate() {
+                    add(a, &vec(i * 4 + k));
+                }
+                i += 1;
+            }
+            for j in 1..4 {
+                let (lower, upper) = acc.split_at_mut(j);
+                for (a, b) in upper[0].iter_mut().zip(lower[j - 1].iter_mut()) {
+                    add(a, &std::mem::take(b));
+                }
+                if i & (mask << (j * power)) != 0 {
+                    break;
+                }
+            }
+        }
+        while i < size {
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                add(a, &vec(i * 4 + k));
+            }
+            i += 1;
+        }
+        let (first, rest) = acc.split_at_mut(1);
+        for level in rest.iter() {
+            for (a, b) in first[0].iter_mut().zip(level) {
+                add(a, b);
+            }
+        }
+        let mut p = acc[0];
+        for r in size * 4..nv {
+            add(&mut p[0], &vec(r));
+        }
+        lanes = p[0];
+        for part in &p[1..] {
+            add(&mut lanes, part);
+        }
+    }
+    let mut s = 0f32;
+    for v in &x[nv * V..] {
+        s += v;
+    }
+    for v in lanes {
+        s += v;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_k_as_measured() {
+        let b = |k| blocks(k).collect::<Vec<_>>();
+        assert_eq!(b(256), [256]);
+        assert_eq!(b(512), [256, 256]);
+        assert_eq!(b(768), [384, 384]);
+        assert_eq!(b(1024), [384, 320, 320]);
+        assert_eq!(b(1536), [384; 4]);
+        assert_eq!(b(100), [100]);
+    }
+
+    /// With +-2^40 at `i` and `j` and ones elsewhere, a sum returns `n - |LCA(i, j)|`: the
+    /// number of ones added outside the subtree where the two big values cancel.
+    fn lca(f: impl Fn(&[f32]) -> f32, n: usize, i: usize, j: usize) -> usize {
+        let mut x = vec![1f32; n];
+        x[i] = 2f32.powi(40);
+        x[j] = -x[i];
+        n - f(&x) as usize
+    }
+
+    #[test]
+    fn lanes16_tree_is_the_measured_one() {
+        let ones = vec![1f32; 128];
+        let f = |x: &[f32]| dot_in(Order::Lanes16, x, &ones);
+        // Lane 0 is a chain over k = 0, 16, 32, ...; quarters join lanes 0, 4, 8, 12 in order.
+        assert_eq!(lca(f, 128, 0, 16), 2);
+        assert_eq!(lca(f, 128, 0, 4), 16);
+        assert_eq!(lca(f, 128, 0, 8), 24);
+        assert_eq!(lca(f, 128, 0, 1), 64);
+        assert_eq!(lca(f, 128, 0, 2), 128);
+    }
+
+    #[test]
+    fn chain_blocks_join_in_order() {
+        let ones = vec![1f32; 1024];
+        let f = |x: &[f32]| dot_in(Order::Chain, x, &ones);
+        assert_eq!(lca(f, 1024, 0, 383), 384);
+        assert_eq!(lca(f, 1024, 0, 384), 704);
+        assert_eq!(lca(f, 1024, 1023, 704), 320);
+        assert_eq!(lca(f, 1024, 0, 1023), 1024);
+    }
+
+    #[test]
+    fn aten_sum_tree_is_the_measured_one() {
+        // Lanes join at the end in order; lane 0's vectors pair as (v0 + v4) + (v1 + v5) ...
+        assert_eq!(lca(aten_sum, 64, 0, 1), 16);
+        assert_eq!(lca(aten_sum, 64, 0, 32), 2);
+        assert_eq!(lca(aten_sum, 64, 0, 8), 4);
+        assert_eq!(lca(aten_sum, 64, 0, 16), 6);
+        assert_eq!(lca(aten_sum, 256, 0, 1), 64);
+        // The 3 tail elements come first.
+        assert_eq!(lca(aten_sum, 67, 64, 65), 2);
+        assert_eq!(aten_sum(&[1.0, 2.0, 3.0]), 6.0);
+    }
+}
