@@ -94,25 +94,21 @@ impl HyperConn {
         let mut post = vec![0f32; t * m];
         let mut comb = vec![0f32; t * m * m];
         let (b, s) = (&self.base, &self.scale);
-        let mut pre = vec![0f32; t * m];
-        for i in 0..t {
-            for j in 0..m {
-                pre[i * m + j] = mix[i * n + j] * s[0] + b[j];
-                post[i * m + j] = mix[i * n + m + j] * s[1] + b[m + j];
-            }
-        }
-        pre.iter_mut()
-            .for_each(|v| *v = sigmoid_vec(*v) + self.hc_eps);
-        post.iter_mut().for_each(|v| *v = 2.0 * sigmoid_vec(*v));
         for i in 0..t {
             let mx = &mix[i * n..(i + 1) * n];
+            let pre: Vec<f32> = (0..m)
+                .map(|j| sigmoid_vec(mx[j] * s[0] + b[j]) + self.hc_eps)
+                .collect();
+            for j in 0..m {
+                post[i * m + j] = 2.0 * sigmoid_vec(mx[m + j] * s[1] + b[m + j]);
+            }
             let c = &mut comb[i * m * m..(i + 1) * m * m];
             for (k, v) in c.iter_mut().enumerate() {
                 *v = mx[2 * m + k] * s[2] + b[2 * m + k];
             }
             sinkhorn(c, m, self.iters, self.hc_eps);
             reduce(
-                &pre[i * m..(i + 1) * m],
+                &pre,
                 &x[i * m * d..(i + 1) * m * d],
                 d,
                 &mut y[i * d..(i + 1) * d],
@@ -235,14 +231,12 @@ impl HcHead {
         let mix = mixes(&self.fn_, x, m * d, self.norm_eps);
         let t = x.len() / (m * d);
         let mut y = vec![0f32; t * d];
-        let mut pre: Vec<f32> = (0..t * m)
-            .map(|i| mix[i] * self.scale + self.base[i % m])
-            .collect();
-        pre.iter_mut()
-            .for_each(|v| *v = sigmoid_vec(*v) + self.hc_eps);
         for i in 0..t {
+            let pre: Vec<f32> = (0..m)
+                .map(|j| sigmoid_vec(mix[i * m + j] * self.scale + self.base[j]) + self.hc_eps)
+                .collect();
             reduce(
-                &pre[i * m..(i + 1) * m],
+                &pre,
                 &x[i * m * d..(i + 1) * m * d],
                 d,
                 &mut y[i * d..(i + 1) * d],

@@ -178,7 +178,10 @@ mod tests {
         while x < 88.0 {
             let (got, want) = (sleef_expf(x), (x as f64).exp());
             let ulp = (want as f32).abs() * f32::EPSILON;
-            assert!((got as f64 - want).abs() <= ulp as f64, "exp({x}) = {got}, not {want}");
+            assert!(
+                (got as f64 - want).abs() <= ulp as f64,
+                "exp({x}) = {got}, not {want}"
+            );
             x += 0.37;
         }
         assert_eq!(sleef_expf(0.0), 1.0);
