@@ -3,7 +3,9 @@
 //! The golden fixtures were computed by the official code on an Intel AVX-512 CPU, where matrix
 //! products run in MKL's sgemm and reductions in ATen's kernels. Rounding to FP8/FP4 and top-k
 //! selection turn a one-ulp difference into a different value, so hadal sums in the same order
-//! where the order is known. Each rule below was measured on that platform
+//! where the order is known and does not depend on the batch: linears always take the many-row
+//! chain, attention scores the order for the model's head count. Each rule below was measured on
+//! that platform
 //! (`tools/reference/probe_orders.py`; `docs/numerics.md` lists the results):
 //!
 //! - a product with several rows (more than [`small_rows`] of them) sums each output as one fused
