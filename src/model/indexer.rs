@@ -6,7 +6,8 @@
 //! `w = weights_proj(y) / sqrt(index_head_dim * index_n_heads)`. Among tied scores it keeps
 //! those the reference's `torch.topk` keeps.
 
-use crate::backend::cpu::{dot, linear, linear_plain, top_k};
+use crate::backend::cpu::order::{dot_in, Order};
+use crate::backend::cpu::{linear, linear_plain, top_k};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
@@ -91,7 +92,8 @@ impl Indexer {
             .map(|k| {
                 let mut s = 0f32;
                 for (qh, wh) in q.chunks(self.dim).zip(w) {
-                    s += dot(qh, k).max(0.0) * wh;
+                    // The reference's score product has many rows (positions x heads).
+                    s += dot_in(Order::Chain, qh, k).max(0.0) * wh;
                 }
                 s
             })

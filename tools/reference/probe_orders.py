@@ -132,9 +132,7 @@ def search(key):
     a = A3[bi][:, ri].double()  # [b, R, K]
     bb = B3[bi][:, :, ci].double()  # [b, K, C]
     P = (a.unsqueeze(-1) * bb.unsqueeze(1)).transpose(-1, -2)  # [b, R, C, K]
-    P = P.reshape(-1, P.size(-2), P.size(-1)) if P.size(0) == 1 else P.flatten(0, 1)
-    want = ref3[bi][:, ri][:, :, ci].reshape(P.shape[:2]) if P.dim() == 3 else None
-    P = P.reshape(-1, len(ci), P.size(-1))
+    P = P.flatten(0, 1)  # [b R, C, K]
     want = ref3[bi][:, ri][:, :, ci].reshape(-1, len(ci))
     Kk = P.size(-1)
     res = []
@@ -202,16 +200,19 @@ def short(c):
     return f"kc{kc or '-'}/V{V}/U{U}/{comb}/{hred}/{'fma' if fma else 'mul'}"
 
 
+def quiet_search(key):
+    with open(os.devnull, "w") as dn:
+        so = sys.stdout; sys.stdout = dn
+        try:
+            return search(key)
+        finally:
+            sys.stdout = so
+
+
 def sweep_mm(K_, N_, Ms):
     line = []
     for m in Ms:
-        key = ("aten.mm.default", ((m, K_), (K_, 1)), ((K_, N_), (1, K_)))
-        with open(os.devnull, "w") as dn:
-            so = sys.stdout; sys.stdout = dn
-            try:
-                r = search(key)
-            finally:
-                sys.stdout = so
+        r = quiet_search(("aten.mm.default", ((m, K_), (K_, 1)), ((K_, N_), (1, K_))))
         line.append(f"{m}:{r[0]:.2f}:{short(r[1])}")
     print(f"sweep mm K={K_} N={N_}: " + " ".join(line), flush=True)
 
@@ -229,11 +230,6 @@ for bsz, h in ((2, 4), (406, 4), (600, 8)):
                 key = ("aten.bmm.default", ((bsz, h, 128), (h * 128, 128, 1)), ((bsz, 128, kk), (kk * 128, 1, 128)))
             else:
                 key = ("aten.bmm.default", ((bsz, h, kk), (h * kk, kk, 1)), ((bsz, kk, 128), (kk * 128, 128, 1)))
-            with open(os.devnull, "w") as dn:
-                so = sys.stdout; sys.stdout = dn
-                try:
-                    r = search(key)
-                finally:
-                    sys.stdout = so
+            r = quiet_search(key)
             line.append(f"{which}{kk}:{r[0]:.2f}:{short(r[1])}")
     print(f"sweep bmm b={bsz} h={h}: " + " ".join(line), flush=True)

@@ -15,26 +15,6 @@ use crate::quant::{
 };
 use crate::weights::{Matrix, Storage};
 
-/// Dot product with eight independent accumulators (vectorizes, and fixes the summation order).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let chunks = n / 8;
-    for i in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[i * 8 + l] * b[i * 8 + l];
-        }
-    }
-    let mut tail = 0f32;
-    for i in chunks * 8..n {
-        tail += a[i] * b[i];
-    }
-    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    s + tail
-}
-
 /// Decodes row `r` of `m` to f32 with scales applied.
 pub fn decode_row(m: &Matrix, r: usize, out: &mut [f32]) {
     let k = m.cols;
@@ -248,11 +228,5 @@ mod tests {
         for (a, b) in linear(&m, &x).iter().zip(&want) {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{a} vs {b}");
         }
-    }
-
-    #[test]
-    fn dot_handles_tails() {
-        let a: Vec<f32> = (0..11).map(|i| i as f32).collect();
-        assert_eq!(dot(&a, &a), (0..11).map(|i| (i * i) as f32).sum::<f32>());
     }
 }

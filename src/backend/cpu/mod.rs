@@ -5,7 +5,7 @@ pub mod ops;
 pub mod order;
 mod topk;
 
-pub use linear::{decode_row, dot, linear, linear_plain, linear_plain_rows};
+pub use linear::{decode_row, linear, linear_plain, linear_plain_rows};
 pub use topk::top_k;
 
 use crate::backend::Backend;

@@ -1,6 +1,6 @@
 //! Small element-wise and row-wise operations, in f32 and in the reference's order of operations.
 
-use super::order::{aten_sum, dot_in, weighted_rows, Order};
+use super::order::{aten_sum, aten_sum_of, dot_in, weighted_rows, Order};
 
 /// `x * rsqrt(mean(x^2) + eps) * w`, in place.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
@@ -10,11 +10,10 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// `rsqrt(mean(x^2) + eps)`, the mean summed in the reference's order ([`aten_sum`]).
+/// `rsqrt(mean(x^2) + eps)`, the mean summed in the reference's order ([`aten_sum_of`]).
 #[inline]
 pub fn rms_scale(x: &[f32], eps: f32) -> f32 {
-    let sq: Vec<f32> = x.iter().map(|v| v * v).collect();
-    let var = aten_sum(&sq) / x.len() as f32;
+    let var = aten_sum_of(x, |v| v * v) / x.len() as f32;
     1.0 / (var + eps).sqrt()
 }
 

@@ -124,9 +124,15 @@ pub fn weighted_rows<'a>(p: &[f32], vals: impl Iterator<Item = &'a [f32]>, out: 
 /// ATen's float sum of a contiguous row: 8-lane vectors dealt to four accumulators, which
 /// cascade through four levels for long rows; then the tail elements, then the lanes, in order.
 pub fn aten_sum(x: &[f32]) -> f32 {
+    aten_sum_of(x, |v| v)
+}
+
+/// [`aten_sum`] of `f(x[i])` (each term rounded to f32 before it is added), without a buffer.
+#[inline]
+pub fn aten_sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     const V: usize = 8;
     let nv = x.len() / V;
-    let vec = |i: usize| -> [f32; V] { std::array::from_fn(|l| x[i * V + l]) };
+    let vec = |i: usize| -> [f32; V] { std::array::from_fn(|l| f(x[i * V + l])) };
     let add = |a: &mut [f32; V], b: &[f32; V]| a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
     let mut lanes = [0f32; V];
     if nv > 0 {
@@ -179,8 +185,8 @@ pub fn aten_sum(x: &[f32]) -> f32 {
         }
     }
     let mut s = 0f32;
-    for v in &x[nv * V..] {
-        s += v;
+    for &v in &x[nv * V..] {
+        s += f(v);
     }
     for v in lanes {
         s += v;
