@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::ops::{rms_norm, rms_scale, sink_attention};
+use crate::backend::cpu::ops::{rms_norm, rms_scale, sink_attention, RowLayout};
 use crate::backend::cpu::order::order;
 use crate::backend::cpu::{linear, linear_plain_rows};
 use crate::checkpoint::Checkpoint;
@@ -156,6 +156,9 @@ impl Attention {
         let mut o = vec![0f32; t_all * h * dh];
         for (s, st) in spans.iter().zip(states.iter_mut()) {
             let rows = s.start..s.start + s.len;
+            // Positions before `prompt` are attended as the reference's one prefill of the
+            // prompt lays out its index rows; later ones as its one-token decode steps.
+            let prompt = s.prompt_end.max(if s.pos == 0 { s.len } else { 0 });
             let keys = self.gather(
                 s,
                 st,
@@ -172,7 +175,7 @@ impl Attention {
                 .for_each(|(i, out)| {
                     let (t, head) = (i / h, i % h);
                     let qh = &qs[t * h * dh + head * dh..t * h * dh + (head + 1) * dh];
-                    self.attend(qh, head, s.pos + t, &keys, t, out);
+                    self.attend(qh, head, s.pos + t, prompt, &keys, t, out);
                     Rope::apply(out, &cs[s.start + t], true);
                 });
         }
@@ -307,12 +310,16 @@ impl Attention {
         }
     }
 
-    /// One head of one query at position `pos`: its window rows, then its compressed picks.
+    /// One head of one query at position `pos`: its window rows, then its compressed picks, in
+    /// the reference's index row (window slots then compressed slots, each padded with empty
+    /// slots up to the row's width, which decides how the exponentials are summed).
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         q: &[f32],
         head: usize,
         pos: usize,
+        prompt: usize,
         keys: &SeqKeys,
         i: usize,
         out: &mut [f32],
@@ -321,10 +328,26 @@ impl Attention {
         let lo = pos.saturating_sub(self.window - 1) - keys.first;
         let hi = pos + 1 - keys.first;
         let picks: &[usize] = keys.picks.get(i).map_or(&[], |v| v);
+        let (window_width, comp_width) = if pos < prompt {
+            let entries = prompt.checked_div(self.ratio).unwrap_or(0);
+            let comp = self
+                .indexer
+                .as_ref()
+                .map_or(entries, |ix| ix.width(entries));
+            (self.window.min(prompt), comp)
+        } else {
+            (self.window, picks.len())
+        };
+        let layout = RowLayout {
+            window: hi - lo,
+            window_pad: window_width.saturating_sub(hi - lo),
+            tail_pad: comp_width.saturating_sub(picks.len()),
+        };
         let rows = keys.raw[lo * dh..hi * dh]
             .chunks(dh)
             .chain(picks.iter().map(|&b| &keys.comp[b * dh..(b + 1) * dh]));
         let order = order(self.heads, dh);
-        sink_attention(q, rows, self.sink[head], (dh as f32).powf(-0.5), order, out);
+        let scale = (dh as f64).powf(-0.5) as f32;
+        sink_attention(q, rows, self.sink[head], scale, order, layout, out);
     }
 }

@@ -7,7 +7,8 @@
 //! `b*c`, then rounded: FP8 on the non-RoPE dims for attention, or Hadamard then FP4 for the
 //! indexer. Tokens are fed one at a time, so chunked prefill and decode produce the same entries.
 
-use crate::backend::cpu::{linear_plain, ops::rms_norm};
+use crate::backend::cpu::order::aten_column_sum;
+use crate::backend::cpu::{linear_plain, ops::rms_norm, ops::softmax_strided};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
@@ -119,15 +120,15 @@ impl Compressor {
                 *v = st.score[i * w + off + j];
             }
             let pr = &mut p[..n];
-            crate::backend::cpu::ops::softmax(pr);
-            let mut acc = 0f32;
-            for (i, pw) in pr[..prev].iter().enumerate() {
-                acc += st.prev_kv[i * d + j] * pw;
-            }
-            for (i, pw) in pr[prev..].iter().enumerate() {
-                acc += st.kv[i * w + off + j] * pw;
-            }
-            *e = acc;
+            softmax_strided(pr);
+            *e = aten_column_sum(n, |i| {
+                let v = if i < prev {
+                    st.prev_kv[i * d + j]
+                } else {
+                    st.kv[(i - prev) * w + off + j]
+                };
+                v * pr[i]
+            });
         }
         if self.overlap {
             st.prev_kv = st.kv.chunks(w).flat_map(|r| &r[..d]).copied().collect();

@@ -65,13 +65,14 @@ impl Indexer {
                 fake_quant_fp4(h, INDEX_FP4_BLOCK);
             }
         }
-        let scale = (self.dim as f32).powf(-0.5) * (self.heads as f32).powf(-0.5);
+        // The reference multiplies two Python floats (doubles), then the f32 tensor by their product.
+        let scale = ((self.dim as f64).powf(-0.5) * (self.heads as f64).powf(-0.5)) as f32;
         let mut w = linear_plain(&self.weights_proj, y);
         w.iter_mut().for_each(|v| *v *= scale);
         (q, w)
     }
 
-    /// The entries (among the first `n` of `keys`) that one query attends to, ranked in a row
+    /// The entries (among the first `n` of `keys`) that one query attends to, best first, ranked in a row
     /// of `ranked >= n` entries whose last `ranked - n` (not yet visible) score -inf.
     ///
     /// The reference ranks such a row, of every entry its forward call will have; which of
@@ -84,9 +85,6 @@ impl Indexer {
         n: usize,
         ranked: usize,
     ) -> Vec<usize> {
-        if n <= self.topk {
-            return (0..n).collect();
-        }
         let mut scores: Vec<f32> = keys[..n * self.dim]
             .chunks(self.dim)
             .map(|k| {
@@ -99,8 +97,15 @@ impl Indexer {
             })
             .collect();
         scores.resize(ranked.max(n), f32::NEG_INFINITY);
+        // In the order torch.topk returns them (best first), which is the order the attention
+        // sums them in; the entries not yet visible come last and are dropped.
         let mut idx = top_k(&scores, self.topk);
-        idx.sort_unstable();
+        idx.retain(|&i| i < n);
         idx
+    }
+
+    /// How many entries the reference's index row holds for a row of `ranked` entries.
+    pub fn width(&self, ranked: usize) -> usize {
+        self.topk.min(ranked)
     }
 }

@@ -5,7 +5,8 @@
 //! copies to the sublayer input, `post` (2 sigmoid) spreads the sublayer output back, and `comb`
 //! (Sinkhorn-normalized towards doubly stochastic) mixes the copies.
 
-use crate::backend::cpu::{linear_plain, ops::rms_scale, ops::sigmoid_vec};
+use crate::backend::cpu::order::aten_sum;
+use crate::backend::cpu::{linear_plain, ops::rms_scale, ops::sigmoid_vec, ops::softmax};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::weights::Matrix;
@@ -171,19 +172,12 @@ fn load_param_matrix(ck: &mut Checkpoint, name: &str, rows: usize, cols: usize) 
 /// Row softmax plus eps, then alternate column and row normalization, as the reference.
 pub fn sinkhorn(c: &mut [f32], m: usize, iters: usize, eps: f32) {
     for row in c.chunks_mut(m) {
-        let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut s = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - mx).exp();
-            s += *v;
-        }
-        for v in row.iter_mut() {
-            *v = *v / s + eps;
-        }
+        softmax(row);
+        row.iter_mut().for_each(|v| *v += eps);
     }
     let cols = |c: &mut [f32]| {
         for k in 0..m {
-            let s: f32 = (0..m).map(|j| c[j * m + k]).sum();
+            let s = (1..m).fold(c[k], |a, j| a + c[j * m + k]);
             for j in 0..m {
                 c[j * m + k] /= s + eps;
             }
@@ -192,7 +186,7 @@ pub fn sinkhorn(c: &mut [f32], m: usize, iters: usize, eps: f32) {
     cols(c);
     for _ in 1..iters {
         for row in c.chunks_mut(m) {
-            let s: f32 = row.iter().sum();
+            let s = aten_sum(row);
             row.iter_mut().for_each(|v| *v /= s + eps);
         }
         cols(c);

@@ -132,7 +132,7 @@ impl Moe {
                 ScoringFunc::Sqrtsoftplus => {
                     row.iter_mut().for_each(|v| *v = ops::softplus(*v).sqrt())
                 }
-                ScoringFunc::Sigmoid => row.iter_mut().for_each(|v| *v = ops::sigmoid(*v)),
+                ScoringFunc::Sigmoid => row.iter_mut().for_each(|v| *v = ops::sigmoid_vec(*v)),
                 ScoringFunc::Softmax => ops::softmax(row),
             }
         }

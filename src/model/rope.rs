@@ -65,13 +65,14 @@ impl Rope {
         Rope { freqs }
     }
 
-    /// `cos`/`sin` of each frequency at position `pos`.
+    /// `cos`/`sin` of each frequency at position `pos`, in f32 as the reference's `torch.polar`
+    /// (the C library's `cosf`/`sinf`).
     pub fn at(&self, pos: usize) -> CosSin {
         self.freqs
             .iter()
             .map(|f| {
-                let a = (pos as f32 * f) as f64;
-                (a.cos() as f32, a.sin() as f32)
+                let a = pos as f32 * f;
+                (a.cos(), a.sin())
             })
             .collect()
     }

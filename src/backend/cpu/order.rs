@@ -131,51 +131,20 @@ pub fn aten_sum(x: &[f32]) -> f32 {
 #[inline]
 pub fn aten_sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     const V: usize = 8;
+    type Lanes = [f32; V];
+    let add = |a: &mut Lanes, b: &Lanes| a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+    let vec = |i: usize| -> Lanes { std::array::from_fn(|l| f(x[i * V + l])) };
     let nv = x.len() / V;
-    let vec = |i: usize| -> [f32; V] { std::array::from_fn(|l| f(x[i * V + l])) };
-    let add = |a: &mut [f32; V], b: &[f32; V]| a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
     let mut lanes = [0f32; V];
     if nv > 0 {
+        // Four accumulators take vectors 4i..4i+4; leftover vectors go to the first.
         let size = nv / 4;
-        let ceil_log2 = if size > 1 {
-            usize::BITS - (size - 1).leading_zeros()
-        } else {
-            0
-        };
-        let power = (ceil_log2 as usize / 4).max(4);
-        let (step, mask) = (1usize << power, (1usize << power) - 1);
-        let mut acc = [[[0f32; V]; 4]; 4];
-        let mut i = 0;
-        while i + step <= size {
-            for _ in 0..step {
-                for (k, a) in acc[0].iter_mut().enumerate() {
-                    add(a, &vec(i * 4 + k));
-                }
-                i += 1;
-            }
-            for j in 1..4 {
-                let (lower, upper) = acc.split_at_mut(j);
-                for (a, b) in upper[0].iter_mut().zip(lower[j - 1].iter_mut()) {
-                    add(a, &std::mem::take(b));
-                }
-                if i & (mask << (j * power)) != 0 {
-                    break;
-                }
-            }
-        }
-        while i < size {
-            for (k, a) in acc[0].iter_mut().enumerate() {
-                add(a, &vec(i * 4 + k));
-            }
-            i += 1;
-        }
-        let (first, rest) = acc.split_at_mut(1);
-        for level in rest.iter() {
-            for (a, b) in first[0].iter_mut().zip(level) {
-                add(a, b);
-            }
-        }
-        let mut p = acc[0];
+        let mut p = cascade(
+            size,
+            [[0f32; V]; 4],
+            |a, b| a.iter_mut().zip(&b).for_each(|(a, b)| add(a, b)),
+            |i| std::array::from_fn(|k| vec(i * 4 + k)),
+        );
         for r in size * 4..nv {
             add(&mut p[0], &vec(r));
         }
@@ -192,6 +161,49 @@ pub fn aten_sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         s += v;
     }
     s
+}
+
+/// ATen's float sum over a dimension that is not the innermost one (one output per column):
+/// `n` terms `f(0..n)` through its four-level cascade.
+pub fn aten_column_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    cascade(n, 0f32, |a, b| *a += b, f)
+}
+
+/// ATen's `multi_row_sum`: terms are added in runs of `2^power` into the first of four
+/// accumulators, each run carried up a level (and further every `2^power` runs), the levels added
+/// in order at the end.
+fn cascade<A: Copy>(size: usize, zero: A, add: impl Fn(&mut A, A), load: impl Fn(usize) -> A) -> A {
+    let ceil_log2 = if size > 1 {
+        usize::BITS - (size - 1).leading_zeros()
+    } else {
+        0
+    };
+    let power = (ceil_log2 as usize / 4).max(4);
+    let (step, mask) = (1usize << power, (1usize << power) - 1);
+    let mut acc = [zero; 4];
+    let mut i = 0;
+    while i + step <= size {
+        for _ in 0..step {
+            add(&mut acc[0], load(i));
+            i += 1;
+        }
+        for j in 1..4 {
+            let lower = std::mem::replace(&mut acc[j - 1], zero);
+            add(&mut acc[j], lower);
+            if i & (mask << (j * power)) != 0 {
+                break;
+            }
+        }
+    }
+    while i < size {
+        add(&mut acc[0], load(i));
+        i += 1;
+    }
+    let mut total = acc[0];
+    for level in &acc[1..] {
+        add(&mut total, *level);
+    }
+    total
 }
 
 #[cfg(test)]
@@ -251,5 +263,18 @@ mod tests {
         // The 3 tail elements come first.
         assert_eq!(lca(aten_sum, 67, 64, 65), 2);
         assert_eq!(aten_sum(&[1.0, 2.0, 3.0]), 6.0);
+    }
+
+    #[test]
+    fn column_sum_runs_of_16_then_join_in_order() {
+        let col = |x: &[f32]| aten_column_sum(x.len(), |i| x[i]);
+        // Up to 16 terms: one running sum.
+        assert_eq!(lca(col, 8, 0, 7), 8);
+        assert_eq!(lca(col, 8, 2, 3), 4);
+        // 128 terms: runs of 16, each summed alone, then added in order.
+        assert_eq!(lca(col, 128, 16, 17), 2);
+        assert_eq!(lca(col, 128, 0, 16), 32);
+        assert_eq!(lca(col, 128, 17, 40), 48);
+        assert_eq!(lca(col, 128, 0, 127), 128);
     }
 }
