@@ -201,13 +201,18 @@ pub fn sink_attention<'a>(
     let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let exp = |x: f32| (x as f64).exp() as f32;
     sc.iter_mut().for_each(|v| *v = exp(*v - mx));
-    let w = layout.window.min(sc.len());
-    let row: Vec<f32> = (sc[..w].iter().copied())
-        .chain(std::iter::repeat_n(0.0, layout.window_pad))
-        .chain(sc[w..].iter().copied())
-        .chain(std::iter::repeat_n(0.0, layout.tail_pad))
-        .collect();
-    let denom = aten_sum(&row) + exp(sink - mx);
+    let sum = if layout.window_pad + layout.tail_pad == 0 {
+        aten_sum(&sc)
+    } else {
+        let w = layout.window.min(sc.len());
+        let row: Vec<f32> = (sc[..w].iter().copied())
+            .chain(std::iter::repeat_n(0.0, layout.window_pad))
+            .chain(sc[w..].iter().copied())
+            .chain(std::iter::repeat_n(0.0, layout.tail_pad))
+            .collect();
+        aten_sum(&row)
+    };
+    let denom = sum + exp(sink - mx);
     sc.iter_mut().for_each(|v| *v /= denom);
     weighted_rows(&sc, keys, out);
 }
@@ -270,16 +275,20 @@ mod tests {
         assert!(out.iter().all(|v| v.abs() < 1e-20));
     }
 
+    /// `got` is within one f32 ulp of the exact `want`.
+    fn assert_within_an_ulp(what: &str, x: f32, got: f32, want: f64) {
+        let ulp = (want as f32).abs() * f32::EPSILON;
+        assert!(
+            (got as f64 - want).abs() <= ulp as f64,
+            "{what}({x}) = {got}, not {want}"
+        );
+    }
+
     #[test]
     fn sleef_expf_is_within_an_ulp() {
         let mut x = -87.0f32;
         while x < 88.0 {
-            let (got, want) = (sleef_expf(x), (x as f64).exp());
-            let ulp = (want as f32).abs() * f32::EPSILON;
-            assert!(
-                (got as f64 - want).abs() <= ulp as f64,
-                "exp({x}) = {got}, not {want}"
-            );
+            assert_within_an_ulp("exp", x, sleef_expf(x), (x as f64).exp());
             x += 0.37;
         }
         assert_eq!(sleef_expf(0.0), 1.0);
@@ -291,12 +300,7 @@ mod tests {
     fn sleef_log1pf_is_within_an_ulp() {
         let mut x = -0.999f32;
         while x < 1.0e6 {
-            let (got, want) = (sleef_log1pf(x), (x as f64).ln_1p());
-            let ulp = (want as f32).abs() * f32::EPSILON;
-            assert!(
-                (got as f64 - want).abs() <= ulp as f64,
-                "log1p({x}) = {got}, not {want}"
-            );
+            assert_within_an_ulp("log1p", x, sleef_log1pf(x), (x as f64).ln_1p());
             x = if x < 1.0 { x + 0.0137 } else { x * 1.7 };
         }
         assert_eq!(sleef_log1pf(-1.0), f32::NEG_INFINITY);
