@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use hadal::backend::cpu::CpuBackend;
+use hadal::backend::cpu::{CpuBackend, Numerics};
 use hadal::chat::parse::{parse, Delta, StreamParser};
 use hadal::chat::request::conversation;
 use hadal::chat::{encode, Effort, Options, ThinkingMode};
@@ -80,6 +80,12 @@ enum Cmd {
         /// perplexity of.
         #[arg(long)]
         text: Option<PathBuf>,
+        /// Summation orders: `reference` sums each product in the order the reference
+        /// platform takes for its number of rows, so that a run with the reference's schedule
+        /// reproduces its bits; `invariant` gives every sequence the bits it gets alone, as
+        /// serving does.
+        #[arg(long, value_enum, default_value = "reference")]
+        numerics: NumericsArg,
     },
     /// Print the exact V4 prompt of a chat request (an OpenAI request object or an array of
     /// messages; `-` reads standard input).
@@ -247,6 +253,21 @@ enum Mode {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum NumericsArg {
+    Reference,
+    Invariant,
+}
+
+impl From<NumericsArg> for Numerics {
+    fn from(n: NumericsArg) -> Self {
+        match n {
+            NumericsArg::Reference => Numerics::ReferenceShapes,
+            NumericsArg::Invariant => Numerics::BatchInvariant,
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum EffortArg {
     High,
     Max,
@@ -328,7 +349,7 @@ fn load_model(dir: &Path) -> anyhow::Result<CpuBackend> {
         b.set_position(done as u64);
     })?;
     b.finish_and_clear();
-    Ok(CpuBackend { model })
+    Ok(CpuBackend::new(model))
 }
 
 /// Runs `f` with a prefill progress bar (tokens and tokens/s).
@@ -443,9 +464,7 @@ fn demo(max_tokens: usize, seed: u64, prompt: &str, keep: Option<&Path>) -> anyh
     hadal::demo::write_random_checkpoint(&dir, &cfg, seed)?;
     let built = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
-    let backend = CpuBackend {
-        model: Model::load(&dir)?,
-    };
+    let backend = CpuBackend::new(Model::load(&dir)?);
     let tok = Tokenizer::for_model(&dir)?;
     println!(
         "built a {} checkpoint in {built:.2}s, loaded it in {:.2}s",
@@ -802,6 +821,7 @@ fn score_cmd(
     prefill: Option<usize>,
     mtp: bool,
     text: Option<&Path>,
+    numerics: Numerics,
 ) -> anyhow::Result<()> {
     if let Some(out) = out {
         let dir = out
@@ -833,7 +853,10 @@ fn score_cmd(
     if mtp && p < 2 {
         bail!("--mtp needs --prefill of at least 2");
     }
-    let backend = load_model(model)?;
+    let backend = CpuBackend {
+        numerics,
+        ..load_model(model)?
+    };
     if text.is_some() {
         let ppl = score::perplexity(&backend, &seqs[0])?;
         println!("{n} tokens, perplexity {ppl:.4}");
@@ -868,6 +891,7 @@ fn main() -> ExitCode {
             prefill,
             mtp,
             text,
+            numerics,
         } => score_cmd(
             model,
             tokens.as_deref(),
@@ -875,6 +899,7 @@ fn main() -> ExitCode {
             *prefill,
             *mtp,
             text.as_deref(),
+            (*numerics).into(),
         ),
         Cmd::Render {
             request,

@@ -2,6 +2,7 @@
 
 mod common;
 
+use hadal::backend::cpu::Numerics;
 use hadal::model::{Model, SeqInput};
 use hadal::Error;
 use safetensors::Dtype;
@@ -132,12 +133,15 @@ fn sharded_checkpoint_loads_and_computes_the_same() {
     let run = |m: &Model| {
         let mut st = m.new_state();
         let h = m
-            .forward(&mut [SeqInput {
-                state: &mut st,
-                tokens: &tokens,
-            }])
+            .forward(
+                &mut [SeqInput {
+                    state: &mut st,
+                    tokens: &tokens,
+                }],
+                Numerics::BatchInvariant,
+            )
             .unwrap();
-        m.logits(&h)
+        m.logits(&h, Numerics::BatchInvariant)
     };
     assert_eq!(run(&sharded), run(&single));
 }
@@ -147,20 +151,26 @@ fn bad_inputs_to_forward_are_errors() {
     let m = Model::load(&common::fixture()).unwrap();
     let mut st = m.new_state();
     let v = m.cfg.vocab_size as u32;
-    match m.forward(&mut [SeqInput {
-        state: &mut st,
-        tokens: &[1, v],
-    }]) {
+    match m.forward(
+        &mut [SeqInput {
+            state: &mut st,
+            tokens: &[1, v],
+        }],
+        Numerics::BatchInvariant,
+    ) {
         Err(Error::Input(e)) => assert!(e.contains(&v.to_string()), "{e}"),
         other => panic!("{:?}", other.map(|_| ())),
     }
     assert_eq!(st.pos, 0, "a refused batch must not advance the state");
     let mut wrong = m.new_mtp_state(0);
     assert!(m
-        .forward(&mut [SeqInput {
-            state: &mut wrong,
-            tokens: &[1]
-        }])
+        .forward(
+            &mut [SeqInput {
+                state: &mut wrong,
+                tokens: &[1]
+            }],
+            Numerics::BatchInvariant
+        )
         .is_err());
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use hadal::backend::cpu::CpuBackend;
+use hadal::backend::cpu::{CpuBackend, Numerics};
 use hadal::model::Model;
 
 fn hadal(args: &[&str]) -> Output {
@@ -126,9 +126,9 @@ fn score_writes_what_the_library_computes() {
     assert_eq!(shape, &vec![2, 24, 1024]);
     assert_eq!(written["mtp_logits"].1, vec![2, 8, 1024]);
 
-    let backend = CpuBackend {
-        model: Model::load(&common::fixture()).unwrap(),
-    };
+    // `score` takes the reference's summation orders unless told otherwise.
+    let backend = CpuBackend::new(Model::load(&common::fixture()).unwrap())
+        .with_numerics(Numerics::ReferenceShapes);
     let seqs: Vec<Vec<u32>> = ids
         .iter()
         .map(|s| s.iter().map(|&i| i as u32).collect())

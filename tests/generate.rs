@@ -2,7 +2,7 @@
 
 mod common;
 
-use hadal::backend::cpu::CpuBackend;
+use hadal::backend::cpu::{CpuBackend, Numerics};
 use hadal::generate::{generate, Completion, Finish, Prefill, SamplingParams};
 use hadal::model::Model;
 use hadal::tokenizer::Tokenizer;
@@ -34,9 +34,7 @@ fn run(backend: &CpuBackend, tok: &Tokenizer, params: &SamplingParams) -> (Compl
 
 #[test]
 fn sampling_is_reproducible_and_stops_where_asked() {
-    let backend = CpuBackend {
-        model: Model::load(&common::fixture()).unwrap(),
-    };
+    let backend = CpuBackend::new(Model::load(&common::fixture()).unwrap());
     let tok = Tokenizer::bundled();
     let sampled = SamplingParams {
         temperature: 1.0,
@@ -89,9 +87,7 @@ fn sampling_is_reproducible_and_stops_where_asked() {
 
 #[test]
 fn a_cancelled_generation_stops_at_once() {
-    let backend = CpuBackend {
-        model: Model::load(&common::fixture()).unwrap(),
-    };
+    let backend = CpuBackend::new(Model::load(&common::fixture()).unwrap());
     let tok = Tokenizer::bundled();
     let mut state = backend.model.new_state();
     let mut calls = 0;
@@ -121,9 +117,7 @@ fn a_cancelled_generation_stops_at_once() {
 
 #[test]
 fn greedy_speculative_decoding_equals_plain_greedy() {
-    let backend = CpuBackend {
-        model: Model::load(&common::fixture()).unwrap(),
-    };
+    let backend = CpuBackend::new(Model::load(&common::fixture()).unwrap());
     let tok = Tokenizer::bundled();
     let greedy = SamplingParams {
         max_tokens: 40,
@@ -177,12 +171,15 @@ fn a_rewound_state_continues_like_a_fresh_one() {
     let m = Model::load(&common::fixture()).unwrap();
     let run = |st: &mut hadal::state::SeqState, t: &[u32]| {
         let h = m
-            .forward(&mut [hadal::model::SeqInput {
-                state: st,
-                tokens: t,
-            }])
+            .forward(
+                &mut [hadal::model::SeqInput {
+                    state: st,
+                    tokens: t,
+                }],
+                Numerics::BatchInvariant,
+            )
             .unwrap();
-        m.logits(&h)
+        m.logits(&h, Numerics::BatchInvariant)
     };
     let prefix: Vec<u32> = (0..130).map(|i| (i * 7 % 1000) as u32).collect();
     let mut a = m.new_state();

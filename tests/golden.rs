@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use hadal::backend::cpu::CpuBackend;
+use hadal::backend::cpu::{CpuBackend, Numerics};
+use hadal::backend::Backend;
 use hadal::model::{Model, SeqInput, Span};
 use hadal::score::score;
 use hadal::state::BlockState;
@@ -83,7 +84,7 @@ fn fixture() -> &'static Fixture {
                 .tensor("mtp.input_hidden")
                 .is_ok()
                 .then(|| f32s(&l, "mtp.input_hidden")),
-            cpu: CpuBackend { model },
+            cpu: CpuBackend::new(model),
         }
         .check_batch(b)
     })
@@ -154,8 +155,8 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 /// Logits of each sequence (`N x V`), fed in `chunks` then one token at a time, all batched.
-fn run(f: &Fixture, seqs: &[Vec<u32>], chunks: &[usize]) -> Vec<Vec<f32>> {
-    let s = score(&f.cpu, seqs, chunks, false).unwrap();
+fn run(backend: &dyn Backend, seqs: &[Vec<u32>], chunks: &[usize]) -> Vec<Vec<f32>> {
+    let s = score(backend, seqs, chunks, false).unwrap();
     s.logits
         .chunks(s.len * s.vocab)
         .map(<[f32]>::to_vec)
@@ -166,7 +167,7 @@ fn run(f: &Fixture, seqs: &[Vec<u32>], chunks: &[usize]) -> Vec<Vec<f32>> {
 fn check1_head() {
     let f = fixture();
     let last = f.layers.last().unwrap();
-    let got = f.model().logits(last);
+    let got = f.model().logits(last, Numerics::BatchInvariant);
     let want = &f.logits[..f.n * f.vocab];
     let errs = rel_errors(&got, want, f.vocab);
     let worst = errs.iter().cloned().fold(0.0, f64::max);
@@ -198,6 +199,7 @@ fn check2_blocks_teacher_forced() {
                 &f.tokens[0][pos..pos + len],
                 &[span],
                 &mut [&mut state],
+                Numerics::ReferenceShapes,
             );
             out.extend_from_slice(&x);
             pos += len;
@@ -225,16 +227,20 @@ fn check3_mtp_teacher_forced() {
         state: &mut state,
         tokens: &f.tokens[0][1..p],
     }];
-    let got = f.model().mtp_forward(0, input, &mut inputs).unwrap();
+    let got = f
+        .model()
+        .mtp_forward(0, input, &mut inputs, Numerics::BatchInvariant)
+        .unwrap();
     let want = &want[..(p - 1) * f.vocab];
     assert_close("check 3, MTP", &rel_errors(&got, want, f.vocab));
 }
 
+/// The reference's schedule with its summation orders, as `hadal score` runs it.
 #[test]
-#[ignore = "needs the fixture platform's float32 bits (torch + MKL on Intel AVX-512): the official model.py fails it elsewhere too; see docs/numerics.md"]
 fn check4_free_running() {
     let f = fixture();
-    let got = run(f, &f.tokens, &[f.prefill]);
+    let reference = f.cpu.with_numerics(Numerics::ReferenceShapes);
+    let got = run(&reference, &f.tokens, &[f.prefill]);
     let v = f.vocab;
     let stats = |a: &[f32], b: &[f32]| {
         let errs = rel_errors(a, b, v);
@@ -268,7 +274,7 @@ fn check5_chunked_and_batched_agree() {
     let f = fixture();
     let v = f.vocab;
     let n = f.n;
-    let one = run(f, &f.tokens[..1], &[n]);
+    let one = run(&f.cpu, &f.tokens[..1], &[n]);
     // Uneven chunks that cross window and compression-block boundaries.
     let mut chunks = Vec::new();
     let mut left = n;
@@ -280,7 +286,7 @@ fn check5_chunked_and_batched_agree() {
         chunks.push(c);
         left -= c;
     }
-    let chunked = run(f, &f.tokens[..1], &chunks);
+    let chunked = run(&f.cpu, &f.tokens[..1], &chunks);
     assert_close(
         "check 5, chunked prefill",
         &rel_errors(&chunked[0], &one[0], v),
@@ -288,7 +294,7 @@ fn check5_chunked_and_batched_agree() {
     // The prompt fed one token per call. (Decoding the same tokens without declaring them a
     // prompt ranks the indexer's rows over the visible entries only, as the reference's decode
     // does; at an exact tie that may keep other entries than one prefill, in both.)
-    let steps = run(f, &f.tokens[..1], &vec![1; n]);
+    let steps = run(&f.cpu, &f.tokens[..1], &vec![1; n]);
     assert_close(
         "check 5, token by token",
         &rel_errors(&steps[0], &one[0], v),
@@ -299,7 +305,7 @@ fn check5_chunked_and_batched_agree() {
         .get(1)
         .cloned()
         .unwrap_or_else(|| f.tokens[0].iter().rev().copied().collect());
-    let batch = run(f, &[f.tokens[0].clone(), other], &[n]);
+    let batch = run(&f.cpu, &[f.tokens[0].clone(), other], &[n]);
     assert_close(
         "check 5, inside a batch",
         &rel_errors(&batch[0], &one[0], v),

@@ -12,9 +12,7 @@ use hadal::tokenizer::Tokenizer;
 fn second_turn_reuses_the_state() {
     let dir = tempfile::tempdir().unwrap();
     hadal::demo::write_random_checkpoint(dir.path(), &hadal::demo::demo_config(), 5).unwrap();
-    let backend = CpuBackend {
-        model: Model::load(dir.path()).unwrap(),
-    };
+    let backend = CpuBackend::new(Model::load(dir.path()).unwrap());
     let tok = Tokenizer::for_model(dir.path()).unwrap();
     let params = SamplingParams {
         max_tokens: 6,

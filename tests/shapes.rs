@@ -40,9 +40,7 @@ fn unusual_shapes_are_consistent() {
         let cfg = variant(edits);
         let dir = tempfile::tempdir().unwrap();
         hadal::demo::write_random_checkpoint(dir.path(), &cfg, 9 + i as u64).unwrap();
-        let m = CpuBackend {
-            model: Model::load(dir.path()).unwrap(),
-        };
+        let m = CpuBackend::new(Model::load(dir.path()).unwrap());
         let v = cfg.vocab_size as u32;
         let a: Vec<u32> = (0..150).map(|t| (t * 37 + 11) % v).collect();
         let b: Vec<u32> = (0..150).map(|t| (t * 91 + 3) % v).collect();

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::ops::{rms_norm, rms_scale, sink_attention, RowLayout};
 use crate::backend::cpu::order::order;
-use crate::backend::cpu::{linear, linear_plain_rows};
+use crate::backend::cpu::{linear, linear_plain_rows, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
@@ -47,6 +47,7 @@ struct IndexProj {
     q: Vec<f32>,
     w: Vec<f32>,
     keys: Proj,
+    num: Numerics,
 }
 
 /// Per-sequence work of one chunk: where each query's keys are.
@@ -111,7 +112,13 @@ impl Attention {
 
     /// Attention over a batch: `y` is `T x D` (normed sublayer input) laid out by `spans`;
     /// advances each sequence's block state by its span. Returns `T x D`.
-    pub fn forward(&self, y: &[f32], spans: &[Span], states: &mut [&mut BlockState]) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        y: &[f32],
+        spans: &[Span],
+        states: &mut [&mut BlockState],
+        num: Numerics,
+    ) -> Vec<f32> {
         let (h, dh) = (self.heads, self.dim);
         let t_all = spans.iter().map(|s| s.len).sum::<usize>();
         let cs: Vec<CosSin> = spans
@@ -119,11 +126,11 @@ impl Attention {
             .flat_map(|s| (s.pos..s.pos + s.len).map(|p| self.rope.at(p)))
             .collect();
 
-        let mut qr = linear(&self.wq_a, y);
+        let mut qr = linear(&self.wq_a, y, num);
         for row in qr.chunks_mut(self.q_norm.len()) {
             rms_norm(row, &self.q_norm, self.eps);
         }
-        let mut q = linear(&self.wq_b, &qr);
+        let mut q = linear(&self.wq_b, &qr, num);
         for (t, row) in q.chunks_mut(h * dh).enumerate() {
             for head in row.chunks_mut(dh) {
                 let r = rms_scale(head, self.eps);
@@ -131,7 +138,7 @@ impl Attention {
                 Rope::apply(head, &cs[t], false);
             }
         }
-        let mut kv = linear(&self.wkv, y);
+        let mut kv = linear(&self.wkv, y, num);
         let row_bytes = self.codec.bytes();
         let mut packed = vec![0u8; t_all * row_bytes];
         for (t, (row, pk)) in kv
@@ -143,13 +150,14 @@ impl Attention {
             Rope::apply(row, &cs[t], false);
             self.codec.encode(row, pk);
         }
-        let comp_proj = self.compressor.as_ref().map(|c| c.project(y));
+        let comp_proj = self.compressor.as_ref().map(|c| c.project(y, num));
         let index_proj = self.indexer.as_ref().map(|ix| {
-            let (q, w) = ix.queries(&qr, y, &cs);
+            let (q, w) = ix.queries(&qr, y, &cs, num);
             IndexProj {
                 q,
                 w,
-                keys: ix.compressor.project(y),
+                keys: ix.compressor.project(y, num),
+                num,
             }
         });
 
@@ -191,12 +199,12 @@ impl Attention {
                 .flat_map(|row| &row[gi * gw..(gi + 1) * gw])
                 .copied()
                 .collect();
-            let zg = linear_plain_rows(&self.wo_a, &og, gi * r..(gi + 1) * r);
+            let zg = linear_plain_rows(&self.wo_a, &og, gi * r..(gi + 1) * r, num);
             for (t, zr) in zg.chunks(r).enumerate() {
                 z[t * g * r + gi * r..t * g * r + (gi + 1) * r].copy_from_slice(zr);
             }
         }
-        linear(&self.wo_b, &z)
+        linear(&self.wo_b, &z, num)
     }
 
     /// Collects the keys of one sequence's chunk: window rows, and the compressed entries after
@@ -242,6 +250,7 @@ impl Attention {
                         q: iq,
                         w: iw,
                         keys: (ikv, isc),
+                        num,
                     }),
                 ) => {
                     let ist = st
@@ -257,6 +266,7 @@ impl Attention {
                     let keys = ix.compressor.decode_all(ist, ist.entries.len);
                     let ranked = (s.pos + s.len).max(s.prompt_end) / self.ratio;
                     let (hq, hw) = (iq.len() / cs.len(), iw.len() / cs.len());
+                    let order = ix.score_order(*num, s.len);
                     (0..s.len)
                         .into_par_iter()
                         .map(|i| {
@@ -267,6 +277,7 @@ impl Attention {
                                 &keys,
                                 (s.pos + i + 1) / self.ratio,
                                 ranked,
+                                order,
                             )
                         })
                         .collect()

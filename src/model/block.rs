@@ -1,6 +1,6 @@
 //! One block: attention then MoE, each wrapped in its own hyper-connection.
 
-use crate::backend::cpu::ops::rms_norm;
+use crate::backend::cpu::{ops::rms_norm, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
@@ -57,18 +57,19 @@ impl Block {
         tokens: &[u32],
         spans: &[Span],
         states: &mut [&mut BlockState],
+        num: Numerics,
     ) {
-        let (mut y, mix) = self.hc_attn.pre(x);
+        let (mut y, mix) = self.hc_attn.pre(x, num);
         let d = self.attn_norm.len();
         y.chunks_mut(d)
             .for_each(|r| rms_norm(r, &self.attn_norm, self.eps));
-        let a = self.attn.forward(&y, spans, states);
+        let a = self.attn.forward(&y, spans, states, num);
         self.hc_attn.post(x, &a, &mix);
 
-        let (mut y, mix) = self.hc_ffn.pre(x);
+        let (mut y, mix) = self.hc_ffn.pre(x, num);
         y.chunks_mut(d)
             .for_each(|r| rms_norm(r, &self.ffn_norm, self.eps));
-        let f = self.ffn.forward(&y, tokens);
+        let f = self.ffn.forward(&y, tokens, num);
         self.hc_ffn.post(x, &f, &mix);
     }
 }

@@ -8,7 +8,7 @@
 //! indexer. Tokens are fed one at a time, so chunked prefill and decode produce the same entries.
 
 use crate::backend::cpu::order::aten_column_sum;
-use crate::backend::cpu::{linear_plain, ops::rms_norm, ops::softmax_strided};
+use crate::backend::cpu::{linear_plain, ops::rms_norm, ops::softmax_strided, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
@@ -76,8 +76,11 @@ impl Compressor {
     }
 
     /// The per-token projections `(kv, score)` of `T x D` inputs, each `T x width`.
-    pub fn project(&self, y: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        (linear_plain(&self.wkv, y), linear_plain(&self.wgate, y))
+    pub fn project(&self, y: &[f32], num: Numerics) -> (Vec<f32>, Vec<f32>) {
+        (
+            linear_plain(&self.wkv, y, num),
+            linear_plain(&self.wgate, y, num),
+        )
     }
 
     /// Feeds the projections of the token at `pos`; emits an entry when its block completes.
@@ -232,7 +235,7 @@ mod tests {
         let c = compressor(ratio, dim, hidden, codec);
         let rope = Rope::plain(64, 10000.0);
         let y = values(tokens * hidden, 9);
-        let (kv, score) = c.project(&y);
+        let (kv, score) = c.project(&y, Numerics::BatchInvariant);
         let w = c.width();
         let mut st = CompressorState::new();
         for t in 0..tokens {

@@ -7,7 +7,7 @@
 //! those the reference's `torch.topk` keeps.
 
 use crate::backend::cpu::order::{dot_in, Order};
-use crate::backend::cpu::{linear, linear_plain, top_k};
+use crate::backend::cpu::{linear, linear_plain, top_k, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
@@ -56,8 +56,14 @@ impl Indexer {
     }
 
     /// Index queries (`T x heads x dim`, rounded as the reference) and head weights (`T x heads`).
-    pub fn queries(&self, qr: &[f32], y: &[f32], cs: &[CosSin]) -> (Vec<f32>, Vec<f32>) {
-        let mut q = linear(&self.wq_b, qr);
+    pub fn queries(
+        &self,
+        qr: &[f32],
+        y: &[f32],
+        cs: &[CosSin],
+        num: Numerics,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut q = linear(&self.wq_b, qr, num);
         for (t, row) in q.chunks_mut(self.heads * self.dim).enumerate() {
             for h in row.chunks_mut(self.dim) {
                 Rope::apply(h, &cs[t], false);
@@ -67,7 +73,7 @@ impl Indexer {
         }
         // The reference multiplies two Python floats (doubles), then the f32 tensor by their product.
         let scale = ((self.dim as f64).powf(-0.5) * (self.heads as f64).powf(-0.5)) as f32;
-        let mut w = linear_plain(&self.weights_proj, y);
+        let mut w = linear_plain(&self.weights_proj, y, num);
         w.iter_mut().for_each(|v| *v *= scale);
         (q, w)
     }
@@ -84,14 +90,14 @@ impl Indexer {
         keys: &[f32],
         n: usize,
         ranked: usize,
+        order: Order,
     ) -> Vec<usize> {
         let mut scores: Vec<f32> = keys[..n * self.dim]
             .chunks(self.dim)
             .map(|k| {
                 let mut s = 0f32;
                 for (qh, wh) in q.chunks(self.dim).zip(w) {
-                    // The reference's score product has many rows (positions x heads).
-                    s += dot_in(Order::Chain, qh, k).max(0.0) * wh;
+                    s += dot_in(order, qh, k).max(0.0) * wh;
                 }
                 s
             })
@@ -102,6 +108,12 @@ impl Indexer {
         let mut idx = top_k(&scores, self.topk);
         idx.retain(|&i| i < n);
         idx
+    }
+
+    /// The order of the score products of a chunk of `tokens` queries: the reference's product
+    /// has a row per position and head.
+    pub fn score_order(&self, num: Numerics, tokens: usize) -> Order {
+        num.product(tokens * self.heads, self.dim)
     }
 
     /// How many entries the reference's index row holds for a row of `ranked` entries.

@@ -6,7 +6,7 @@
 //! (Sinkhorn-normalized towards doubly stochastic) mixes the copies.
 
 use crate::backend::cpu::order::aten_sum;
-use crate::backend::cpu::{linear_plain, ops::rms_scale, ops::sigmoid_vec, ops::softmax};
+use crate::backend::cpu::{linear_plain, ops::rms_scale, ops::sigmoid_vec, ops::softmax, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::weights::Matrix;
@@ -47,8 +47,8 @@ pub struct HcDims {
 }
 
 /// `mixes = (fn @ x) * rsqrt(mean(x^2) + eps)` for each token of a `T x M x D` stream.
-fn mixes(fn_: &Matrix, x: &[f32], md: usize, eps: f32) -> Vec<f32> {
-    let mut mix = linear_plain(fn_, x);
+fn mixes(fn_: &Matrix, x: &[f32], md: usize, eps: f32, num: Numerics) -> Vec<f32> {
+    let mut mix = linear_plain(fn_, x, num);
     let n = fn_.rows;
     for (row, xs) in mix.chunks_mut(n).zip(x.chunks(md)) {
         let r = rms_scale(xs, eps);
@@ -86,10 +86,10 @@ impl HyperConn {
 
     /// Reduces the `T x M x D` stream to the `T x D` sublayer input (before its RMSNorm) and
     /// returns the weights that [`HyperConn::post`] needs.
-    pub fn pre(&self, x: &[f32]) -> (Vec<f32>, Mix) {
+    pub fn pre(&self, x: &[f32], num: Numerics) -> (Vec<f32>, Mix) {
         let (m, d) = (self.m, self.d);
         let t = x.len() / (m * d);
-        let mix = mixes(&self.fn_, x, m * d, self.norm_eps);
+        let mix = mixes(&self.fn_, x, m * d, self.norm_eps, num);
         let n = (2 + m) * m;
         let mut y = vec![0f32; t * d];
         let mut post = vec![0f32; t * m];
@@ -220,9 +220,9 @@ impl HcHead {
     }
 
     /// Reduces a `T x M x D` stream to `T x D`.
-    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+    pub fn forward(&self, x: &[f32], num: Numerics) -> Vec<f32> {
         let (m, d) = (self.m, self.d);
-        let mix = mixes(&self.fn_, x, m * d, self.norm_eps);
+        let mix = mixes(&self.fn_, x, m * d, self.norm_eps, num);
         let t = x.len() / (m * d);
         let mut y = vec![0f32; t * d];
         for i in 0..t {

@@ -15,7 +15,7 @@ pub mod rope;
 
 use std::path::Path;
 
-use crate::backend::cpu::{linear_plain, ops::rms_norm};
+use crate::backend::cpu::{linear_plain, ops::rms_norm, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -186,7 +186,7 @@ impl Model {
 
     /// Runs the main blocks over a batch; returns the final stream (`T x M x D`, sequences in
     /// input order) and advances every state.
-    pub fn forward(&self, inputs: &mut [SeqInput]) -> Result<Vec<f32>> {
+    pub fn forward(&self, inputs: &mut [SeqInput], num: Numerics) -> Result<Vec<f32>> {
         let (tokens, spans) = self.layout(inputs, self.blocks.len())?;
         let mut x = self.embed(&tokens);
         if tokens.is_empty() {
@@ -194,7 +194,7 @@ impl Model {
         }
         for (i, block) in self.blocks.iter().enumerate() {
             let mut states: Vec<_> = inputs.iter_mut().map(|s| &mut s.state.blocks[i]).collect();
-            block.forward(&mut x, &tokens, &spans, &mut states);
+            block.forward(&mut x, &tokens, &spans, &mut states, num);
         }
         for s in inputs.iter_mut() {
             s.state.pos += s.tokens.len();
@@ -203,16 +203,16 @@ impl Model {
     }
 
     /// Logits (`T x V`) of a `T x M x D` final stream.
-    pub fn logits(&self, x: &[f32]) -> Vec<f32> {
-        self.head_logits(&self.hc_head, &self.norm, x)
+    pub fn logits(&self, x: &[f32], num: Numerics) -> Vec<f32> {
+        self.head_logits(&self.hc_head, &self.norm, x, num)
     }
 
-    fn head_logits(&self, hc: &HcHead, norm: &[f32], x: &[f32]) -> Vec<f32> {
-        let mut y = hc.forward(x);
+    fn head_logits(&self, hc: &HcHead, norm: &[f32], x: &[f32], num: Numerics) -> Vec<f32> {
+        let mut y = hc.forward(x, num);
         let d = self.cfg.hidden_size;
         y.chunks_mut(d)
             .for_each(|r| rms_norm(r, norm, self.cfg.rms_norm_eps as f32));
-        linear_plain(&self.head, &y)
+        linear_plain(&self.head, &y, num)
     }
 
     /// MTP block `i` over a batch: each sequence feeds the main model's final stream at its
@@ -223,6 +223,7 @@ impl Model {
         i: usize,
         hidden: &[f32],
         inputs: &mut [SeqInput],
+        num: Numerics,
     ) -> Result<Vec<f32>> {
         let mtp = self.mtp.get(i).ok_or_else(|| {
             Error::Input(format!(
@@ -244,12 +245,12 @@ impl Model {
         for (row, &t) in emb.chunks_mut(d).zip(&tokens) {
             self.embed.row_f32(t as usize, row);
         }
-        let mut x = mtp.input(&emb, hidden);
+        let mut x = mtp.input(&emb, hidden, num);
         let mut states: Vec<_> = inputs.iter_mut().map(|s| &mut s.state.blocks[0]).collect();
-        mtp.block.forward(&mut x, &tokens, &spans, &mut states);
+        mtp.block.forward(&mut x, &tokens, &spans, &mut states, num);
         for s in inputs.iter_mut() {
             s.state.pos += s.tokens.len();
         }
-        Ok(self.head_logits(&mtp.hc_head, &mtp.norm, &x))
+        Ok(self.head_logits(&mtp.hc_head, &mtp.norm, &x, num))
     }
 }

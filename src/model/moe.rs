@@ -5,7 +5,7 @@
 //! weights do not: they are the selected scores over their sum, times `routed_scaling_factor`.
 //! Each expert is SwiGLU with `swiglu_limit` clamps, the routing weight applied before `w2`.
 
-use crate::backend::cpu::{linear, linear_plain, ops, ops::silu};
+use crate::backend::cpu::{linear, linear_plain, ops, ops::silu, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, ScoringFunc};
 use crate::error::{Error, Result};
@@ -31,9 +31,15 @@ impl Expert {
     }
 
     /// `w2((silu(min(w1 x, L)) * clamp(w3 x, -L, L)) * weight)` for `rows x D` inputs.
-    pub fn forward(&self, x: &[f32], weights: Option<&[f32]>, limit: f32) -> Vec<f32> {
-        let gate = linear(&self.w1, x);
-        let up = linear(&self.w3, x);
+    pub fn forward(
+        &self,
+        x: &[f32],
+        weights: Option<&[f32]>,
+        limit: f32,
+        num: Numerics,
+    ) -> Vec<f32> {
+        let gate = linear(&self.w1, x, num);
+        let up = linear(&self.w3, x, num);
         let f = self.w1.rows;
         let mut h: Vec<f32> = gate
             .iter()
@@ -52,7 +58,7 @@ impl Expert {
                 row.iter_mut().for_each(|v| *v *= w);
             }
         }
-        linear(&self.w2, &h)
+        linear(&self.w2, &h, num)
     }
 
     /// Bytes held.
@@ -124,9 +130,9 @@ impl Moe {
     }
 
     /// Experts and routing weights for each of `T` tokens (`T x topk` each).
-    pub fn route(&self, y: &[f32], tokens: &[u32]) -> (Vec<usize>, Vec<f32>) {
+    pub fn route(&self, y: &[f32], tokens: &[u32], num: Numerics) -> (Vec<usize>, Vec<f32>) {
         let e = self.experts.len();
-        let mut scores = linear_plain(&self.gate, y);
+        let mut scores = linear_plain(&self.gate, y, num);
         for row in scores.chunks_mut(e) {
             match self.func {
                 ScoringFunc::Sqrtsoftplus => {
@@ -163,9 +169,9 @@ impl Moe {
     }
 
     /// The MoE output for `T x D` normed inputs.
-    pub fn forward(&self, y: &[f32], tokens: &[u32]) -> Vec<f32> {
+    pub fn forward(&self, y: &[f32], tokens: &[u32], num: Numerics) -> Vec<f32> {
         let d = self.gate.cols;
-        let (ids, ws) = self.route(y, tokens);
+        let (ids, ws) = self.route(y, tokens, num);
         let k = self.topk;
         let mut out = vec![0f32; y.len()];
         // Experts in ascending order, as the reference accumulates them.
@@ -183,14 +189,14 @@ impl Moe {
                 .copied()
                 .collect();
             let w: Vec<f32> = rows.iter().map(|&(_, w)| w).collect();
-            let r = self.experts[e].forward(&x, Some(&w), self.limit);
+            let r = self.experts[e].forward(&x, Some(&w), self.limit, num);
             for (&(t, _), rr) in rows.iter().zip(r.chunks(d)) {
                 for (o, v) in out[t * d..(t + 1) * d].iter_mut().zip(rr) {
                     *o += v;
                 }
             }
         }
-        let s = self.shared.forward(y, None, self.limit);
+        let s = self.shared.forward(y, None, self.limit, num);
         for (o, v) in out.iter_mut().zip(&s) {
             *o += v;
         }
@@ -263,11 +269,11 @@ mod tests {
     fn bias_selects_but_does_not_weigh() {
         let m = moe(false);
         let y = values(D, 7);
-        let (ids, ws) = m.route(&y, &[0]);
+        let (ids, ws) = m.route(&y, &[0], Numerics::BatchInvariant);
         // Expert 2 has a large selection bias, so it is always picked ...
         assert!(ids.contains(&2), "{ids:?}");
         // ... but the weights are its unbiased scores, normalized, times the scaling factor.
-        let logits = linear_plain(&m.gate, &y);
+        let logits = linear_plain(&m.gate, &y, Numerics::BatchInvariant);
         let s: Vec<f32> = logits.iter().map(|&l| ops::softplus(l).sqrt()).collect();
         let sum: f32 = ids.iter().map(|&i| s[i]).sum();
         for (&i, &w) in ids.iter().zip(&ws) {
@@ -279,7 +285,7 @@ mod tests {
     fn hash_layers_route_by_token_id() {
         let m = moe(true);
         let y = values(3 * D, 5);
-        let (ids, ws) = m.route(&y, &[0, 1, 2]);
+        let (ids, ws) = m.route(&y, &[0, 1, 2], Numerics::BatchInvariant);
         assert_eq!(ids, vec![3, 1, 0, 2, 2, 2]);
         assert!((ws[4] + ws[5] - 1.5).abs() < 1e-6);
     }
@@ -288,8 +294,8 @@ mod tests {
     fn output_sums_routed_and_shared_experts() {
         let m = moe(true);
         let y = values(2 * D, 3);
-        let out = m.forward(&y, &[0, 1]);
-        let (ids, ws) = m.route(&y, &[0, 1]);
+        let out = m.forward(&y, &[0, 1], Numerics::BatchInvariant);
+        let (ids, ws) = m.route(&y, &[0, 1], Numerics::BatchInvariant);
         for t in 0..2 {
             let x = &y[t * D..(t + 1) * D];
             let mut pairs: Vec<(usize, f32)> =
@@ -297,10 +303,10 @@ mod tests {
             pairs.sort_by_key(|p| p.0);
             let mut want = vec![0f32; D];
             for (e, w) in pairs {
-                let r = m.experts[e].forward(x, Some(&[w]), m.limit);
+                let r = m.experts[e].forward(x, Some(&[w]), m.limit, Numerics::BatchInvariant);
                 want.iter_mut().zip(&r).for_each(|(a, b)| *a += b);
             }
-            let s = m.shared.forward(x, None, m.limit);
+            let s = m.shared.forward(x, None, m.limit, Numerics::BatchInvariant);
             want.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
             assert_eq!(&out[t * D..(t + 1) * D], &want[..]);
         }
@@ -311,13 +317,16 @@ mod tests {
         let m = moe(true);
         let e = &m.experts[0];
         let x = values(D, 2);
-        let g = linear_plain(&e.w1, &x);
-        let u = linear_plain(&e.w3, &x);
+        let g = linear_plain(&e.w1, &x, Numerics::BatchInvariant);
+        let u = linear_plain(&e.w3, &x, Numerics::BatchInvariant);
         let h: Vec<f32> = g
             .iter()
             .zip(&u)
             .map(|(&g, &u)| silu(g.min(0.5)) * u.clamp(-0.5, 0.5))
             .collect();
-        assert_eq!(e.forward(&x, None, 0.5), linear_plain(&e.w2, &h));
+        assert_eq!(
+            e.forward(&x, None, 0.5, Numerics::BatchInvariant),
+            linear_plain(&e.w2, &h, Numerics::BatchInvariant)
+        );
     }
 }

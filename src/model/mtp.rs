@@ -4,7 +4,7 @@
 //! `X_in_j = e_proj(rmsnorm_e(embed[token_{t+1}])) + h_proj(rmsnorm_h(X_j))`, then a normal block,
 //! its own hc_head and final norm.
 
-use crate::backend::cpu::{linear, ops::rms_norm};
+use crate::backend::cpu::{linear, ops::rms_norm, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
@@ -57,16 +57,16 @@ impl Mtp {
 
     /// The block's input stream from next-token embeddings (`T x D`) and the main final stream
     /// (`T x M x D`).
-    pub fn input(&self, emb: &[f32], hidden: &[f32]) -> Vec<f32> {
+    pub fn input(&self, emb: &[f32], hidden: &[f32], num: Numerics) -> Vec<f32> {
         let d = self.enorm.len();
         let mut e = emb.to_vec();
         e.chunks_mut(d)
             .for_each(|r| rms_norm(r, &self.enorm, self.eps));
-        let e = linear(&self.e_proj, &e);
+        let e = linear(&self.e_proj, &e, num);
         let mut h = hidden.to_vec();
         h.chunks_mut(d)
             .for_each(|r| rms_norm(r, &self.hnorm, self.eps));
-        let mut x = linear(&self.h_proj, &h);
+        let mut x = linear(&self.h_proj, &h, num);
         let m = x.len() / e.len();
         for (t, row) in x.chunks_mut(m * d).enumerate() {
             for copy in row.chunks_mut(d) {

@@ -2,14 +2,12 @@
 //!
 //! FP8/FP4 linears follow the reference: the activation is FP8-rounded in blocks of 128, both
 //! sides are dequantized (exactly) and multiplied in f32. Plain linears decode BF16/F32 (or, for
-//! `wo_a`, FP8 times its scale, which is exact) and multiply f32 activations. Every output is one
-//! fused chain over `k` in blocks ([`super::order`]), the reference platform's order for products
-//! of many rows; it does not depend on the batch, so a sequence gives the same bits alone, inside
-//! a batch, prefilled at once or in chunks.
+//! `wo_a`, FP8 times its scale, which is exact) and multiply f32 activations. Each output is
+//! summed in the order [`Numerics`] picks for the product's number of rows ([`super::order`]).
 
 use rayon::prelude::*;
 
-use super::order::{dot_in, Order};
+use super::order::{dot_in, Numerics};
 use crate::quant::{
     bf16, e8m0, QuantAct, ACT_BLOCK, E2M1, E4M3, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK,
 };
@@ -98,9 +96,8 @@ where
 /// FP4 weights, f32 activations otherwise. `x` is `rows x m.cols`; returns `rows x m.rows`.
 ///
 /// The reference multiplies the dequantized matrices (exact products: FP8 times FP8, FP4 times
-/// FP8, scaled by powers of two) in float32; the sum over `k` is the chain its platform uses for
-/// a many-row product ([`Order::Chain`]), whatever the number of rows.
-pub fn linear(m: &Matrix, x: &[f32]) -> Vec<f32> {
+/// FP8, scaled by powers of two) in float32, summed over `k` in the order `num` gives.
+pub fn linear(m: &Matrix, x: &[f32], num: Numerics) -> Vec<f32> {
     match &m.storage {
         Storage::F8 { .. } | Storage::F4 { .. } => {
             let k = m.cols;
@@ -110,25 +107,31 @@ pub fn linear(m: &Matrix, x: &[f32]) -> Vec<f32> {
                     .enumerate()
                     .map(|(i, q)| q * a.s[i / ACT_BLOCK])
                     .collect();
-            linear_plain(m, &xd)
+            linear_plain(m, &xd, num)
         }
-        Storage::Bf16(_) | Storage::F32(_) => linear_plain(m, x),
+        Storage::Bf16(_) | Storage::F32(_) => linear_plain(m, x, num),
     }
 }
 
 /// `y = x W^T` in f32 with `W` decoded exactly (no activation rounding), whatever its storage.
-pub fn linear_plain(m: &Matrix, x: &[f32]) -> Vec<f32> {
-    linear_plain_rows(m, x, 0..m.rows)
+pub fn linear_plain(m: &Matrix, x: &[f32], num: Numerics) -> Vec<f32> {
+    linear_plain_rows(m, x, 0..m.rows, num)
 }
 
 /// [`linear_plain`] with only the output features `range` of `W` (rows of the matrix).
-pub fn linear_plain_rows(m: &Matrix, x: &[f32], range: std::ops::Range<usize>) -> Vec<f32> {
+pub fn linear_plain_rows(
+    m: &Matrix,
+    x: &[f32],
+    range: std::ops::Range<usize>,
+    num: Numerics,
+) -> Vec<f32> {
     let k = m.cols;
     let rows = x.len() / k;
+    let order = num.product(rows, k);
     by_columns(rows, range.len(), k, |j, wrow, out| {
         decode_row(m, range.start + j, wrow);
         for (t, o) in out.iter_mut().enumerate() {
-            *o = dot_in(Order::Chain, &x[t * k..(t + 1) * k], wrow);
+            *o = dot_in(order, &x[t * k..(t + 1) * k], wrow);
         }
     })
 }
@@ -188,12 +191,12 @@ mod tests {
                 .map(|(i, q)| q * xq.s[i / 128])
                 .collect();
         let want = reference(&xd, &wd, k);
-        let got = linear(&m, &x);
+        let got = linear(&m, &x, Numerics::BatchInvariant);
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{a} vs {b}");
         }
         // Batch independence: row 1 alone gives the same bits.
-        let alone = linear(&m, &x[k..2 * k]);
+        let alone = linear(&m, &x[k..2 * k], Numerics::BatchInvariant);
         assert_eq!(&alone[..], &got[n..2 * n]);
     }
 
@@ -225,7 +228,7 @@ mod tests {
                 .map(|(i, q)| q * xq.s[i / 128])
                 .collect();
         let want = reference(&xd, &wd, k);
-        for (a, b) in linear(&m, &x).iter().zip(&want) {
+        for (a, b) in linear(&m, &x, Numerics::BatchInvariant).iter().zip(&want) {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{a} vs {b}");
         }
     }

@@ -6,7 +6,10 @@ pub mod order;
 mod topk;
 
 pub use linear::{decode_row, linear, linear_plain, linear_plain_rows};
+pub use order::Numerics;
 pub use topk::top_k;
+
+use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::config::Config;
@@ -16,8 +19,28 @@ use crate::state::SeqState;
 
 /// Runs a [`Model`] on the CPU.
 pub struct CpuBackend {
-    /// The weights.
-    pub model: Model,
+    /// The weights, shareable between backends of other [`Numerics`].
+    pub model: Arc<Model>,
+    /// The summation orders of its products.
+    pub numerics: Numerics,
+}
+
+impl CpuBackend {
+    /// A batch-invariant backend over `model`.
+    pub fn new(model: Model) -> Self {
+        CpuBackend {
+            model: Arc::new(model),
+            numerics: Numerics::default(),
+        }
+    }
+
+    /// A backend over the same weights with other summation orders.
+    pub fn with_numerics(&self, numerics: Numerics) -> Self {
+        CpuBackend {
+            model: Arc::clone(&self.model),
+            numerics,
+        }
+    }
 }
 
 impl Backend for CpuBackend {
@@ -31,15 +54,15 @@ impl Backend for CpuBackend {
         self.model.new_state()
     }
     fn forward(&self, inputs: &mut [SeqInput]) -> Result<Vec<f32>> {
-        self.model.forward(inputs)
+        self.model.forward(inputs, self.numerics)
     }
     fn logits(&self, hidden: &[f32]) -> Vec<f32> {
-        self.model.logits(hidden)
+        self.model.logits(hidden, self.numerics)
     }
     fn new_mtp_state(&self, i: usize) -> SeqState {
         self.model.new_mtp_state(i)
     }
     fn mtp_forward(&self, i: usize, hidden: &[f32], inputs: &mut [SeqInput]) -> Result<Vec<f32>> {
-        self.model.mtp_forward(i, hidden, inputs)
+        self.model.mtp_forward(i, hidden, inputs, self.numerics)
     }
 }

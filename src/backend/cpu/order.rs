@@ -3,14 +3,15 @@
 //! The golden fixtures were computed by the official code on an Intel AVX-512 CPU, where matrix
 //! products run in MKL's sgemm and reductions in ATen's kernels. Rounding to FP8/FP4 and top-k
 //! selection turn a one-ulp difference into a different value, so hadal sums in the same order
-//! where the order is known and does not depend on the batch: linears always take the many-row
-//! chain, attention scores the order for the model's head count. Each rule below was measured on
-//! that platform
+//! where the order is known. By default ([`Numerics::BatchInvariant`]) it takes only the orders
+//! that do not depend on the batch: linears the many-row chain, attention scores the order for
+//! the model's head count. [`Numerics::ReferenceShapes`] takes each product's order from its
+//! number of rows, as the platform does. Each rule below was measured on that platform
 //! (`tools/reference/probe_orders.py`; `docs/numerics.md` lists the results):
 //!
 //! - a product with several rows (more than [`small_rows`] of them) sums each output as one fused
-//!   multiply-add chain over `k`, split for `k > 384` into blocks of whole 64-element units as
-//!   even as possible (larger first), each block from zero, blocks added in order;
+//!   multiply-add chain over `k`, split for `k > 384` into blocks ([`blocks`]), each block from
+//!   zero, blocks added in order;
 //! - a product with 2 to [`small_rows`] rows keeps 16 lane chains (`k mod 16`), adds the four
 //!   128-bit quarters of the vector in order, then the lanes as `(l0 + l1) + (l2 + l3)`;
 //! - one row (a matrix-vector product) follows a kernel whose order depends on the column; it is
@@ -36,6 +37,30 @@ pub fn small_rows(k: usize) -> usize {
     }
 }
 
+/// Which summation orders a forward pass takes for its matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Numerics {
+    /// Every product sums in the many-row order whatever its number of rows, so a sequence gets
+    /// the same bits alone or in any batch, prefilled at once or in chunks: what serving wants.
+    #[default]
+    BatchInvariant,
+    /// Each product sums in the order the reference platform takes for its number of rows
+    /// ([`order`]). Run with the reference's own schedule (its batch, prefill and decode steps),
+    /// hadal then reproduces the reference's bits where the orders are known; a sequence's bits
+    /// depend on the batch shape, as the reference's own do.
+    ReferenceShapes,
+}
+
+impl Numerics {
+    /// The order of a product of `rows` rows with inner dimension `k`.
+    pub fn product(self, rows: usize, k: usize) -> Order {
+        match self {
+            Numerics::BatchInvariant => Order::Chain,
+            Numerics::ReferenceShapes => order(rows, k),
+        }
+    }
+}
+
 /// The order a product of `m` rows with inner dimension `k` is summed in.
 pub fn order(m: usize, k: usize) -> Order {
     if m <= small_rows(k) {
@@ -45,16 +70,19 @@ pub fn order(m: usize, k: usize) -> Order {
     }
 }
 
-/// Block sizes of the chain over `k`: one block up to 384, else the fewest blocks of at most 384,
-/// in whole units of 64, larger blocks first.
+/// Block sizes of the chain over `k`: whole blocks of 384 while more than two would remain, then
+/// the rest as one block up to 384, else as two halves in whole units of 64 (larger first).
 pub fn blocks(k: usize) -> impl Iterator<Item = usize> {
-    let (units, rest) = (k / 64, k % 64);
-    let n = if k <= 384 { 1 } else { k.div_ceil(384) };
-    let (base, extra) = (units / n, units % n);
-    (0..n).map(move |b| {
-        let u = base + usize::from(b < extra);
-        u * 64 + if b + 1 == n { rest } else { 0 }
-    })
+    const B: usize = 384;
+    let full = k.saturating_sub(2 * B).div_ceil(B);
+    let rest = k - full * B;
+    let first = if rest > B {
+        (rest / 64).div_ceil(2) * 64
+    } else {
+        rest
+    };
+    let tail = [first, rest - first];
+    std::iter::repeat_n(B, full).chain(tail.into_iter().filter(|&b| b > 0))
 }
 
 #[inline(always)]
@@ -211,6 +239,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reference_shapes_follow_the_row_count() {
+        let r = Numerics::ReferenceShapes;
+        assert_eq!(r.product(2, 256), Order::Lanes16);
+        assert_eq!(r.product(10, 256), Order::Lanes16);
+        assert_eq!(r.product(11, 256), Order::Chain);
+        assert_eq!(r.product(6, 128), Order::Chain);
+        for rows in [1, 2, 11, 406] {
+            assert_eq!(Numerics::BatchInvariant.product(rows, 256), Order::Chain);
+        }
+    }
+
+    #[test]
     fn blocks_cover_k_as_measured() {
         let b = |k| blocks(k).collect::<Vec<_>>();
         assert_eq!(b(256), [256]);
@@ -218,6 +258,7 @@ mod tests {
         assert_eq!(b(768), [384, 384]);
         assert_eq!(b(1024), [384, 320, 320]);
         assert_eq!(b(1536), [384; 4]);
+        assert_eq!(b(2048), [384, 384, 384, 384, 256, 256]);
         assert_eq!(b(100), [100]);
     }
 
