@@ -175,6 +175,8 @@ fn check1_head() {
     assert!(worst <= 1e-4, "head: relative error {worst:.2e} > 1e-4");
 }
 
+/// Sequence 0 alone, with the summation orders its products' row counts get on the reference
+/// platform (the prefill's rows, then one row a step).
 #[test]
 fn check2_blocks_teacher_forced() {
     let f = fixture();

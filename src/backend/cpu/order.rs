@@ -14,8 +14,10 @@
 //!   zero, blocks added in order;
 //! - a product with 2 to [`small_rows`] rows keeps 16 lane chains (`k mod 16`), adds the four
 //!   128-bit quarters of the vector in order, then the lanes as `(l0 + l1) + (l2 + l3)`;
-//! - one row (a matrix-vector product) follows a kernel whose order depends on the column; it is
-//!   not reproduced, and gets the 16-lane order;
+//! - one row (a matrix-vector product) takes another kernel (the first element alone, then 16
+//!   lanes reduced in a tree); it is not reproduced, and gets the 16-lane order;
+//! - with 17-159 rows and `k >= 1024`, several threads split `k` among them, in an order that
+//!   depends on their number; hadal takes the one-thread order (the blocks);
 //! - ATen's float sum of a contiguous row: 8 lanes, four vector accumulators, and a cascade of
 //!   partial sums for long rows ([`aten_sum`]).
 
