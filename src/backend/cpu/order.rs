@@ -72,8 +72,8 @@ pub fn order(m: usize, k: usize) -> Order {
     }
 }
 
-/// Block sizes of the chain over `k`: whole blocks of 384 while more than two would remain, then
-/// the rest as one block up to 384, else as two halves in whole units of 64 (larger first).
+/// Block sizes of the chain over `k`: blocks of 384 while more than 768 elements remain, then the
+/// rest as one block up to 384, else as two halves in whole units of 64 (larger first).
 pub fn blocks(k: usize) -> impl Iterator<Item = usize> {
     const B: usize = 384;
     let full = k.saturating_sub(2 * B).div_ceil(B);
