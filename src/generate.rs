@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use crate::backend::cpu::top_k;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::SeqInput;
@@ -138,10 +139,10 @@ impl Sampler {
     pub fn candidates(&self, logits: &[f32]) -> (Vec<usize>, Vec<f64>) {
         let p = &self.params;
         if p.temperature == 0.0 {
-            return (crate::backend::cpu::top_k(logits, 1), vec![1.0]);
+            return (top_k(logits, 1), vec![1.0]);
         }
         let k = if p.top_k > 0 { p.top_k } else { logits.len() };
-        let mut idx = crate::backend::cpu::top_k(logits, k);
+        let mut idx = top_k(logits, k);
         let t = p.temperature as f64;
         let mx = logits[idx[0]] as f64;
         let mut probs: Vec<f64> = idx
@@ -191,7 +192,7 @@ impl Sampler {
     fn logprob(&self, logits: &[f32], token: usize) -> Option<TokenLogprob> {
         self.params.logprobs.map(|n| {
             let ls = log_softmax(logits);
-            let top = crate::backend::cpu::top_k(logits, n)
+            let top = top_k(logits, n)
                 .into_iter()
                 .map(|i| (i as u32, ls[i]))
                 .collect();
@@ -549,7 +550,7 @@ pub fn generate_speculative(
                 }],
             )?;
             let v = cfg.vocab_size;
-            let draft = crate::backend::cpu::top_k(&ml[ml.len() - v..], 1)[0] as u32;
+            let draft = top_k(&ml[ml.len() - v..], 1)[0] as u32;
             queue_h.clear();
             queue_t.clear();
             let mark = state.mark();

@@ -5,7 +5,7 @@
 //! weights do not: they are the selected scores over their sum, times `routed_scaling_factor`.
 //! Each expert is SwiGLU with `swiglu_limit` clamps, the routing weight applied before `w2`.
 
-use crate::backend::cpu::{linear, linear_plain, ops, ops::silu, Numerics};
+use crate::backend::cpu::{linear, linear_plain, ops, ops::silu, top_k, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, ScoringFunc};
 use crate::error::{Error, Result};
@@ -153,7 +153,7 @@ impl Moe {
                     .collect(),
                 Routing::Score(bias) => {
                     let biased: Vec<f32> = row.iter().zip(bias).map(|(s, b)| s + b).collect();
-                    crate::backend::cpu::top_k(&biased, k)
+                    top_k(&biased, k)
                 }
             };
             let mut w: Vec<f32> = pick.iter().map(|&i| row[i]).collect();
