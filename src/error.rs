@@ -23,6 +23,12 @@ pub enum Error {
     /// A request that the model cannot serve (bad token id, context overflow, ...).
     #[error("input: {0}")]
     Input(String),
+    /// The device is missing, refused a call, or failed (driver, compiler, launch).
+    #[error("device: {0}")]
+    Device(String),
+    /// The device has no room for the weights, a sequence's state or a step's activations.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
 }
 
 impl Error {

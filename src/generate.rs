@@ -9,10 +9,8 @@
 use std::time::Instant;
 
 use crate::backend::cpu::top_k;
-use crate::backend::Backend;
+use crate::backend::{Backend, Draw, Drawn, Head, Hidden, Seq, SeqInput};
 use crate::error::{Error, Result};
-use crate::model::SeqInput;
-use crate::state::SeqState;
 use crate::tokenizer::Tokenizer;
 
 /// How tokens are chosen and when generation stops.
@@ -428,13 +426,27 @@ fn check_request(params: &SamplingParams, prompt: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// One draw from row `row` of `hidden` through `head`.
+fn draw(
+    backend: &dyn Backend,
+    head: Head,
+    hidden: &Hidden,
+    row: usize,
+    sampler: &mut Sampler,
+    draft: Option<u32>,
+) -> Result<Drawn> {
+    let mut d = backend.sample(head, hidden, &[row], &mut [Draw { sampler, draft }])?;
+    d.pop()
+        .ok_or_else(|| Error::Device("the backend returned no draw".into()))
+}
+
 /// Feeds `prompt` (after whatever `state` holds) and generates a completion, calling
 /// `on_text` with each piece of final text; `on_text` returning false cancels. The state ends
 /// holding every token but the last generated one.
 pub fn generate(
     backend: &dyn Backend,
     tok: &Tokenizer,
-    state: &mut SeqState,
+    state: &mut Seq,
     prompt: &[u32],
     params: &SamplingParams,
     prefill: Prefill,
@@ -443,32 +455,29 @@ pub fn generate(
     check_request(params, prompt)?;
     let mut em = Emitter::new(tok, params.clone(), backend.config().eos_token_id, on_text);
     let t0 = Instant::now();
-    let mut last = Vec::new();
     let step = prefill.chunk.max(1);
-    state.prompt_end = state.pos + prompt.len();
+    state.set_prompt_end(state.pos() + prompt.len());
+    let mut last = None;
     for (c, chunk) in prompt.chunks(step).enumerate() {
         let h = backend.forward(&mut [SeqInput {
             state,
             tokens: chunk,
         }])?;
-        last = h[h.len() - h.len() / chunk.len()..].to_vec();
+        last = Some((h, chunk.len() - 1));
         prefill.report(c * step + chunk.len(), prompt.len());
     }
+    let (h, row) = last.expect("the prompt is not empty");
+    let mut sampler = Sampler::new(params.clone());
     // Only the prompt's last position needs the head.
-    let mut logits = backend.logits(&last);
+    let mut d = draw(backend, Head::Main, &h, row, &mut sampler, None)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut sampler = Sampler::new(params.clone());
-    loop {
-        let (t, lp) = sampler.sample(&logits);
-        if !em.push(t, lp)? {
-            break;
-        }
+    while em.push(d.token, d.logprob.take())? {
         let h = backend.forward(&mut [SeqInput {
             state,
-            tokens: &[t],
+            tokens: &[d.token],
         }])?;
-        logits = backend.logits(&h);
+        d = draw(backend, Head::Main, &h, 0, &mut sampler, None)?;
     }
     Ok(em.done(prefill_secs, t1.elapsed().as_secs_f64(), (0, 0)))
 }
@@ -476,12 +485,12 @@ pub fn generate(
 /// [`generate`] with MTP speculative decoding: MTP block 0 drafts the token after next, and the
 /// main model verifies it in the same forward pass that consumes the next token. Greedy output
 /// is identical to [`generate`]'s; sampled output follows the same distribution. Afterwards
-/// `state.pos` tells how many of the prompt and completion tokens the state holds (all but the
-/// last one or few).
+/// `state.pos()` tells how many of the prompt and completion tokens the state holds (all but
+/// the last one or few).
 pub fn generate_speculative(
     backend: &dyn Backend,
     tok: &Tokenizer,
-    state: &mut SeqState,
+    state: &mut Seq,
     prompt: &[u32],
     params: &SamplingParams,
     prefill: Prefill,
@@ -493,55 +502,55 @@ pub fn generate_speculative(
             "speculative decoding needs an MTP block; this model has none".into(),
         ));
     }
-    let cfg = backend.config();
-    let row = cfg.hc_mult * cfg.hidden_size;
-    let mut em = Emitter::new(tok, params.clone(), cfg.eos_token_id, on_text);
-    let mut mtp = backend.new_mtp_state(0);
-    // Pairs (final stream at t, token t+1) the MTP block has yet to consume.
-    let mut queue_h: Vec<f32> = Vec::new();
-    let mut queue_t: Vec<u32> = Vec::new();
+    let mut em = Emitter::new(tok, params.clone(), backend.config().eos_token_id, on_text);
+    let mut mtp = backend.new_mtp_state(0)?;
+    let mut drafter = Sampler::new(SamplingParams::default());
     let t0 = Instant::now();
-    let mut last = Vec::new();
     let step = prefill.chunk.max(1);
-    state.prompt_end = state.pos + prompt.len();
+    state.set_prompt_end(state.pos() + prompt.len());
+    // The final stream at the last position fed, which pairs with the next token.
+    let mut last: Option<Hidden> = None;
     for (c, chunk) in prompt.chunks(step).enumerate() {
         let h = backend.forward(&mut [SeqInput {
             state,
             tokens: chunk,
         }])?;
-        let start = c * step;
-        prefill.report(start + chunk.len(), prompt.len());
-        // The MTP block follows the prompt as the main model reads it.
-        queue_h.extend_from_slice(&last);
-        let n = chunk.len();
-        queue_h.extend_from_slice(&h[..(n - 1) * row]);
-        queue_t.extend_from_slice(&prompt[start + usize::from(start == 0)..start + n]);
-        if !queue_t.is_empty() {
+        let (start, n) = (c * step, chunk.len());
+        prefill.report(start + n, prompt.len());
+        // The MTP block follows the prompt as the main model reads it: the stream at t with
+        // token t+1.
+        let mut parts = Vec::new();
+        if let Some(l) = &last {
+            parts.push((l, 0..1));
+        }
+        if n > 1 {
+            parts.push((&h, 0..n - 1));
+        }
+        let next = &prompt[start + usize::from(start == 0)..start + n];
+        if !next.is_empty() {
+            let pairs = backend.select(&parts)?;
             backend.mtp_forward(
                 0,
-                &queue_h,
+                &pairs,
                 &mut [SeqInput {
                     state: &mut mtp,
-                    tokens: &queue_t,
+                    tokens: next,
                 }],
             )?;
         }
-        queue_h.clear();
-        queue_t.clear();
-        last = h[(n - 1) * row..].to_vec();
+        last = Some(backend.select(&[(&h, n - 1..n)])?);
     }
-    let logits = backend.logits(&last);
+    let last = last.expect("the prompt is not empty");
+    let mut sampler = Sampler::new(params.clone());
+    let first = draw(backend, Head::Main, &last, 0, &mut sampler, None)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut sampler = Sampler::new(params.clone());
-    let (y, lp) = sampler.sample(&logits);
     let mut drafts = (0, 0);
-    if em.push(y, lp)? {
-        let mut pending = vec![y];
-        queue_h.extend_from_slice(&last);
-        queue_t.push(y);
+    if em.push(first.token, first.logprob)? {
+        let mut pending = vec![first.token];
+        let (mut queue_h, mut queue_t) = (last, vec![first.token]);
         loop {
-            let ml = backend.mtp_forward(
+            let mh = backend.mtp_forward(
                 0,
                 &queue_h,
                 &mut [SeqInput {
@@ -549,11 +558,16 @@ pub fn generate_speculative(
                     tokens: &queue_t,
                 }],
             )?;
-            let v = cfg.vocab_size;
-            let draft = top_k(&ml[ml.len() - v..], 1)[0] as u32;
-            queue_h.clear();
-            queue_t.clear();
-            let mark = state.mark();
+            let draft = draw(
+                backend,
+                Head::Mtp(0),
+                &mh,
+                queue_t.len() - 1,
+                &mut drafter,
+                None,
+            )?
+            .token;
+            let mark = state.mark()?;
             let mut chunk = pending.clone();
             chunk.push(draft);
             let h = backend.forward(&mut [SeqInput {
@@ -561,28 +575,27 @@ pub fn generate_speculative(
                 tokens: &chunk,
             }])?;
             let k = pending.len();
-            let lg = backend.logits(&h[(k - 1) * row..]);
-            let (accept, y1, lp) = sampler.verify(&lg[..v], draft);
+            let v = draw(backend, Head::Main, &h, k - 1, &mut sampler, Some(draft))?;
             drafts.0 += 1;
-            if !accept {
-                state.rewind(mark);
+            if !v.accepted {
+                state.rewind(&mark)?;
             }
-            if !em.push(y1, lp)? {
+            if !em.push(v.token, v.logprob)? {
                 break;
             }
-            if accept {
+            if v.accepted {
                 drafts.1 += 1;
-                let (z, lp) = sampler.sample(&lg[v..]);
-                if !em.push(z, lp)? {
+                let z = draw(backend, Head::Main, &h, k, &mut sampler, None)?;
+                if !em.push(z.token, z.logprob)? {
                     break;
                 }
-                queue_h.extend_from_slice(&h[(k - 1) * row..]);
-                queue_t.extend([draft, z]);
-                pending = vec![z];
+                queue_h = backend.select(&[(&h, k - 1..k + 1)])?;
+                queue_t = vec![draft, z.token];
+                pending = vec![z.token];
             } else {
-                queue_h.extend_from_slice(&h[(k - 1) * row..k * row]);
-                queue_t.push(y1);
-                pending.push(y1);
+                queue_h = backend.select(&[(&h, k - 1..k)])?;
+                queue_t = vec![v.token];
+                pending.push(v.token);
             }
         }
     }

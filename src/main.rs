@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use hadal::backend::cpu::{CpuBackend, Numerics};
+use hadal::backend::cpu::{Cpu, Numerics};
+use hadal::backend::{Backend, DeviceSpec, LoadReport, Runner};
 use hadal::chat::parse::{parse, Delta, StreamParser};
 use hadal::chat::request::conversation;
 use hadal::chat::{encode, Effort, Options, ThinkingMode};
@@ -17,7 +18,6 @@ use hadal::checkpoint::Checkpoint;
 use hadal::config::Config;
 use hadal::generate::{generate, generate_speculative, Finish, Prefill, SamplingParams};
 use hadal::inspect::{bytes, Plan};
-use hadal::model::Model;
 use hadal::score;
 use hadal::session::{ChatSession, TurnOptions};
 use hadal::tokenizer::Tokenizer;
@@ -80,7 +80,10 @@ enum Cmd {
         /// perplexity of.
         #[arg(long)]
         text: Option<PathBuf>,
-        /// Summation orders: `reference` sums each product in the order the reference
+        /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when one is present).
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: DeviceSpec,
+        /// Summation orders (CPU only): `reference` sums each product in the order the reference
         /// platform takes for its number of rows, so that a run with the reference's schedule
         /// reproduces its bits; `invariant` gives every sequence the bits it gets alone, as
         /// serving does.
@@ -126,6 +129,9 @@ enum Cmd {
         /// Keep the generated checkpoint in this directory (to try `chat` or `generate` on it).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when one is present).
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: DeviceSpec,
     },
     /// Generate a completion for a prompt (one user message) or a chat request.
     Generate {
@@ -144,6 +150,9 @@ enum Cmd {
         /// Draft with the MTP block and verify with the main model.
         #[arg(long)]
         speculative: bool,
+        /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when one is present).
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: DeviceSpec,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -158,6 +167,9 @@ enum Cmd {
         /// Draft with the MTP block and verify with the main model.
         #[arg(long)]
         speculative: bool,
+        /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when one is present).
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: DeviceSpec,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -196,6 +208,9 @@ enum Cmd {
         /// max_tokens of requests that give none.
         #[arg(long, default_value_t = 4096)]
         default_max_tokens: usize,
+        /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when one is present).
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: DeviceSpec,
     },
     /// Parse a completion (standard input) into an assistant message, printed as JSON.
     Parse {
@@ -341,15 +356,45 @@ fn bar(template: &str) -> ProgressBar {
     b
 }
 
-/// Loads a model with a progress bar over its blocks.
-fn load_model(dir: &Path) -> anyhow::Result<CpuBackend> {
+/// Parses `--device`.
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    DeviceSpec::parse(s).map_err(|e| e.to_string())
+}
+
+/// Loads a model onto a device with a progress bar over its blocks, and reports what it holds.
+fn load_model(dir: &Path, device: DeviceSpec) -> anyhow::Result<Box<dyn Backend>> {
     let b = bar("loading {bar:30} {pos}/{len} blocks");
-    let model = Model::load_with_progress(dir, &|done, total| {
+    let (backend, report) = hadal::backend::open(device, dir, &|done, total| {
         b.set_length(total as u64);
         b.set_position(done as u64);
     })?;
     b.finish_and_clear();
-    Ok(CpuBackend::new(model))
+    eprintln!("{}", load_line(&*backend, &report));
+    Ok(backend)
+}
+
+/// What a load put where, and how fast.
+fn load_line(backend: &dyn Backend, r: &LoadReport) -> String {
+    let kinds: Vec<String> = r
+        .by_format
+        .iter()
+        .map(|(k, b)| format!("{k} {}", bytes(*b)))
+        .collect();
+    let how = if matches!(backend.name().as_str(), n if n.starts_with("cpu")) {
+        "memory-mapped".to_string()
+    } else {
+        format!(
+            "read at {:.2} GB/s",
+            r.checkpoint_bytes as f64 / r.secs.max(1e-9) / 1e9
+        )
+    };
+    format!(
+        "loaded {} of weights onto {} in {:.2}s ({}; {how})",
+        bytes(backend.weight_bytes()),
+        backend.name(),
+        r.secs,
+        kinds.join(", ")
+    )
 }
 
 /// Runs `f` with a prefill progress bar (tokens and tokens/s).
@@ -414,14 +459,14 @@ impl Printer {
 
 /// Streams a completion to stdout, reasoning apart from the answer; returns it parsed.
 fn stream_completion(
-    backend: &CpuBackend,
+    backend: &dyn Backend,
     tok: &Tokenizer,
     prompt: &[u32],
     mode: ThinkingMode,
     params: &SamplingParams,
     speculative: bool,
 ) -> anyhow::Result<(hadal::generate::Completion, hadal::chat::parse::Parsed)> {
-    let mut state = backend.model.new_state();
+    let mut state = backend.new_state()?;
     let mut sp = StreamParser::new(mode);
     let mut printer = Printer::default();
     let on_text = |t: &str| {
@@ -441,7 +486,13 @@ fn stream_completion(
     Ok((c, parsed))
 }
 
-fn demo(max_tokens: usize, seed: u64, prompt: &str, keep: Option<&Path>) -> anyhow::Result<()> {
+fn demo(
+    max_tokens: usize,
+    seed: u64,
+    prompt: &str,
+    keep: Option<&Path>,
+    device: DeviceSpec,
+) -> anyhow::Result<()> {
     println!("hadal demo: a small DeepSeek V4 (window, CSA and HCA attention, hash and score routing, MTP)");
     println!("with RANDOM weights and the real V4 tokenizer. Its words are noise: the demo shows the path and the numbers.\n");
     let cfg = hadal::demo::demo_config();
@@ -463,13 +514,12 @@ fn demo(max_tokens: usize, seed: u64, prompt: &str, keep: Option<&Path>) -> anyh
     let t = std::time::Instant::now();
     hadal::demo::write_random_checkpoint(&dir, &cfg, seed)?;
     let built = t.elapsed().as_secs_f64();
-    let t = std::time::Instant::now();
-    let backend = CpuBackend::new(Model::load(&dir)?);
+    let (backend, report) = hadal::backend::open(device, &dir, &|_, _| {})?;
     let tok = Tokenizer::for_model(&dir)?;
     println!(
-        "built a {} checkpoint in {built:.2}s, loaded it in {:.2}s",
-        bytes(backend.model.checkpoint_bytes),
-        t.elapsed().as_secs_f64()
+        "built a {} checkpoint in {built:.2}s; {}",
+        bytes(report.checkpoint_bytes),
+        load_line(&*backend, &report)
     );
     let messages =
         conversation(&serde_json::json!([{"role": "user", "content": prompt}]))?.messages;
@@ -489,7 +539,7 @@ fn demo(max_tokens: usize, seed: u64, prompt: &str, keep: Option<&Path>) -> anyh
         max_tokens,
         ..Default::default()
     };
-    let (c, parsed) = stream_completion(&backend, &tok, &ids, ThinkingMode::Chat, &params, false)?;
+    let (c, parsed) = stream_completion(&*backend, &tok, &ids, ThinkingMode::Chat, &params, false)?;
     println!(
         "\nparsed: {} chars of content, {} tool calls{}",
         parsed.content.chars().count(),
@@ -502,14 +552,14 @@ fn demo(max_tokens: usize, seed: u64, prompt: &str, keep: Option<&Path>) -> anyh
     );
     let decoded = c.tokens.len().saturating_sub(1).max(1);
     println!(
-        "speed: prefill {} tokens in {:.1} ms ({:.0} tokens/s); decode {} tokens in {:.1} ms ({:.1} tokens/s), on {} threads",
+        "speed: prefill {} tokens in {:.1} ms ({:.0} tokens/s); decode {} tokens in {:.1} ms ({:.1} tokens/s), on {}",
         ids.len(),
         c.prefill_secs * 1e3,
         ids.len() as f64 / c.prefill_secs,
         c.tokens.len(),
         c.decode_secs * 1e3,
         decoded as f64 / c.decode_secs.max(1e-9),
-        rayon::current_num_threads()
+        backend.name()
     );
     println!("\nmemory plan of the real models (weights as released, decode state per sequence):");
     for (name, text) in [
@@ -539,6 +589,7 @@ fn generate_cmd(
     mode: Option<Mode>,
     speculative: bool,
     sampling: &SamplingArgs,
+    device: DeviceSpec,
 ) -> anyhow::Result<()> {
     let req = match (prompt, request) {
         (Some(p), _) => serde_json::json!([{"role": "user", "content": p}]),
@@ -561,10 +612,10 @@ fn generate_cmd(
     )?;
     let params = sampling.params();
     params.validate()?;
-    let backend = load_model(model)?;
+    let backend = load_model(model, device)?;
     let tok = Tokenizer::for_model(model)?;
     let ids = tok.encode(&text)?;
-    let (c, parsed) = stream_completion(&backend, &tok, &ids, mode, &params, speculative)?;
+    let (c, parsed) = stream_completion(&*backend, &tok, &ids, mode, &params, speculative)?;
     let drafts = if speculative {
         format!("; MTP drafts accepted {}/{}", c.drafts.1, c.drafts.0)
     } else {
@@ -594,16 +645,15 @@ fn chat(
     mode: Mode,
     speculative: bool,
     sampling: &SamplingArgs,
+    device: DeviceSpec,
 ) -> anyhow::Result<()> {
     let params = sampling.params();
     params.validate()?;
-    let t = std::time::Instant::now();
-    let backend = load_model(model)?;
+    let backend = load_model(model, device)?;
+    let backend = &*backend;
     let tok = Tokenizer::for_model(model)?;
     eprintln!(
-        "loaded {} of weights in {:.1}s. Commands: /think, /nothink, /effort max|high, /clear, /quit. Ctrl-C stops an answer.",
-        bytes(backend.model.checkpoint_bytes),
-        t.elapsed().as_secs_f64()
+        "Commands: /think, /nothink, /effort max|high, /clear, /quit. Ctrl-C stops an answer."
     );
     ctrlc::set_handler(|| {
         if GENERATING.load(Ordering::SeqCst) {
@@ -613,7 +663,7 @@ fn chat(
         }
     })
     .context("cannot install the Ctrl-C handler")?;
-    let mut session = ChatSession::new(&backend, mode.into());
+    let mut session = ChatSession::new(backend, mode.into())?;
     let stdin = std::io::stdin();
     loop {
         eprint!("\n> ");
@@ -626,7 +676,7 @@ fn chat(
             [] => continue,
             ["/quit" | "/exit"] => break,
             ["/clear"] => {
-                session.clear(&backend);
+                session.clear(backend)?;
                 eprintln!("(conversation cleared)");
                 continue;
             }
@@ -659,7 +709,7 @@ fn chat(
         };
         let r = with_prefill_bar(|prefill| {
             session.turn(
-                &backend,
+                backend,
                 &tok,
                 line,
                 TurnOptions {
@@ -705,6 +755,7 @@ fn serve_cmd(
     max_body_bytes: usize,
     engine: hadal::server::engine::EngineOptions,
     default_max_tokens: usize,
+    device: DeviceSpec,
 ) -> anyhow::Result<()> {
     if engine.max_running == 0 || engine.max_batch_tokens == 0 || engine.max_queue == 0 {
         bail!("--max-running, --max-batch-tokens and --max-queue must be positive");
@@ -713,7 +764,7 @@ fn serve_cmd(
         .parse()
         .or_else(|_| format!("[{host}]:{port}").parse())
         .with_context(|| format!("--host {host}: not an IP address"))?;
-    let backend = load_model(model)?;
+    let backend = load_model(model, device)?;
     let tok = Tokenizer::for_model(model)?;
     let model_name = name.unwrap_or_else(|| {
         model
@@ -732,7 +783,7 @@ fn serve_cmd(
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(hadal::server::serve(
-        std::sync::Arc::new(backend),
+        std::sync::Arc::from(backend),
         std::sync::Arc::new(tok),
         opts,
         addr,
@@ -791,7 +842,9 @@ fn inspect(
     let plan = Plan::new(&cfg, context);
     // With weights, load the model: this checks every tensor against the configuration.
     let stored = ck
-        .map(|dir| Model::load(dir).map(|m| m.checkpoint_bytes))
+        .map(|dir| {
+            hadal::model::Model::load(&Cpu::default(), dir, &|_, _| {}).map(|m| m.checkpoint_bytes)
+        })
         .transpose()?;
     if json {
         let mut v = serde_json::to_value(&plan)?;
@@ -822,6 +875,7 @@ fn score_cmd(
     mtp: bool,
     text: Option<&Path>,
     numerics: Numerics,
+    device: DeviceSpec,
 ) -> anyhow::Result<()> {
     if let Some(out) = out {
         let dir = out
@@ -853,16 +907,17 @@ fn score_cmd(
     if mtp && p < 2 {
         bail!("--mtp needs --prefill of at least 2");
     }
-    let backend = CpuBackend {
-        numerics,
-        ..load_model(model)?
+    let backend: Box<dyn Backend> = match device {
+        DeviceSpec::Cpu => Box::new(Runner::load(Cpu { numerics }, model, &|_, _| {})?),
+        _ => load_model(model, device)?,
     };
+    let backend = &*backend;
     if text.is_some() {
-        let ppl = score::perplexity(&backend, &seqs[0])?;
+        let ppl = score::perplexity(backend, &seqs[0])?;
         println!("{n} tokens, perplexity {ppl:.4}");
         return Ok(());
     }
-    let s = score::score(&backend, &seqs, &[p], mtp)?;
+    let s = score::score(backend, &seqs, &[p], mtp)?;
     let out = out.context("--out is required with --tokens")?;
     score::write_scores(out, &s)?;
     println!(
@@ -892,6 +947,7 @@ fn main() -> ExitCode {
             mtp,
             text,
             numerics,
+            device,
         } => score_cmd(
             model,
             tokens.as_deref(),
@@ -900,6 +956,7 @@ fn main() -> ExitCode {
             *mtp,
             text.as_deref(),
             (*numerics).into(),
+            *device,
         ),
         Cmd::Render {
             request,
@@ -929,6 +986,7 @@ fn main() -> ExitCode {
             max_queue,
             prefix_cache,
             default_max_tokens,
+            device,
         } => serve_cmd(
             model,
             host,
@@ -943,19 +1001,22 @@ fn main() -> ExitCode {
                 cache_entries: *prefix_cache,
             },
             *default_max_tokens,
+            *device,
         ),
         Cmd::Chat {
             model,
             thinking_mode,
             speculative,
             sampling,
-        } => chat(model, *thinking_mode, *speculative, sampling),
+            device,
+        } => chat(model, *thinking_mode, *speculative, sampling, *device),
         Cmd::Demo {
             max_tokens,
             seed,
             prompt,
             out,
-        } => demo(*max_tokens, *seed, prompt, out.as_deref()),
+            device,
+        } => demo(*max_tokens, *seed, prompt, out.as_deref(), *device),
         Cmd::Generate {
             model,
             prompt,
@@ -963,6 +1024,7 @@ fn main() -> ExitCode {
             thinking_mode,
             speculative,
             sampling,
+            device,
         } => generate_cmd(
             model,
             prompt.as_deref(),
@@ -970,6 +1032,7 @@ fn main() -> ExitCode {
             *thinking_mode,
             *speculative,
             sampling,
+            *device,
         ),
     };
     match r {

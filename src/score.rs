@@ -10,9 +10,8 @@ use std::path::Path;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Head, Hidden, SeqInput};
 use crate::error::{Error, Result};
-use crate::model::SeqInput;
 
 /// Logits of a scored batch.
 pub struct Scores {
@@ -64,9 +63,11 @@ pub fn score(
     }
     let cfg = backend.config();
     let v = cfg.vocab_size;
-    let mut states: Vec<_> = (0..b).map(|_| backend.new_state()).collect();
+    let mut states = (0..b)
+        .map(|_| backend.new_state())
+        .collect::<Result<Vec<_>>>()?;
     // The scheduled chunks are one prompt: ranked as if prefilled at once.
-    states.iter_mut().for_each(|s| s.prompt_end = scheduled);
+    states.iter_mut().for_each(|s| s.set_prompt_end(scheduled));
     let mut logits = vec![0f32; b * n * v];
     let mut mtp_logits = None;
     let mut pos = 0;
@@ -80,7 +81,8 @@ pub fn score(
             })
             .collect();
         let hidden = backend.forward(&mut inputs)?;
-        let l = backend.logits(&hidden);
+        let rows: Vec<usize> = (0..b * len).collect();
+        let l = backend.logits(Head::Main, &hidden, &rows)?;
         for i in 0..b {
             logits[(i * n + pos) * v..(i * n + pos + len) * v]
                 .copy_from_slice(&l[i * len * v..(i + 1) * len * v]);
@@ -104,16 +106,17 @@ pub fn score(
 fn mtp_over_prefill(
     backend: &dyn Backend,
     seqs: &[Vec<u32>],
-    hidden: &[f32],
+    hidden: &Hidden,
     p: usize,
 ) -> Result<Vec<f32>> {
-    let cfg = backend.config();
-    let row = cfg.hc_mult * cfg.hidden_size;
-    let h: Vec<f32> = (0..seqs.len())
-        .flat_map(|i| &hidden[i * p * row..(i * p + p - 1) * row])
-        .copied()
+    let parts: Vec<_> = (0..seqs.len())
+        .map(|i| (hidden, i * p..i * p + p - 1))
         .collect();
-    let mut states: Vec<_> = seqs.iter().map(|_| backend.new_mtp_state(0)).collect();
+    let h = backend.select(&parts)?;
+    let mut states = seqs
+        .iter()
+        .map(|_| backend.new_mtp_state(0))
+        .collect::<Result<Vec<_>>>()?;
     let mut inputs: Vec<SeqInput> = states
         .iter_mut()
         .zip(seqs)
@@ -122,7 +125,9 @@ fn mtp_over_prefill(
             tokens: &s[1..p],
         })
         .collect();
-    backend.mtp_forward(0, &h, &mut inputs)
+    let out = backend.mtp_forward(0, &h, &mut inputs)?;
+    let rows: Vec<usize> = (0..seqs.len() * (p - 1)).collect();
+    backend.logits(Head::Mtp(0), &out, &rows)
 }
 
 /// Perplexity of one sequence: `exp(mean(-log p(token_t | tokens_<t)))` over tokens 1..N,

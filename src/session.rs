@@ -5,14 +5,13 @@
 //! `drop_thinking = false`), so a long conversation is prefilled once. When the rendering does
 //! change (thinking mode or effort switched), the turn starts over with a fresh prefill.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Seq};
 use crate::chat::parse::{Delta, Parsed, StreamParser};
 use crate::chat::{encode, Effort, Message, Options, ThinkingMode};
 use crate::error::{Error, Result};
 use crate::generate::{
     generate, generate_speculative, Completion, Finish, Prefill, SamplingParams,
 };
-use crate::state::SeqState;
 use crate::tokenizer::Tokenizer;
 
 /// One conversation.
@@ -23,7 +22,7 @@ pub struct ChatSession {
     pub mode: ThinkingMode,
     /// Reasoning effort.
     pub effort: Option<Effort>,
-    state: SeqState,
+    state: Seq,
     /// Text of the tokens the state holds followed by `unfed`.
     held: String,
     /// Generated tokens the state has not consumed yet.
@@ -55,20 +54,21 @@ pub struct Turn {
 
 impl ChatSession {
     /// An empty conversation.
-    pub fn new(backend: &dyn Backend, mode: ThinkingMode) -> Self {
-        ChatSession {
+    pub fn new(backend: &dyn Backend, mode: ThinkingMode) -> Result<Self> {
+        Ok(ChatSession {
             messages: Vec::new(),
             mode,
             effort: None,
-            state: backend.new_state(),
+            state: backend.new_state()?,
             held: String::new(),
             unfed: Vec::new(),
-        }
+        })
     }
 
     /// Forgets the conversation.
-    pub fn clear(&mut self, backend: &dyn Backend) {
-        *self = Self::new(backend, self.mode);
+    pub fn clear(&mut self, backend: &dyn Backend) -> Result<()> {
+        *self = Self::new(backend, self.mode)?;
+        Ok(())
     }
 
     /// The text of every token fed or generated so far.
@@ -78,7 +78,7 @@ impl ChatSession {
 
     /// Tokens of context the state holds.
     pub fn context_tokens(&self) -> usize {
-        self.state.pos
+        self.state.pos()
     }
 
     /// Bytes of decode state held.
@@ -110,14 +110,14 @@ impl ChatSession {
         let text = encode(&msgs, &opts_enc).map_err(|e| Error::Input(e.to_string()))?;
         let restarted = self.held.is_empty() || !text.starts_with(&self.held);
         let feed = if restarted {
-            self.state = backend.new_state();
+            self.state = backend.new_state()?;
             tok.encode(&text)?
         } else {
             let mut f = std::mem::take(&mut self.unfed);
             f.extend(tok.encode(&text[self.held.len()..])?);
             f
         };
-        let before = self.state.pos;
+        let before = self.state.pos();
         let mut sp = StreamParser::new(self.mode);
         // The message as streamed: what the user saw, and what the history keeps.
         let mut msg = Parsed::default();
@@ -163,7 +163,7 @@ impl ChatSession {
         }
         msg.error = sp.error.take();
         let generated = tok.decode(&c.tokens)?;
-        let consumed = (self.state.pos - before).saturating_sub(feed.len());
+        let consumed = (self.state.pos() - before).saturating_sub(feed.len());
         self.unfed = c.tokens[consumed.min(c.tokens.len())..].to_vec();
         self.held = format!("{text}{generated}");
         self.messages = msgs;

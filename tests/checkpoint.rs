@@ -2,13 +2,13 @@
 
 mod common;
 
-use hadal::backend::cpu::Numerics;
-use hadal::model::{Model, SeqInput};
+use hadal::backend::cpu::CpuBackend;
+use hadal::backend::{Backend, Head, SeqInput};
 use hadal::Error;
 use safetensors::Dtype;
 
 fn load_err(dir: &std::path::Path) -> String {
-    match Model::load(dir) {
+    match CpuBackend::open(dir) {
         Ok(_) => panic!("{} loaded", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -127,50 +127,41 @@ fn sharded_checkpoint_loads_and_computes_the_same() {
     )
     .unwrap();
 
-    let sharded = Model::load(dir.path()).unwrap();
-    let single = Model::load(&common::fixture()).unwrap();
+    let sharded = CpuBackend::open(dir.path()).unwrap();
+    let single = CpuBackend::open(&common::fixture()).unwrap();
     let tokens = [5u32, 17, 900, 3, 3, 64, 1000, 2];
-    let run = |m: &Model| {
-        let mut st = m.new_state();
+    let run = |m: &CpuBackend| {
+        let mut st = m.new_state().unwrap();
         let h = m
-            .forward(
-                &mut [SeqInput {
-                    state: &mut st,
-                    tokens: &tokens,
-                }],
-                Numerics::BatchInvariant,
-            )
+            .forward(&mut [SeqInput {
+                state: &mut st,
+                tokens: &tokens,
+            }])
             .unwrap();
-        m.logits(&h, Numerics::BatchInvariant)
+        m.logits(Head::Main, &h, &[0, 1, 2, 3, 4, 5, 6, 7]).unwrap()
     };
     assert_eq!(run(&sharded), run(&single));
 }
 
 #[test]
 fn bad_inputs_to_forward_are_errors() {
-    let m = Model::load(&common::fixture()).unwrap();
-    let mut st = m.new_state();
-    let v = m.cfg.vocab_size as u32;
-    match m.forward(
-        &mut [SeqInput {
-            state: &mut st,
-            tokens: &[1, v],
-        }],
-        Numerics::BatchInvariant,
-    ) {
+    let m = CpuBackend::open(&common::fixture()).unwrap();
+    let mut st = m.new_state().unwrap();
+    let v = m.config().vocab_size as u32;
+    match m.forward(&mut [SeqInput {
+        state: &mut st,
+        tokens: &[1, v],
+    }]) {
         Err(Error::Input(e)) => assert!(e.contains(&v.to_string()), "{e}"),
         other => panic!("{:?}", other.map(|_| ())),
     }
-    assert_eq!(st.pos, 0, "a refused batch must not advance the state");
-    let mut wrong = m.new_mtp_state(0);
+    assert_eq!(st.pos(), 0, "a refused batch must not advance the state");
+    let mut wrong = m.new_mtp_state(0).unwrap();
     assert!(m
-        .forward(
-            &mut [SeqInput {
-                state: &mut wrong,
-                tokens: &[1]
-            }],
-            Numerics::BatchInvariant
-        )
+        .forward(&mut [SeqInput {
+            state: &mut wrong,
+            tokens: &[1]
+        }])
         .is_err());
 }
 

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use hadal::backend::cpu::{CpuBackend, Numerics};
-use hadal::model::Model;
 
 fn hadal(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hadal"))
@@ -127,8 +126,7 @@ fn score_writes_what_the_library_computes() {
     assert_eq!(written["mtp_logits"].1, vec![2, 8, 1024]);
 
     // `score` takes the reference's summation orders unless told otherwise.
-    let backend = CpuBackend::new(Model::load(&common::fixture()).unwrap())
-        .with_numerics(Numerics::ReferenceShapes);
+    let backend = CpuBackend::with_numerics(&common::fixture(), Numerics::ReferenceShapes).unwrap();
     let seqs: Vec<Vec<u32>> = ids
         .iter()
         .map(|s| s.iter().map(|&i| i as u32).collect())

@@ -2,13 +2,13 @@
 
 mod common;
 
-use hadal::backend::cpu::{CpuBackend, Numerics};
+use hadal::backend::cpu::CpuBackend;
+use hadal::backend::{Backend, Head, Seq, SeqInput};
 use hadal::generate::{generate, Completion, Finish, Prefill, SamplingParams};
-use hadal::model::Model;
 use hadal::tokenizer::Tokenizer;
 
 fn run(backend: &CpuBackend, tok: &Tokenizer, params: &SamplingParams) -> (Completion, String) {
-    let mut state = backend.model.new_state();
+    let mut state = backend.new_state().unwrap();
     let mut streamed = String::new();
     let prompt = [0u32, 17, 300, 301, 5];
     let c = generate(
@@ -28,13 +28,13 @@ fn run(backend: &CpuBackend, tok: &Tokenizer, params: &SamplingParams) -> (Compl
     )
     .unwrap();
     // The state holds the prompt and every generated token but the last.
-    assert_eq!(state.pos, prompt.len() + c.tokens.len() - 1);
+    assert_eq!(state.pos(), prompt.len() + c.tokens.len() - 1);
     (c, streamed)
 }
 
 #[test]
 fn sampling_is_reproducible_and_stops_where_asked() {
-    let backend = CpuBackend::new(Model::load(&common::fixture()).unwrap());
+    let backend = CpuBackend::open(&common::fixture()).unwrap();
     let tok = Tokenizer::bundled();
     let sampled = SamplingParams {
         temperature: 1.0,
@@ -87,9 +87,9 @@ fn sampling_is_reproducible_and_stops_where_asked() {
 
 #[test]
 fn a_cancelled_generation_stops_at_once() {
-    let backend = CpuBackend::new(Model::load(&common::fixture()).unwrap());
+    let backend = CpuBackend::open(&common::fixture()).unwrap();
     let tok = Tokenizer::bundled();
-    let mut state = backend.model.new_state();
+    let mut state = backend.new_state().unwrap();
     let mut calls = 0;
     let c = generate(
         &backend,
@@ -117,7 +117,7 @@ fn a_cancelled_generation_stops_at_once() {
 
 #[test]
 fn greedy_speculative_decoding_equals_plain_greedy() {
-    let backend = CpuBackend::new(Model::load(&common::fixture()).unwrap());
+    let backend = CpuBackend::open(&common::fixture()).unwrap();
     let tok = Tokenizer::bundled();
     let greedy = SamplingParams {
         max_tokens: 40,
@@ -130,7 +130,7 @@ fn greedy_speculative_decoding_equals_plain_greedy() {
     .iter()
     .enumerate()
     {
-        let mut s1 = backend.model.new_state();
+        let mut s1 = backend.new_state().unwrap();
         let plain = generate(
             &backend,
             &tok,
@@ -144,7 +144,7 @@ fn greedy_speculative_decoding_equals_plain_greedy() {
             |_| true,
         )
         .unwrap();
-        let mut s2 = backend.model.new_state();
+        let mut s2 = backend.new_state().unwrap();
         let spec = hadal::generate::generate_speculative(
             &backend,
             &tok,
@@ -168,27 +168,29 @@ fn greedy_speculative_decoding_equals_plain_greedy() {
 
 #[test]
 fn a_rewound_state_continues_like_a_fresh_one() {
-    let m = Model::load(&common::fixture()).unwrap();
-    let run = |st: &mut hadal::state::SeqState, t: &[u32]| {
+    let m = CpuBackend::open(&common::fixture()).unwrap();
+    let run = |st: &mut Seq, t: &[u32]| {
         let h = m
-            .forward(
-                &mut [hadal::model::SeqInput {
-                    state: st,
-                    tokens: t,
-                }],
-                Numerics::BatchInvariant,
-            )
+            .forward(&mut [SeqInput {
+                state: st,
+                tokens: t,
+            }])
             .unwrap();
-        m.logits(&h, Numerics::BatchInvariant)
+        let rows: Vec<usize> = (0..t.len()).collect();
+        m.logits(Head::Main, &h, &rows).unwrap()
     };
     let prefix: Vec<u32> = (0..130).map(|i| (i * 7 % 1000) as u32).collect();
-    let mut a = m.new_state();
+    let mut a = m.new_state().unwrap();
     run(&mut a, &prefix);
-    let mark = a.mark();
+    let mark = a.mark().unwrap();
     run(&mut a, &[9, 9, 9, 9, 9]);
-    a.rewind(mark);
-    let mut b = m.new_state();
+    a.rewind(&mark).unwrap();
+    let mut b = m.new_state().unwrap();
     run(&mut b, &prefix);
-    assert_eq!(a, b, "rewinding restores the state exactly");
+    assert_eq!(
+        m.export_state(&a).unwrap(),
+        m.export_state(&b).unwrap(),
+        "rewinding restores the state exactly"
+    );
     assert_eq!(run(&mut a, &[1, 2, 3]), run(&mut b, &[1, 2, 3]));
 }

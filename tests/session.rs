@@ -2,9 +2,9 @@
 //! exactly as a fresh run over the same tokens.
 
 use hadal::backend::cpu::CpuBackend;
+use hadal::backend::Backend;
 use hadal::chat::{encode, Message, Options, ThinkingMode};
 use hadal::generate::{generate, Prefill, SamplingParams};
-use hadal::model::Model;
 use hadal::session::{ChatSession, TurnOptions};
 use hadal::tokenizer::Tokenizer;
 
@@ -12,13 +12,13 @@ use hadal::tokenizer::Tokenizer;
 fn second_turn_reuses_the_state() {
     let dir = tempfile::tempdir().unwrap();
     hadal::demo::write_random_checkpoint(dir.path(), &hadal::demo::demo_config(), 5).unwrap();
-    let backend = CpuBackend::new(Model::load(dir.path()).unwrap());
+    let backend = CpuBackend::open(dir.path()).unwrap();
     let tok = Tokenizer::for_model(dir.path()).unwrap();
     let params = SamplingParams {
         max_tokens: 6,
         ..Default::default()
     };
-    let mut s = ChatSession::new(&backend, ThinkingMode::Thinking);
+    let mut s = ChatSession::new(&backend, ThinkingMode::Thinking).unwrap();
 
     let t1 = s
         .turn(
@@ -75,7 +75,7 @@ fn second_turn_reuses_the_state() {
     let mut tokens = tok.encode(&prompt1).unwrap();
     tokens.extend(&t1.completion.tokens);
     tokens.extend(tok.encode(suffix).unwrap());
-    let mut fresh = backend.model.new_state();
+    let mut fresh = backend.new_state().unwrap();
     let c = generate(
         &backend,
         &tok,

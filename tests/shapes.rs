@@ -3,7 +3,6 @@
 
 use hadal::backend::cpu::CpuBackend;
 use hadal::config::Config;
-use hadal::model::Model;
 
 fn variant(edits: serde_json::Value) -> Config {
     let mut v: serde_json::Value = serde_json::to_value(hadal::demo::demo_config()).unwrap();
@@ -40,7 +39,7 @@ fn unusual_shapes_are_consistent() {
         let cfg = variant(edits);
         let dir = tempfile::tempdir().unwrap();
         hadal::demo::write_random_checkpoint(dir.path(), &cfg, 9 + i as u64).unwrap();
-        let m = CpuBackend::new(Model::load(dir.path()).unwrap());
+        let m = CpuBackend::open(dir.path()).unwrap();
         let v = cfg.vocab_size as u32;
         let a: Vec<u32> = (0..150).map(|t| (t * 37 + 11) % v).collect();
         let b: Vec<u32> = (0..150).map(|t| (t * 91 + 3) % v).collect();

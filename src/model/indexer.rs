@@ -3,45 +3,39 @@
 //!
 //! Queries `qi = wq_b(qr)` (RoPE, Hadamard, FP4) are scored against the indexer's own compressed
 //! keys (Hadamard, FP4): `score(b) = sum_h w_h * relu(qi_h . key_b)` with per-head weights
-//! `w = weights_proj(y) / sqrt(index_head_dim * index_n_heads)`. Among tied scores it keeps
-//! those the reference's `torch.topk` keeps.
+//! `w = weights_proj(y) / sqrt(index_head_dim * index_n_heads)`.
 
-use crate::backend::cpu::order::{dot_in, Order};
-use crate::backend::cpu::{linear, linear_plain, top_k, Numerics};
-use crate::checkpoint::Checkpoint;
+use crate::backend::{Device, Which};
 use crate::config::Config;
 use crate::error::Result;
 use crate::model::compressor::Compressor;
-use crate::model::rope::{CosSin, Rope};
-use crate::quant::{fake_quant_fp4, hadamard, INDEX_FP4_BLOCK};
+use crate::model::rope::Rope;
+use crate::model::Loader;
 use crate::state::RowCodec;
-use crate::weights::Matrix;
 
 /// Indexer weights.
-pub struct Indexer {
-    wq_b: Matrix,
-    weights_proj: Matrix,
+pub struct Indexer<D: Device> {
+    wq_b: D::Weight,
+    weights_proj: D::Weight,
     /// The indexer's compressor (c = 4, keys of width `index_head_dim`).
-    pub compressor: Compressor,
-    heads: usize,
-    dim: usize,
-    topk: usize,
+    pub compressor: Compressor<D>,
+    /// Index heads.
+    pub heads: usize,
+    /// Index head width.
+    pub dim: usize,
+    /// Entries kept per query.
+    pub topk: usize,
 }
 
-impl Indexer {
+impl<D: Device> Indexer<D> {
     /// Loads `{prefix}.wq_b`, `.weights_proj` and `.compressor`.
-    pub fn load(ck: &mut Checkpoint, prefix: &str, cfg: &Config) -> Result<Self> {
+    pub fn load(l: &mut Loader<D>, prefix: &str, cfg: &Config) -> Result<Self> {
         let (heads, dim) = (cfg.index_n_heads, cfg.index_head_dim);
         Ok(Indexer {
-            wq_b: Matrix::load(ck, &format!("{prefix}.wq_b"), heads * dim, cfg.q_lora_rank)?,
-            weights_proj: Matrix::load(
-                ck,
-                &format!("{prefix}.weights_proj"),
-                heads,
-                cfg.hidden_size,
-            )?,
+            wq_b: l.matrix(&format!("{prefix}.wq_b"), heads * dim, cfg.q_lora_rank)?,
+            weights_proj: l.matrix(&format!("{prefix}.weights_proj"), heads, cfg.hidden_size)?,
             compressor: Compressor::load(
-                ck,
+                l,
                 &format!("{prefix}.compressor"),
                 cfg.hidden_size,
                 4,
@@ -55,69 +49,26 @@ impl Indexer {
         })
     }
 
-    /// Index queries (`T x heads x dim`, rounded as the reference) and head weights (`T x heads`).
-    pub fn queries(
+    /// Feeds the batch to the key compressor, then picks each query's entries; `qr` is the
+    /// attention's normed low-rank query, `y` the sublayer input.
+    pub fn forward(
         &self,
-        qr: &[f32],
-        y: &[f32],
-        cs: &[CosSin],
-        num: Numerics,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let mut q = linear(&self.wq_b, qr, num);
-        for (t, row) in q.chunks_mut(self.heads * self.dim).enumerate() {
-            for h in row.chunks_mut(self.dim) {
-                Rope::apply(h, &cs[t], false);
-                hadamard(h);
-                fake_quant_fp4(h, INDEX_FP4_BLOCK);
-            }
-        }
-        // The reference multiplies two Python floats (doubles), then the f32 tensor by their product.
+        dev: &D,
+        b: &mut D::Batch<'_>,
+        slot: usize,
+        qr: &D::Tensor,
+        y: &D::Tensor,
+        rope: &Rope<D>,
+    ) -> Result<D::Picks> {
+        let mut q = dev.linear(&self.wq_b, qr)?;
+        dev.index_queries(&mut q, b, self.heads, rope)?;
+        // The reference multiplies two Python floats (doubles), then the f32 tensor by their
+        // product.
         let scale = ((self.dim as f64).powf(-0.5) * (self.heads as f64).powf(-0.5)) as f32;
-        let mut w = linear_plain(&self.weights_proj, y, num);
-        w.iter_mut().for_each(|v| *v *= scale);
-        (q, w)
-    }
-
-    /// The entries (among the first `n` of `keys`) that one query attends to, best first, ranked in a row
-    /// of `ranked >= n` entries whose last `ranked - n` (not yet visible) score -inf.
-    ///
-    /// The reference ranks such a row, of every entry its forward call will have; which of
-    /// several tied scores it keeps depends on the row's length (see `backend::cpu::topk`).
-    pub fn select(
-        &self,
-        q: &[f32],
-        w: &[f32],
-        keys: &[f32],
-        n: usize,
-        ranked: usize,
-        order: Order,
-    ) -> Vec<usize> {
-        let mut scores: Vec<f32> = keys[..n * self.dim]
-            .chunks(self.dim)
-            .map(|k| {
-                let mut s = 0f32;
-                for (qh, wh) in q.chunks(self.dim).zip(w) {
-                    s += dot_in(order, qh, k).max(0.0) * wh;
-                }
-                s
-            })
-            .collect();
-        scores.resize(ranked.max(n), f32::NEG_INFINITY);
-        // In the order torch.topk returns them (best first), which is the order the attention
-        // sums them in; the entries not yet visible come last and are dropped.
-        let mut idx = top_k(&scores, self.topk);
-        idx.retain(|&i| i < n);
-        idx
-    }
-
-    /// The order of the score products of a chunk of `tokens` queries: the reference's product
-    /// has a row per position and head.
-    pub fn score_order(&self, num: Numerics, tokens: usize) -> Order {
-        num.product(tokens * self.heads, self.dim)
-    }
-
-    /// How many entries the reference's index row holds for a row of `ranked` entries.
-    pub fn width(&self, ranked: usize) -> usize {
-        self.topk.min(ranked)
+        let mut w = dev.linear_plain(&self.weights_proj, y)?;
+        dev.scale(&mut w, scale)?;
+        self.compressor
+            .forward(dev, b, slot, Which::Index, y, rope)?;
+        dev.index_topk(self, b, slot, &q, &w)
     }
 }

@@ -4,77 +4,74 @@
 //! `X_in_j = e_proj(rmsnorm_e(embed[token_{t+1}])) + h_proj(rmsnorm_h(X_j))`, then a normal block,
 //! its own hc_head and final norm.
 
-use crate::backend::cpu::{linear, ops::rms_norm, Numerics};
-use crate::checkpoint::Checkpoint;
+use crate::backend::Device;
 use crate::config::Config;
 use crate::error::Result;
 use crate::model::block::Block;
 use crate::model::mhc::{HcDims, HcHead};
-use crate::weights::Matrix;
+use crate::model::Loader;
 
 /// One MTP block.
-pub struct Mtp {
-    e_proj: Matrix,
-    h_proj: Matrix,
-    enorm: Vec<f32>,
-    hnorm: Vec<f32>,
+pub struct Mtp<D: Device> {
+    e_proj: D::Weight,
+    h_proj: D::Weight,
+    enorm: D::Vector,
+    hnorm: D::Vector,
     /// Final norm before the shared head.
-    pub norm: Vec<f32>,
+    pub norm: D::Vector,
     /// Own reduction of the stream before the head.
-    pub hc_head: HcHead,
+    pub hc_head: HcHead<D>,
     /// The transformer block.
-    pub block: Block,
+    pub block: Block<D>,
     eps: f32,
+    copies: usize,
 }
 
-impl Mtp {
+impl<D: Device> Mtp<D> {
     /// Loads `mtp.{i}.*`. Copies of the shared embedding or head that some exports store under
     /// the MTP prefix are dropped.
-    pub fn load(ck: &mut Checkpoint, i: usize, cfg: &Config, dims: HcDims) -> Result<Self> {
+    pub fn load(l: &mut Loader<D>, i: usize, cfg: &Config, dims: HcDims) -> Result<Self> {
         let p = format!("mtp.{i}");
         let d = cfg.hidden_size;
-        for name in ck.names() {
+        for name in l.ck.names() {
             if let Some(rest) = name.strip_prefix(&format!("{p}.")) {
                 if rest.starts_with("emb")
                     || rest == "head.weight"
                     || rest.starts_with("shared_head.")
                 {
-                    ck.take(&name)?;
+                    l.ck.take(&name)?;
                 }
             }
         }
         Ok(Mtp {
-            e_proj: Matrix::load(ck, &format!("{p}.e_proj"), d, d)?,
-            h_proj: Matrix::load(ck, &format!("{p}.h_proj"), d, d)?,
-            enorm: ck.take_f32(&format!("{p}.enorm.weight"), &[d])?,
-            hnorm: ck.take_f32(&format!("{p}.hnorm.weight"), &[d])?,
-            norm: ck.take_f32(&format!("{p}.norm.weight"), &[d])?,
-            hc_head: HcHead::load(ck, &format!("{p}."), dims)?,
-            block: Block::load(ck, &p, cfg, cfg.num_hidden_layers + i)?,
+            e_proj: l.matrix(&format!("{p}.e_proj"), d, d)?,
+            h_proj: l.matrix(&format!("{p}.h_proj"), d, d)?,
+            enorm: l.vector(&format!("{p}.enorm.weight"), &[d])?,
+            hnorm: l.vector(&format!("{p}.hnorm.weight"), &[d])?,
+            norm: l.vector(&format!("{p}.norm.weight"), &[d])?,
+            hc_head: HcHead::load(l, &format!("{p}."), dims)?,
+            block: Block::load(l, &p, cfg, cfg.num_hidden_layers + i)?,
             eps: cfg.rms_norm_eps as f32,
+            copies: cfg.hc_mult,
         })
     }
 
-    /// The block's input stream from next-token embeddings (`T x D`) and the main final stream
+    /// The block's input stream from the batch's next tokens and the main final stream
     /// (`T x M x D`).
-    pub fn input(&self, emb: &[f32], hidden: &[f32], num: Numerics) -> Vec<f32> {
-        let d = self.enorm.len();
-        let mut e = emb.to_vec();
-        e.chunks_mut(d)
-            .for_each(|r| rms_norm(r, &self.enorm, self.eps));
-        let e = linear(&self.e_proj, &e, num);
-        let mut h = hidden.to_vec();
-        h.chunks_mut(d)
-            .for_each(|r| rms_norm(r, &self.hnorm, self.eps));
-        let mut x = linear(&self.h_proj, &h, num);
-        let m = x.len() / e.len();
-        for (t, row) in x.chunks_mut(m * d).enumerate() {
-            for copy in row.chunks_mut(d) {
-                for (v, a) in copy.iter_mut().zip(&e[t * d..(t + 1) * d]) {
-                    *v += a;
-                }
-            }
-        }
-        x
+    pub fn input(
+        &self,
+        dev: &D,
+        embed: &D::Weight,
+        hidden: &D::Tensor,
+        b: &D::Batch<'_>,
+    ) -> Result<D::Tensor> {
+        let mut e = dev.embed(embed, b, 1)?;
+        dev.rms_norm(&mut e, &self.enorm, self.eps)?;
+        let e = dev.linear(&self.e_proj, &e)?;
+        let mut h = dev.copy(hidden)?;
+        dev.rms_norm(&mut h, &self.hnorm, self.eps)?;
+        let mut x = dev.linear(&self.h_proj, &h)?;
+        dev.add_to_copies(&mut x, &e, b, self.copies)?;
+        Ok(x)
     }
 }

@@ -4,18 +4,40 @@
 //! computed in f32 in the reference's order (`angle = f32(t) * freq`), so positions far into the
 //! context rotate by exactly the reference's angle.
 
+use crate::backend::Device;
 use crate::config::Config;
+use crate::error::Result;
+
+/// A block's rotation: its frequencies on the host and on the device.
+pub struct Rope<D: Device> {
+    /// The frequencies.
+    pub freqs: Freqs,
+    /// The same, where the device reads them.
+    pub table: D::Vector,
+}
+
+impl<D: Device> Rope<D> {
+    /// The RoPE of a block with compress ratio `ratio` (see [`Freqs::for_ratio`]).
+    pub fn for_ratio(dev: &D, cfg: &Config, ratio: usize) -> Result<Self> {
+        let freqs = Freqs::for_ratio(cfg, ratio);
+        Ok(Rope {
+            table: dev.vector(&freqs.freqs)?,
+            freqs,
+        })
+    }
+}
 
 /// Frequencies of one RoPE flavour.
 #[derive(Clone, Debug)]
-pub struct Rope {
-    freqs: Vec<f32>,
+pub struct Freqs {
+    /// `freq_i`, one per rotated pair.
+    pub freqs: Vec<f32>,
 }
 
 /// `cos`/`sin` of every frequency at one position.
 pub type CosSin = Vec<(f32, f32)>;
 
-impl Rope {
+impl Freqs {
     /// The RoPE of a block with compress ratio `ratio`: plain `rope_theta` for window-only
     /// blocks, `compress_rope_theta` with YaRN otherwise.
     pub fn for_ratio(cfg: &Config, ratio: usize) -> Self {
@@ -62,7 +84,7 @@ impl Rope {
                 *f = *f / factor * (1.0 - smooth) + *f * smooth;
             }
         }
-        Rope { freqs }
+        Freqs { freqs }
     }
 
     /// `cos`/`sin` of each frequency at position `pos`, in f32 as the reference's `torch.polar`
@@ -107,14 +129,14 @@ mod tests {
 
     #[test]
     fn inverse_undoes_rotation() {
-        let r = Rope::new(8, 10000.0, None);
+        let r = Freqs::new(8, 10000.0, None);
         let mut x = [0.5, 1.0, -2.0, 3.0, 0.25, -1.0, 4.0, 2.0, 1.5, -0.5];
         let orig = x;
         let cs = r.at(1234);
-        Rope::apply(&mut x, &cs, false);
+        Freqs::apply(&mut x, &cs, false);
         assert_ne!(x, orig);
         assert_eq!(x[..2], orig[..2]);
-        Rope::apply(&mut x, &cs, true);
+        Freqs::apply(&mut x, &cs, true);
         for (a, b) in x.iter().zip(orig) {
             assert!((a - b).abs() < 1e-5);
         }
@@ -122,14 +144,14 @@ mod tests {
 
     #[test]
     fn yarn_interpolates_only_low_frequencies() {
-        let plain = Rope::new(64, 160000.0, None);
+        let plain = Freqs::new(64, 160000.0, None);
         let y = Yarn {
             factor: 16.0,
             original: 65536.0,
             beta_fast: 32.0,
             beta_slow: 1.0,
         };
-        let yarn = Rope::new(64, 160000.0, Some(y));
+        let yarn = Freqs::new(64, 160000.0, Some(y));
         // Highest frequencies (many rotations over the original context) are untouched.
         assert_eq!(plain.freqs[0], yarn.freqs[0]);
         // Lowest frequencies are divided by the factor.

@@ -14,11 +14,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Draw, Head, Seq, SeqInput, SeqMark};
 use crate::generate::{Emitter, Finish, Sampler, SamplingParams, TokenLogprob};
-use crate::model::SeqInput;
 use crate::server::metrics::Metrics;
-use crate::state::{Mark, SeqState};
 use crate::tokenizer::Tokenizer;
 
 /// A generation request.
@@ -114,21 +112,21 @@ impl EngineHandle {
 struct Cached {
     /// Tokens the state holds.
     tokens: Vec<u32>,
-    state: SeqState,
+    state: Seq,
     /// The state at the end of its prompt (prompts are what agents resend).
-    prompt_mark: Mark,
+    prompt_mark: SeqMark,
     prompt_len: usize,
 }
 
 /// Sends a sequence's text to its client; false once the client is gone.
 type Sink<'t> = Box<dyn FnMut(&str) -> bool + 't>;
 
-struct Seq<'t> {
+struct Running<'t> {
     prompt: Vec<u32>,
     fed: usize,
     cached: usize,
-    state: SeqState,
-    prompt_mark: Option<Mark>,
+    state: Seq,
+    prompt_mark: Option<SeqMark>,
     pending: Option<u32>,
     sampler: Sampler,
     emitter: Emitter<'t, Sink<'t>>,
@@ -159,7 +157,7 @@ pub fn spawn(
 }
 
 /// Longest cached state whose tokens start `prompt` (leaving at least one token to feed).
-fn reuse(cache: &[Cached], prompt: &[u32]) -> Option<(SeqState, usize)> {
+fn reuse(cache: &[Cached], prompt: &[u32]) -> Option<(Seq, usize)> {
     let mut best: Option<(usize, usize, bool)> = None;
     for (i, c) in cache.iter().enumerate() {
         for (len, whole) in [(c.tokens.len(), true), (c.prompt_len, false)] {
@@ -172,13 +170,13 @@ fn reuse(cache: &[Cached], prompt: &[u32]) -> Option<(SeqState, usize)> {
             }
         }
     }
-    best.map(|(i, len, whole)| {
-        let mut state = cache[i].state.clone();
-        if !whole {
-            state.rewind(cache[i].prompt_mark.clone());
-        }
-        (state, len)
-    })
+    let (i, len, whole) = best?;
+    // A copy that fails (no room on the device) is a cache miss.
+    let mut state = cache[i].state.try_clone().ok()?;
+    if !whole {
+        state.rewind(&cache[i].prompt_mark).ok()?;
+    }
+    Some((state, len))
 }
 
 fn run(
@@ -190,7 +188,7 @@ fn run(
     m: &Metrics,
 ) {
     let eos = backend.config().eos_token_id;
-    let mut running: Vec<Seq> = Vec::new();
+    let mut running: Vec<Running> = Vec::new();
     let mut cache: Vec<Cached> = Vec::new();
     loop {
         // Admit new requests between steps; sleep only when idle.
@@ -208,16 +206,24 @@ fn run(
                 }
             };
             m.queue_depth.set(queued.fetch_sub(1, Ordering::SeqCst) - 1);
-            let (mut state, cached) =
-                reuse(&cache, &job.prompt).unwrap_or_else(|| (backend.new_state(), 0));
-            state.prompt_end = job.prompt.len();
+            let (mut state, cached) = match reuse(&cache, &job.prompt) {
+                Some(r) => r,
+                None => match backend.new_state() {
+                    Ok(s) => (s, 0),
+                    Err(e) => {
+                        let _ = job.events.send(Event::Failed(e.to_string()));
+                        continue;
+                    }
+                },
+            };
+            state.set_prompt_end(job.prompt.len());
             m.prompt_tokens.inc_by(job.prompt.len() as u64);
             m.cached_prompt_tokens.inc_by(cached as u64);
             let events = job.events.clone();
             let sink = job.events;
             let on_text: Box<dyn FnMut(&str) -> bool> =
                 Box::new(move |t: &str| sink.send(Event::Text(t.to_string())).is_ok());
-            running.push(Seq {
+            running.push(Running {
                 fed: cached,
                 cached,
                 state,
@@ -271,7 +277,6 @@ fn run(
             }
         };
         drop(inputs);
-        let row = hidden.len() / chunks.iter().map(Vec::len).sum::<usize>().max(1);
         // Sequences that now sample: decoding ones, and those whose prompt is fully fed.
         let mut rows = Vec::new();
         let mut who = Vec::new();
@@ -283,17 +288,35 @@ fn run(
                 if s.fed < s.prompt.len() {
                     continue;
                 }
-                s.prompt_mark = Some(s.state.mark());
+                // Without room for the mark the prompt is not cached; the request goes on.
+                s.prompt_mark = s.state.mark().ok();
             }
-            rows.extend_from_slice(&hidden[(offset - 1) * row..offset * row]);
+            rows.push(offset - 1);
             who.push(i);
         }
-        let logits = backend.logits(&rows);
-        let v = backend.config().vocab_size;
+        let mut draws: Vec<Draw> = running
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| who.contains(i))
+            .map(|(_, s)| Draw {
+                sampler: &mut s.sampler,
+                draft: None,
+            })
+            .collect();
+        let drawn = match backend.sample(Head::Main, &hidden, &rows, &mut draws) {
+            Ok(d) => d,
+            Err(e) => {
+                for s in running.drain(..) {
+                    let _ = s.events.send(Event::Failed(e.to_string()));
+                }
+                continue;
+            }
+        };
+        drop(draws);
         let mut finished = Vec::new();
-        for (j, &i) in who.iter().enumerate() {
+        for (d, &i) in drawn.into_iter().zip(&who) {
             let s = &mut running[i];
-            let (t, lp) = s.sampler.sample(&logits[j * v..(j + 1) * v]);
+            let (t, lp) = (d.token, d.logprob);
             let now = Instant::now();
             match s.last_token {
                 None => m.ttft.observe(now.duration_since(s.started).as_secs_f64()),
@@ -318,7 +341,7 @@ fn run(
                 .emitter
                 .done(s.started.elapsed().as_secs_f64(), 0.0, (0, 0));
             tokens.extend(&c.tokens);
-            tokens.truncate(s.state.pos);
+            tokens.truncate(s.state.pos());
             let _ = s.events.send(Event::Done(Done {
                 finish: c.finish,
                 text: c.text,
