@@ -10,17 +10,98 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 
-/// Bytes that live either in a file mapping or in memory.
+/// Bytes that live in a file mapping, in memory, or nowhere yet (synthetic weights, generated
+/// where they are used).
 enum Backing {
     Map(Mmap),
     Owned(Vec<u8>),
+    Synthetic(Fill, OnceLock<Vec<u8>>),
+}
+
+/// How synthetic bytes are generated: byte `i` is a function of `seed` and `i` alone
+/// ([`Fill::byte`]), so that every device generates the same weights in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fill {
+    /// Total bytes.
+    pub len: usize,
+    /// The tensor's seed.
+    pub seed: u64,
+    /// What the bytes are.
+    pub kind: FillKind,
+    /// Scales: the smallest biased exponent; values: the exponent of their bound.
+    pub lo: i32,
+    /// Scales: how many exponents from `lo` on.
+    pub span: u32,
+}
+
+/// What synthetic bytes encode (the numbering is the `fill_random` kernel's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillKind {
+    /// Any byte (packed FP4 pairs).
+    Any = 0,
+    /// e4m3 codes, NaN excepted.
+    E4m3 = 1,
+    /// UE8M0 scales `2^(lo - 127 + r)`, `r < span`.
+    Scale = 2,
+    /// BF16 values uniform in `(-2^lo, 2^lo)`.
+    Bf16 = 3,
+    /// F32 values uniform in `(-2^lo, 2^lo)`.
+    F32 = 4,
+}
+
+/// SplitMix64's finalizer.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Fill {
+    /// The random word behind byte `i`.
+    fn word(&self, i: usize) -> u64 {
+        splitmix(self.seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d))
+    }
+
+    /// A value in `(-2^lo, 2^lo)` from element `e`'s word.
+    fn value(&self, e: usize, lo: i32) -> f32 {
+        let r = self.word(e);
+        (((r >> 8) & 0xffff) as f32 / 65536.0 * 2.0 - 1.0) * crate::quant::pow2(lo)
+    }
+
+    /// All bytes, generated in parallel.
+    pub fn generate(&self) -> Vec<u8> {
+        use rayon::prelude::*;
+        let (lo, span) = (self.lo, self.span);
+        let mut out = vec![0u8; self.len];
+        match self.kind {
+            FillKind::Bf16 => out.par_chunks_mut(2).enumerate().for_each(|(j, c)| {
+                let b = ((self.value(2 * j, lo).to_bits() >> 16) as u16).to_le_bytes();
+                c.copy_from_slice(&b[..c.len()]);
+            }),
+            FillKind::F32 => out.par_chunks_mut(4).enumerate().for_each(|(j, c)| {
+                let b = self.value(4 * j, lo).to_le_bytes();
+                c.copy_from_slice(&b[..c.len()]);
+            }),
+            _ => out.par_iter_mut().enumerate().for_each(|(i, o)| {
+                let r = self.word(i);
+                let b = (r & 0xff) as u8;
+                *o = match self.kind {
+                    FillKind::E4m3 if b & 0x7f == 0x7f => b - 1,
+                    FillKind::Scale => (lo as u32 + (r % span.max(1) as u64) as u32) as u8,
+                    _ => b,
+                };
+            }),
+        }
+        out
+    }
 }
 
 /// A shared, immutable byte range of a mapped file or buffer.
@@ -32,6 +113,23 @@ pub struct Bytes {
 }
 
 impl Bytes {
+    /// Synthetic bytes, made on the host only if something reads them there.
+    pub fn synthetic(fill: Fill) -> Self {
+        Bytes {
+            backing: Arc::new(Backing::Synthetic(fill, OnceLock::new())),
+            start: 0,
+            len: fill.len,
+        }
+    }
+
+    /// The recipe of synthetic bytes.
+    pub fn recipe(&self) -> Option<Fill> {
+        match &*self.backing {
+            Backing::Synthetic(f, _) => Some(*f),
+            _ => None,
+        }
+    }
+
     /// Wraps owned bytes.
     pub fn owned(v: Vec<u8>) -> Self {
         let len = v.len();
@@ -49,6 +147,7 @@ impl Deref for Bytes {
         let all: &[u8] = match &*self.backing {
             Backing::Map(m) => m,
             Backing::Owned(v) => v,
+            Backing::Synthetic(f, cell) => return cell.get_or_init(|| f.generate()),
         };
         &all[self.start..self.start + self.len]
     }
@@ -287,6 +386,20 @@ impl Checkpoint {
             tensors: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
             taken: BTreeSet::new(),
             bytes,
+        }
+    }
+
+    /// Takes (and drops) every tensor of main blocks from `n` on and of MTP blocks: what a
+    /// model cut to its first `n` layers does not use.
+    pub fn drop_layers_from(&mut self, n: usize) {
+        for name in self.names() {
+            let layer = name
+                .strip_prefix("layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok());
+            if name.starts_with("mtp.") || layer.is_some_and(|i| i >= n) {
+                let _ = self.take(&name);
+            }
         }
     }
 

@@ -321,6 +321,24 @@ impl Config {
         Ok(())
     }
 
+    /// The model cut to its first `n` main blocks, without MTP blocks (what `hadal bench` and
+    /// `hadal score --config` run when a whole model does not fit or is not needed).
+    pub fn first_layers(&self, n: usize) -> Result<Config> {
+        if n == 0 || n > self.num_hidden_layers {
+            return Err(Error::Config(format!(
+                "--layers {n}: the model has {} main layers",
+                self.num_hidden_layers
+            )));
+        }
+        let mut c = self.clone();
+        c.num_hidden_layers = n;
+        c.num_nextn_predict_layers = 0;
+        c.num_hash_layers = c.num_hash_layers.min(n);
+        c.compress_ratios.truncate(n);
+        c.validate()?;
+        Ok(c)
+    }
+
     /// Number of blocks with weights: main blocks then MTP blocks.
     pub fn total_blocks(&self) -> usize {
         self.compress_ratios.len()

@@ -8,6 +8,7 @@ use std::path::Path;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
+use crate::checkpoint::{Bytes, Checkpoint, Fill, FillKind, RawTensor};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generate::Rng;
@@ -48,15 +49,45 @@ pub fn demo_config() -> Config {
     Config::from_json(&v.to_string()).expect("the demo configuration is valid")
 }
 
-type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+type Tensors = BTreeMap<String, RawTensor>;
 
-/// Writes random weights for `cfg` in the released layout.
+/// Random weights for a configuration in the released layout: real quantized values (the
+/// demo), or random codes in the released formats generated where they are used
+/// ([`synthetic_checkpoint`]).
 struct Builder {
     rng: Rng,
     t: Tensors,
+    /// Synthetic: the seed every large tensor's seed derives from.
+    synthetic: Option<u64>,
+}
+
+/// The exponent of `1/sqrt(n)`, rounded: the size that keeps a product of `n` terms near 1.
+fn inv_sqrt_exp(n: usize) -> i32 {
+    -((n as f64).log2() / 2.0).round() as i32
 }
 
 impl Builder {
+    /// The seed of tensor `name` in synthetic mode.
+    fn seed(&self, name: &str) -> Option<u64> {
+        self.synthetic.map(|s| {
+            name.bytes().fold(s ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+            })
+        })
+    }
+
+    /// Synthetic bytes for `name`.
+    fn fill(&self, name: &str, len: usize, kind: FillKind, lo: i32, span: u32) -> Bytes {
+        let seed = self.seed(name).expect("synthetic mode");
+        Bytes::synthetic(Fill {
+            len,
+            seed,
+            kind,
+            lo,
+            span,
+        })
+    }
+
     fn uniform(&mut self, n: usize, a: f32) -> Vec<f32> {
         (0..n)
             .map(|_| (self.rng.uniform() as f32 * 2.0 - 1.0) * a)
@@ -64,8 +95,31 @@ impl Builder {
     }
 
     fn put(&mut self, name: &str, dtype: Dtype, shape: &[usize], data: Vec<u8>) {
-        self.t
-            .insert(name.to_string(), (dtype, shape.to_vec(), data));
+        self.put_bytes(name, dtype, shape, Bytes::owned(data));
+    }
+
+    fn put_bytes(&mut self, name: &str, dtype: Dtype, shape: &[usize], data: Bytes) {
+        self.t.insert(
+            name.to_string(),
+            RawTensor {
+                name: name.to_string(),
+                dtype,
+                shape: shape.to_vec(),
+                data,
+            },
+        );
+    }
+
+    /// A large BF16 matrix with entries below `bound` (synthetic: within a power of two of it).
+    fn bf16_matrix(&mut self, name: &str, shape: &[usize], bound: f32) {
+        if self.synthetic.is_some() {
+            let n: usize = shape.iter().product();
+            let lo = bound.log2().round() as i32;
+            let b = self.fill(name, 2 * n, FillKind::Bf16, lo, 1);
+            return self.put_bytes(name, Dtype::BF16, shape, b);
+        }
+        let v = self.uniform(shape.iter().product(), bound);
+        self.bf16(name, shape, &v);
     }
 
     fn f32(&mut self, name: &str, shape: &[usize], v: &[f32]) {
@@ -94,8 +148,23 @@ impl Builder {
 
     /// An FP8 linear `{p}.weight` + `{p}.scale` with entries of size about `1/sqrt(cols)`.
     fn fp8(&mut self, p: &str, rows: usize, cols: usize) {
-        let w = self.uniform(rows * cols, (3.0 / cols as f32).sqrt());
         let b = FP8_WEIGHT_BLOCK;
+        if self.synthetic.is_some() {
+            // Random codes have a root mean square near 2^6.
+            let (wn, sn) = (format!("{p}.weight"), format!("{p}.scale"));
+            let sb = (rows.div_ceil(b), cols.div_ceil(b));
+            let w = self.fill(&wn, rows * cols, FillKind::E4m3, 0, 1);
+            let s = self.fill(
+                &sn,
+                sb.0 * sb.1,
+                FillKind::Scale,
+                127 - 7 + inv_sqrt_exp(cols),
+                2,
+            );
+            self.put_bytes(&wn, Dtype::F8_E4M3, &[rows, cols], w);
+            return self.put_bytes(&sn, Dtype::F8_E8M0, &[sb.0, sb.1], s);
+        }
+        let w = self.uniform(rows * cols, (3.0 / cols as f32).sqrt());
         let (rb, cb) = (rows.div_ceil(b), cols.div_ceil(b));
         let mut codes = vec![0u8; rows * cols];
         let mut scales = vec![0u8; rb * cb];
@@ -120,6 +189,15 @@ impl Builder {
 
     /// A packed FP4 expert linear with 1x32 scales.
     fn fp4(&mut self, p: &str, rows: usize, cols: usize) {
+        if self.synthetic.is_some() {
+            // Random e2m1 codes have a root mean square near 3.
+            let (wn, sn) = (format!("{p}.weight"), format!("{p}.scale"));
+            let sc = rows * cols / FP4_WEIGHT_BLOCK;
+            let w = self.fill(&wn, rows * cols / 2, FillKind::Any, 0, 1);
+            let s = self.fill(&sn, sc, FillKind::Scale, 127 - 2 + inv_sqrt_exp(cols), 2);
+            self.put_bytes(&wn, Dtype::I8, &[rows, cols / 2], w);
+            return self.put_bytes(&sn, Dtype::F8_E8M0, &[rows, cols / FP4_WEIGHT_BLOCK], s);
+        }
         let w = self.uniform(rows * cols, (3.0 / cols as f32).sqrt());
         let mut packed = vec![0u8; rows * cols / 2];
         let mut scales = Vec::with_capacity(rows * cols / FP4_WEIGHT_BLOCK);
@@ -143,8 +221,14 @@ impl Builder {
     }
 
     fn mhc(&mut self, p: &str, rows: usize, md: usize, scales: usize) {
-        let f = self.uniform(rows * md, 0.02);
-        self.f32(&format!("{p}_fn"), &[rows, md], &f);
+        let name = format!("{p}_fn");
+        if self.synthetic.is_some() {
+            let f = self.fill(&name, 4 * rows * md, FillKind::F32, -6, 1);
+            self.put_bytes(&name, Dtype::F32, &[rows, md], f);
+        } else {
+            let f = self.uniform(rows * md, 0.02);
+            self.f32(&name, &[rows, md], &f);
+        }
         let b = self.uniform(rows, 0.5);
         self.f32(&format!("{p}_base"), &[rows], &b);
         self.f32(&format!("{p}_scale"), &[scales], &vec![0.5; scales]);
@@ -155,8 +239,7 @@ impl Builder {
         let ape = self.uniform(ratio * w, 0.1);
         self.f32(&format!("{p}.ape"), &[ratio, w], &ape);
         for n in ["wkv", "wgate"] {
-            let v = self.uniform(w * d, (3.0 / d as f32).sqrt());
-            self.bf16(&format!("{p}.{n}.weight"), &[w, d], &v);
+            self.bf16_matrix(&format!("{p}.{n}.weight"), &[w, d], (3.0 / d as f32).sqrt());
         }
         self.ones(&format!("{p}.norm.weight"), dim);
     }
@@ -191,13 +274,19 @@ impl Builder {
         if c == 4 {
             let (ih, id) = (cfg.index_n_heads, cfg.index_head_dim);
             self.fp8(&format!("{a}.indexer.wq_b"), ih * id, q);
-            let wp = self.uniform(ih * d, (3.0 / d as f32).sqrt());
-            self.bf16(&format!("{a}.indexer.weights_proj.weight"), &[ih, d], &wp);
+            self.bf16_matrix(
+                &format!("{a}.indexer.weights_proj.weight"),
+                &[ih, d],
+                (3.0 / d as f32).sqrt(),
+            );
             self.compressor(&format!("{a}.indexer.compressor"), 4, id, d);
         }
         let fp = format!("{p}.ffn");
-        let gw = self.uniform(e * d, (3.0 / d as f32).sqrt());
-        self.bf16(&format!("{fp}.gate.weight"), &[e, d], &gw);
+        self.bf16_matrix(
+            &format!("{fp}.gate.weight"),
+            &[e, d],
+            (3.0 / d as f32).sqrt(),
+        );
         if index < cfg.num_hash_layers {
             let k = cfg.num_experts_per_tok;
             let ids: Vec<u8> = (0..cfg.vocab_size * k)
@@ -227,18 +316,17 @@ impl Builder {
     }
 }
 
-/// Writes `config.json`, `model.safetensors` (random weights from `seed`) and the bundled
-/// `tokenizer.json` into `dir`.
-pub fn write_random_checkpoint(dir: &Path, cfg: &Config, seed: u64) -> Result<()> {
+/// Random weights for `cfg` from `seed`, by name, in the released layout; `synthetic`: random
+/// codes generated where used (see [`Builder`]).
+fn random_tensors(cfg: &Config, seed: u64, synthetic: bool) -> Tensors {
     let (v, d, m) = (cfg.vocab_size, cfg.hidden_size, cfg.hc_mult);
     let mut b = Builder {
         rng: Rng::new(seed),
         t: BTreeMap::new(),
+        synthetic: synthetic.then_some(seed),
     };
-    let emb = b.uniform(v * d, 1.0);
-    b.bf16("embed.weight", &[v, d], &emb);
-    let head = b.uniform(v * d, (3.0 / d as f32).sqrt());
-    b.bf16("head.weight", &[v, d], &head);
+    b.bf16_matrix("embed.weight", &[v, d], 1.0);
+    b.bf16_matrix("head.weight", &[v, d], (3.0 / d as f32).sqrt());
     b.ones("norm.weight", d);
     b.mhc("hc_head", m, m * d, 1);
     for i in 0..cfg.num_hidden_layers {
@@ -254,15 +342,35 @@ pub fn write_random_checkpoint(dir: &Path, cfg: &Config, seed: u64) -> Result<()
         }
         b.mhc(&format!("{p}.hc_head"), m, m * d, 1);
     }
+    b.t
+}
+
+/// A checkpoint of random weights for `cfg` from `seed`, in memory (the demo's values).
+pub fn random_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
+    Checkpoint::from_tensors(random_tensors(cfg, seed, false).into_values().collect())
+}
+
+/// A checkpoint of random FP8/FP4/BF16 codes for `cfg` in the released shapes, generated where
+/// each tensor is used (on a GPU, in place; on the CPU, in memory as it loads): what `hadal
+/// bench --config` and `hadal score --config` run, with no file. Every device generates the
+/// same bytes for a seed.
+pub fn synthetic_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
+    Checkpoint::from_tensors(random_tensors(cfg, seed, true).into_values().collect())
+}
+
+/// Writes `config.json`, `model.safetensors` (random weights from `seed`) and the bundled
+/// `tokenizer.json` into `dir`.
+pub fn write_random_checkpoint(dir: &Path, cfg: &Config, seed: u64) -> Result<()> {
+    let t = random_tensors(cfg, seed, false);
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let views: Vec<(String, TensorView)> =
-        b.t.iter()
-            .map(|(n, (dt, s, data))| {
-                TensorView::new(*dt, s.clone(), data)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| Error::Checkpoint(format!("tensor {n}: {e}")))
-            })
-            .collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView)> = t
+        .iter()
+        .map(|(n, r)| {
+            TensorView::new(r.dtype, r.shape.clone(), &r.data)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Checkpoint(format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<_>>()?;
     let model = dir.join("model.safetensors");
     let bytes =
         safetensors::serialize(views, None).map_err(|e| Error::Checkpoint(e.to_string()))?;

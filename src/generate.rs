@@ -132,6 +132,16 @@ impl Sampler {
         Sampler { params, rng }
     }
 
+    /// Its parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The next uniform draw in `[0, 1)` of its generator (for a device that samples).
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.uniform()
+    }
+
     /// The candidate tokens and their probabilities after temperature, top-k, top-p and min-p
     /// (one token with probability 1 when greedy), most likely first.
     pub fn candidates(&self, logits: &[f32]) -> (Vec<usize>, Vec<f64>) {

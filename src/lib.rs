@@ -3,9 +3,10 @@
 //! Layout, in the order data flows: [`config`] and [`checkpoint`] read a released checkpoint;
 //! [`quant`] and [`weights`] hold its FP8/FP4/BF16 formats; [`model`] is the forward pass, one
 //! file per component; [`state`] is the per-sequence decode state; [`backend`] runs it on a
-//! device; [`inspect`] and [`score`] are the CLI's reports.
+//! device (the CPU, or a CUDA GPU); [`inspect`], [`score`] and [`bench`] are the CLI's reports.
 
 pub mod backend;
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;

@@ -55,8 +55,18 @@ enum Cmd {
     /// Teacher-forced logits of token sequences (or the perplexity of a text).
     Score {
         /// Checkpoint directory.
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        model: Option<PathBuf>,
+        /// A config.json instead: synthetic weights of its shapes (random FP8/FP4/BF16 codes,
+        /// the same bytes on every device for a seed), generated in place.
         #[arg(long)]
-        model: PathBuf,
+        config: Option<PathBuf>,
+        /// Only the first N main layers (and no MTP block).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Seed of the synthetic weights.
+        #[arg(long, default_value_t = 0, requires = "config")]
+        seed: u64,
         /// Safetensors file with `tokens` (I32 or I64, [batch, length]).
         #[arg(
             long,
@@ -211,6 +221,43 @@ enum Cmd {
         /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when one is present).
         #[arg(long, default_value = "auto", value_parser = parse_device)]
         device: DeviceSpec,
+    },
+    /// Prefill and decode throughput on a device: tokens/s, time per layer kind, bytes of
+    /// weights and state read per token, against the memory bandwidth measured in the same run.
+    Bench {
+        /// Checkpoint directory.
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        model: Option<PathBuf>,
+        /// A config.json instead: synthetic weights of its shapes, generated in place (no file).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Load only the first N main layers; results are also projected to all of them.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when one is present).
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: DeviceSpec,
+        /// Contexts of the decode measurements (`4K,128K,1M`).
+        #[arg(long, default_value = "4K", value_delimiter = ',', value_parser = parse_tokens)]
+        context: Vec<usize>,
+        /// Sequences decoded together (`1,32`).
+        #[arg(long, default_value = "1", value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// Timed decode steps per measurement.
+        #[arg(long, default_value_t = 32)]
+        decode_tokens: usize,
+        /// Tokens of a prefill measurement (`8K`; none by default).
+        #[arg(long, value_parser = parse_tokens)]
+        prefill: Option<usize>,
+        /// Tokens per prefill call.
+        #[arg(long, default_value = "2K", value_parser = parse_tokens)]
+        prefill_chunk: usize,
+        /// Seed of the synthetic weights, states and tokens.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Parse a completion (standard input) into an assistant message, printed as JSON.
     Parse {
@@ -866,9 +913,74 @@ fn inspect(
     Ok(())
 }
 
+/// Loads a checkpoint (`model`) or a configuration's synthetic weights (`config`), cut to its
+/// first `layers` main layers, onto `device`. Returns the backend and the full configuration.
+fn load_source(
+    model: Option<&Path>,
+    config: Option<&Path>,
+    layers: Option<usize>,
+    seed: u64,
+    device: DeviceSpec,
+) -> anyhow::Result<(Box<dyn Backend>, Config)> {
+    let (full, ck) = match (model, config) {
+        (Some(dir), _) => (
+            Config::from_file(&Checkpoint::config_path(dir))?,
+            Some(Checkpoint::open(dir)?),
+        ),
+        (None, Some(f)) => (Config::from_file(f)?, None),
+        (None, None) => bail!("give --model DIR or --config FILE"),
+    };
+    let cfg = match layers {
+        Some(n) => full.first_layers(n)?,
+        None => full.clone(),
+    };
+    let mut ck = ck.unwrap_or_else(|| hadal::demo::synthetic_checkpoint(&cfg, seed));
+    if layers.is_some() {
+        ck.drop_layers_from(cfg.num_hidden_layers);
+    }
+    let b = bar("loading {bar:30} {pos}/{len} blocks");
+    let (backend, report) = hadal::backend::open_checkpoint(device, cfg, ck, &|done, total| {
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+    })?;
+    b.finish_and_clear();
+    eprintln!("{}", load_line(&*backend, &report));
+    Ok((backend, full))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_cmd(
+    model: Option<&Path>,
+    config: Option<&Path>,
+    layers: Option<usize>,
+    device: DeviceSpec,
+    opts: hadal::bench::Options,
+    json: bool,
+) -> anyhow::Result<()> {
+    if opts.batches.contains(&0) || opts.decode_tokens == 0 {
+        bail!("--batch and --decode-tokens must be positive");
+    }
+    let (backend, full) = load_source(model, config, layers, opts.seed, device)?;
+    let b = bar("bench {bar:30} {pos}/{len} steps");
+    let report = hadal::bench::run(&*backend, &full, &opts, &|done, total| {
+        b.set_length(total);
+        b.set_position(done);
+    })?;
+    b.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn score_cmd(
-    model: &Path,
+    model: Option<&Path>,
+    config: Option<&Path>,
+    layers: Option<usize>,
+    seed: u64,
     tokens: Option<&Path>,
     out: Option<&Path>,
     prefill: Option<usize>,
@@ -893,6 +1005,9 @@ fn score_cmd(
     let seqs = match (tokens, text) {
         (Some(t), _) => score::read_tokens(t)?,
         (None, Some(t)) => {
+            let Some(model) = model else {
+                bail!("--text needs --model (its tokenizer)");
+            };
             let tok = Tokenizer::for_model(model)?;
             let body = std::fs::read_to_string(t).with_context(|| t.display().to_string())?;
             vec![tok.encode(&body)?]
@@ -907,9 +1022,11 @@ fn score_cmd(
     if mtp && p < 2 {
         bail!("--mtp needs --prefill of at least 2");
     }
-    let backend: Box<dyn Backend> = match device {
-        DeviceSpec::Cpu => Box::new(Runner::load(Cpu { numerics }, model, &|_, _| {})?),
-        _ => load_model(model, device)?,
+    let backend: Box<dyn Backend> = match (device, model) {
+        (DeviceSpec::Cpu, Some(model)) if layers.is_none() => {
+            Box::new(Runner::load(Cpu { numerics }, model, &|_, _| {})?)
+        }
+        _ => load_source(model, config, layers, seed, device)?.0,
     };
     let backend = &*backend;
     if text.is_some() {
@@ -941,6 +1058,9 @@ fn main() -> ExitCode {
         } => inspect(model.as_deref(), config.as_deref(), *context, *json),
         Cmd::Score {
             model,
+            config,
+            layers,
+            seed,
             tokens,
             out,
             prefill,
@@ -949,7 +1069,10 @@ fn main() -> ExitCode {
             numerics,
             device,
         } => score_cmd(
-            model,
+            model.as_deref(),
+            config.as_deref(),
+            *layers,
+            *seed,
             tokens.as_deref(),
             out.as_deref(),
             *prefill,
@@ -974,6 +1097,33 @@ fn main() -> ExitCode {
             tokenizer.as_deref(),
         ),
         Cmd::Parse { thinking_mode } => parse_cmd(*thinking_mode),
+        Cmd::Bench {
+            model,
+            config,
+            layers,
+            device,
+            context,
+            batch,
+            decode_tokens,
+            prefill,
+            prefill_chunk,
+            seed,
+            json,
+        } => bench_cmd(
+            model.as_deref(),
+            config.as_deref(),
+            *layers,
+            *device,
+            hadal::bench::Options {
+                contexts: context.clone(),
+                batches: batch.clone(),
+                decode_tokens: *decode_tokens,
+                prefill_tokens: prefill.unwrap_or(0),
+                prefill_chunk: *prefill_chunk,
+                seed: *seed,
+            },
+            *json,
+        ),
         Cmd::Serve {
             model,
             host,

@@ -256,6 +256,18 @@ pub trait Device: Sized + Send + Sync + 'static {
         y: &Self::Tensor,
     ) -> Result<Self::Tensor>;
 
+    /// Waits for the work queued so far (timing).
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The memory bandwidth this device reaches, measured now (bytes/s): a streaming read on a
+    /// CPU, a device-to-device copy (bytes read plus written) on a GPU.
+    fn bandwidth(&self) -> Result<f64>;
+
+    /// The distinct experts of a batch's routing (for reports; may wait for the device).
+    fn distinct_experts(&self, route: &Self::Route) -> Result<usize>;
+
     /// Draws one token from each row of `logits` (and decides speculative drafts).
     fn sample(&self, logits: &Self::Tensor, draws: &mut [Draw]) -> Result<Vec<Drawn>> {
         let l = self.download(logits)?;
@@ -464,6 +476,14 @@ pub trait Backend: Send + Sync {
     fn upload(&self, x: &[f32]) -> Result<Hidden>;
     /// A final stream's rows on the host.
     fn download(&self, hidden: &Hidden) -> Result<Vec<f32>>;
+    /// [`Backend::forward`] waiting for each block, with the seconds each took.
+    fn forward_profiled(&self, inputs: &mut [SeqInput]) -> Result<(Hidden, Vec<f64>)>;
+    /// Records, for each block, the distinct experts of the next forward calls' routing.
+    fn trace_experts(&self, on: bool);
+    /// The distinct experts each block routed to while tracing, in order.
+    fn traced_experts(&self) -> Vec<usize>;
+    /// See [`Device::bandwidth`].
+    fn bandwidth(&self) -> Result<f64>;
 }
 
 /// Rows in a final stream.
@@ -536,16 +556,33 @@ pub fn open(
     dir: &std::path::Path,
     progress: &dyn Fn(usize, usize),
 ) -> Result<(Box<dyn Backend>, LoadReport)> {
+    let cfg = Config::from_file(&crate::checkpoint::Checkpoint::config_path(dir))?;
+    let ck = crate::checkpoint::Checkpoint::open(dir)?;
+    open_checkpoint(spec, cfg, ck, progress)
+}
+
+/// Takes a configuration and its tensors onto a device.
+pub fn open_checkpoint(
+    spec: DeviceSpec,
+    cfg: Config,
+    ck: crate::checkpoint::Checkpoint,
+    progress: &dyn Fn(usize, usize),
+) -> Result<(Box<dyn Backend>, LoadReport)> {
+    fn load<D: Device>(
+        dev: D,
+        cfg: Config,
+        ck: crate::checkpoint::Checkpoint,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<(Box<dyn Backend>, LoadReport)> {
+        let t = std::time::Instant::now();
+        let model = crate::model::Model::from_checkpoint(&dev, cfg, ck, progress)?;
+        dev.sync()?;
+        let r = Runner::new(dev, model).loaded_in(t.elapsed().as_secs_f64());
+        let rep = r.report();
+        Ok((Box::new(r), rep))
+    }
     match spec {
-        DeviceSpec::Cpu => {
-            let r = Runner::load(cpu::Cpu::default(), dir, progress)?;
-            let rep = r.report();
-            Ok((Box::new(r), rep))
-        }
-        DeviceSpec::Cuda(n) => {
-            let r = Runner::load(cuda::Cuda::new(n)?, dir, progress)?;
-            let rep = r.report();
-            Ok((Box::new(r), rep))
-        }
+        DeviceSpec::Cpu => load(cpu::Cpu::default(), cfg, ck, progress),
+        DeviceSpec::Cuda(n) => load(cuda::Cuda::new(n)?, cfg, ck, progress),
     }
 }

@@ -40,6 +40,12 @@ impl<D: Device> Runner<D> {
         }
     }
 
+    /// Records how long loading took.
+    pub fn loaded_in(mut self, secs: f64) -> Self {
+        self.load_secs = secs;
+        self
+    }
+
     /// What loading took.
     pub fn report(&self) -> LoadReport {
         LoadReport {
@@ -96,6 +102,9 @@ impl<D: Device> Runner<D> {
         f: impl FnOnce(&mut D::Batch<'_>) -> Result<T>,
     ) -> Result<T> {
         let (tokens, spans) = self.layout(inputs)?;
+        if tokens.is_empty() {
+            return Err(Error::Input("no tokens to feed".into()));
+        }
         let lens: Vec<usize> = spans.iter().map(|s| s.len).collect();
         {
             let states = inputs
@@ -203,6 +212,9 @@ impl<D: Device> Backend for Runner<D> {
     }
 
     fn forward(&self, inputs: &mut [SeqInput]) -> Result<Hidden> {
+        if inputs.iter().all(|i| i.tokens.is_empty()) {
+            return Ok(D::hidden(self.dev.upload(&[], self.width())?));
+        }
         let l = self.model.cfg.num_hidden_layers;
         let x = self.run(inputs, l, |b| self.model.forward(&self.dev, b))?;
         Ok(D::hidden(x))
@@ -284,5 +296,39 @@ impl<D: Device> Backend for Runner<D> {
 
     fn download(&self, hidden: &Hidden) -> Result<Vec<f32>> {
         self.dev.download(D::tensor_of(hidden)?)
+    }
+
+    fn forward_profiled(&self, inputs: &mut [SeqInput]) -> Result<(Hidden, Vec<f64>)> {
+        let l = self.model.cfg.num_hidden_layers;
+        let mut secs = Vec::with_capacity(l);
+        self.dev.sync()?;
+        let mut t = Instant::now();
+        let x = self.run(inputs, l, |b| {
+            self.model.forward_with(&self.dev, b, &mut |_| {
+                self.dev.sync()?;
+                secs.push(t.elapsed().as_secs_f64());
+                t = Instant::now();
+                Ok(())
+            })
+        })?;
+        Ok((D::hidden(x), secs))
+    }
+
+    fn trace_experts(&self, on: bool) {
+        for b in &self.model.blocks {
+            *b.ffn.trace.lock().expect("trace lock") = on.then_some(0);
+        }
+    }
+
+    fn traced_experts(&self) -> Vec<usize> {
+        self.model
+            .blocks
+            .iter()
+            .map(|b| b.ffn.trace.lock().expect("trace lock").unwrap_or(0))
+            .collect()
+    }
+
+    fn bandwidth(&self) -> Result<f64> {
+        self.dev.bandwidth()
     }
 }

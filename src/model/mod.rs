@@ -169,9 +169,20 @@ impl<D: Device> Model<D> {
 
     /// Runs the main blocks over a batch; returns the final stream (`T x M x D`).
     pub fn forward(&self, dev: &D, b: &mut D::Batch<'_>) -> Result<D::Tensor> {
+        self.forward_with(dev, b, &mut |_| Ok(()))
+    }
+
+    /// [`Model::forward`], calling `after(i)` when block `i` is queued.
+    pub fn forward_with(
+        &self,
+        dev: &D,
+        b: &mut D::Batch<'_>,
+        after: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<D::Tensor> {
         let mut x = dev.embed(&self.embed, b, self.cfg.hc_mult)?;
         for (i, block) in self.blocks.iter().enumerate() {
             block.forward(dev, b, i, &mut x)?;
+            after(i)?;
         }
         Ok(x)
     }

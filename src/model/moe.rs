@@ -70,6 +70,8 @@ pub struct Moe<D: Device> {
     pub hidden: usize,
     /// Expert width F.
     pub inter: usize,
+    /// While tracing, the distinct experts of the last batch routed.
+    pub trace: std::sync::Mutex<Option<usize>>,
 }
 
 impl<D: Device> Moe<D> {
@@ -113,6 +115,7 @@ impl<D: Device> Moe<D> {
             limit: cfg.swiglu_limit as f32,
             hidden: d,
             inter: f,
+            trace: std::sync::Mutex::new(None),
         })
     }
 
@@ -120,6 +123,9 @@ impl<D: Device> Moe<D> {
     pub fn forward(&self, dev: &D, b: &D::Batch<'_>, y: &D::Tensor) -> Result<D::Tensor> {
         let logits = dev.linear_plain(&self.gate, y)?;
         let route = dev.route(self, b, logits)?;
+        if let Some(t) = self.trace.lock().expect("trace lock").as_mut() {
+            *t = dev.distinct_experts(&route)?;
+        }
         let mut out = dev.experts(self, &route, y)?;
         let shared = self.shared.forward(dev, y, self.limit)?;
         dev.add(&mut out, &shared)?;

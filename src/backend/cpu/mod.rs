@@ -80,6 +80,37 @@ impl Batch<'_> {
     }
 }
 
+/// Bytes per second of a streaming read of a buffer far larger than the caches, over every
+/// thread (the best of a few passes).
+pub fn stream_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let words = (1usize << 31) / 8;
+    let mut v = vec![0u64; words];
+    v.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(i, c)| c.iter_mut().for_each(|x| *x = i as u64));
+    let mut best = 0f64;
+    for _ in 0..4 {
+        let t = std::time::Instant::now();
+        let s: u64 = v
+            .par_chunks(1 << 16)
+            .map(|c| {
+                // Eight independent sums keep the loads flowing.
+                let mut acc = [0u64; 8];
+                for x in c.chunks_exact(8) {
+                    for (a, y) in acc.iter_mut().zip(x) {
+                        *a = a.wrapping_add(*y);
+                    }
+                }
+                acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+            })
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(s);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
 /// `[e; copies]` of each token.
 fn embed(table: &Matrix, tokens: &[u32], copies: usize) -> Vec<f32> {
     let d = table.cols;
@@ -373,6 +404,17 @@ impl Device for Cpu {
     ) -> Result<Vec<f32>> {
         Ok(attention::attend(a, b, slot, q, kv, picks))
     }
+    fn bandwidth(&self) -> Result<f64> {
+        Ok(stream_bandwidth())
+    }
+
+    fn distinct_experts(&self, route: &Self::Route) -> Result<usize> {
+        let mut ids = route.0.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids.len())
+    }
+
     fn route(&self, m: &Moe<Self>, b: &Batch<'_>, logits: Vec<f32>) -> Result<Self::Route> {
         Ok(moe::route(m, &b.tokens, logits))
     }

@@ -1,77 +1,1437 @@
-//! The CUDA device (in progress: nothing can be constructed yet).
+//! The CUDA device: weights in checkpoint precision in GPU memory, activations as f32 rows, the
+//! decode state in a paged pool, and a kernel (or a few) for each operation of [`Device`].
+//!
+//! The driver and NVRTC are loaded at run time (cudarc, dynamic loading), so the same binary
+//! runs on machines without CUDA, where [`device_count`] is 0. Kernels are CUDA C++ compiled by
+//! NVRTC for the device found ([`kernels`]).
 
+pub mod gpu;
+pub mod kernels;
+pub mod state;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use gpu::{Args, Buf, Gpu};
+pub use state::{CudaMark, CudaSeq};
+use state::{Layout, Pool, SeqDesc};
+
+use crate::backend::{Device, Draw, Drawn, Hidden, Runner, Seq, Which};
+use crate::config::{Config, ScoringFunc};
 use crate::error::{Error, Result};
+use crate::generate::TokenLogprob;
+use crate::model::attention::Attention;
+use crate::model::compressor::Compressor;
+use crate::model::indexer::Indexer;
+use crate::model::mhc::{HcHead, HyperConn};
+use crate::model::moe::{Expert, Moe, Routing};
+use crate::model::rope::Rope;
+use crate::model::Span;
 use crate::state::SeqState;
+use crate::weights::{Matrix, Storage};
 
-/// Number of CUDA devices present.
-pub fn device_count() -> usize {
-    0
+pub use gpu::device_count;
+
+/// A model on a CUDA device.
+pub type CudaBackend = Runner<Cuda>;
+
+/// Weight formats as the kernels number them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// e4m3 with 128x128 UE8M0 scales.
+    F8 = 0,
+    /// Packed e2m1 with 1x32 UE8M0 scales.
+    F4 = 1,
+    /// BF16.
+    Bf16 = 2,
+    /// F32.
+    F32 = 3,
 }
 
-/// A CUDA device.
-pub enum Cuda {}
+impl Format {
+    /// Elements one lane decodes from a 16-byte load.
+    fn chunk(self) -> usize {
+        match self {
+            Format::F8 => 16,
+            Format::F4 => 32,
+            Format::Bf16 => 8,
+            Format::F32 => 4,
+        }
+    }
 
-impl Cuda {
-    /// Opens device `n`.
-    pub fn new(n: usize) -> Result<Runner> {
-        Err(Error::Device(format!(
-            "cuda:{n}: the CUDA backend is not built yet"
-        )))
+    fn suffix(self) -> &'static str {
+        match self {
+            Format::F8 => "f8",
+            Format::F4 => "f4",
+            Format::Bf16 => "bf16",
+            Format::F32 => "f32",
+        }
+    }
+
+    /// Whether activations entering it are FP8-rounded.
+    fn quantized(self) -> bool {
+        matches!(self, Format::F8 | Format::F4)
     }
 }
 
-/// Placeholder.
-pub type Runner = crate::backend::cpu::Cpu;
+/// A weight matrix in GPU memory, in checkpoint precision.
+pub struct Weight {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Its format.
+    pub fmt: Format,
+    w: Buf,
+    s: Option<Buf>,
+}
 
-/// A sequence's state on a CUDA device.
-pub enum CudaSeq {}
-/// A mark of a [`CudaSeq`].
-pub enum CudaMark {}
-/// Rows on a CUDA device.
-pub enum Tensor {}
+impl Weight {
+    fn scales(&self) -> u64 {
+        self.s.as_ref().map_or(0, |s| s.ptr)
+    }
+}
+
+/// A parameter vector in GPU memory.
+pub struct Vector {
+    buf: Buf,
+    len: usize,
+}
+
+/// `rows x cols` f32 activations in GPU memory.
+pub struct Tensor {
+    buf: Buf,
+    rows: usize,
+    cols: usize,
+}
 
 impl Tensor {
     /// Rows.
     pub fn rows(&self) -> usize {
-        match *self {}
+        self.rows
+    }
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    fn len(&self) -> usize {
+        self.rows * self.cols
     }
 }
 
-impl CudaSeq {
-    /// Position.
-    pub fn pos(&self) -> usize {
-        match *self {}
+/// mHC weights of a batch: `post` (`T x M`) and `comb` (`T x M x M`).
+pub struct Mix {
+    post: Tensor,
+    comb: Tensor,
+}
+
+/// The indexer's picks: `T x topk` entry ids, -1 past each query's count.
+pub struct Picks {
+    buf: Buf,
+    k: usize,
+}
+
+/// The router's decisions: `T x topk` expert ids and weights.
+pub struct Route {
+    ids: Buf,
+    weights: Buf,
+    t: usize,
+}
+
+/// A block's routed experts as the kernels address them.
+pub struct ExpertSet {
+    fmt: Format,
+    /// `w1, s1, w3, s3, w2, s2` addresses, `E` each.
+    tables: Buf,
+    count: usize,
+}
+
+/// One forward call on the GPU: the batch's tokens, positions and sequences in GPU memory.
+pub struct Batch<'a> {
+    states: Vec<&'a mut CudaSeq>,
+    layout: Arc<Layout>,
+    t: usize,
+    /// Largest position + 1 of any token.
+    max_end: usize,
+    _meta: Buf,
+    tokens: u64,
+    tok_pos: u64,
+    tok_seq: u64,
+    descs: u64,
+    /// Per compress ratio: the (sequence, entry) pairs completed by this call.
+    jobs: HashMap<usize, (u64, usize)>,
+}
+
+/// `#[repr(C)]` mirrors of the kernels' argument structs.
+mod args {
+    use super::state::RowFormat;
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct Compress {
+        pub kv: u64,
+        pub score: u64,
+        pub ape: u64,
+        pub norm: u64,
+        pub freqs: u64,
+        pub c: i32,
+        pub d: i32,
+        pub width: i32,
+        pub overlap: i32,
+        pub half: i32,
+        pub eps: f32,
+        pub hs: f32,
+        pub pend_kv: i64,
+        pub pend_score: i64,
+        pub prev_kv: i64,
+        pub prev_score: i64,
+        pub table: i64,
+        pub row: RowFormat,
     }
-    /// Prompt end.
-    pub fn prompt_end(&self) -> usize {
-        match *self {}
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct Attn {
+        pub q: u64,
+        pub kv: u64,
+        pub picks: u64,
+        pub tok_seq: u64,
+        pub tok_pos: u64,
+        pub descs: u64,
+        pub om: u64,
+        pub ol: u64,
+        pub oo: u64,
+        pub h: i32,
+        pub dh: i32,
+        pub s: i32,
+        pub k: i32,
+        pub window: i32,
+        pub ratio: i32,
+        pub scale: f32,
+        pub win_off: i64,
+        pub table: i64,
+        pub row: RowFormat,
     }
-    /// Sets the prompt end.
-    pub fn set_prompt_end(&mut self, _: usize) {
-        match *self {}
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct Score {
+        pub q: u64,
+        pub w: u64,
+        pub tok_seq: u64,
+        pub tok_pos: u64,
+        pub descs: u64,
+        pub scores: u64,
+        pub h: i32,
+        pub dim: i32,
+        pub ratio: i32,
+        pub nmax: i32,
+        pub table: i64,
+        pub row: RowFormat,
     }
-    /// Bytes.
-    pub fn bytes(&self) -> usize {
-        match *self {}
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct Experts {
+        pub w1: u64,
+        pub s1: u64,
+        pub w3: u64,
+        pub s3: u64,
+        pub w2: u64,
+        pub s2: u64,
+        pub seg_expert: u64,
+        pub seg_off: u64,
+        pub seg_cnt: u64,
+        pub nseg: u64,
+        pub order: u64,
+        pub x: u64,
+        pub h: u64,
+        pub weights: u64,
+        pub out: u64,
+        pub d: i32,
+        pub f: i32,
+        pub k: i32,
+        pub limit: f32,
     }
-    /// Advances.
-    pub fn advance(&mut self, _: usize) {
-        match *self {}
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    pub struct SampleParams {
+        pub temperature: f32,
+        pub top_p: f32,
+        pub min_p: f32,
+        pub top_k: u32,
+        pub u1: f32,
+        pub u2: f32,
+        pub draft: i32,
+        pub nlogprobs: u32,
     }
-    /// Marks.
-    pub fn mark(&self) -> Result<CudaMark> {
-        match *self {}
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    pub struct SampleOut {
+        pub token: u32,
+        pub accepted: u32,
+        pub logprob: f32,
+        pub ntop: u32,
+        pub top_ids: [u32; 20],
+        pub top_lp: [f32; 20],
     }
-    /// Rewinds.
-    pub fn rewind(&mut self, _: &CudaMark) -> Result<()> {
-        match *self {}
+}
+
+/// Device memory kept free for activations when the state pool grows
+/// (`HADAL_GPU_RESERVE_BYTES`, default 2 GiB).
+fn reserve() -> usize {
+    std::env::var("HADAL_GPU_RESERVE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2 << 30)
+}
+
+/// A CUDA device.
+pub struct Cuda {
+    /// The GPU.
+    pub gpu: Arc<Gpu>,
+    pool: Arc<Pool>,
+    layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
+}
+
+fn blocks_1d(n: usize, threads: usize) -> (u32, u32, u32) {
+    (n.div_ceil(threads).max(1) as u32, 1, 1)
+}
+
+impl Cuda {
+    /// Opens CUDA device `n`; the decode-state pool grows while free memory allows.
+    pub fn new(n: usize) -> Result<Self> {
+        Self::with_state_pool(n, None)
     }
-    /// Clones.
-    pub fn try_clone(&self) -> Result<CudaSeq> {
-        match *self {}
+
+    /// Opens CUDA device `n` with the decode-state pool capped at `limit` bytes.
+    pub fn with_state_pool(n: usize, limit: Option<u64>) -> Result<Self> {
+        let gpu = Gpu::open(n)?;
+        Ok(Cuda {
+            pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
+            gpu,
+            layouts: Mutex::new(HashMap::new()),
+        })
     }
-    /// To host.
-    pub fn to_host(&self) -> Result<SeqState> {
-        match *self {}
+
+    /// Bytes held by the decode-state pool, and in use.
+    pub fn pool_usage(&self) -> (u64, u64) {
+        self.pool.usage()
     }
+
+    fn layout(&self, cfg: &Config, blocks: Range<usize>) -> Arc<Layout> {
+        let mut l = self.layouts.lock().expect("layouts lock");
+        Arc::clone(
+            l.entry((blocks.start, blocks.end))
+                .or_insert_with(|| Arc::new(Layout::new(cfg, blocks))),
+        )
+    }
+
+    fn tensor(&self, rows: usize, cols: usize) -> Result<Tensor> {
+        Ok(Tensor {
+            buf: self.gpu.alloc(4 * rows * cols)?,
+            rows,
+            cols,
+        })
+    }
+
+    fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        a: &mut Args,
+    ) -> Result<()> {
+        self.gpu.launch(name, grid, block, smem, a)
+    }
+
+    /// `x` rounded to FP8 in blocks of 128, as an FP8/FP4 linear takes it.
+    fn fake_quant(&self, x: &Tensor) -> Result<Tensor> {
+        if x.cols % 128 != 0 {
+            return Err(Error::Input(format!(
+                "an FP8 activation of width {} (not a multiple of 128)",
+                x.cols
+            )));
+        }
+        let y = self.tensor(x.rows, x.cols)?;
+        let nb = x.len() / 128;
+        self.launch(
+            "fake_quant_fp8",
+            blocks_1d(nb, 8),
+            256,
+            0,
+            Args::new().push(x.buf.ptr).push(y.buf.ptr).push(nb as i32),
+        )?;
+        Ok(y)
+    }
+
+    /// `x W^T` with `x`'s rows as given; `groups` splits W's rows and x's columns.
+    fn matmul(&self, w: &Weight, x: &Tensor, groups: usize) -> Result<Tensor> {
+        let (n, k, r) = (w.rows, w.cols, x.rows);
+        if x.cols != k * groups || n % groups != 0 {
+            return Err(Error::Input(format!(
+                "a {}-wide activation into a {n} x {k} weight in {groups} groups",
+                x.cols
+            )));
+        }
+        let y = self.tensor(r, n)?;
+        if r == 0 {
+            return Ok(y);
+        }
+        let group_rows = if groups > 1 { n / groups } else { 0 };
+        let sfx = w.fmt.suffix();
+        if r <= 8 && k % w.fmt.chunk() == 0 {
+            // Enough blocks to fill the GPU: split K among warps when the matrix is short.
+            let target = 2 * self.gpu.sms as usize;
+            let mut ks = 1;
+            while ks < 8 && n * ks / 8 < target && 2 * ks * 32 * w.fmt.chunk() <= k {
+                ks *= 2;
+            }
+            self.launch(
+                &format!("gemv_{sfx}"),
+                blocks_1d(n, 8 / ks),
+                256,
+                0,
+                Args::new()
+                    .push(w.w.ptr)
+                    .push(w.scales())
+                    .push(x.buf.ptr)
+                    .push(y.buf.ptr)
+                    .push(n as i32)
+                    .push(k as i32)
+                    .push(r as i32)
+                    .push(x.cols as i32)
+                    .push(n as i32)
+                    .push(group_rows as i32)
+                    .push(ks as i32),
+            )?;
+        } else {
+            if group_rows % 64 != 0 {
+                return Err(Error::Input(format!(
+                    "grouped product with {group_rows} rows a group (not a multiple of 64)"
+                )));
+            }
+            self.launch(
+                &format!("gemm_{sfx}"),
+                (n.div_ceil(64) as u32, r.div_ceil(64) as u32, 1),
+                256,
+                0,
+                Args::new()
+                    .push(w.w.ptr)
+                    .push(w.scales())
+                    .push(x.buf.ptr)
+                    .push(y.buf.ptr)
+                    .push(n as i32)
+                    .push(k as i32)
+                    .push(r as i32)
+                    .push(x.cols as i32)
+                    .push(n as i32)
+                    .push(group_rows as i32),
+            )?;
+        }
+        Ok(y)
+    }
+
+    /// Slices of the longest key list of a batch (64 keys a slice, at most 64 slices; each
+    /// token takes as many as its own keys need, `KEYS_PER_SPLIT` in attention.cu).
+    fn splits(keys: usize) -> usize {
+        keys.div_ceil(64).clamp(1, 64)
+    }
+
+    fn check_hc(m: usize) -> Result<()> {
+        if m > 8 {
+            return Err(Error::Input(format!(
+                "hc_mult = {m}: the CUDA kernels take at most 8 copies"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Device for Cuda {
+    type Tensor = Tensor;
+    type Weight = Weight;
+    type Vector = Vector;
+    type Table = Buf;
+    type State = CudaSeq;
+    type Batch<'a> = Batch<'a>;
+    type Mix = Mix;
+    type Picks = Picks;
+    type Route = Route;
+    type Experts = ExpertSet;
+
+    fn name(&self) -> String {
+        format!("cuda:{} {}", self.gpu.ordinal, self.gpu.name)
+    }
+
+    fn weight(&self, m: Matrix) -> Result<Weight> {
+        let (fmt, w, s) = match &m.storage {
+            Storage::F8 { w, s } => (Format::F8, w, Some(s)),
+            Storage::F4 { w, s } => (Format::F4, w, Some(s)),
+            Storage::Bf16(w) => (Format::Bf16, w, None),
+            Storage::F32(w) => (Format::F32, w, None),
+        };
+        Ok(Weight {
+            rows: m.rows,
+            cols: m.cols,
+            fmt,
+            w: upload_bytes(&self.gpu, w)?,
+            s: s.map(|s| upload_bytes(&self.gpu, s)).transpose()?,
+        })
+    }
+
+    fn vector(&self, v: &[f32]) -> Result<Vector> {
+        Ok(Vector {
+            buf: self.gpu.upload(v)?,
+            len: v.len(),
+        })
+    }
+
+    fn table(&self, v: &[u32]) -> Result<Buf> {
+        self.gpu.upload(v)
+    }
+
+    fn expert_set(&self, experts: &[Expert<Self>]) -> Result<ExpertSet> {
+        let fmt = experts.first().map_or(Format::F4, |e| e.w1.fmt);
+        let e = experts.len();
+        let mut t = vec![0u64; 6 * e];
+        for (i, x) in experts.iter().enumerate() {
+            if [&x.w1, &x.w2, &x.w3].iter().any(|w| w.fmt != fmt) {
+                return Err(Error::Checkpoint(format!(
+                    "routed expert {i}: its matrices are not all in the format of expert 0 ({fmt:?})"
+                )));
+            }
+            for (j, w) in [&x.w1, &x.w3, &x.w2].into_iter().enumerate() {
+                t[2 * j * e + i] = w.w.ptr;
+                t[(2 * j + 1) * e + i] = w.scales();
+            }
+        }
+        Ok(ExpertSet {
+            fmt,
+            tables: self.gpu.upload(&t)?,
+            count: e,
+        })
+    }
+
+    fn new_state(&self, cfg: &Config, blocks: Range<usize>) -> Result<CudaSeq> {
+        CudaSeq::new(&self.gpu, &self.pool, self.layout(cfg, blocks))
+    }
+
+    fn state_from_host(&self, cfg: &Config, s: &SeqState, blocks: Range<usize>) -> Result<CudaSeq> {
+        CudaSeq::from_host(&self.gpu, &self.pool, self.layout(cfg, blocks), s)
+    }
+
+    fn seq(s: CudaSeq) -> Seq {
+        Seq::Cuda(s)
+    }
+
+    fn state_of(seq: &mut Seq) -> Result<&mut CudaSeq> {
+        match seq {
+            Seq::Cuda(s) => Ok(s),
+            Seq::Host(_) => Err(Error::Input(
+                "a host state given to the CUDA backend (import it first)".into(),
+            )),
+        }
+    }
+
+    fn batch<'a>(
+        &self,
+        tokens: Vec<u32>,
+        spans: Vec<Span>,
+        mut states: Vec<&'a mut CudaSeq>,
+        blocks: usize,
+    ) -> Result<Batch<'a>> {
+        let layout = match states.first() {
+            Some(s) => Arc::clone(&s.layout),
+            None => return Err(Error::Input("a forward call without sequences".into())),
+        };
+        for (i, s) in states.iter().enumerate() {
+            if s.layout.blocks.len() != blocks || !Arc::ptr_eq(&s.layout, &layout) {
+                return Err(Error::Input(format!(
+                    "sequence {i}: state has {} blocks, this model needs {blocks}",
+                    s.layout.blocks.len()
+                )));
+            }
+        }
+        // Pages first: a sequence that cannot get them leaves every state as it was.
+        for (s, sp) in states.iter_mut().zip(&spans) {
+            s.reserve(sp.pos + sp.len)?;
+        }
+        let t = tokens.len();
+        let mut tok_pos = Vec::with_capacity(t);
+        let mut tok_seq = Vec::with_capacity(t);
+        for (i, s) in spans.iter().enumerate() {
+            for p in s.pos..s.pos + s.len {
+                tok_pos.push(p as u32);
+                tok_seq.push(i as u32);
+            }
+        }
+        let descs: Vec<SeqDesc> = states
+            .iter()
+            .zip(&spans)
+            .map(|(s, sp)| s.desc(sp.start, sp.len))
+            .collect();
+        let mut ratios: Vec<usize> = layout
+            .blocks
+            .iter()
+            .flat_map(|b| b.comp.iter().flatten().map(|c| c.ratio))
+            .collect();
+        ratios.sort_unstable();
+        ratios.dedup();
+        let mut job_lists: Vec<(usize, Vec<u32>)> = Vec::new();
+        for &c in &ratios {
+            let mut j = Vec::new();
+            for (i, s) in spans.iter().enumerate() {
+                for e in s.pos / c..(s.pos + s.len) / c {
+                    j.push(i as u32);
+                    j.push(e as u32);
+                }
+            }
+            job_lists.push((c, j));
+        }
+        // One upload: descriptors (8-aligned) then the u32 arrays.
+        let mut words: Vec<u32> = Vec::new();
+        for d in &descs {
+            // SAFETY: SeqDesc is plain old data of 32 bytes.
+            let raw: [u32; 8] = unsafe { std::mem::transmute(*d) };
+            words.extend_from_slice(&raw);
+        }
+        let at_tokens = words.len();
+        words.extend_from_slice(&tokens);
+        let at_pos = words.len();
+        words.extend_from_slice(&tok_pos);
+        let at_seq = words.len();
+        words.extend_from_slice(&tok_seq);
+        let mut job_at = Vec::new();
+        for (c, j) in &job_lists {
+            job_at.push((*c, words.len(), j.len() / 2));
+            words.extend_from_slice(j);
+        }
+        let meta = self.gpu.upload(&words)?;
+        let addr = |i: usize| meta.ptr + 4 * i as u64;
+        let max_end = spans.iter().map(|s| s.pos + s.len).max().unwrap_or(0);
+        Ok(Batch {
+            jobs: job_at
+                .into_iter()
+                .map(|(c, at, n)| (c, (addr(at), n)))
+                .collect(),
+            tokens: addr(at_tokens),
+            tok_pos: addr(at_pos),
+            tok_seq: addr(at_seq),
+            descs: meta.ptr,
+            _meta: meta,
+            states,
+            layout,
+            t,
+            max_end,
+        })
+    }
+
+    fn hidden(t: Tensor) -> Hidden {
+        Hidden::Cuda(t)
+    }
+
+    fn tensor_of(h: &Hidden) -> Result<&Tensor> {
+        match h {
+            Hidden::Cuda(t) => Ok(t),
+            Hidden::Host(_) => Err(Error::Input(
+                "a host stream given to the CUDA backend".into(),
+            )),
+        }
+    }
+
+    fn upload(&self, x: &[f32], width: usize) -> Result<Tensor> {
+        Ok(Tensor {
+            buf: self.gpu.upload(x)?,
+            rows: x.len() / width.max(1),
+            cols: width,
+        })
+    }
+
+    fn download(&self, x: &Tensor) -> Result<Vec<f32>> {
+        self.gpu.read(x.buf.ptr, x.len())
+    }
+
+    fn copy(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.tensor(x.rows, x.cols)?;
+        self.gpu.copy(y.buf.ptr, x.buf.ptr, 4 * x.len())?;
+        Ok(y)
+    }
+
+    fn gather(&self, parts: &[(&Tensor, Range<usize>)], width: usize) -> Result<Tensor> {
+        let width = if width == 0 {
+            parts.first().map_or(0, |p| p.0.cols)
+        } else {
+            width
+        };
+        let rows: usize = parts.iter().map(|(_, r)| r.len()).sum();
+        let y = self.tensor(rows, width)?;
+        let mut at = 0;
+        for (t, r) in parts {
+            if r.end > t.rows || t.cols != width {
+                return Err(Error::Input(format!(
+                    "rows {r:?} of a tensor of {} x {}",
+                    t.rows, t.cols
+                )));
+            }
+            let bytes = 4 * r.len() * width;
+            self.gpu.copy(
+                y.buf.ptr + (4 * at * width) as u64,
+                t.buf.ptr + (4 * r.start * width) as u64,
+                bytes,
+            )?;
+            at += r.len();
+        }
+        Ok(y)
+    }
+
+    fn embed(&self, table: &Weight, b: &Batch<'_>, copies: usize) -> Result<Tensor> {
+        let d = table.cols;
+        let y = self.tensor(b.t, copies * d)?;
+        self.launch(
+            "embed",
+            blocks_1d(y.len(), 256),
+            256,
+            0,
+            Args::new()
+                .push(table.w.ptr)
+                .push(table.scales())
+                .push(table.fmt as i32)
+                .push(b.tokens)
+                .push(y.buf.ptr)
+                .push(b.t as i32)
+                .push(copies as i32)
+                .push(d as i32),
+        )?;
+        Ok(y)
+    }
+
+    fn linear(&self, w: &Weight, x: &Tensor) -> Result<Tensor> {
+        if w.fmt.quantized() {
+            self.matmul(w, &self.fake_quant(x)?, 1)
+        } else {
+            self.matmul(w, x, 1)
+        }
+    }
+
+    fn linear_plain(&self, w: &Weight, x: &Tensor) -> Result<Tensor> {
+        self.matmul(w, x, 1)
+    }
+
+    fn grouped_linear(&self, w: &Weight, x: &Tensor, groups: usize) -> Result<Tensor> {
+        self.matmul(w, x, groups)
+    }
+
+    fn rms_norm(&self, x: &mut Tensor, w: &Vector, eps: f32) -> Result<()> {
+        let rows = x.len() / w.len.max(1);
+        self.launch(
+            "rms_norm",
+            (rows as u32, 1, 1),
+            256,
+            0,
+            Args::new()
+                .push(x.buf.ptr)
+                .push(w.buf.ptr)
+                .push(w.len as i32)
+                .push(eps),
+        )
+    }
+
+    fn head_norm_rope(
+        &self,
+        q: &mut Tensor,
+        b: &Batch<'_>,
+        heads: usize,
+        rope: &Rope<Self>,
+        eps: f32,
+    ) -> Result<()> {
+        let dh = q.cols / heads;
+        self.launch(
+            "head_norm_rope",
+            ((b.t * heads) as u32, 1, 1),
+            128,
+            0,
+            Args::new()
+                .push(q.buf.ptr)
+                .push(b.tok_pos)
+                .push(rope.table.buf.ptr)
+                .push(heads as i32)
+                .push(dh as i32)
+                .push(rope.table.len as i32)
+                .push(eps),
+        )
+    }
+
+    fn rope(
+        &self,
+        x: &mut Tensor,
+        b: &Batch<'_>,
+        heads: usize,
+        rope: &Rope<Self>,
+        inverse: bool,
+    ) -> Result<()> {
+        let half = rope.table.len;
+        self.launch(
+            "rope",
+            blocks_1d(b.t * heads * half, 256),
+            256,
+            0,
+            Args::new()
+                .push(x.buf.ptr)
+                .push(b.tok_pos)
+                .push(rope.table.buf.ptr)
+                .push(b.t as i32)
+                .push(heads as i32)
+                .push((x.cols / heads) as i32)
+                .push(half as i32)
+                .push(inverse as i32),
+        )
+    }
+
+    fn index_queries(
+        &self,
+        q: &mut Tensor,
+        b: &Batch<'_>,
+        heads: usize,
+        rope: &Rope<Self>,
+    ) -> Result<()> {
+        let dim = q.cols / heads;
+        if !dim.is_power_of_two() || !(32..=1024).contains(&dim) {
+            return Err(Error::Input(format!(
+                "index_head_dim = {dim}: the CUDA indexer takes powers of two from 32 to 1024"
+            )));
+        }
+        self.launch(
+            "index_queries",
+            ((b.t * heads) as u32, 1, 1),
+            dim as u32,
+            (4 * dim) as u32,
+            Args::new()
+                .push(q.buf.ptr)
+                .push(b.tok_pos)
+                .push(rope.table.buf.ptr)
+                .push(heads as i32)
+                .push(dim as i32)
+                .push(rope.table.len as i32)
+                .push((dim as f32).powf(-0.5)),
+        )
+    }
+
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()> {
+        self.launch(
+            "scale_k",
+            blocks_1d(x.len(), 256),
+            256,
+            0,
+            Args::new().push(x.buf.ptr).push(x.len() as i64).push(s),
+        )
+    }
+
+    fn add(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
+        if x.len() != y.len() {
+            return Err(Error::Input("adding tensors of other sizes".into()));
+        }
+        self.launch(
+            "add_k",
+            blocks_1d(x.len(), 256),
+            256,
+            0,
+            Args::new()
+                .push(x.buf.ptr)
+                .push(y.buf.ptr)
+                .push(x.len() as i64),
+        )
+    }
+
+    fn add_to_copies(
+        &self,
+        x: &mut Tensor,
+        e: &Tensor,
+        b: &Batch<'_>,
+        copies: usize,
+    ) -> Result<()> {
+        self.launch(
+            "add_to_copies",
+            blocks_1d(x.len(), 256),
+            256,
+            0,
+            Args::new()
+                .push(x.buf.ptr)
+                .push(e.buf.ptr)
+                .push(b.t as i32)
+                .push(copies as i32)
+                .push(e.cols as i32),
+        )
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor, limit: f32) -> Result<Tensor> {
+        let y = self.tensor(gate.rows, gate.cols)?;
+        self.launch(
+            "swiglu",
+            blocks_1d(y.len(), 256),
+            256,
+            0,
+            Args::new()
+                .push(gate.buf.ptr)
+                .push(up.buf.ptr)
+                .push(y.buf.ptr)
+                .push(y.len() as i64)
+                .push(limit),
+        )?;
+        Ok(y)
+    }
+
+    fn hc_pre(&self, hc: &HyperConn<Self>, x: &Tensor) -> Result<(Tensor, Mix)> {
+        let (m, d) = (hc.dims.m, hc.dims.d);
+        Self::check_hc(m)?;
+        let mix = self.matmul(&hc.fn_, x, 1)?;
+        let t = x.rows;
+        let y = self.tensor(t, d)?;
+        let post = self.tensor(t, m)?;
+        let comb = self.tensor(t, m * m)?;
+        self.launch(
+            "hc_mix",
+            (t as u32, 1, 1),
+            256,
+            0,
+            Args::new()
+                .push(mix.buf.ptr)
+                .push(x.buf.ptr)
+                .push(hc.base.buf.ptr)
+                .push(hc.scale.buf.ptr)
+                .push(y.buf.ptr)
+                .push(post.buf.ptr)
+                .push(comb.buf.ptr)
+                .push(m as i32)
+                .push(d as i32)
+                .push(hc.dims.iters as i32)
+                .push(hc.dims.hc_eps)
+                .push(hc.dims.norm_eps),
+        )?;
+        Ok((y, Mix { post, comb }))
+    }
+
+    fn hc_post(&self, hc: &HyperConn<Self>, x: &mut Tensor, a: &Tensor, mix: &Mix) -> Result<()> {
+        let (m, d) = (hc.dims.m, hc.dims.d);
+        self.launch(
+            "hc_post",
+            blocks_1d(x.rows * d, 256),
+            256,
+            0,
+            Args::new()
+                .push(x.buf.ptr)
+                .push(a.buf.ptr)
+                .push(mix.post.buf.ptr)
+                .push(mix.comb.buf.ptr)
+                .push(x.rows as i32)
+                .push(m as i32)
+                .push(d as i32),
+        )
+    }
+
+    fn hc_head(&self, h: &HcHead<Self>, x: &Tensor) -> Result<Tensor> {
+        let (m, d) = (h.dims.m, h.dims.d);
+        Self::check_hc(m)?;
+        let mix = self.matmul(&h.fn_, x, 1)?;
+        let y = self.tensor(x.rows, d)?;
+        self.launch(
+            "hc_head",
+            (x.rows as u32, 1, 1),
+            256,
+            0,
+            Args::new()
+                .push(mix.buf.ptr)
+                .push(x.buf.ptr)
+                .push(h.base.buf.ptr)
+                .push(h.scale)
+                .push(y.buf.ptr)
+                .push(m as i32)
+                .push(d as i32)
+                .push(h.dims.hc_eps)
+                .push(h.dims.norm_eps),
+        )?;
+        Ok(y)
+    }
+
+    fn compress(
+        &self,
+        c: &Compressor<Self>,
+        b: &mut Batch<'_>,
+        slot: usize,
+        which: Which,
+        kv: &Tensor,
+        score: &Tensor,
+        rope: &Rope<Self>,
+    ) -> Result<()> {
+        let k = match which {
+            Which::Attention => 0,
+            Which::Index => 1,
+        };
+        let cl = b.layout.blocks[slot].comp[k]
+            .clone()
+            .ok_or_else(|| Error::Input(format!("block {slot} has no {which:?} compressor")))?;
+        if c.dim % 32 != 0 || c.dim > 1024 {
+            return Err(Error::Input(format!(
+                "compressed width {}: the CUDA compressor takes multiples of 32 up to 1024",
+                c.dim
+            )));
+        }
+        let a = args::Compress {
+            kv: kv.buf.ptr,
+            score: score.buf.ptr,
+            ape: c.ape.buf.ptr,
+            norm: c.norm.buf.ptr,
+            freqs: rope.table.buf.ptr,
+            c: c.ratio as i32,
+            d: c.dim as i32,
+            width: c.width() as i32,
+            overlap: c.overlap as i32,
+            half: rope.table.len as i32,
+            eps: c.eps,
+            hs: (c.dim as f32).powf(-0.5),
+            pend_kv: cl.pend_kv as i64,
+            pend_score: cl.pend_score as i64,
+            prev_kv: cl.prev_kv as i64,
+            prev_score: cl.prev_score as i64,
+            table: cl.table as i64,
+            row: cl.row,
+        };
+        if let Some(&(jobs, n)) = b.jobs.get(&c.ratio) {
+            self.launch(
+                "compress_emit",
+                (n as u32, 1, 1),
+                c.dim as u32,
+                (4 * c.dim) as u32,
+                Args::new().push(jobs).push(b.descs).push(a),
+            )?;
+        }
+        self.launch(
+            "compress_carry",
+            (b.states.len() as u32, 1, 1),
+            1024,
+            0,
+            Args::new().push(b.descs).push(a),
+        )
+    }
+
+    fn index_topk(
+        &self,
+        ix: &Indexer<Self>,
+        b: &Batch<'_>,
+        slot: usize,
+        q: &Tensor,
+        w: &Tensor,
+    ) -> Result<Picks> {
+        let cl = b.layout.blocks[slot].comp[1]
+            .as_ref()
+            .ok_or_else(|| Error::Input(format!("block {slot} has no indexer")))?;
+        let ratio = ix.compressor.ratio;
+        let nmax = b.max_end / ratio;
+        let picks = self.gpu.alloc(4 * b.t * ix.topk)?;
+        if nmax == 0 {
+            self.gpu.memset_value(picks.ptr, 0xff, picks.bytes)?;
+            return Ok(Picks {
+                buf: picks,
+                k: ix.topk,
+            });
+        }
+        let scores = self.tensor(b.t, nmax)?;
+        let a = args::Score {
+            q: q.buf.ptr,
+            w: w.buf.ptr,
+            tok_seq: b.tok_seq,
+            tok_pos: b.tok_pos,
+            descs: b.descs,
+            scores: scores.buf.ptr,
+            h: ix.heads as i32,
+            dim: ix.dim as i32,
+            ratio: ratio as i32,
+            nmax: nmax as i32,
+            table: cl.table as i64,
+            row: cl.row,
+        };
+        let smem = 4 * (ix.dim * ix.heads + ix.heads + 16 * ix.dim);
+        self.launch(
+            "index_scores",
+            (b.t as u32, nmax.div_ceil(16) as u32, 1),
+            256,
+            smem as u32,
+            Args::new().push(a),
+        )?;
+        self.launch(
+            "index_topk",
+            (b.t as u32, 1, 1),
+            1024,
+            0,
+            Args::new()
+                .push(scores.buf.ptr)
+                .push(b.tok_pos)
+                .push(ratio as i32)
+                .push(nmax as i32)
+                .push(ix.topk as i32)
+                .push(picks.ptr),
+        )?;
+        Ok(Picks {
+            buf: picks,
+            k: ix.topk,
+        })
+    }
+
+    fn attention(
+        &self,
+        a: &Attention<Self>,
+        b: &mut Batch<'_>,
+        slot: usize,
+        q: &Tensor,
+        kv: &Tensor,
+        picks: Option<&Picks>,
+    ) -> Result<Tensor> {
+        let (h, dh, w) = (a.heads, a.dim, a.window);
+        if dh % 32 != 0 || dh > 512 {
+            return Err(Error::Input(format!(
+                "head_dim = {dh}: the CUDA attention takes multiples of 32 up to 512"
+            )));
+        }
+        let row = b.layout.attn_row;
+        let bl = b.layout.blocks[slot].clone();
+        let kvr = self.copy(kv)?;
+        let packed = self.gpu.alloc(b.t * row.size())?;
+        self.launch(
+            "kv_pack",
+            (b.t as u32, 1, 1),
+            256,
+            (4 * dh) as u32,
+            Args::new().push(kvr.buf.ptr).push(packed.ptr).push(row),
+        )?;
+        let hg = h.min(8);
+        let groups = h.div_ceil(hg);
+        let comp_keys = match picks {
+            Some(p) => p.k,
+            None if a.ratio > 0 => b.max_end / a.ratio,
+            None => 0,
+        };
+        // Many queries fill the GPU by themselves; a few split their keys.
+        let s = if b.t * groups >= 4 * self.gpu.sms as usize {
+            1
+        } else {
+            Self::splits(b.max_end.min(w) + comp_keys)
+        };
+        let om = self.tensor(b.t * h, s)?;
+        let ol = self.tensor(b.t * h, s)?;
+        let oo = self.tensor(b.t * h * s, dh)?;
+        let args = args::Attn {
+            q: q.buf.ptr,
+            kv: kvr.buf.ptr,
+            picks: picks.map_or(0, |p| p.buf.ptr),
+            tok_seq: b.tok_seq,
+            tok_pos: b.tok_pos,
+            descs: b.descs,
+            om: om.buf.ptr,
+            ol: ol.buf.ptr,
+            oo: oo.buf.ptr,
+            h: h as i32,
+            dh: dh as i32,
+            s: s as i32,
+            k: picks.map_or(0, |p| p.k as i32),
+            window: w as i32,
+            ratio: a.ratio as i32,
+            scale: (dh as f64).powf(-0.5) as f32,
+            win_off: bl.win_off as i64,
+            table: bl.comp[0].as_ref().map_or(0, |c| c.table as i64),
+            row,
+        };
+        self.launch(
+            "attn_partial",
+            (b.t as u32, groups as u32, s as u32),
+            (hg * 32) as u32,
+            0,
+            Args::new().push(args),
+        )?;
+        let out = self.tensor(b.t, h * dh)?;
+        self.launch(
+            "attn_combine",
+            ((b.t * h) as u32, 1, 1),
+            128,
+            0,
+            Args::new()
+                .push(om.buf.ptr)
+                .push(ol.buf.ptr)
+                .push(oo.buf.ptr)
+                .push(a.sink.buf.ptr)
+                .push(out.buf.ptr)
+                .push(h as i32)
+                .push(dh as i32)
+                .push(s as i32),
+        )?;
+        // The chunk's rows enter the window only after every query read the old ones.
+        self.launch(
+            "window_store",
+            (b.t as u32, 1, 1),
+            64,
+            0,
+            Args::new()
+                .push(packed.ptr)
+                .push(b.tok_seq)
+                .push(b.tok_pos)
+                .push(b.descs)
+                .push(bl.win_off as i64)
+                .push(w as i32)
+                .push(row.bytes),
+        )?;
+        Ok(out)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.gpu.sync()
+    }
+
+    fn bandwidth(&self) -> Result<f64> {
+        // Two buffers of 2 GiB, far beyond the L2; bytes read plus written, best of ten.
+        let n = 2usize << 30;
+        let (a, b) = (self.gpu.zeros(n)?, self.gpu.zeros(n)?);
+        self.gpu.sync()?;
+        let mut best = 0f64;
+        for i in 0..10 {
+            let t = std::time::Instant::now();
+            let (src, dst) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            self.gpu.copy(dst.ptr, src.ptr, n)?;
+            self.gpu.sync()?;
+            best = best.max(2.0 * n as f64 / t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    }
+
+    fn distinct_experts(&self, route: &Route) -> Result<usize> {
+        let mut ids: Vec<u32> = self.gpu.read(route.ids.ptr, route.ids.bytes / 4)?;
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids.len())
+    }
+
+    fn route(&self, moe: &Moe<Self>, b: &Batch<'_>, logits: Tensor) -> Result<Route> {
+        let (e, k) = (moe.experts.len(), moe.topk);
+        if e > 1024 || k > 16 {
+            return Err(Error::Input(format!(
+                "{e} experts, {k} per token: the CUDA router takes at most 1024 and 16"
+            )));
+        }
+        let ids = self.gpu.alloc(4 * b.t * k)?;
+        let weights = self.gpu.alloc(4 * b.t * k)?;
+        let (bias, tid2eid) = match &moe.routing {
+            Routing::Score(bias) => (bias.buf.ptr, 0u64),
+            Routing::Hash(t) => (0u64, t.ptr),
+        };
+        let func = match moe.func {
+            ScoringFunc::Sqrtsoftplus => 0i32,
+            ScoringFunc::Sigmoid => 1,
+            ScoringFunc::Softmax => 2,
+        };
+        self.launch(
+            "route",
+            (b.t as u32, 1, 1),
+            256,
+            (8 * e) as u32,
+            Args::new()
+                .push(logits.buf.ptr)
+                .push(bias)
+                .push(tid2eid)
+                .push(b.tokens)
+                .push(e as i32)
+                .push(k as i32)
+                .push(func)
+                .push(moe.scale)
+                .push(ids.ptr)
+                .push(weights.ptr),
+        )?;
+        Ok(Route {
+            ids,
+            weights,
+            t: b.t,
+        })
+    }
+
+    fn experts(&self, moe: &Moe<Self>, route: &Route, y: &Tensor) -> Result<Tensor> {
+        let set = &moe.set;
+        let (e, k, d, f) = (set.count, moe.topk, moe.hidden, moe.inter);
+        let p = route.t * k;
+        let out = self.tensor(route.t, d)?;
+        if p == 0 {
+            return Ok(out);
+        }
+        let x = if set.fmt.quantized() {
+            self.fake_quant(y)?
+        } else {
+            self.copy(y)?
+        };
+        // seg_expert, seg_off, seg_cnt (E each), nseg, order (P).
+        let seg = self.gpu.alloc(4 * (3 * e + 1 + p))?;
+        let at = |i: usize| seg.ptr + 4 * i as u64;
+        self.launch(
+            "moe_sort",
+            (1, 1, 1),
+            1024,
+            (8 * e) as u32,
+            Args::new()
+                .push(route.ids.ptr)
+                .push(p as i32)
+                .push(e as i32)
+                .push(at(0))
+                .push(at(e))
+                .push(at(2 * e))
+                .push(at(3 * e))
+                .push(at(3 * e + 1)),
+        )?;
+        let h = self.tensor(p, f)?;
+        let tab = |i: usize| set.tables.ptr + (8 * i * e) as u64;
+        let mut a = args::Experts {
+            w1: tab(0),
+            s1: tab(1),
+            w3: tab(2),
+            s3: tab(3),
+            w2: tab(4),
+            s2: tab(5),
+            seg_expert: at(0),
+            seg_off: at(e),
+            seg_cnt: at(2 * e),
+            nseg: at(3 * e),
+            order: at(3 * e + 1),
+            x: x.buf.ptr,
+            h: 0,
+            weights: route.weights.ptr,
+            out: h.buf.ptr,
+            d: d as i32,
+            f: f as i32,
+            k: k as i32,
+            limit: moe.limit,
+        };
+        let sfx = set.fmt.suffix();
+        let segs = e.min(p) as u32;
+        self.launch(
+            &format!("experts_up_{sfx}"),
+            (segs, f.div_ceil(8) as u32, 1),
+            256,
+            0,
+            Args::new().push(a),
+        )?;
+        let hq = if set.fmt.quantized() {
+            self.fake_quant(&h)?
+        } else {
+            h
+        };
+        let pairs = self.tensor(p, d)?;
+        a.h = hq.buf.ptr;
+        a.out = pairs.buf.ptr;
+        self.launch(
+            &format!("experts_down_{sfx}"),
+            (segs, d.div_ceil(8) as u32, 1),
+            256,
+            0,
+            Args::new().push(a),
+        )?;
+        self.launch(
+            "moe_combine",
+            blocks_1d(route.t * d, 256),
+            256,
+            0,
+            Args::new()
+                .push(pairs.buf.ptr)
+                .push(out.buf.ptr)
+                .push(route.t as i32)
+                .push(k as i32)
+                .push(d as i32),
+        )?;
+        Ok(out)
+    }
+
+    fn sample(&self, logits: &Tensor, draws: &mut [Draw]) -> Result<Vec<Drawn>> {
+        let r = draws.len();
+        if logits.rows != r {
+            return Err(Error::Input(format!(
+                "{} rows of logits for {r} draws",
+                logits.rows
+            )));
+        }
+        let params: Vec<args::SampleParams> = draws
+            .iter_mut()
+            .map(|d| {
+                let p = d.sampler.params().clone();
+                let sampled = p.temperature > 0.0;
+                let u1 = if sampled {
+                    d.sampler.uniform() as f32
+                } else {
+                    0.0
+                };
+                let u2 = if sampled && d.draft.is_some() {
+                    d.sampler.uniform() as f32
+                } else {
+                    0.0
+                };
+                args::SampleParams {
+                    temperature: p.temperature,
+                    top_p: p.top_p,
+                    min_p: p.min_p,
+                    top_k: p.top_k.min(u32::MAX as usize) as u32,
+                    u1,
+                    u2,
+                    draft: d.draft.map_or(-1, |t| t as i32),
+                    nlogprobs: p.logprobs.unwrap_or(0).min(20) as u32,
+                }
+            })
+            .collect();
+        let pbuf = self.gpu.upload(&params)?;
+        let obuf = self.gpu.alloc(r * std::mem::size_of::<args::SampleOut>())?;
+        self.launch(
+            "sample_rows",
+            (r as u32, 1, 1),
+            1024,
+            0,
+            Args::new()
+                .push(logits.buf.ptr)
+                .push(logits.cols as i32)
+                .push(pbuf.ptr)
+                .push(obuf.ptr),
+        )?;
+        let outs: Vec<args::SampleOut> = self.gpu.read(obuf.ptr, r)?;
+        Ok(outs
+            .iter()
+            .zip(draws.iter())
+            .map(|(o, d)| Drawn {
+                token: o.token,
+                accepted: o.accepted != 0,
+                logprob: d.sampler.params().logprobs.map(|_| TokenLogprob {
+                    token: o.token,
+                    logprob: o.logprob,
+                    top: (0..o.ntop as usize)
+                        .map(|i| (o.top_ids[i], o.top_lp[i]))
+                        .collect(),
+                }),
+            })
+            .collect())
+    }
+}
+
+/// Bytes of a checkpoint tensor in GPU memory; synthetic ones are generated there.
+fn upload_bytes(gpu: &Gpu, b: &crate::checkpoint::Bytes) -> Result<Buf> {
+    let Some(f) = b.recipe() else {
+        return gpu.upload::<u8>(b);
+    };
+    let out = gpu.alloc(f.len)?;
+    gpu.launch(
+        "fill_random",
+        (4 * gpu.sms, 1, 1),
+        256,
+        0,
+        Args::new()
+            .push(out.ptr)
+            .push(f.len as i64)
+            .push(f.seed)
+            .push(f.kind as i32)
+            .push(f.lo)
+            .push(f.span.max(1) as i32),
+    )?;
+    Ok(out)
 }

@@ -1,0 +1,419 @@
+//! The GPU under the CUDA device: driver and NVRTC found at run time, the kernels compiled for
+//! the device (and cached on disk), stream-ordered memory, and kernel launches.
+//!
+//! Everything goes through one stream, so the order of launches is the order of the forward pass
+//! and memory freed by a dropped buffer is reused only by work queued after it.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+
+use super::kernels;
+use crate::error::{Error, Result};
+
+/// A driver error, with what was being done.
+pub fn driver_err(what: &str, e: result::DriverError) -> Error {
+    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory(format!("{what}: the GPU has no room left"))
+    } else {
+        Error::Device(format!("{what}: {e:?}"))
+    }
+}
+
+/// Loads a shared library by path and keeps it loaded, so that a later `dlopen` of its soname
+/// (as cudarc does) finds it.
+fn preload(path: &Path) -> bool {
+    // SAFETY: loading NVIDIA's libraries runs only their initializers.
+    match unsafe { libloading::Library::new(path) } {
+        Ok(lib) => {
+            std::mem::forget(lib);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Directories that may hold NVRTC: `$HADAL_NVRTC_DIR`, the CUDA toolkit's, and the
+/// `nvidia-cuda-nvrtc` wheel's in Python's site-packages.
+fn nvrtc_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(d) = std::env::var_os("HADAL_NVRTC_DIR") {
+        dirs.push(d.into());
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(d) = std::env::var_os(var) {
+            dirs.push(PathBuf::from(d).join("lib64"));
+        }
+    }
+    dirs.push("/usr/local/cuda/lib64".into());
+    dirs.push("/usr/local/cuda/targets/x86_64-linux/lib".into());
+    // The wheel installs next to Python's packages: ask the interpreter where those are.
+    let script = "import site,sysconfig;print('\\n'.join([sysconfig.get_paths()['purelib'],sysconfig.get_paths()['platlib'],site.getusersitepackages()]))";
+    if let Ok(out) = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stderr(std::process::Stdio::null())
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            for sub in ["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"] {
+                dirs.push(Path::new(line.trim()).join(sub));
+            }
+        }
+    }
+    dirs
+}
+
+/// Makes NVRTC loadable, or says where it was looked for.
+pub fn nvrtc() -> Result<()> {
+    static FOUND: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            // SAFETY: probing for a library by name.
+            if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                return Ok(());
+            }
+            let dirs = nvrtc_dirs();
+            for d in &dirs {
+                let Ok(entries) = std::fs::read_dir(d) else {
+                    continue;
+                };
+                let names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+                let find = |prefix: &str| {
+                    names.iter().find(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(prefix) && n.contains(".so.13"))
+                    })
+                };
+                if let Some(lib) = find("libnvrtc.so") {
+                    // NVRTC opens its builtins by soname; load them first, from beside it.
+                    if let Some(b) = find("libnvrtc-builtins.so") {
+                        preload(b);
+                    }
+                    // SAFETY: probing for a library by name.
+                    if preload(lib) && unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(format!(
+                "NVRTC (libnvrtc.so.13) not found; install CUDA 13 or `pip install nvidia-cuda-nvrtc`, or set HADAL_NVRTC_DIR (looked in {})",
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+        .clone()
+        .map_err(Error::Device)
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: probing for a library by name.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Number of CUDA devices (0 without a driver).
+pub fn device_count() -> usize {
+    if !driver_present() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// Device memory, freed in stream order when dropped.
+pub struct Buf {
+    _slice: CudaSlice<u8>,
+    /// Its address.
+    pub ptr: u64,
+    /// Its size.
+    pub bytes: usize,
+}
+
+/// Kernel arguments, packed as the driver wants them: one pointer to each value.
+#[derive(Default)]
+pub struct Args {
+    words: Vec<u64>,
+    starts: Vec<usize>,
+}
+
+impl Args {
+    /// Empty arguments.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a value (a scalar, an address, or a `#[repr(C)]` struct the kernel declares
+    /// identically).
+    pub fn push<T: Copy>(&mut self, v: T) -> &mut Self {
+        let n = std::mem::size_of::<T>().div_ceil(8);
+        let start = self.words.len();
+        self.words.resize(start + n.max(1), 0);
+        // SAFETY: the destination has room for `T`, and u64 words satisfy its alignment (<= 8).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                &v as *const T as *const u8,
+                self.words.as_mut_ptr().add(start) as *mut u8,
+                std::mem::size_of::<T>(),
+            )
+        };
+        self.starts.push(start);
+        self
+    }
+}
+
+/// A CUDA device with hadal's kernels loaded.
+pub struct Gpu {
+    /// The context.
+    pub ctx: Arc<CudaContext>,
+    /// The one stream all work goes through.
+    pub stream: Arc<CudaStream>,
+    funcs: HashMap<String, CudaFunction>,
+    /// `NVIDIA H200`.
+    pub name: String,
+    /// Device index.
+    pub ordinal: usize,
+    /// Multiprocessors.
+    pub sms: u32,
+    /// Compute capability.
+    pub arch: (i32, i32),
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads the kernels, compiling them for it on first use.
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>> {
+        if !driver_present() {
+            return Err(Error::Device(
+                "no CUDA driver (libcuda.so) on this machine".into(),
+            ));
+        }
+        let n = device_count();
+        if ordinal >= n {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} requested; this machine has {n} CUDA device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("opening the device", e))?;
+        // One stream: the order of launches orders everything, so per-buffer events are not
+        // needed. SAFETY: no buffer is shared with another stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let arch = ctx
+            .compute_capability()
+            .map_err(|e| driver_err("reading the compute capability", e))?;
+        let name = ctx.name().map_err(|e| driver_err("reading the name", e))?;
+        let sms =
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| driver_err("reading the multiprocessor count", e))? as u32;
+        keep_freed_memory(&ctx)?;
+        let cubin = kernels::cubin(arch)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| driver_err("loading the kernels", e))?;
+        let mut funcs = HashMap::new();
+        for &name in kernels::NAMES {
+            let f = module
+                .load_function(name)
+                .map_err(|e| driver_err(&format!("kernel {name}"), e))?;
+            funcs.insert(name.to_string(), f);
+        }
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            funcs,
+            name,
+            ordinal,
+            sms,
+            arch,
+        }))
+    }
+
+    /// `bytes` of device memory, contents undefined.
+    pub fn alloc(&self, bytes: usize) -> Result<Buf> {
+        let n = bytes.max(16).next_multiple_of(16);
+        // SAFETY: the contents are written before they are read (or `zeros` clears them).
+        let slice = unsafe { self.stream.alloc::<u8>(n) }.map_err(|e| {
+            driver_err(
+                &format!("allocating {}", crate::inspect::bytes(n as u64)),
+                e,
+            )
+        })?;
+        let (ptr, _) = slice.device_ptr(&self.stream);
+        Ok(Buf {
+            _slice: slice,
+            ptr,
+            bytes,
+        })
+    }
+
+    /// `bytes` of zeroed device memory.
+    pub fn zeros(&self, bytes: usize) -> Result<Buf> {
+        let b = self.alloc(bytes)?;
+        self.memset(b.ptr, b.bytes.max(16).next_multiple_of(16))?;
+        Ok(b)
+    }
+
+    /// Makes the context current on the calling thread (the server's engine thread, say).
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("binding the context", e))
+    }
+
+    /// Zeroes `bytes` at `ptr`.
+    pub fn memset(&self, ptr: u64, bytes: usize) -> Result<()> {
+        self.memset_value(ptr, 0, bytes)
+    }
+
+    /// Sets `bytes` at `ptr` to `value`.
+    pub fn memset_value(&self, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the range lies in a live allocation of this context.
+        unsafe { result::memset_d8_async(ptr, value, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_err("setting memory", e))
+    }
+
+    /// A copy of `data` on the device.
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<Buf> {
+        let bytes = std::mem::size_of_val(data);
+        let b = self.alloc(bytes)?;
+        self.write(b.ptr, data)?;
+        Ok(b)
+    }
+
+    /// Writes `data` at `ptr` (the host data is copied before this returns).
+    pub fn write<T: Copy>(&self, ptr: u64, data: &[T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(data);
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `ptr` has room for `bytes`; a pageable host source is staged synchronously.
+        unsafe {
+            result::memcpy_htod_async(
+                ptr,
+                std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver_err("copying to the device", e))
+    }
+
+    /// `n` values of type `T` read from `ptr` (waits for the stream).
+    pub fn read<T: Copy + Default>(&self, ptr: u64, n: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); n];
+        if n == 0 {
+            return Ok(out);
+        }
+        self.bind()?;
+        // SAFETY: `out` has room for n values; the stream is synchronized before returning.
+        unsafe {
+            let dst = std::slice::from_raw_parts_mut(
+                out.as_mut_ptr() as *mut u8,
+                n * std::mem::size_of::<T>(),
+            );
+            result::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream())
+                .map_err(|e| driver_err("copying from the device", e))?;
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    /// Copies `bytes` from `src` to `dst` on the device.
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges lie in live allocations.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_err("copying on the device", e))
+    }
+
+    /// Waits for all queued work; a kernel's fault surfaces here.
+    pub fn sync(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("running kernels", e))
+    }
+
+    /// Free and total device memory.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| driver_err("reading free memory", e))
+    }
+
+    /// Launches `name` on `grid` blocks of `block` threads with `smem` bytes of dynamic shared
+    /// memory.
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &mut Args,
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let f = self
+            .funcs
+            .get(name)
+            .ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))?;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| driver_err(&format!("kernel {name}: shared memory"), e))?;
+        }
+        self.bind()?;
+        let mut params: Vec<*mut c_void> = args
+            .starts
+            .iter()
+            .map(|&s| args.words[s..].as_mut_ptr() as *mut c_void)
+            .collect();
+        // SAFETY: the arguments match the kernel's declaration (each launch site mirrors it) and
+        // every address they carry is live until the stream reaches the kernel.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                smem,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| driver_err(&format!("launching {name}"), e))
+    }
+}
+
+/// Keeps memory freed by the stream in the device's pool instead of returning it to the driver
+/// at every synchronization (the default), so that the activations of each step reuse it.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: plain driver queries on a live context.
+    unsafe {
+        ctx.bind_to_thread()
+            .map_err(|e| driver_err("binding the context", e))?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(|e| driver_err("reading the memory pool", e))?;
+        let mut threshold: u64 = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut c_void,
+        )
+        .result()
+        .map_err(|e| driver_err("configuring the memory pool", e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+// The router and the routed experts, grouped by expert so that each expert's weights are read
+// once for all the tokens routed to it.
+
+// Scores, selection and weights of each token's experts (one block a token).
+// func: 0 sqrt(softplus), 1 sigmoid, 2 softmax.
+extern "C" __global__ void route(const float* logits, const float* bias, const u32* tid2eid,
+                                 const u32* tokens, int E, int k, int func, float scale,
+                                 u32* ids, float* weights) {
+    extern __shared__ float sc[];
+    float* biased = sc + E;
+    __shared__ float sh[32];
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    int t = blockIdx.x;
+    const float* l = logits + (long)t * E;
+    float mx = NEG_INF;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) mx = fmaxf(mx, l[e]);
+    if (func == 2) mx = block_max(mx, sh);
+    float part = 0.0f;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        float x = l[e];
+        float s = func == 0 ? sqrtf(softplusf(x)) : func == 1 ? sigmoidf(x) : expf(x - mx);
+        sc[e] = s;
+        part += s;
+    }
+    if (func == 2) {
+        float tot = block_sum(part, sh);
+        for (int e = threadIdx.x; e < E; e += blockDim.x) sc[e] /= tot;
+    }
+    __syncthreads();
+    u32* out = ids + (long)t * k;
+    if (tid2eid) {
+        if (threadIdx.x == 0)
+            for (int j = 0; j < k; j++) out[j] = tid2eid[(long)tokens[t] * k + j];
+    } else {
+        for (int e = threadIdx.x; e < E; e += blockDim.x) biased[e] = sc[e] + (bias ? bias[e] : 0.0f);
+        __syncthreads();
+        for (int j = 0; j < k; j++) {
+            float v = NEG_INF;
+            int vi = 0x7fffffff;
+            for (int e = threadIdx.x; e < E; e += blockDim.x)
+                if (biased[e] > v) { v = biased[e]; vi = e; }
+            for (int o = 16; o > 0; o >>= 1) {
+                float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+                int i2 = __shfl_xor_sync(0xffffffffu, vi, o);
+                if (v2 > v || (v2 == v && i2 < vi)) { v = v2; vi = i2; }
+            }
+            int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+            if (lane == 0) { bv[w] = v; bi[w] = vi; }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                for (int i = 1; i < nw; i++)
+                    if (bv[i] > bv[0] || (bv[i] == bv[0] && bi[i] < bi[0])) { bv[0] = bv[i]; bi[0] = bi[i]; }
+                out[j] = bi[0];
+                biased[bi[0]] = NEG_INF;
+            }
+            __syncthreads();
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float ws[16];
+        float sum = 0.0f;
+        for (int j = 0; j < k; j++) {
+            ws[j] = sc[out[j]];
+            sum += ws[j];
+        }
+        for (int j = 0; j < k; j++) weights[(long)t * k + j] = (func == 2 ? ws[j] : ws[j] / sum) * scale;
+    }
+}
+
+// Groups the T*k (token, expert) pairs by expert (one block): the non-empty experts in
+// ascending order with their slices of `order`.
+extern "C" __global__ void moe_sort(const u32* ids, int pairs, int E, u32* seg_expert,
+                                    u32* seg_off, u32* seg_cnt, u32* nseg, u32* order) {
+    extern __shared__ u32 cnt[];
+    u32* cur = cnt + E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 off = 0, n = 0;
+        for (int e = 0; e < E; e++) {
+            cur[e] = off;
+            if (cnt[e] > 0) {
+                seg_expert[n] = e;
+                seg_off[n] = off;
+                seg_cnt[n] = cnt[e];
+                n++;
+            }
+            off += cnt[e];
+        }
+        *nseg = n;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) order[atomicAdd(&cur[ids[p]], 1u)] = p;
+}
+
+struct ExpertArgs {
+    const u64* w1; const u64* s1;  // per expert: weight and scale addresses
+    const u64* w3; const u64* s3;
+    const u64* w2; const u64* s2;
+    const u32* seg_expert; const u32* seg_off; const u32* seg_cnt; const u32* nseg;
+    const u32* order;
+    const float* x;        // [T, D] activations (FP8-rounded)
+    const float* h;        // [P, F] SwiGLU outputs (FP8-rounded), for the down projection
+    const float* weights;  // [P] routing weights
+    float* out;            // [P, F] (up) or [P, D] (down)
+    int D, F, k;
+    float limit;
+};
+
+// Rows r0.. of `out` for up to 8 pairs of one expert: one warp an output row (8 a block).
+template <int FMT, bool UP>
+__device__ void expert_rows(const ExpertArgs& a) {
+    const int CH = Chunk<FMT>::N;
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = E2M1[threadIdx.x];
+    __syncthreads();
+    u32 sg = blockIdx.x;
+    if (sg >= *a.nseg) return;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    u32 e = a.seg_expert[sg], off = a.seg_off[sg], cnt = a.seg_cnt[sg];
+    int N = UP ? a.F : a.D, K = UP ? a.D : a.F;
+    long n = (long)blockIdx.y * 8 + warp;
+    if (n >= N) return;
+    const u8* Wa = (const u8*)(UP ? a.w1[e] : a.w2[e]);
+    const u8* Sa = (const u8*)(UP ? a.s1[e] : a.s2[e]);
+    const u8* Wb = (const u8*)(UP ? a.w3[e] : 0);
+    const u8* Sb = (const u8*)(UP ? a.s3[e] : 0);
+    for (u32 c0 = 0; c0 < cnt; c0 += 8) {
+        int rows = cnt - c0 < 8 ? cnt - c0 : 8;
+        u32 pr[8];
+        const float* xr[8];
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            pr[r] = r < rows ? a.order[off + c0 + r] : 0;
+            xr[r] = UP ? a.x + (long)(pr[r] / a.k) * a.D : a.h + (long)pr[r] * a.F;
+        }
+        float ga[8], ua[8];
+#pragma unroll
+        for (int r = 0; r < 8; r++) { ga[r] = 0.0f; ua[r] = 0.0f; }
+        for (long k0 = (long)lane * CH; k0 < K; k0 += 32L * CH) {
+            float wa[CH], wb[CH];
+            decode_chunk<FMT>(Wa, Sa, n, k0, K, lut, wa);
+            if (UP) decode_chunk<FMT>(Wb, Sb, n, k0, K, lut, wb);
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                if (r < rows) {
+                    const float4* xv = (const float4*)(xr[r] + k0);
+                    float g = 0.0f, u = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < CH / 4; i++) {
+                        float4 v = xv[i];
+                        g = fmaf(wa[4 * i], v.x, g); g = fmaf(wa[4 * i + 1], v.y, g);
+                        g = fmaf(wa[4 * i + 2], v.z, g); g = fmaf(wa[4 * i + 3], v.w, g);
+                        if (UP) {
+                            u = fmaf(wb[4 * i], v.x, u); u = fmaf(wb[4 * i + 1], v.y, u);
+                            u = fmaf(wb[4 * i + 2], v.z, u); u = fmaf(wb[4 * i + 3], v.w, u);
+                        }
+                    }
+                    ga[r] += g;
+                    ua[r] += u;
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            float g = warp_sum(ga[r]);
+            float u = UP ? warp_sum(ua[r]) : 0.0f;
+            if (lane == 0 && r < rows) {
+                if (UP) a.out[(long)pr[r] * a.F + n] = swiglu1(g, u, a.limit) * a.weights[pr[r]];
+                else a.out[(long)pr[r] * a.D + n] = g;
+            }
+        }
+    }
+}
+
+#define EXPERT_KERNELS(NAME, FMT)                                                          \
+    extern "C" __global__ void __launch_bounds__(256) experts_up_##NAME(ExpertArgs a) {    \
+        expert_rows<FMT, true>(a);                                                         \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) experts_down_##NAME(ExpertArgs a) {  \
+        expert_rows<FMT, false>(a);                                                        \
+    }
+
+EXPERT_KERNELS(f4, FMT_F4)
+EXPERT_KERNELS(f8, FMT_F8)
+EXPERT_KERNELS(bf16, FMT_BF16)
+EXPERT_KERNELS(f32, FMT_F32)
+
+// out[t] = sum of its k pairs' rows.
+extern "C" __global__ void moe_combine(const float* pairs, float* out, int T, int k, int D) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)T * D) return;
+    long t = i / D;
+    float s = 0.0f;
+    for (int j = 0; j < k; j++) s += pairs[(t * k + j) * D + i % D];
+    out[i] = s;
+}

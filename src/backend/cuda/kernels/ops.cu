@@ -1,0 +1,119 @@
+// Norms, rotations, element-wise operations and the embedding.
+
+// x = w * (x * rsqrt(mean(x^2) + eps)) on each row of width d (one block a row).
+extern "C" __global__ void rms_norm(float* x, const float* w, int d, float eps) {
+    __shared__ float sh[32];
+    float* r = x + (long)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];
+    ss = block_sum(ss, sh);
+    float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = w[i] * (r[i] * inv);
+}
+
+// Rotates pair i of the last 2 * half dims of a head at position p.
+__device__ __forceinline__ void rotate(float* h, int dh, int half, int i, float p, const float* freqs,
+                                       int inverse) {
+    float a = p * freqs[i];
+    float c = cosf(a), s = sinf(a);
+    float* pr = h + dh - 2 * half + 2 * i;
+    float x0 = pr[0], x1 = pr[1];
+    if (inverse) {
+        pr[0] = x0 * c + x1 * s;
+        pr[1] = x1 * c - x0 * s;
+    } else {
+        pr[0] = x0 * c - x1 * s;
+        pr[1] = x0 * s + x1 * c;
+    }
+}
+
+// Each head (block (t, h)) scaled by its own rsqrt(mean(q^2) + eps), then rotated.
+extern "C" __global__ void head_norm_rope(float* q, const u32* pos, const float* freqs, int heads,
+                                          int dh, int half, float eps) {
+    __shared__ float sh[32];
+    int t = blockIdx.x / heads, h = blockIdx.x % heads;
+    float* x = q + ((long)t * heads + h) * dh;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) ss += x[i] * x[i];
+    ss = block_sum(ss, sh);
+    float inv = 1.0f / sqrtf(ss / (float)dh + eps);
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) x[i] *= inv;
+    __syncthreads();
+    float p = (float)pos[t];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) rotate(x, dh, half, i, p, freqs, 0);
+}
+
+// Rotates the last 2 * half dims of each of `heads` heads of each token (one thread a pair).
+extern "C" __global__ void rope(float* x, const u32* pos, const float* freqs, int T, int heads,
+                                int dh, int half, int inverse) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)T * heads * half) return;
+    int pair = i % half;
+    long th = i / half;
+    int t = th / heads;
+    rotate(x + th * dh, dh, half, pair, (float)pos[t], freqs, inverse);
+}
+
+// Indexer queries (block (t, h), one thread a dim): rotated, Hadamard-transformed (scaled by
+// `hs`), FP4-rounded in blocks of 32.
+extern "C" __global__ void index_queries(float* q, const u32* pos, const float* freqs, int heads,
+                                         int dim, int half, float hs) {
+    extern __shared__ float v[];
+    int t = blockIdx.x / heads;
+    float* x = q + (long)blockIdx.x * dim;
+    int j = threadIdx.x;
+    if (j < half) rotate(x, dim, half, j, (float)pos[t], freqs, 0);
+    __syncthreads();
+    v[j] = x[j];
+    __syncthreads();
+    for (int h = 1; h < dim; h *= 2) {
+        float a = v[j], b = v[j ^ h];
+        __syncthreads();
+        v[j] = (j & h) ? b - a : a + b;
+        __syncthreads();
+    }
+    float y = v[j] * hs;
+    float am = warp_max(fabsf(y));
+    x[j] = fq4(y, fp4_scale(am));
+}
+
+extern "C" __global__ void scale_k(float* x, long n, float s) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= s;
+}
+
+extern "C" __global__ void add_k(float* x, const float* y, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// x[t, c, :] += e[t, :] for each of the `copies` parts of row t.
+extern "C" __global__ void add_to_copies(float* x, const float* e, int T, int copies, int d) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)T * copies * d) return;
+    long t = i / ((long)copies * d);
+    x[i] += e[t * d + i % d];
+}
+
+// silu(min(g, L)) * clamp(u, -L, L) (no clamp when L = 0).
+__device__ __forceinline__ float swiglu1(float g, float u, float limit) {
+    if (limit > 0.0f) {
+        g = fminf(g, limit);
+        u = fminf(fmaxf(u, -limit), limit);
+    }
+    return g / (1.0f + expf(-g)) * u;
+}
+
+extern "C" __global__ void swiglu(const float* g, const float* u, float* out, long n, float limit) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = swiglu1(g[i], u[i], limit);
+}
+
+// out[t, c, :] = table[tokens[t], :] for each of `copies` parts.
+extern "C" __global__ void embed(const u8* W, const u8* S, int fmt, const u32* tokens, float* out,
+                                 int T, int copies, int d) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)T * copies * d) return;
+    long t = i / ((long)copies * d);
+    out[i] = wval(fmt, W, S, tokens[t], i % d, d);
+}

@@ -1,0 +1,167 @@
+// Shared definitions of hadal's CUDA kernels. Compiled by NVRTC with no CUDA headers: every
+// type and intrinsic below is plain CUDA C++ or inline PTX.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// Weight formats (backend::cuda::weights::Format).
+#define FMT_F8 0
+#define FMT_F4 1
+#define FMT_BF16 2
+#define FMT_F32 3
+
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+
+#define FP8_MAX 448.0f
+#define FP4_MAX 6.0f
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block; `sh` holds 32 floats. Every thread must call it.
+__device__ float block_sum(float v, float* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = (int)threadIdx.x < nw ? sh[threadIdx.x] : 0.0f;
+    if (w == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ float block_max(float v, float* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = (int)threadIdx.x < nw ? sh[threadIdx.x] : NEG_INF;
+    if (w == 0) v = warp_max(v);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+// 2^e for e in the normal range.
+__device__ __forceinline__ float pow2i(int e) { return __int_as_float((e + 127) << 23); }
+
+// A UE8M0 scale byte.
+__device__ __forceinline__ float e8m0(u32 u) {
+    if (u == 0) return __int_as_float(0x00400000);  // 2^-127
+    if (u == 255) return __int_as_float(0x7fc00000);
+    return __int_as_float(u << 23);
+}
+
+// An e4m3 byte (the NaN codes 0x7f/0xff excepted): its bits moved into an f32's exponent and
+// mantissa, then the bias difference restored by an exact multiplication by 2^120 (subnormal
+// codes land on f32 subnormals, which the multiplication scales back exactly).
+__device__ __forceinline__ float e4m3(u32 b) {
+    return __int_as_float(((b & 0x7fu) << 20) | ((b & 0x80u) << 24)) * __int_as_float(0x7B800000);
+}
+
+__device__ __constant__ float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                          -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+__device__ __forceinline__ float bf16(u32 h) { return __int_as_float(h << 16); }
+
+// floor(log2(|x|)) of a normal non-zero x.
+__device__ __forceinline__ int exponent_of(float a) { return ((__float_as_int(a) >> 23) & 0xff) - 127; }
+
+// 2^ceil(log2(x)) of a positive normal x, as the reference's bit trick.
+__device__ __forceinline__ float pow2_ceil(float x) {
+    u32 b = __float_as_uint(x);
+    int e = (int)((b >> 23) & 0xff) - 127 + ((b & 0x7fffffu) != 0 ? 1 : 0);
+    e = e < -126 ? -126 : (e > 127 ? 127 : e);
+    return pow2i(e);
+}
+
+// Nearest e4m3 value, ties to even; x within [-448, 448].
+__device__ __forceinline__ float round_e4m3(float x) {
+    float a = fabsf(x);
+    if (a == 0.0f) return x;
+    int e = exponent_of(a);
+    float q = pow2i((e < -6 ? -6 : e) - 3);
+    return rintf(x / q) * q;
+}
+
+// Nearest e2m1 value, ties to even; x within [-6, 6].
+__device__ __forceinline__ float round_e2m1(float x) {
+    float a = fabsf(x);
+    if (a == 0.0f) return x;
+    int e = exponent_of(a);
+    float q = pow2i((e < 0 ? 0 : e) - 1);
+    return rintf(x / q) * q;
+}
+
+// The e4m3 byte of an exactly representable value (the output of round_e4m3).
+__device__ __forceinline__ u32 encode_e4m3(float v) {
+    u32 sign = (__float_as_uint(v) >> 31) ? 0x80u : 0u;
+    float a = fabsf(v);
+    if (a == 0.0f) return sign;
+    int e = exponent_of(a);
+    if (e < -6) return sign | (u32)(a / pow2i(-9));
+    u32 m = (u32)((a / pow2i(e) - 1.0f) * 8.0f);
+    return sign | ((u32)(e + 7) << 3) | m;
+}
+
+// The e2m1 nibble of an exactly representable value.
+__device__ __forceinline__ u32 encode_e2m1(float v) {
+    u32 sign = (__float_as_uint(v) >> 31) ? 8u : 0u;
+    float a = fabsf(v);
+    u32 c = a < 0.25f ? 0 : a < 0.75f ? 1 : a < 1.25f ? 2 : a < 1.75f ? 3 : a < 2.5f ? 4 : a < 3.5f ? 5 : a < 5.0f ? 6 : 7;
+    return sign | c;
+}
+
+// The power-of-two scale of an FP8 block with absolute maximum `amax`.
+__device__ __forceinline__ float fp8_scale(float amax) { return pow2_ceil(fmaxf(amax, 1e-4f) / FP8_MAX); }
+
+// The same for FP4 (amax floored at 6 * 2^-126).
+__device__ __forceinline__ float fp4_scale(float amax) {
+    return pow2_ceil(fmaxf(amax, FP4_MAX * __int_as_float(0x00800000)) / FP4_MAX);
+}
+
+__device__ __forceinline__ float fq8(float v, float s) {
+    return round_e4m3(fminf(fmaxf(v / s, -FP8_MAX), FP8_MAX)) * s;
+}
+
+__device__ __forceinline__ float fq4(float v, float s) {
+    return round_e2m1(fminf(fmaxf(v / s, -FP4_MAX), FP4_MAX)) * s;
+}
+
+// Element (n, k) of a K-wide weight matrix in format `fmt`, scales applied.
+__device__ __forceinline__ float wval(int fmt, const u8* W, const u8* S, long n, long k, long K) {
+    if (fmt == FMT_F8) {
+        long kb = (K + 127) / 128;
+        return e4m3(W[n * K + k]) * e8m0(S[(n / 128) * kb + k / 128]);
+    } else if (fmt == FMT_F4) {
+        u32 b = W[n * (K / 2) + k / 2];
+        u32 nib = (k & 1) ? (b >> 4) : (b & 15);
+        return E2M1[nib] * e8m0(S[n * (K / 32) + k / 32]);
+    } else if (fmt == FMT_BF16) {
+        return bf16(((const u16*)W)[n * K + k]);
+    } else {
+        return ((const float*)W)[n * K + k];
+    }
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// log(1 + e^x), linear above 20 as torch's softplus.
+__device__ __forceinline__ float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }

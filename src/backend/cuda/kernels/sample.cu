@@ -1,0 +1,259 @@
+// Sampling on the GPU: one block (1024 threads) a row of logits; only the token, its
+// log-probability and the requested alternatives go back to the host. The random draws come from
+// the host's seeded generator, so a seed reproduces a completion.
+
+struct SampleParams {
+    float temperature, top_p, min_p;
+    u32 top_k;
+    float u1, u2;     // uniform draws in [0, 1)
+    int draft;        // a speculative draft to decide, or -1
+    u32 nlogprobs;    // alternatives to report (<= 20)
+};
+
+struct SampleOut {
+    u32 token, accepted;
+    float logprob;
+    u32 ntop;
+    u32 top_ids[20];
+    float top_lp[20];
+};
+
+// The block's best (value, lowest index) among its threads' candidates.
+__device__ void block_argmax(float v, int i, float* bv, int* bi, float* ov, int* oi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
+    }
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) { bv[w] = v; bi[w] = i; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int j = 1; j < nw; j++)
+            if (bv[j] > bv[0] || (bv[j] == bv[0] && bi[j] < bi[0])) { bv[0] = bv[j]; bi[0] = bi[j]; }
+    }
+    __syncthreads();
+    *ov = bv[0];
+    *oi = bi[0];
+    __syncthreads();
+}
+
+__device__ float block_sumf(float v, float* sh) { return block_sum(v, sh); }
+
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logits, int V,
+                                                               const SampleParams* params,
+                                                               SampleOut* outs) {
+    __shared__ float sh[32];
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    __shared__ u32 hist[256];
+    __shared__ u32 scan[1024];
+    __shared__ float fscan[1024];
+    __shared__ u32 sel[2];
+    __shared__ int found;
+    const float* l = logits + (long)blockIdx.x * V;
+    SampleParams P = params[blockIdx.x];
+    SampleOut* out = outs + blockIdx.x;
+    int tid = threadIdx.x;
+    long chunk = (V + blockDim.x - 1) / blockDim.x;
+    long i0 = tid * chunk, i1 = i0 + chunk < V ? i0 + chunk : V;
+
+    float m;
+    int best;
+    {
+        float v = NEG_INF;
+        int vi = 0x7fffffff;
+        for (long i = i0; i < i1; i++)
+            if (l[i] > v) { v = l[i]; vi = (int)i; }
+        block_argmax(v, vi, bv, bi, &m, &best);
+    }
+    float part = 0.0f;
+    for (long i = i0; i < i1; i++) part += expf(l[i] - m);
+    float lse = m + logf(block_sumf(part, sh));
+
+    int token = best;
+    u32 accepted = 0;
+    if (P.temperature > 0.0f) {
+        float inv_t = 1.0f / P.temperature;
+        // Top-k: the k-th largest logit's key and how many of its ties are kept (lowest first).
+        u32 tau = 0, take_eq = 0xffffffffu;
+        if (P.top_k > 0 && P.top_k < (u32)V) {
+            u32 prefix = 0, mask = 0, need = P.top_k;
+            for (int shift = 24; shift >= 0; shift -= 8) {
+                for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+                __syncthreads();
+                for (long i = i0; i < i1; i++) {
+                    u32 u = fkey(l[i]);
+                    if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1u);
+                }
+                __syncthreads();
+                if (tid == 0) {
+                    u32 above = 0;
+                    int bin = 255;
+                    for (; bin > 0; bin--) {
+                        if (above + hist[bin] >= need) break;
+                        above += hist[bin];
+                    }
+                    sel[0] = bin;
+                    sel[1] = need - above;
+                }
+                __syncthreads();
+                prefix |= sel[0] << shift;
+                mask |= 255u << shift;
+                need = sel[1];
+                __syncthreads();
+            }
+            tau = prefix;
+            take_eq = need;
+        }
+        // This thread's share of the ties kept.
+        u32 eq = 0;
+        for (long i = i0; i < i1; i++) eq += fkey(l[i]) == tau;
+        u32 total;
+        u32 eq_before = block_scan(eq, scan, &total);
+        u32 my_eq = take_eq == 0xffffffffu ? eq
+                    : (eq_before >= take_eq ? 0 : (take_eq - eq_before < eq ? take_eq - eq_before : eq));
+#define KEPT_K(i, seen) (fkey(l[i]) > tau || (fkey(l[i]) == tau && (seen) < my_eq))
+        // Mass of the top-k set, then the nucleus threshold by bisection over keys.
+        float zk = 0.0f;
+        {
+            u32 seen = 0;
+            for (long i = i0; i < i1; i++) {
+                bool e = fkey(l[i]) == tau;
+                if (KEPT_K(i, seen)) zk += expf((l[i] - m) * inv_t);
+                seen += e;
+            }
+        }
+        zk = block_sumf(zk, sh);
+        u32 tp = 0;
+        if (P.top_p < 1.0f) {
+            u32 lo = 0, hi = fkey(m);
+            float target = P.top_p * zk;
+            while (lo < hi) {
+                u32 mid = lo + (hi - lo + 1) / 2;
+                float mass = 0.0f;
+                u32 seen = 0;
+                for (long i = i0; i < i1; i++) {
+                    bool e = fkey(l[i]) == tau;
+                    if (KEPT_K(i, seen) && fkey(l[i]) >= mid) mass += expf((l[i] - m) * inv_t);
+                    seen += e;
+                }
+                mass = block_sumf(mass, sh);
+                if (mass >= target) lo = mid; else hi = mid - 1;
+            }
+            tp = lo;
+        }
+        // The kept set: top-k, nucleus, and min-p (z >= min_p, the top token's z being 1).
+#define KEPT(i, seen) (KEPT_K(i, seen) && fkey(l[i]) >= tp && expf((l[i] - m) * inv_t) >= P.min_p)
+        float z = 0.0f, zd = 0.0f;
+        {
+            u32 seen = 0;
+            for (long i = i0; i < i1; i++) {
+                bool e = fkey(l[i]) == tau;
+                if (KEPT(i, seen)) {
+                    float zi = expf((l[i] - m) * inv_t);
+                    z += zi;
+                    if (i == P.draft) zd = zi;
+                }
+                seen += e;
+            }
+        }
+        z = block_sumf(z, sh);
+        zd = block_sumf(zd, sh);
+        float draw = P.u1 * z;
+        int exclude = -1;
+        if (P.draft >= 0) {
+            float pd = zd / z;
+            if (pd >= 1.0f || (pd > 0.0f && P.u1 < pd)) {
+                accepted = 1;
+            } else {
+                exclude = P.draft;
+                draw = P.u2 * (z - zd);
+            }
+        }
+        if (accepted) {
+            token = P.draft;
+        } else {
+            // The token where the running mass of the kept set (in index order) passes `draw`.
+            float mine = 0.0f;
+            {
+                u32 seen = 0;
+                for (long i = i0; i < i1; i++) {
+                    bool e = fkey(l[i]) == tau;
+                    if (KEPT(i, seen) && i != exclude) mine += expf((l[i] - m) * inv_t);
+                    seen += e;
+                }
+            }
+            fscan[tid] = mine;
+            __syncthreads();
+            for (int o = 1; o < (int)blockDim.x; o *= 2) {
+                float x = tid >= o ? fscan[tid - o] : 0.0f;
+                __syncthreads();
+                fscan[tid] += x;
+                __syncthreads();
+            }
+            if (tid == 0) found = -1;
+            __syncthreads();
+            float before = fscan[tid] - mine;
+            if (mine > 0.0f && draw >= before && draw < before + mine) {
+                float run = before;
+                u32 seen = 0;
+                int last = -1;
+                for (long i = i0; i < i1; i++) {
+                    bool e = fkey(l[i]) == tau;
+                    if (KEPT(i, seen) && i != exclude) {
+                        last = (int)i;
+                        run += expf((l[i] - m) * inv_t);
+                        if (draw < run) break;
+                    }
+                    seen += e;
+                }
+                found = last;
+            }
+            __syncthreads();
+            // Rounding can leave the draw past the total: take the last kept token.
+            if (found < 0) {
+                int lastk = -1;
+                u32 seen = 0;
+                for (long i = i0; i < i1; i++) {
+                    bool e = fkey(l[i]) == tau;
+                    if (KEPT(i, seen) && i != exclude) lastk = (int)i;
+                    seen += e;
+                }
+                float v;
+                int vi;
+                block_argmax(lastk >= 0 ? (float)lastk : NEG_INF, lastk, bv, bi, &v, &vi);
+                found = vi >= 0 ? vi : best;
+            }
+            token = found;
+        }
+    } else if (P.draft >= 0) {
+        accepted = P.draft == best;
+    }
+    // Log-probabilities: the token's and the best alternatives', from the raw logits.
+    u32 nt = P.nlogprobs < 20 ? P.nlogprobs : 20;
+    for (u32 j = 0; j < nt; j++) {
+        float v = NEG_INF;
+        int vi = 0x7fffffff;
+        for (long i = i0; i < i1; i++) {
+            bool taken = false;
+            for (u32 q = 0; q < j; q++) taken |= out->top_ids[q] == (u32)i;
+            if (!taken && l[i] > v) { v = l[i]; vi = (int)i; }
+        }
+        float bvv;
+        int bii;
+        block_argmax(v, vi, bv, bi, &bvv, &bii);
+        if (tid == 0) {
+            out->top_ids[j] = bii;
+            out->top_lp[j] = bvv - lse;
+        }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        out->token = token;
+        out->accepted = accepted;
+        out->logprob = l[token] - lse;
+        out->ntop = nt;
+    }
+}

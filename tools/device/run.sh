@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, over what tools/device/build.sh packed into .device/ (carry it):
+#
+#   tools/device/run.sh tests    GPU kernel tests against the CPU, golden checks on the GPU
+#   tools/device/run.sh serve    the demo on the GPU, tests/openai_client.py against serve
+#   tools/device/run.sh score    V4-Flash-shaped synthetic layers scored on the GPU (compare
+#                                with the CPU's run: tools/device/compare.py)
+#   tools/device/run.sh bench ARGS...   hadal bench --device cuda ARGS (a report per call)
+#
+# Several modes may follow each other in one call (separated by `--`). Logs and results go to
+# $OUT; summary.txt says what ran, how it ended and how long it took.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/hadal-out}
+mkdir -p "$OUT"
+[ -x .device/bin/hadal ] || tar -C .device -xJf .device/bin.tar.xz || exit 1
+B=$PWD/.device/bin
+export HADAL_CACHE_DIR=/tmp/hadal-cache RUST_BACKTRACE=1
+log() { echo "$@" | tee -a "$OUT/summary.txt"; }
+
+# step NAME CMD...: runs CMD with its output appended to $OUT/NAME.log, notes status and time.
+step() {
+  local name=$1 start=$SECONDS rc
+  shift
+  echo "== $*" >> "$OUT/$name.log"
+  "$@" >> "$OUT/$name.log" 2>&1
+  rc=$?
+  log "$name: $* -> exit $rc in $((SECONDS - start)) s"
+  return $rc
+}
+
+serve_test() {
+  "$B/hadal" demo --out /tmp/hadal-demo --device cuda --max-tokens 16 || return 1
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl || return 1
+  export PYTHONPATH=/tmp/site
+  local pids=() urls=() port
+  for args in "--api-key test-key --max-running 8" "--max-running 1 --max-queue 1 --prefix-cache 0"; do
+    port=$((8100 + ${#pids[@]}))
+    # shellcheck disable=SC2086
+    "$B/hadal" serve --model /tmp/hadal-demo --device cuda --port $port $args > "$OUT/server$port.txt" 2>&1 &
+    pids+=($!)
+    urls+=("http://127.0.0.1:$port")
+  done
+  for _ in $(seq 120); do
+    grep -q "serving on" "$OUT"/server8100.txt "$OUT"/server8101.txt 2>/dev/null &&
+      [ "$(grep -l "serving on" "$OUT"/server810?.txt | wc -l)" = 2 ] && break
+    sleep 0.5
+  done
+  python3 tests/openai_client.py "${urls[0]}" "${urls[1]}" test-key
+  local rc=$?
+  kill "${pids[@]}" 2>/dev/null
+  cat "$OUT"/server810?.txt && rm -f "$OUT"/server810?.txt
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.mem --format=csv >> "$OUT/summary.txt" 2>&1
+mode=${1:-tests}
+shift || true
+while true; do
+  case "$mode" in
+    tests)
+      step tests "$B/cuda_compile" --nocapture
+      step tests "$B/cuda" --test-threads=1 --nocapture
+      HADAL_DEVICE=cuda HADAL_GOLDEN_DIR=$PWD/tests/fixtures/tiny-a step golden "$B/golden" --test-threads=1 --nocapture
+      ;;
+    serve)
+      step serve serve_test
+      ;;
+    score)
+      step score "$B/hadal" score --config tools/device/flash-csa-hca.config.json --device cuda \
+        --tokens .device/tokens2500.safetensors --prefill 2496 --out "$OUT/gpu_logits.safetensors"
+      ;;
+    bench)
+      args=()
+      while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+      step bench "$B/hadal" bench --device cuda "${args[@]}"
+      ;;
+    *) log "unknown mode $mode"; exit 2 ;;
+  esac
+  [ $# -gt 0 ] && [ "$1" = "--" ] && shift || break
+  mode=$1
+  shift
+done
+grep -hE "test result|panicked|FAILED|check [0-9]|skipped|error" "$OUT"/tests.log "$OUT"/golden.log 2>/dev/null | tail -n 60
+tail -n 30 "$OUT"/bench.log "$OUT"/serve.log "$OUT"/score.log 2>/dev/null
