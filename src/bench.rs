@@ -364,7 +364,12 @@ pub fn run(
 
     let mut decode = Vec::new();
     let mut skipped = Vec::new();
-    for &ctx in &opts.contexts {
+    for &asked in &opts.contexts {
+        // The steps must fit in the model's context: the longest starts a little short of it.
+        let ctx = asked.min(
+            cfg.max_position_embeddings
+                .saturating_sub(opts.decode_tokens + 8),
+        );
         let host = synthetic_state(&cfg, ctx, opts.seed ^ ctx as u64);
         for &batch in &opts.batches {
             let states: Result<Vec<Seq>> =

@@ -921,6 +921,7 @@ fn load_source(
     layers: Option<usize>,
     seed: u64,
     device: DeviceSpec,
+    numerics: Numerics,
 ) -> anyhow::Result<(Box<dyn Backend>, Config)> {
     let (full, ck) = match (model, config) {
         (Some(dir), _) => (
@@ -939,10 +940,21 @@ fn load_source(
         ck.drop_layers_from(cfg.num_hidden_layers);
     }
     let b = bar("loading {bar:30} {pos}/{len} blocks");
-    let (backend, report) = hadal::backend::open_checkpoint(device, cfg, ck, &|done, total| {
+    let progress = |done: usize, total: usize| {
         b.set_length(total as u64);
         b.set_position(done as u64);
-    })?;
+    };
+    let (backend, report) = match device {
+        DeviceSpec::Cpu => {
+            let t = std::time::Instant::now();
+            let dev = Cpu { numerics };
+            let model = hadal::model::Model::from_checkpoint(&dev, cfg, ck, &progress)?;
+            let r = Runner::new(dev, model).loaded_in(t.elapsed().as_secs_f64());
+            let rep = r.report();
+            (Box::new(r) as Box<dyn Backend>, rep)
+        }
+        _ => hadal::backend::open_checkpoint(device, cfg, ck, &progress)?,
+    };
     b.finish_and_clear();
     eprintln!("{}", load_line(&*backend, &report));
     Ok((backend, full))
@@ -960,7 +972,14 @@ fn bench_cmd(
     if opts.batches.contains(&0) || opts.decode_tokens == 0 {
         bail!("--batch and --decode-tokens must be positive");
     }
-    let (backend, full) = load_source(model, config, layers, opts.seed, device)?;
+    let (backend, full) = load_source(
+        model,
+        config,
+        layers,
+        opts.seed,
+        device,
+        Numerics::BatchInvariant,
+    )?;
     let b = bar("bench {bar:30} {pos}/{len} steps");
     let report = hadal::bench::run(&*backend, &full, &opts, &|done, total| {
         b.set_length(total);
@@ -1026,7 +1045,7 @@ fn score_cmd(
         (DeviceSpec::Cpu, Some(model)) if layers.is_none() => {
             Box::new(Runner::load(Cpu { numerics }, model, &|_, _| {})?)
         }
-        _ => load_source(model, config, layers, seed, device)?.0,
+        _ => load_source(model, config, layers, seed, device, numerics)?.0,
     };
     let backend = &*backend;
     if text.is_some() {

@@ -200,6 +200,16 @@ fn grouped_output_projection_matches_the_cpu() {
     }
 }
 
+/// The demo's configuration with 64 index heads, as V4's. With few heads, many compressed keys
+/// score exactly 0 for a query (every head's dot product negative), and the devices break such
+/// ties differently (the CPU as `torch.topk` on a CPU, the GPU by lowest index): their picks would
+/// differ for reasons no kernel can fix.
+fn small() -> Config {
+    let mut c = hadal::demo::demo_config();
+    c.index_n_heads = 64;
+    c
+}
+
 /// The same random model on both devices (the demo's weights, or synthetic codes).
 fn both(cfg: &Config, seed: u64) -> (CpuBackend, CudaBackend) {
     both_with(cfg, &|| hadal::demo::random_checkpoint(cfg, seed))
@@ -220,11 +230,18 @@ fn both_with(
 
 /// Each block fed the CPU's own input stream (a prefill in chunks of `chunk`, then `decode`
 /// one-token steps) on both devices, compared by check 2's bounds.
+///
+/// At V4's widths, two correct implementations that sum in different orders do not meet check
+/// 2's bounds: a value's last bit moves an FP8 activation across a rounding boundary somewhere in
+/// nearly every token's 25-odd quantized products (4,096 values each), and each such flip moves a
+/// block's output by about 1e-3. There `baseline` (the CPU with the reference platform's orders)
+/// measures how far two CPU orders disagree, and the GPU is held to that.
 fn blocks_teacher_forced(
     (cpu, gpu): (CpuBackend, CudaBackend),
     tokens: &[u32],
     chunk: usize,
     decode: usize,
+    baseline: Option<CpuBackend>,
 ) {
     let cfg = cpu.config().clone();
     let w = cfg.hc_mult * cfg.hidden_size;
@@ -233,7 +250,8 @@ fn blocks_teacher_forced(
     for layer in 0..cfg.num_hidden_layers {
         let mut sc = cpu.new_layer_state(layer).unwrap();
         let mut sg = gpu.new_layer_state(layer).unwrap();
-        let (mut yc, mut yg) = (Vec::new(), Vec::new());
+        let mut sb = baseline.as_ref().map(|b| b.new_layer_state(layer).unwrap());
+        let (mut yc, mut yg, mut yb) = (Vec::new(), Vec::new(), Vec::new());
         let mut pos = 0;
         while pos < n {
             let len = if pos < n - decode {
@@ -243,34 +261,40 @@ fn blocks_teacher_forced(
             };
             let xs = &x[pos * w..(pos + len) * w];
             let t = &tokens[pos..pos + len];
-            yc.extend(
-                cpu.block_forward(
-                    layer,
-                    xs,
-                    &mut SeqInput {
-                        state: &mut sc,
-                        tokens: t,
-                    },
-                )
-                .unwrap(),
-            );
-            yg.extend(
-                gpu.block_forward(
-                    layer,
-                    xs,
-                    &mut SeqInput {
-                        state: &mut sg,
-                        tokens: t,
-                    },
-                )
-                .unwrap(),
-            );
+            let run = |b: &dyn Backend, state: &mut hadal::backend::Seq| {
+                b.block_forward(layer, xs, &mut SeqInput { state, tokens: t })
+                    .unwrap()
+            };
+            yc.extend(run(&cpu, &mut sc));
+            yg.extend(run(&gpu, &mut sg));
+            if let (Some(b), Some(s)) = (&baseline, sb.as_mut()) {
+                yb.extend(run(b, s));
+            }
             pos += len;
         }
-        assert_check2(
-            &format!("block {layer} (ratio {})", cfg.ratio(layer)),
-            &rel(&yg, &yc, w),
-        );
+        let what = format!("block {layer} (ratio {})", cfg.ratio(layer));
+        let eg = rel(&yg, &yc, w);
+        if baseline.is_some() {
+            let eb = rel(&yb, &yc, w);
+            let stats = |e: &[f64]| {
+                (
+                    e.iter().sum::<f64>() / e.len() as f64,
+                    e.iter().filter(|&&x| x <= 1e-3).count() as f64 / e.len() as f64,
+                )
+            };
+            let ((mg, fg), (mb, fb)) = (stats(&eg), stats(&eb));
+            eprintln!(
+                "{what}: GPU vs CPU mean {mg:.2e}, {:.1}% within 1e-3; CPU orders vs each other mean {mb:.2e}, {:.1}%",
+                100.0 * fg,
+                100.0 * fb
+            );
+            assert!(
+                mg <= 2.0 * mb + 1e-5 && fg >= fb - 0.1,
+                "{what}: the GPU disagrees with the CPU more than two CPU orders do"
+            );
+        } else {
+            assert_check2(&what, &eg);
+        }
         x = yc;
     }
 }
@@ -280,9 +304,9 @@ fn blocks_match_the_cpu_at_small_shapes() {
     if gpu("blocks_match_the_cpu_at_small_shapes").is_none() {
         return;
     }
-    let cfg = hadal::demo::demo_config();
+    let cfg = small();
     let tokens: Vec<u32> = (0..300).map(|i| (i * 7919 % 1000) as u32).collect();
-    blocks_teacher_forced(both(&cfg, 7), &tokens, 128, 20);
+    blocks_teacher_forced(both(&cfg, 7), &tokens, 128, 20, None);
 }
 
 #[test]
@@ -309,7 +333,19 @@ fn blocks_match_the_cpu_at_v4_flash_shapes() {
     let cfg = Config::from_json(&v.to_string()).unwrap();
     let tokens: Vec<u32> = (0..640).map(|i| (i * 7919 % 1024) as u32).collect();
     let pair = both_with(&cfg, &|| hadal::demo::synthetic_checkpoint(&cfg, 5));
-    blocks_teacher_forced(pair, &tokens, 512, 8);
+    let reference = Runner::new(
+        Cpu {
+            numerics: hadal::backend::cpu::Numerics::ReferenceShapes,
+        },
+        Model::from_checkpoint(
+            &Cpu::default(),
+            cfg.clone(),
+            hadal::demo::synthetic_checkpoint(&cfg, 5),
+            &|_, _| {},
+        )
+        .unwrap(),
+    );
+    blocks_teacher_forced(pair, &tokens, 512, 8, Some(reference));
 }
 
 #[test]
@@ -317,7 +353,7 @@ fn whole_model_matches_the_cpu() {
     if gpu("whole_model_matches_the_cpu").is_none() {
         return;
     }
-    let cfg = hadal::demo::demo_config();
+    let cfg = small();
     let (cpu, gpu) = both(&cfg, 11);
     let seqs: Vec<Vec<u32>> = (0..3)
         .map(|s| {
@@ -601,5 +637,393 @@ fn a_full_pool_refuses_without_touching_other_sequences() {
             "the other sequence is untouched"
         );
         assert_eq!(b.pos(), 0);
+    }
+}
+
+/// Relative difference of two decoded rows.
+fn row_diff(codec: hadal::state::RowCodec, a: &[u8], b: &[u8]) -> f64 {
+    let d = codec.dim();
+    let (mut x, mut y) = (vec![0f32; d], vec![0f32; d]);
+    codec.decode(a, &mut x);
+    codec.decode(b, &mut y);
+    worst(&rel(&x, &y, d))
+}
+
+/// Where two states of one block first differ: window rows, pending rows, entries.
+fn compare_states(
+    what: &str,
+    cfg: &Config,
+    a: &hadal::state::SeqState,
+    b: &hadal::state::SeqState,
+) -> Vec<String> {
+    use hadal::state::RowCodec;
+    let mut out = Vec::new();
+    let attn = RowCodec::Attention {
+        dim: cfg.head_dim,
+        rope: cfg.qk_rope_head_dim,
+    };
+    let (ba, bb) = (&a.blocks[0], &b.blocks[0]);
+    let cb = attn.bytes();
+    for (slot, (ra, rb)) in ba.window.chunks(cb).zip(bb.window.chunks(cb)).enumerate() {
+        let e = row_diff(attn, ra, rb);
+        if e > 1e-2 {
+            out.push(format!("{what}: window slot {slot} differs by {e:.2e}"));
+            break;
+        }
+    }
+    for (name, ca, cbs, codec) in [
+        ("compressor", &ba.compressor, &bb.compressor, attn),
+        (
+            "indexer",
+            &ba.indexer,
+            &bb.indexer,
+            RowCodec::Index {
+                dim: cfg.index_head_dim,
+            },
+        ),
+    ] {
+        let (Some(x), Some(y)) = (ca, cbs) else {
+            continue;
+        };
+        // Pending rows are f32 projections: compared as whole rows.
+        let pend = |u: &[f32], v: &[f32]| {
+            let n: f64 = u.iter().zip(v).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+            let d: f64 = v.iter().map(|q| (*q as f64).powi(2)).sum();
+            (n / d.max(1e-30)).sqrt()
+        };
+        if x.kv.len() != y.kv.len() || x.prev_kv.len() != y.prev_kv.len() {
+            out.push(format!(
+                "{what} {name}: pending rows {} / {}, overlap rows {} / {}",
+                x.kv.len(),
+                y.kv.len(),
+                x.prev_kv.len(),
+                y.prev_kv.len()
+            ));
+        } else {
+            for (part, e) in [
+                ("pending kv", pend(&x.kv, &y.kv)),
+                ("pending score", pend(&x.score, &y.score)),
+                ("overlap kv", pend(&x.prev_kv, &y.prev_kv)),
+                ("overlap score", pend(&x.prev_score, &y.prev_score)),
+            ] {
+                if e > 1e-5 {
+                    out.push(format!("{what} {name}: {part} differs by {e:.2e}"));
+                }
+            }
+        }
+        // Entries are rounded: an ulp of difference before the rounding may flip one value,
+        // which moves a row by a few 1e-3 at most.
+        let b = codec.bytes();
+        let bad: Vec<String> = (0..x.entries.len.min(y.entries.len))
+            .map(|i| (i, row_diff(codec, x.entries.row(i, b), y.entries.row(i, b))))
+            .filter(|&(_, e)| e > 1e-2)
+            .map(|(i, e)| format!("{i}:{e:.1e}"))
+            .collect();
+        if !bad.is_empty() {
+            out.push(format!(
+                "{what} {name}: {} of {} entries differ ({})",
+                bad.len(),
+                x.entries.len,
+                bad.iter().take(12).cloned().collect::<Vec<_>>().join(" ")
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn compressed_states_match_the_cpu_chunk_by_chunk() {
+    if gpu("compressed_states_match_the_cpu_chunk_by_chunk").is_none() {
+        return;
+    }
+    let cfg = small();
+    let (cpu, gpu) = both(&cfg, 19);
+    let w = cfg.hc_mult * cfg.hidden_size;
+    let tokens: Vec<u32> = (0..420).map(|i| (i * 7919 % 3000) as u32).collect();
+    let x = cpu.model.embed_tokens(&tokens);
+    let mut problems = Vec::new();
+    for layer in 0..cfg.num_hidden_layers {
+        if cfg.ratio(layer) == 0 {
+            continue;
+        }
+        let mut sc = cpu.new_layer_state(layer).unwrap();
+        let mut sg = gpu.new_layer_state(layer).unwrap();
+        let (mut pos, mut errs) = (0, Vec::new());
+        for c in [1usize, 3, 60, 5, 128, 2, 37, 130, 1, 1, 1, 1, 50]
+            .iter()
+            .cycle()
+        {
+            if pos >= tokens.len() {
+                break;
+            }
+            let len = (*c).min(tokens.len() - pos);
+            let xs = &x[pos * w..(pos + len) * w];
+            let t = &tokens[pos..pos + len];
+            let yc = cpu
+                .block_forward(
+                    layer,
+                    xs,
+                    &mut SeqInput {
+                        state: &mut sc,
+                        tokens: t,
+                    },
+                )
+                .unwrap();
+            let yg = gpu
+                .block_forward(
+                    layer,
+                    xs,
+                    &mut SeqInput {
+                        state: &mut sg,
+                        tokens: t,
+                    },
+                )
+                .unwrap();
+            let e = rel(&yg, &yc, w);
+            errs.extend_from_slice(&e);
+            let what = format!(
+                "layer {layer} (ratio {}) after {} tokens (chunk {len}, worst output {:.1e})",
+                cfg.ratio(layer),
+                pos + len,
+                worst(&e)
+            );
+            let d = compare_states(
+                &what,
+                &cfg,
+                &cpu.export_state(&sc).unwrap(),
+                &gpu.export_state(&sg).unwrap(),
+            );
+            for line in &d {
+                eprintln!("{line}");
+            }
+            if !d.is_empty() && problems.len() < 40 {
+                problems.extend(d);
+            }
+            pos += len;
+        }
+        let bad: Vec<String> = errs
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| e > 1e-3)
+            .map(|(i, e)| format!("{i}:{e:.1e}"))
+            .collect();
+        eprintln!(
+            "layer {layer}: {} of {} outputs over 1e-3: {}",
+            bad.len(),
+            errs.len(),
+            bad.iter().take(40).cloned().collect::<Vec<_>>().join(" ")
+        );
+        assert_check2(&format!("layer {layer} outputs"), &errs);
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Drives one component on a device: a batch of one sequence's chunk, `f` run on it, the
+/// state advanced.
+fn on_device<D: Device, T>(
+    dev: &D,
+    seq: &mut hadal::backend::Seq,
+    tokens: &[u32],
+    f: impl FnOnce(&mut D::Batch<'_>) -> T,
+) -> T {
+    let pos = seq.pos();
+    let span = hadal::model::Span {
+        start: 0,
+        len: tokens.len(),
+        pos,
+        prompt_end: 0,
+    };
+    let st = D::state_of(seq).unwrap();
+    let out = {
+        let mut b = dev.batch(tokens.to_vec(), vec![span], vec![st], 1).unwrap();
+        f(&mut b)
+    };
+    seq.advance(tokens.len());
+    out
+}
+
+/// V4-Flash's shapes in a CSA, an HCA and a window block (the given routed experts, a
+/// vocabulary of 1,024, an index top-k of `topk`).
+fn flash_blocks(experts: usize, topk: usize) -> Config {
+    let mut v: serde_json::Value = serde_json::from_str(hadal::demo::FLASH_CONFIG).unwrap();
+    for (k, x) in [
+        ("num_hidden_layers", serde_json::json!(3)),
+        ("compress_ratios", serde_json::json!([4, 128, 0])),
+        ("num_hash_layers", serde_json::json!(0)),
+        ("n_routed_experts", serde_json::json!(experts)),
+        ("vocab_size", serde_json::json!(1024)),
+        ("index_topk", serde_json::json!(topk)),
+        ("num_nextn_predict_layers", serde_json::json!(0)),
+    ] {
+        v[k] = x;
+    }
+    Config::from_json(&v.to_string()).unwrap()
+}
+
+#[test]
+fn synthetic_weights_are_the_same_bytes_on_both_devices() {
+    let Some(cuda) = gpu("synthetic_weights_are_the_same_bytes_on_both_devices") else {
+        return;
+    };
+    let cfg = flash_blocks(8, 64);
+    let mut ck = hadal::demo::synthetic_checkpoint(&cfg, 3);
+    for name in [
+        "layers.0.attn.wq_b.weight",
+        "layers.0.attn.wq_b.scale",
+        "layers.0.ffn.experts.2.w1.weight",
+        "layers.0.ffn.experts.2.w1.scale",
+        "layers.0.attn.compressor.wkv.weight",
+        "layers.0.hc_attn_fn",
+        "embed.weight",
+    ] {
+        let t = ck.take(name).unwrap();
+        assert!(t.data.recipe().is_some(), "{name} is synthetic");
+        let host: Vec<u8> = t.data.to_vec();
+        let m = Matrix {
+            rows: 1,
+            cols: host.len(),
+            storage: Storage::Bf16(t.data.clone()),
+        };
+        let dev = cuda.read_weight(&cuda.weight(m).unwrap()).unwrap();
+        let first = host.iter().zip(&dev).position(|(a, b)| a != b);
+        assert_eq!(first, None, "{name}: first differing byte");
+    }
+}
+
+#[test]
+fn attention_and_moe_alone_match_the_cpu() {
+    if gpu("attention_and_moe_alone_match_the_cpu").is_none() {
+        return;
+    }
+    let cfg = small();
+    components_alone(&cfg, both(&cfg, 23), 300);
+    let cfg = flash_blocks(256, 16);
+    components_alone(
+        &cfg,
+        both_with(&cfg, &|| hadal::demo::synthetic_checkpoint(&cfg, 31)),
+        160,
+    );
+}
+
+/// Attention alone and the MoE alone, fed the same random inputs on both devices, per position.
+fn components_alone(cfg: &Config, (cpu, gpu): (CpuBackend, CudaBackend), n: usize) {
+    let d = cfg.hidden_size;
+    let mut r = Rand(29);
+    let tokens: Vec<u32> = (0..n).map(|i| (i * 7919 % 1000) as u32).collect();
+    let y = r.vec(tokens.len() * d, 1.7);
+    for layer in 0..cfg.num_hidden_layers {
+        let (bc, bg) = (&cpu.model.blocks[layer], &gpu.model.blocks[layer]);
+        let mut sc = cpu.new_layer_state(layer).unwrap();
+        let mut sg = gpu.new_layer_state(layer).unwrap();
+        let (mut pos, mut attn_bad, mut moe_bad, mut route_bad) = (0, vec![], vec![], vec![]);
+        let (mut attn_errs, mut moe_errs) = (Vec::new(), Vec::new());
+        for c in [1usize, 3, 60, 5, 128, 2, 37, 64].iter().cycle() {
+            if pos >= tokens.len() {
+                break;
+            }
+            let len = (*c).min(tokens.len() - pos);
+            let t = &tokens[pos..pos + len];
+            let ys = y[pos * d..(pos + len) * d].to_vec();
+            let ac = on_device(&cpu.dev, &mut sc, t, |b| {
+                bc.attn.forward(&cpu.dev, b, 0, &ys).unwrap()
+            });
+            let yt = gpu.dev.upload(&ys, d).unwrap();
+            let ag = on_device(&gpu.dev, &mut sg, t, |b| {
+                gpu.dev
+                    .download(&bg.attn.forward(&gpu.dev, b, 0, &yt).unwrap())
+                    .unwrap()
+            });
+            attn_errs.extend(rel(&ag, &ac, d));
+            for (i, e) in rel(&ag, &ac, d).iter().enumerate() {
+                if *e > 1e-4 {
+                    attn_bad.push(format!("{}:{e:.1e}", pos + i));
+                }
+            }
+            // The MoE on the same input, with its routing.
+            let mut dummy_c = cpu.new_layer_state(layer).unwrap();
+            let mut dummy_g = gpu.new_layer_state(layer).unwrap();
+            let (mc, rc) = on_device(&cpu.dev, &mut dummy_c, t, |b| {
+                let logits = cpu.dev.linear_plain(&bc.ffn.gate, &ys).unwrap();
+                let route = cpu.dev.route(&bc.ffn, b, logits).unwrap();
+                (bc.ffn.forward(&cpu.dev, b, &ys).unwrap(), route)
+            });
+            let mg = on_device(&gpu.dev, &mut dummy_g, t, |b| {
+                gpu.dev
+                    .download(&bg.ffn.forward(&gpu.dev, b, &yt).unwrap())
+                    .unwrap()
+            });
+            moe_errs.extend(rel(&mg, &mc, d));
+            for (i, e) in rel(&mg, &mc, d).iter().enumerate() {
+                if *e > 1e-4 {
+                    moe_bad.push(format!("{}:{e:.1e}", pos + i));
+                    route_bad.push(format!(
+                        "{}: cpu experts {:?}",
+                        pos + i,
+                        &rc.0[i * cfg.num_experts_per_tok..(i + 1) * cfg.num_experts_per_tok]
+                    ));
+                }
+            }
+            pos += len;
+        }
+        eprintln!(
+            "D = {d}, layer {layer} (ratio {}): attention over 1e-4 at {} positions {:?}; MoE over 1e-4 at {} {:?}; {:?}",
+            cfg.ratio(layer),
+            attn_bad.len(),
+            attn_bad.iter().take(20).collect::<Vec<_>>(),
+            moe_bad.len(),
+            moe_bad.iter().take(20).collect::<Vec<_>>(),
+            route_bad.iter().take(5).collect::<Vec<_>>()
+        );
+        assert_check2(&format!("D = {d}, layer {layer}: attention"), &attn_errs);
+        assert_check2(&format!("D = {d}, layer {layer}: MoE"), &moe_errs);
+    }
+}
+
+/// Prints (asserts nothing about time) the bandwidth each weight format's product reaches at
+/// V4-Flash's shapes, against a device-to-device copy measured here: what `hadal bench`'s decode
+/// numbers decompose into.
+#[test]
+fn linear_bandwidth_report() {
+    let Some(cuda) = gpu("linear_bandwidth_report") else {
+        return;
+    };
+    let copy = cuda.bandwidth().unwrap();
+    let mut r = Rand(37);
+    for (fmt, n, k, copies) in [
+        ("FP8", 32768, 1024, 4),
+        ("FP8", 4096, 8192, 4),
+        ("FP8", 1024, 4096, 16),
+        ("FP4", 2048, 4096, 16),
+        ("FP4", 4096, 2048, 16),
+        ("BF16", 129280, 4096, 1),
+    ] {
+        // Several copies of the matrix, used in turn, so that none is read from the L2.
+        let m = matrix(fmt, n, k, &mut r);
+        let ws: Vec<_> = (0..copies)
+            .map(|_| cuda.weight(m.clone()).unwrap())
+            .collect();
+        let bytes = m.bytes() as f64;
+        for rows in [1usize, 8, 32] {
+            let x = cuda.upload(&r.vec(rows * k, 1.0), k).unwrap();
+            let reps = 20 * copies;
+            for w in &ws {
+                cuda.linear(w, &x).unwrap();
+            }
+            cuda.sync().unwrap();
+            let t = std::time::Instant::now();
+            for i in 0..reps {
+                cuda.linear(&ws[i % copies], &x).unwrap();
+            }
+            cuda.sync().unwrap();
+            let secs = t.elapsed().as_secs_f64() / reps as f64;
+            eprintln!(
+                "{fmt} {n}x{k} ({:.1} MB), {rows} rows: {:.1} us, {:.0} GB/s = {:.1}% of the copy's {:.0} GB/s",
+                bytes / 1e6,
+                secs * 1e6,
+                bytes / secs / 1e9,
+                100.0 * bytes / secs / copy,
+                copy / 1e9
+            );
+        }
     }
 }

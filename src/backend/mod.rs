@@ -321,8 +321,9 @@ impl Seq {
         }
     }
 
-    /// Advances the position after a forward call fed `n` tokens.
-    pub(crate) fn advance(&mut self, n: usize) {
+    /// Advances the position after `n` tokens went through the blocks (what a forward call
+    /// does; needed only by code that drives [`Device`] operations itself).
+    pub fn advance(&mut self, n: usize) {
         match self {
             Seq::Host(s) => s.pos += n,
             Seq::Cuda(s) => s.advance(n),

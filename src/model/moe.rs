@@ -49,7 +49,8 @@ pub enum Routing<D: Device> {
 
 /// The MoE feed-forward of one block.
 pub struct Moe<D: Device> {
-    gate: D::Weight,
+    /// The router's weights, `E x D`.
+    pub gate: D::Weight,
     /// How experts are picked.
     pub routing: Routing<D>,
     /// Routed experts, addressable one by one.

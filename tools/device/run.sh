@@ -61,7 +61,7 @@ while true; do
     tests)
       step tests "$B/cuda_compile" --nocapture
       step tests "$B/cuda" --test-threads=1 --nocapture
-      HADAL_DEVICE=cuda HADAL_GOLDEN_DIR=$PWD/tests/fixtures/tiny-a step golden "$B/golden" --test-threads=1 --nocapture
+      HADAL_DEVICE=cuda HADAL_GOLDEN_VERBOSE=1 HADAL_GOLDEN_DIR=$PWD/tests/fixtures/tiny-a step golden "$B/golden" --test-threads=1 --nocapture
       ;;
     serve)
       step serve serve_test

@@ -208,6 +208,7 @@ mod args {
         pub k: i32,
         pub window: i32,
         pub ratio: i32,
+        pub t0: i32,
         pub scale: f32,
         pub win_off: i64,
         pub table: i64,
@@ -317,6 +318,11 @@ impl Cuda {
         })
     }
 
+    /// A weight's bytes (not its scales), read back.
+    pub fn read_weight(&self, w: &Weight) -> Result<Vec<u8>> {
+        self.gpu.read(w.w.ptr, w.w.bytes)
+    }
+
     /// Bytes held by the decode-state pool, and in use.
     pub fn pool_usage(&self) -> (u64, u64) {
         self.pool.usage()
@@ -369,10 +375,16 @@ impl Cuda {
         Ok(y)
     }
 
-    /// `x W^T` with `x`'s rows as given; `groups` splits W's rows and x's columns.
+    /// `x W^T`; `groups` splits W's rows and x's columns. Without groups, x's values are taken
+    /// as rows of W's width (a `T x M x D` stream into a `D`-wide weight is `T*M` rows).
     fn matmul(&self, w: &Weight, x: &Tensor, groups: usize) -> Result<Tensor> {
-        let (n, k, r) = (w.rows, w.cols, x.rows);
-        if x.cols != k * groups || n % groups != 0 {
+        let (n, k) = (w.rows, w.cols);
+        let (r, xcols) = if groups == 1 && x.cols != k && k > 0 && x.len() % k == 0 {
+            (x.len() / k, k)
+        } else {
+            (x.rows, x.cols)
+        };
+        if xcols != k * groups || n % groups != 0 {
             return Err(Error::Input(format!(
                 "a {}-wide activation into a {n} x {k} weight in {groups} groups",
                 x.cols
@@ -383,56 +395,38 @@ impl Cuda {
             return Ok(y);
         }
         let group_rows = if groups > 1 { n / groups } else { 0 };
-        let sfx = w.fmt.suffix();
-        if r <= 8 && k % w.fmt.chunk() == 0 {
-            // Enough blocks to fill the GPU: split K among warps when the matrix is short.
-            let target = 2 * self.gpu.sms as usize;
-            let mut ks = 1;
-            while ks < 8 && n * ks / 8 < target && 2 * ks * 32 * w.fmt.chunk() <= k {
-                ks *= 2;
-            }
-            self.launch(
-                &format!("gemv_{sfx}"),
-                blocks_1d(n, 8 / ks),
-                256,
-                0,
-                Args::new()
-                    .push(w.w.ptr)
-                    .push(w.scales())
-                    .push(x.buf.ptr)
-                    .push(y.buf.ptr)
-                    .push(n as i32)
-                    .push(k as i32)
-                    .push(r as i32)
-                    .push(x.cols as i32)
-                    .push(n as i32)
-                    .push(group_rows as i32)
-                    .push(ks as i32),
-            )?;
-        } else {
-            if group_rows % 64 != 0 {
-                return Err(Error::Input(format!(
-                    "grouped product with {group_rows} rows a group (not a multiple of 64)"
-                )));
-            }
-            self.launch(
-                &format!("gemm_{sfx}"),
-                (n.div_ceil(64) as u32, r.div_ceil(64) as u32, 1),
-                256,
-                0,
-                Args::new()
-                    .push(w.w.ptr)
-                    .push(w.scales())
-                    .push(x.buf.ptr)
-                    .push(y.buf.ptr)
-                    .push(n as i32)
-                    .push(k as i32)
-                    .push(r as i32)
-                    .push(x.cols as i32)
-                    .push(n as i32)
-                    .push(group_rows as i32),
-            )?;
+        if k % w.fmt.chunk() != 0 {
+            return Err(Error::Input(format!(
+                "a {n} x {k} {:?} weight: the CUDA linear takes widths that are multiples of {}",
+                w.fmt,
+                w.fmt.chunk()
+            )));
         }
+        // Enough blocks to fill the GPU: split K among warps when the matrix is short. The split
+        // depends on the matrix alone, so a row's bits do not depend on the batch.
+        let target = 2 * self.gpu.sms as usize;
+        let mut ks = 1;
+        while ks < 8 && n * ks / 8 < target && 2 * ks * 32 * w.fmt.chunk() <= k {
+            ks *= 2;
+        }
+        self.launch(
+            &format!("gemv_{}", w.fmt.suffix()),
+            blocks_1d(n, 8 / ks),
+            256,
+            0,
+            Args::new()
+                .push(w.w.ptr)
+                .push(w.scales())
+                .push(x.buf.ptr)
+                .push(y.buf.ptr)
+                .push(n as i32)
+                .push(k as i32)
+                .push(r as i32)
+                .push(xcols as i32)
+                .push(n as i32)
+                .push(group_rows as i32)
+                .push(ks as i32),
+        )?;
         Ok(y)
     }
 
@@ -854,6 +848,8 @@ impl Device for Cuda {
         b: &Batch<'_>,
         copies: usize,
     ) -> Result<()> {
+        // The result is the stream: a row per token.
+        (x.rows, x.cols) = (b.t, copies * e.cols);
         self.launch(
             "add_to_copies",
             blocks_1d(x.len(), 256),
@@ -889,7 +885,7 @@ impl Device for Cuda {
         let (m, d) = (hc.dims.m, hc.dims.d);
         Self::check_hc(m)?;
         let mix = self.matmul(&hc.fn_, x, 1)?;
-        let t = x.rows;
+        let t = x.len() / (m * d);
         let y = self.tensor(t, d)?;
         let post = self.tensor(t, m)?;
         let comb = self.tensor(t, m * m)?;
@@ -917,9 +913,10 @@ impl Device for Cuda {
 
     fn hc_post(&self, hc: &HyperConn<Self>, x: &mut Tensor, a: &Tensor, mix: &Mix) -> Result<()> {
         let (m, d) = (hc.dims.m, hc.dims.d);
+        let t = x.len() / (m * d);
         self.launch(
             "hc_post",
-            blocks_1d(x.rows * d, 256),
+            blocks_1d(t * d, 256),
             256,
             0,
             Args::new()
@@ -927,7 +924,7 @@ impl Device for Cuda {
                 .push(a.buf.ptr)
                 .push(mix.post.buf.ptr)
                 .push(mix.comb.buf.ptr)
-                .push(x.rows as i32)
+                .push(t as i32)
                 .push(m as i32)
                 .push(d as i32),
         )
@@ -937,10 +934,11 @@ impl Device for Cuda {
         let (m, d) = (h.dims.m, h.dims.d);
         Self::check_hc(m)?;
         let mix = self.matmul(&h.fn_, x, 1)?;
-        let y = self.tensor(x.rows, d)?;
+        let t = x.len() / (m * d);
+        let y = self.tensor(t, d)?;
         self.launch(
             "hc_head",
-            (x.rows as u32, 1, 1),
+            (t as u32, 1, 1),
             256,
             0,
             Args::new()
@@ -1114,16 +1112,15 @@ impl Device for Cuda {
             None if a.ratio > 0 => b.max_end / a.ratio,
             None => 0,
         };
-        // Many queries fill the GPU by themselves; a few split their keys.
-        let s = if b.t * groups >= 4 * self.gpu.sms as usize {
-            1
-        } else {
-            Self::splits(b.max_end.min(w) + comp_keys)
-        };
-        let om = self.tensor(b.t * h, s)?;
-        let ol = self.tensor(b.t * h, s)?;
-        let oo = self.tensor(b.t * h * s, dh)?;
-        let args = args::Attn {
+        // Every token splits its keys by their own count (attention.cu), so that its result does
+        // not depend on the batch; queries go in chunks that bound the partial results.
+        let s = Self::splits(b.max_end.min(w) + comp_keys);
+        let chunk = ((256usize << 20) / (4 * h * s * dh)).clamp(1, b.t);
+        let out = self.tensor(b.t, h * dh)?;
+        let om = self.tensor(chunk * h, s)?;
+        let ol = self.tensor(chunk * h, s)?;
+        let oo = self.tensor(chunk * h * s, dh)?;
+        let mut args = args::Attn {
             q: q.buf.ptr,
             kv: kvr.buf.ptr,
             picks: picks.map_or(0, |p| p.buf.ptr),
@@ -1139,34 +1136,38 @@ impl Device for Cuda {
             k: picks.map_or(0, |p| p.k as i32),
             window: w as i32,
             ratio: a.ratio as i32,
+            t0: 0,
             scale: (dh as f64).powf(-0.5) as f32,
             win_off: bl.win_off as i64,
             table: bl.comp[0].as_ref().map_or(0, |c| c.table as i64),
             row,
         };
-        self.launch(
-            "attn_partial",
-            (b.t as u32, groups as u32, s as u32),
-            (hg * 32) as u32,
-            0,
-            Args::new().push(args),
-        )?;
-        let out = self.tensor(b.t, h * dh)?;
-        self.launch(
-            "attn_combine",
-            ((b.t * h) as u32, 1, 1),
-            128,
-            0,
-            Args::new()
-                .push(om.buf.ptr)
-                .push(ol.buf.ptr)
-                .push(oo.buf.ptr)
-                .push(a.sink.buf.ptr)
-                .push(out.buf.ptr)
-                .push(h as i32)
-                .push(dh as i32)
-                .push(s as i32),
-        )?;
+        for t0 in (0..b.t).step_by(chunk) {
+            let n = chunk.min(b.t - t0);
+            args.t0 = t0 as i32;
+            self.launch(
+                "attn_partial",
+                (n as u32, groups as u32, s as u32),
+                (hg * 32) as u32,
+                0,
+                Args::new().push(args),
+            )?;
+            self.launch(
+                "attn_combine",
+                ((n * h) as u32, 1, 1),
+                128,
+                0,
+                Args::new()
+                    .push(om.buf.ptr)
+                    .push(ol.buf.ptr)
+                    .push(oo.buf.ptr)
+                    .push(a.sink.buf.ptr)
+                    .push(out.buf.ptr + (4 * t0 * h * dh) as u64)
+                    .push(h as i32)
+                    .push(dh as i32)
+                    .push(s as i32),
+            )?;
+        }
         // The chunk's rows enter the window only after every query read the old ones.
         self.launch(
             "window_store",

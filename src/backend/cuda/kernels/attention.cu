@@ -34,6 +34,7 @@ struct AttnArgs {
     float* ol;           // [T, H, S]
     float* oo;           // [T, H, S, dh]
     int H, dh, S, K, window, ratio;
+    int t0;              // first token of this launch
     float scale;
     long win_off, table;
     RowFmt row;
@@ -57,11 +58,11 @@ __device__ __forceinline__ float key_elem(const AttnArgs& a, const SeqDesc& s, l
     return row_elem(paged_row(s.tables, a.table, e, a.row.bytes), i, a.row);
 }
 
-// Partial softmax of one token (blockIdx.x), a group of heads (one warp each, blockIdx.y), and a
-// slice of its keys (blockIdx.z): running max, sum and weighted values.
+// Partial softmax of one token (t0 + blockIdx.x), a group of heads (one warp each, blockIdx.y),
+// and a slice of its keys (blockIdx.z): running max, sum and weighted values.
 extern "C" __global__ void attn_partial(AttnArgs a) {
     __shared__ float keys[KT][512];
-    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int t = a.t0 + blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nwarps = blockDim.x >> 5;
     int h = blockIdx.y * nwarps + warp;
     const SeqDesc s = a.descs[a.tok_seq[t]];
@@ -112,7 +113,7 @@ extern "C" __global__ void attn_partial(AttnArgs a) {
         }
     }
     if (!live) return;
-    long slot = ((long)t * a.H + h) * a.S + blockIdx.z;
+    long slot = ((long)blockIdx.x * a.H + h) * a.S + blockIdx.z;
 #pragma unroll
     for (int i = 0; i < DPL_MAX; i++)
         if (i < dpl) a.oo[slot * a.dh + lane + 32 * i] = o[i];

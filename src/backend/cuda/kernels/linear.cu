@@ -57,9 +57,12 @@ __device__ __forceinline__ void decode_chunk(const u8* W, const u8* S, long n, l
     (void)CH;
 }
 
-// Y[r, n] = sum_k X[r, g(n) K + k] W[n, k] for r < R <= 8: one warp (or KS warps splitting K)
-// per output, 16-byte weight loads, the weights decoded in registers. g(n) = n / group_rows
-// when group_rows > 0 (the grouped output projection), else 0. Needs K % chunk == 0.
+// Y[r, n] = sum_k X[r, g(n) K + k] W[n, k]: one warp (or KS warps splitting K) per output,
+// 16-byte weight loads decoded in registers and applied to 8 activation rows at a time.
+// g(n) = n / group_rows when group_rows > 0 (the grouped output projection), else 0. Each
+// output is summed in an order that depends on N and K alone (lane chunks, then the warp's
+// butterfly, then the KS partials in order), never on R: a row gets the same bits alone or in
+// any batch. Needs K % chunk == 0.
 template <int FMT>
 __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R,
                      int ldx, int ldy, int group_rows, int KS) {
@@ -71,94 +74,46 @@ __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, 
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int rows_per_block = 8 / KS;
     int n = blockIdx.x * rows_per_block + warp / KS, ks = warp % KS;
-    float acc[8];
+    const float* x = X + (group_rows > 0 && n < N ? (long)(n / group_rows) * K : 0);
+    for (int r0 = 0; r0 < R; r0 += 8) {
+        int rows = R - r0 < 8 ? R - r0 : 8;
+        float acc[8];
 #pragma unroll
-    for (int r = 0; r < 8; r++) acc[r] = 0.0f;
-    if (n < N) {
-        const float* x = X + (group_rows > 0 ? (long)(n / group_rows) * K : 0);
-        for (long k0 = (long)(ks * 32 + lane) * CH; k0 < K; k0 += (long)KS * 32 * CH) {
-            float w[CH];
-            decode_chunk<FMT>(W, S, n, k0, K, lut, w);
+        for (int r = 0; r < 8; r++) acc[r] = 0.0f;
+        if (n < N) {
+            for (long k0 = (long)(ks * 32 + lane) * CH; k0 < K; k0 += (long)KS * 32 * CH) {
+                float w[CH];
+                decode_chunk<FMT>(W, S, n, k0, K, lut, w);
 #pragma unroll
-            for (int r = 0; r < 8; r++) {
-                if (r < R) {
-                    const float4* xr = (const float4*)(x + (long)r * ldx + k0);
-                    float a = 0.0f;
+                for (int r = 0; r < 8; r++) {
+                    if (r < rows) {
+                        const float4* xr = (const float4*)(x + (long)(r0 + r) * ldx + k0);
+                        float a = 0.0f;
 #pragma unroll
-                    for (int i = 0; i < CH / 4; i++) {
-                        float4 v = xr[i];
-                        a = fmaf(w[4 * i], v.x, a);
-                        a = fmaf(w[4 * i + 1], v.y, a);
-                        a = fmaf(w[4 * i + 2], v.z, a);
-                        a = fmaf(w[4 * i + 3], v.w, a);
+                        for (int i = 0; i < CH / 4; i++) {
+                            float4 v = xr[i];
+                            a = fmaf(w[4 * i], v.x, a);
+                            a = fmaf(w[4 * i + 1], v.y, a);
+                            a = fmaf(w[4 * i + 2], v.z, a);
+                            a = fmaf(w[4 * i + 3], v.w, a);
+                        }
+                        acc[r] += a;
                     }
-                    acc[r] += a;
                 }
             }
         }
-    }
 #pragma unroll
-    for (int r = 0; r < 8; r++) {
-        float v = warp_sum(acc[r]);
-        if (lane == 0) part[warp][r] = v;
-    }
-    __syncthreads();
-    if (ks == 0 && n < N && lane < R) {
-        float s = 0.0f;
-        for (int j = 0; j < KS; j++) s += part[warp + j][lane];
-        Y[(long)lane * ldy + n] = s;
-    }
-}
-
-// The same product for any number of rows: 64x64 output tiles, weights decoded into shared
-// memory. group_rows must be a multiple of 64.
-template <int FMT>
-__device__ void gemm(const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R,
-                     int ldx, int ldy, int group_rows) {
-    __shared__ float xs[32][65];
-    __shared__ float ws[32][65];
-    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    long r0 = (long)blockIdx.y * 64;
-    long n0 = (long)blockIdx.x * 64;
-    const float* xg = X + (group_rows > 0 ? (long)(n0 / group_rows) * K : 0);
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-    for (long k0 = 0; k0 < K; k0 += 32) {
-        for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) {
-            int rr = i / 32, kk = i % 32;
-            long k = k0 + kk;
-            long r = r0 + rr, n = n0 + rr;
-            xs[kk][rr] = (r < R && k < K) ? xg[r * ldx + k] : 0.0f;
-            ws[kk][rr] = (n < N && k < K) ? wval(FMT, W, S, n, k, K) : 0.0f;
+        for (int r = 0; r < 8; r++) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0) part[warp][r] = v;
         }
         __syncthreads();
-#pragma unroll 8
-        for (int kk = 0; kk < 32; kk++) {
-            float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                a[i] = xs[kk][ty * 4 + i];
-                b[i] = ws[kk][tx * 4 + i];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-#pragma unroll
-                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        if (ks == 0 && n < N && lane < rows) {
+            float s = 0.0f;
+            for (int j = 0; j < KS; j++) s += part[warp + j][lane];
+            Y[(long)(r0 + lane) * ldy + n] = s;
         }
         __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        long r = r0 + ty * 4 + i;
-        if (r >= R) continue;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            long n = n0 + tx * 4 + j;
-            if (n < N) Y[r * ldy + n] = acc[i][j];
-        }
     }
 }
 
@@ -167,11 +122,6 @@ __device__ void gemm(const u8* W, const u8* S, const float* X, float* Y, int N, 
         const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R, int ldx,      \
         int ldy, int group_rows, int KS) {                                                     \
         gemv<FMT>(W, S, X, Y, N, K, R, ldx, ldy, group_rows, KS);                              \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) gemm_##NAME(                             \
-        const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R, int ldx,      \
-        int ldy, int group_rows) {                                                             \
-        gemm<FMT>(W, S, X, Y, N, K, R, ldx, ldy, group_rows);                                  \
     }
 
 LINEAR_KERNELS(f8, FMT_F8)
