@@ -27,3 +27,33 @@ fn every_kernel_compiles_for_sm90() {
         kernels::nvrtc_version().unwrap()
     );
 }
+
+/// The tensor-core kernels keep everything in registers on Hopper (a spill would put their
+/// per-lane fragments in local memory, on the path every weight byte takes); the older
+/// architecture's conversion path (sm_80) compiles too.
+#[test]
+fn tensor_core_kernels_do_not_spill() {
+    let log = kernels::resources((9, 0)).unwrap_or_else(|e| panic!("{e}"));
+    let mut current = String::new();
+    let mut checked = 0;
+    for line in log.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let rest = &line[i + "Compiling entry function '".len()..];
+            current = rest.split('\'').next().unwrap_or("").to_string();
+        }
+        if current.starts_with("mma_") && line.contains("bytes spill stores") {
+            eprintln!("{current}: {}", line.trim());
+            assert!(
+                line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"),
+                "{current} spills: {line}"
+            );
+            checked += 1;
+        }
+    }
+    let expected = kernels::NAMES
+        .iter()
+        .filter(|n| n.starts_with("mma_"))
+        .count();
+    assert_eq!(checked, expected, "ptxas's report:\n{log}");
+    kernels::compile((8, 0)).unwrap_or_else(|e| panic!("{e}"));
+}

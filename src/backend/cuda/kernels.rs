@@ -19,6 +19,7 @@ pub const SOURCE: &[(&str, &str)] = &[
     ("attention.cu", include_str!("kernels/attention.cu")),
     ("indexer.cu", include_str!("kernels/indexer.cu")),
     ("moe.cu", include_str!("kernels/moe.cu")),
+    ("mma.cu", include_str!("kernels/mma.cu")),
     ("sample.cu", include_str!("kernels/sample.cu")),
     ("state.cu", include_str!("kernels/state.cu")),
 ];
@@ -61,6 +62,22 @@ pub const NAMES: &[&str] = &[
     "experts_up_f32",
     "experts_down_f32",
     "moe_combine",
+    "quant_act",
+    "mma_linear_f8_r1",
+    "mma_linear_f8_r2",
+    "mma_linear_f8_r4",
+    "mma_linear_f8_r8",
+    "mma_linear_f4_r1",
+    "mma_linear_f4_r2",
+    "mma_linear_f4_r4",
+    "mma_experts_up_f8_r1",
+    "mma_experts_down_f8_r1",
+    "mma_experts_up_f8_r4",
+    "mma_experts_down_f8_r4",
+    "mma_experts_up_f4_r1",
+    "mma_experts_down_f4_r1",
+    "mma_experts_up_f4_r4",
+    "mma_experts_down_f4_r4",
     "sample_rows",
     "copy_blocks",
     "fill_random",
@@ -118,10 +135,20 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 
 /// Compiles the kernels to a cubin for `arch` (no GPU needed).
 pub fn compile(arch: (i32, i32)) -> Result<Vec<u8>> {
+    compile_with(arch, &[]).map(|(cubin, _)| cubin)
+}
+
+/// ptxas's report of each kernel's registers, shared memory and spills for `arch`.
+pub fn resources(arch: (i32, i32)) -> Result<String> {
+    compile_with(arch, &["--ptxas-options=-v".into()]).map(|(_, log)| log)
+}
+
+fn compile_with(arch: (i32, i32), extra: &[String]) -> Result<(Vec<u8>, String)> {
     gpu::nvrtc()?;
     let src = CString::new(source()).expect("kernel source has no NUL");
     let name = CString::new("hadal.cu").expect("no NUL");
-    let opts = options(arch);
+    let mut opts = options(arch);
+    opts.extend_from_slice(extra);
     let prog = cudarc::nvrtc::result::create_program(&src, Some(name.as_c_str()))
         .map_err(|e| Error::Device(format!("NVRTC: {e:?}")))?;
     // SAFETY: `prog` is a live program; it is destroyed below whatever happens.
@@ -149,7 +176,7 @@ pub fn compile(arch: (i32, i32)) -> Result<Vec<u8>> {
                 cudarc::nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _)
                     .result()
                     .map_err(|e| Error::Device(format!("nvrtcGetCUBIN: {e:?}")))?;
-                Ok(cubin)
+                Ok((cubin, log))
             }
         }
     };

@@ -257,6 +257,31 @@ mod args {
     }
 
     #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct MmaExperts {
+        pub w1: u64,
+        pub s1: u64,
+        pub w3: u64,
+        pub s3: u64,
+        pub w2: u64,
+        pub s2: u64,
+        pub seg_expert: u64,
+        pub seg_off: u64,
+        pub seg_cnt: u64,
+        pub nseg: u64,
+        pub order: u64,
+        pub xq: u64,
+        pub xs: u64,
+        pub weights: u64,
+        pub out: u64,
+        pub d: i32,
+        pub f: i32,
+        pub k: i32,
+        pub ks: i32,
+        pub limit: f32,
+    }
+
+    #[repr(C)]
     #[derive(Clone, Copy, Default)]
     pub struct SampleParams {
         pub temperature: f32,
@@ -294,12 +319,27 @@ fn reserve() -> usize {
 pub struct Cuda {
     /// The GPU.
     pub gpu: Arc<Gpu>,
+    /// Whether FP8/FP4 linears run on tensor cores (compute capability 8.0 and later, unless
+    /// `HADAL_CUDA_LINEAR=simt` asks for the CUDA-core kernels).
+    pub tensor_cores: bool,
     pool: Arc<Pool>,
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
 }
 
 fn blocks_1d(n: usize, threads: usize) -> (u32, u32, u32) {
     (n.div_ceil(threads).max(1) as u32, 1, 1)
+}
+
+/// How many warps split the inner dimension of an `n x k` tensor-core product: enough for
+/// about 1,024 warps, at most 8, each with at least 256 of `k` in whole blocks of 128. It
+/// depends on the shape alone (never on the batch or the GPU), and fixes the order of the sums.
+fn mma_split(n: usize, k: usize) -> usize {
+    let tiles = n.div_ceil(16);
+    let mut ks = 1;
+    while ks < 8 && tiles * ks < 1024 && k % (256 * ks) == 0 && k / (2 * ks) >= 256 {
+        ks *= 2;
+    }
+    ks
 }
 
 impl Cuda {
@@ -311,7 +351,9 @@ impl Cuda {
     /// Opens CUDA device `n` with the decode-state pool capped at `limit` bytes.
     pub fn with_state_pool(n: usize, limit: Option<u64>) -> Result<Self> {
         let gpu = Gpu::open(n)?;
+        let simt = std::env::var("HADAL_CUDA_LINEAR").is_ok_and(|v| v == "simt");
         Ok(Cuda {
+            tensor_cores: gpu.arch >= (8, 0) && !simt,
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
             gpu,
             layouts: Mutex::new(HashMap::new()),
@@ -371,6 +413,89 @@ impl Cuda {
             256,
             0,
             Args::new().push(x.buf.ptr).push(y.buf.ptr).push(nb as i32),
+        )?;
+        Ok(y)
+    }
+
+    /// `x` as the tensor-core kernels take it: e4m3 codes as f16 and one scale per block of
+    /// 128 (`perm` orders each 8 codes as the FP4 kernels pair them).
+    fn quantize(&self, x: &Tensor, perm: bool) -> Result<(Buf, Buf)> {
+        if x.cols % 128 != 0 {
+            return Err(Error::Input(format!(
+                "an FP8 activation of width {} (not a multiple of 128)",
+                x.cols
+            )));
+        }
+        let nb = x.len() / 128;
+        let q = self.gpu.alloc(2 * x.len().max(1))?;
+        let s = self.gpu.alloc(4 * nb.max(1))?;
+        if nb > 0 {
+            self.launch(
+                "quant_act",
+                blocks_1d(nb, 8),
+                256,
+                0,
+                Args::new()
+                    .push(x.buf.ptr)
+                    .push(q.ptr)
+                    .push(s.ptr)
+                    .push(nb as i32)
+                    .push(perm as i32),
+            )?;
+        }
+        Ok((q, s))
+    }
+
+    /// Whether an FP8/FP4 weight `n x k` goes through the tensor-core kernels.
+    fn mma_takes(&self, w: &Weight) -> bool {
+        self.tensor_cores && w.fmt.quantized() && w.cols % 128 == 0 && w.cols > 0
+    }
+
+    /// `x W^T` on tensor cores for an FP8/FP4 weight, x rounded to FP8 on the way.
+    fn mma_linear(&self, w: &Weight, x: &Tensor) -> Result<Tensor> {
+        let (n, k) = (w.rows, w.cols);
+        if x.len() % k != 0 {
+            return Err(Error::Input(format!(
+                "a {}-wide activation into a {n} x {k} weight",
+                x.cols
+            )));
+        }
+        let r = x.len() / k;
+        let y = self.tensor(r, n)?;
+        if r == 0 {
+            return Ok(y);
+        }
+        let (q, s) = self.quantize(x, w.fmt == Format::F4)?;
+        let ks = mma_split(n, k);
+        // Activation rows per pass (at most 64 for FP8, 32 for FP4, whose wider decode leaves
+        // fewer registers); more rows take more passes over the weight.
+        let widest = if w.fmt == Format::F8 { 8 } else { 4 };
+        let rt = [1usize, 2, 4, 8]
+            .into_iter()
+            .find(|&rt| 8 * rt >= r || rt == widest)
+            .unwrap_or(widest);
+        self.launch(
+            &format!("mma_linear_{}_r{rt}", w.fmt.suffix()),
+            (
+                n.div_ceil(16 * (8 / ks)) as u32,
+                1,
+                r.div_ceil(8 * rt) as u32,
+            ),
+            256,
+            0,
+            Args::new()
+                .push(w.w.ptr)
+                .push(w.scales())
+                .push(q.ptr)
+                .push(s.ptr)
+                .push(y.buf.ptr)
+                .push(n as i32)
+                .push(k as i32)
+                .push(r as i32)
+                .push(k as i32)
+                .push(n as i32)
+                .push(0i32)
+                .push(ks as i32),
         )?;
         Ok(y)
     }
@@ -705,7 +830,9 @@ impl Device for Cuda {
     }
 
     fn linear(&self, w: &Weight, x: &Tensor) -> Result<Tensor> {
-        if w.fmt.quantized() {
+        if self.mma_takes(w) {
+            self.mma_linear(w, x)
+        } else if w.fmt.quantized() {
             self.matmul(w, &self.fake_quant(x)?, 1)
         } else {
             self.matmul(w, x, 1)
@@ -1263,11 +1390,6 @@ impl Device for Cuda {
         if p == 0 {
             return Ok(out);
         }
-        let x = if set.fmt.quantized() {
-            self.fake_quant(y)?
-        } else {
-            self.copy(y)?
-        };
         // seg_expert, seg_off, seg_cnt (E each), nseg, order (P).
         let seg = self.gpu.alloc(4 * (3 * e + 1 + p))?;
         let at = |i: usize| seg.ptr + 4 * i as u64;
@@ -1286,53 +1408,107 @@ impl Device for Cuda {
                 .push(at(3 * e))
                 .push(at(3 * e + 1)),
         )?;
-        let h = self.tensor(p, f)?;
         let tab = |i: usize| set.tables.ptr + (8 * i * e) as u64;
-        let mut a = args::Experts {
-            w1: tab(0),
-            s1: tab(1),
-            w3: tab(2),
-            s3: tab(3),
-            w2: tab(4),
-            s2: tab(5),
-            seg_expert: at(0),
-            seg_off: at(e),
-            seg_cnt: at(2 * e),
-            nseg: at(3 * e),
-            order: at(3 * e + 1),
-            x: x.buf.ptr,
-            h: 0,
-            weights: route.weights.ptr,
-            out: h.buf.ptr,
-            d: d as i32,
-            f: f as i32,
-            k: k as i32,
-            limit: moe.limit,
-        };
-        let sfx = set.fmt.suffix();
         let segs = e.min(p) as u32;
-        self.launch(
-            &format!("experts_up_{sfx}"),
-            (segs, f.div_ceil(8) as u32, 1),
-            256,
-            0,
-            Args::new().push(a),
-        )?;
-        let hq = if set.fmt.quantized() {
-            self.fake_quant(&h)?
-        } else {
-            h
-        };
         let pairs = self.tensor(p, d)?;
-        a.h = hq.buf.ptr;
-        a.out = pairs.buf.ptr;
-        self.launch(
-            &format!("experts_down_{sfx}"),
-            (segs, d.div_ceil(8) as u32, 1),
-            256,
-            0,
-            Args::new().push(a),
-        )?;
+        let h = self.tensor(p, f)?;
+        let sfx = set.fmt.suffix();
+        if self.tensor_cores && set.fmt.quantized() && d % 128 == 0 && f % 128 == 0 {
+            // Whole batches of 32 pairs per expert pay for the wider kernel; its bits are the
+            // same either way.
+            let rt = if p >= 32 * segs as usize { 4 } else { 1 };
+            let perm = set.fmt == Format::F4;
+            let (xq, xs) = self.quantize(y, perm)?;
+            let mut a = args::MmaExperts {
+                w1: tab(0),
+                s1: tab(1),
+                w3: tab(2),
+                s3: tab(3),
+                w2: tab(4),
+                s2: tab(5),
+                seg_expert: at(0),
+                seg_off: at(e),
+                seg_cnt: at(2 * e),
+                nseg: at(3 * e),
+                order: at(3 * e + 1),
+                xq: xq.ptr,
+                xs: xs.ptr,
+                weights: route.weights.ptr,
+                out: h.buf.ptr,
+                d: d as i32,
+                f: f as i32,
+                k: k as i32,
+                ks: mma_split(f, d) as i32,
+                limit: moe.limit,
+            };
+            self.launch(
+                &format!("mma_experts_up_{sfx}_r{rt}"),
+                (segs, f.div_ceil(16 * 8 / a.ks as usize) as u32, 1),
+                256,
+                0,
+                Args::new().push(a),
+            )?;
+            let (hq, hs) = self.quantize(&h, perm)?;
+            a.xq = hq.ptr;
+            a.xs = hs.ptr;
+            a.out = pairs.buf.ptr;
+            a.ks = mma_split(d, f) as i32;
+            self.launch(
+                &format!("mma_experts_down_{sfx}_r{rt}"),
+                (segs, d.div_ceil(16 * 8 / a.ks as usize) as u32, 1),
+                256,
+                0,
+                Args::new().push(a),
+            )?;
+        } else {
+            let x = if set.fmt.quantized() {
+                self.fake_quant(y)?
+            } else {
+                self.copy(y)?
+            };
+            let mut a = args::Experts {
+                w1: tab(0),
+                s1: tab(1),
+                w3: tab(2),
+                s3: tab(3),
+                w2: tab(4),
+                s2: tab(5),
+                seg_expert: at(0),
+                seg_off: at(e),
+                seg_cnt: at(2 * e),
+                nseg: at(3 * e),
+                order: at(3 * e + 1),
+                x: x.buf.ptr,
+                h: 0,
+                weights: route.weights.ptr,
+                out: h.buf.ptr,
+                d: d as i32,
+                f: f as i32,
+                k: k as i32,
+                limit: moe.limit,
+            };
+            self.launch(
+                &format!("experts_up_{sfx}"),
+                (segs, f.div_ceil(8) as u32, 1),
+                256,
+                0,
+                Args::new().push(a),
+            )?;
+            let hq = if set.fmt.quantized() {
+                self.fake_quant(&h)?
+            } else {
+                h
+            };
+            a.h = hq.buf.ptr;
+            a.out = pairs.buf.ptr;
+            self.launch(
+                &format!("experts_down_{sfx}"),
+                (segs, d.div_ceil(8) as u32, 1),
+                256,
+                0,
+                Args::new().push(a),
+            )?;
+        }
         self.launch(
             "moe_combine",
             blocks_1d(route.t * d, 256),

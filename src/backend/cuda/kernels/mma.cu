@@ -1,0 +1,415 @@
+// Tensor-core linears for FP8 and FP4 weights, and the routed experts built on them.
+//
+// An FP8/FP4 linear takes its input rounded to e4m3 in blocks of 128 (the reference's
+// act_quant). Both codes are exact in f16: an e4m3 code as itself, an e2m1 code as its value
+// times 2^-14 (its bits shifted into an f16). So mma.sync's f16 products, accumulated in f32,
+// give each scale block's sum of code products; the block's scales (powers of two) then
+// multiply that partial into the f32 total. Each output is summed the same way whatever the
+// number of activation rows (scale blocks in k order, each from a fixed set of MMAs, a fixed
+// k split decided by the matrix's shape), so a row's bits do not depend on its batch.
+//
+// One warp computes 16 weight rows against up to 8 * RT activation rows. Fragment layout of
+// mma.m16n8k16 (g = lane / 4, t = lane % 4): A registers {row g, row g+8} x {k 2t..2t+1,
+// k 2t+8..2t+9}; B registers k 2t..2t+1 and 2t+8..2t+9 of column g; C rows g and g+8, columns
+// 2t and 2t+1. Within an MMA the k order is free, so each lane feeds the k's its own loads
+// hold, and the activation's k's are placed to match.
+
+// Activations as the MMA kernels take them: the e4m3 codes of each block of 128 as f16, and
+// the block's scale. With `perm`, each group of 8 codes is stored in the order 0 4 1 5 2 6 3 7,
+// the pairing the FP4 kernels decode weights in. One warp a block.
+extern "C" __global__ void quant_act(const float* x, u16* q, float* s, int nblocks, int perm) {
+    int b = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (b >= nblocks) return;
+    float4 v = ((const float4*)(x + (long)b * 128))[lane];
+    float am = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    float sc = fp8_scale(warp_max(am));
+    float c[4] = {v.x, v.y, v.z, v.w};
+    u16* o = q + (long)b * 128 + 8 * (lane >> 1);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float code = round_e4m3(fminf(fmaxf(c[i] / sc, -FP8_MAX), FP8_MAX));
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(code));
+        int e = 4 * (lane & 1) + i;
+        o[perm ? (e < 4 ? 2 * e : 2 * e - 7) : e] = h;
+    }
+    if (lane == 0) s[b] = sc;
+}
+
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 ld_stream32(const void* p) {
+    u32 v;
+    asm volatile("ld.global.nc.L1::evict_first.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint4 ld_cached(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// Four e4m3 bytes as two f16x2 (bytes 0,1 and 2,3; the lower byte in the lower half).
+__device__ __forceinline__ void e4m3x4_f16(u32 w, u32& lo, u32& hi) {
+#if __CUDA_ARCH__ >= 890
+    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.rn.f16x2.e4m3x2 %0, l;\n\t"
+        "cvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+#else
+    // e4m3 bits moved into an f16 give the value times 2^-8; the multiplication restores it.
+    u32 a = __byte_perm(w, 0, 0x4140), b = __byte_perm(w, 0, 0x4342);
+    u32 ha = ((a & 0x007f007fu) << 7) | ((a & 0x00800080u) << 8);
+    u32 hb = ((b & 0x007f007fu) << 7) | ((b & 0x00800080u) << 8);
+    u32 k = 0x5c005c00u;  // 256 in each half
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(ha), "r"(k));
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(hi) : "r"(hb), "r"(k));
+#endif
+}
+
+// e2m1 nibbles i and i+4 of `w` as an f16x2 holding each value times 2^-14 (low half nibble i):
+// the nibble's exponent and mantissa bits land on the f16's, its sign on the sign.
+template <int I>
+__device__ __forceinline__ u32 e2m1_pair(u32 w) {
+    u32 u = w >> (4 * I);
+    return ((u << 9) & 0x0e000e00u) | ((u << 12) & 0x80008000u);
+}
+
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// Where one lane's activation rows are: for tile j, the row it feeds into B (8j + g) and the
+// rows of its two output columns (8j + 2t, 8j + 2t + 1), as offsets of f16 codes into the
+// quantized activations (`q`) and of scales (`s`); -1 where the tile has no such row.
+// (Offsets fit 31 bits: the activations of one call stay below 2^31 values.)
+template <int RT>
+struct LaneRows {
+    int q[RT];
+    int s0[RT], s1[RT];
+};
+
+// Sums of 16 weight rows (from n0) with the lane's activation rows over k in [kb, ke), added
+// into tot[j] (C layout). FP8 weights: 128 x 128 blocks of scales; each lane loads 16 bytes of
+// rows g and g+8 per 64 k, and the activation's 16 codes at the same k.
+template <int RT>
+__device__ void mma_core_f8(const u8* __restrict__ W, const u8* __restrict__ S, int N, int K,
+                            int n0, const u16* __restrict__ xq, const float* __restrict__ xs,
+                            const LaneRows<RT>& rows, int kb, int ke, float (*tot)[4]) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    bool va = n0 + g < N, vb = n0 + g + 8 < N;
+    const u8* wa = W + (long)(n0 + g) * K + 16 * t;
+    const u8* wb = W + (long)(n0 + g + 8) * K + 16 * t;
+    const u8* srow = S + (long)(n0 >> 7) * (K >> 7);
+    uint4 zero = make_uint4(0, 0, 0, 0);
+    uint4 cur[4], nxt[4];
+    cur[0] = va ? ld_stream(wa + kb) : zero;
+    cur[1] = va ? ld_stream(wa + kb + 64) : zero;
+    cur[2] = vb ? ld_stream(wb + kb) : zero;
+    cur[3] = vb ? ld_stream(wb + kb + 64) : zero;
+    for (int k = kb; k < ke; k += 128) {
+        if (k + 128 < ke) {
+            nxt[0] = va ? ld_stream(wa + k + 128) : zero;
+            nxt[1] = va ? ld_stream(wa + k + 192) : zero;
+            nxt[2] = vb ? ld_stream(wb + k + 128) : zero;
+            nxt[3] = vb ? ld_stream(wb + k + 192) : zero;
+        }
+        float sw = e8m0(srow[k >> 7]);
+        float c[RT][4];
+#pragma unroll
+        for (int j = 0; j < RT; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) c[j][q] = 0.0f;
+        // Two halves of 64 k, four MMAs each.
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            u32 A[4][4];
+            const u32* ra = &cur[h].x;
+            const u32* rb = &cur[2 + h].x;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                e4m3x4_f16(ra[i], A[i][0], A[i][2]);
+                e4m3x4_f16(rb[i], A[i][1], A[i][3]);
+            }
+#pragma unroll
+            for (int j = 0; j < RT; j++) {
+                uint4 x0 = zero, x1 = zero;
+                if (rows.q[j] >= 0) {
+                    const u16* p = xq + rows.q[j] + k + 64 * h + 16 * t;
+                    x0 = ld_cached(p);
+                    x1 = ld_cached(p + 8);
+                }
+                u32 xb[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    mma16816(c[j], A[i][0], A[i][1], A[i][2], A[i][3], xb[2 * i], xb[2 * i + 1]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < RT; j++) {
+            float s0 = rows.s0[j] >= 0 ? sw * xs[rows.s0[j] + (k >> 7)] : 0.0f;
+            float s1 = rows.s1[j] >= 0 ? sw * xs[rows.s1[j] + (k >> 7)] : 0.0f;
+            tot[j][0] = fmaf(c[j][0], s0, tot[j][0]);
+            tot[j][1] = fmaf(c[j][1], s1, tot[j][1]);
+            tot[j][2] = fmaf(c[j][2], s0, tot[j][2]);
+            tot[j][3] = fmaf(c[j][3], s1, tot[j][3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) cur[i] = nxt[i];
+    }
+}
+
+// The same for FP4 weights (1 x 32 scales, packed low nibble first): per 128 k each lane loads
+// 4 bytes of rows g and g+8 in each of the four scale blocks, whose two MMAs sum before the
+// row's scale applies; the activation comes in the 0 4 1 5 2 6 3 7 order (quant_act's `perm`).
+template <int RT>
+__device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, int N, int K,
+                            int n0, const u16* __restrict__ xq, const float* __restrict__ xs,
+                            const LaneRows<RT>& rows, int kb, int ke, float (*tot)[4]) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    bool va = n0 + g < N, vb = n0 + g + 8 < N;
+    long half = K >> 1, kq = K >> 5;
+    const u8* wa = W + (long)(n0 + g) * half + 4 * t;
+    const u8* wb = W + (long)(n0 + g + 8) * half + 4 * t;
+    const u8* sa = S + (long)(n0 + g) * kq;
+    const u8* sb = S + (long)(n0 + g + 8) * kq;
+    u32 cur[10], nxt[10];
+    auto load = [&](int k, u32* r) {
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            r[b] = va ? ld_stream32(wa + (k >> 1) + 16 * b) : 0u;
+            r[4 + b] = vb ? ld_stream32(wb + (k >> 1) + 16 * b) : 0u;
+        }
+        r[8] = va ? ld_stream32(sa + (k >> 5)) : 0u;
+        r[9] = vb ? ld_stream32(sb + (k >> 5)) : 0u;
+    };
+    load(kb, cur);
+    for (int k = kb; k < ke; k += 128) {
+        if (k + 128 < ke) load(k + 128, nxt);
+        float x0[RT], x1[RT];
+#pragma unroll
+        for (int j = 0; j < RT; j++) {
+            x0[j] = rows.s0[j] >= 0 ? xs[rows.s0[j] + (k >> 7)] : 0.0f;
+            x1[j] = rows.s1[j] >= 0 ? xs[rows.s1[j] + (k >> 7)] : 0.0f;
+        }
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            u32 x = cur[b], y = cur[4 + b];
+            u32 A0[4] = {e2m1_pair<0>(x), e2m1_pair<0>(y), e2m1_pair<1>(x), e2m1_pair<1>(y)};
+            u32 A1[4] = {e2m1_pair<2>(x), e2m1_pair<2>(y), e2m1_pair<3>(x), e2m1_pair<3>(y)};
+            // The rows' scales of this block, times 2^14 for the codes' offset.
+            float fa = e8m0((cur[8] >> (8 * b)) & 0xff) * 16384.0f;
+            float fb = e8m0((cur[9] >> (8 * b)) & 0xff) * 16384.0f;
+#pragma unroll
+            for (int j = 0; j < RT; j++) {
+                uint4 xv = make_uint4(0, 0, 0, 0);
+                if (rows.q[j] >= 0) xv = ld_cached(xq + rows.q[j] + k + 32 * b + 8 * t);
+                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma16816(c, A0[0], A0[1], A0[2], A0[3], xv.x, xv.y);
+                mma16816(c, A1[0], A1[1], A1[2], A1[3], xv.z, xv.w);
+                tot[j][0] = fmaf(c[0], fa * x0[j], tot[j][0]);
+                tot[j][1] = fmaf(c[1], fa * x1[j], tot[j][1]);
+                tot[j][2] = fmaf(c[2], fb * x0[j], tot[j][2]);
+                tot[j][3] = fmaf(c[3], fb * x1[j], tot[j][3]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 10; i++) cur[i] = nxt[i];
+    }
+}
+
+template <int FMT, int RT>
+__device__ __forceinline__ void mma_core(const u8* W, const u8* S, int N, int K, int n0,
+                                         const u16* xq, const float* xs, const LaneRows<RT>& rows,
+                                         int kb, int ke, float (*tot)[4]) {
+    if (FMT == FMT_F8) mma_core_f8<RT>(W, S, N, K, n0, xq, xs, rows, kb, ke, tot);
+    else mma_core_f4<RT>(W, S, N, K, n0, xq, xs, rows, kb, ke, tot);
+}
+
+// Adds the KS warps' partials of each tile in k order (warp = tile * KS + ks); the first warp
+// of each tile ends with the sums. `part` holds 8 warps x RT x 4 x 32 floats.
+template <int RT>
+__device__ void reduce_splits(float (*tot)[4], float* part, int KS) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (KS > 1) {
+#pragma unroll
+        for (int j = 0; j < RT; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) part[((warp * RT + j) * 4 + c) * 32 + lane] = tot[j][c];
+    }
+    __syncthreads();
+    if (KS > 1 && warp % KS == 0) {
+        for (int s = 1; s < KS; s++)
+#pragma unroll
+            for (int j = 0; j < RT; j++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) tot[j][c] += part[(((warp + s) * RT + j) * 4 + c) * 32 + lane];
+    }
+    __syncthreads();
+}
+
+// Y[r, n] = sum_k X[r, g(n) K + k] W[n, k] for FP8/FP4 W, X given by quant_act (row stride
+// ldq codes, ldq / 128 scales). Grid: x = row blocks of 128 / KS * 16 rows, z = batches of
+// 8 * RT rows; 256 threads, warp = tile * KS + ks with KS in {1, 2, 4, 8} and K % (128 KS) == 0.
+template <int FMT, int RT>
+__device__ void mma_linear(const u8* W, const u8* S, const u16* xq, const float* xs, float* Y,
+                           int N, int K, int R, int ldq, int ldy, int group_rows, int KS) {
+    __shared__ float part[8 * RT * 4 * 32];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int tpb = 8 / KS;
+    int n0 = (blockIdx.x * tpb + warp / KS) * 16, ks = warp % KS;
+    int kslice = K / KS, kb = ks * kslice;
+    int goff = group_rows > 0 ? (n0 / group_rows) * K : 0;
+    int r0 = blockIdx.z * 8 * RT;
+    int lds = ldq >> 7;
+    LaneRows<RT> rows;
+    int rc0[RT], rc1[RT];
+#pragma unroll
+    for (int j = 0; j < RT; j++) {
+        int rq = r0 + 8 * j + g, c0 = r0 + 8 * j + 2 * t, c1 = c0 + 1;
+        rows.q[j] = rq < R ? (int)(rq * ldq + goff) : -1;
+        rows.s0[j] = c0 < R ? (int)(c0 * lds + (goff >> 7)) : -1;
+        rows.s1[j] = c1 < R ? (int)(c1 * lds + (goff >> 7)) : -1;
+        rc0[j] = c0 < R ? c0 : -1;
+        rc1[j] = c1 < R ? c1 : -1;
+    }
+    float tot[RT][4];
+#pragma unroll
+    for (int j = 0; j < RT; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) tot[j][c] = 0.0f;
+    if (n0 < N) mma_core<FMT, RT>(W, S, N, K, n0, xq, xs, rows, kb, kb + kslice, tot);
+    reduce_splits<RT>(tot, part, KS);
+    if (ks != 0 || n0 >= N) return;
+    int na = n0 + g, nb = n0 + g + 8;
+#pragma unroll
+    for (int j = 0; j < RT; j++) {
+        if (rc0[j] >= 0) {
+            if (na < N) Y[(long)rc0[j] * ldy + na] = tot[j][0];
+            if (nb < N) Y[(long)rc0[j] * ldy + nb] = tot[j][2];
+        }
+        if (rc1[j] >= 0) {
+            if (na < N) Y[(long)rc1[j] * ldy + na] = tot[j][1];
+            if (nb < N) Y[(long)rc1[j] * ldy + nb] = tot[j][3];
+        }
+    }
+}
+
+#define MMA_LINEAR(NAME, FMT, RT)                                                              \
+    extern "C" __global__ void __launch_bounds__(256) mma_linear_##NAME##_r##RT(               \
+        const u8* W, const u8* S, const u16* xq, const float* xs, float* Y, int N, int K,      \
+        int R, int ldq, int ldy, int group_rows, int KS) {                                     \
+        mma_linear<FMT, RT>(W, S, xq, xs, Y, N, K, R, ldq, ldy, group_rows, KS);               \
+    }
+
+MMA_LINEAR(f8, FMT_F8, 1)
+MMA_LINEAR(f8, FMT_F8, 2)
+MMA_LINEAR(f8, FMT_F8, 4)
+MMA_LINEAR(f8, FMT_F8, 8)
+MMA_LINEAR(f4, FMT_F4, 1)
+MMA_LINEAR(f4, FMT_F4, 2)
+MMA_LINEAR(f4, FMT_F4, 4)
+
+struct MmaExpertArgs {
+    const u64* w1; const u64* s1;  // per expert: weight and scale addresses
+    const u64* w3; const u64* s3;
+    const u64* w2; const u64* s2;
+    const u32* seg_expert; const u32* seg_off; const u32* seg_cnt; const u32* nseg;
+    const u32* order;
+    const u16* xq; const float* xs;  // quant_act of the tokens [T, D] (up) or of h [P, F] (down)
+    const float* weights;            // [P] routing weights
+    float* out;                      // [P, F] SwiGLU outputs times weights (up), [P, D] (down)
+    int D, F, k, KS;
+    float limit;
+};
+
+// One expert's rows for the (token, expert) pairs routed to it, in batches of 8 * RT pairs.
+// Grid: x = segment (see moe_sort), y = row blocks as mma_linear's.
+template <int FMT, int RT, bool UP>
+__device__ void mma_experts(const MmaExpertArgs& a) {
+    __shared__ float part[(UP ? 2 : 1) * 8 * RT * 4 * 32];
+    u32 sg = blockIdx.x;
+    if (sg >= *a.nseg) return;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    u32 e = a.seg_expert[sg], off = a.seg_off[sg], cnt = a.seg_cnt[sg];
+    int N = UP ? a.F : a.D, K = UP ? a.D : a.F, KS = a.KS;
+    int tpb = 8 / KS;
+    int n0 = (blockIdx.y * tpb + warp / KS) * 16, ks = warp % KS;
+    int kslice = K / KS, kb = ks * kslice;
+    long lds = K >> 7;
+    const u8* W1 = (const u8*)(UP ? a.w1[e] : a.w2[e]);
+    const u8* S1 = (const u8*)(UP ? a.s1[e] : a.s2[e]);
+    const u8* W3 = (const u8*)(UP ? a.w3[e] : 0);
+    const u8* S3 = (const u8*)(UP ? a.s3[e] : 0);
+    for (u32 c = 0; c < cnt; c += 8 * RT) {
+        LaneRows<RT> rows;
+        int pc0[RT], pc1[RT];
+#pragma unroll
+        for (int j = 0; j < RT; j++) {
+            u32 iq = c + 8 * j + g, i0 = c + 8 * j + 2 * t, i1 = i0 + 1;
+            long pq = iq < cnt ? (long)a.order[off + iq] : -1;
+            pc0[j] = i0 < cnt ? (int)a.order[off + i0] : -1;
+            pc1[j] = i1 < cnt ? (int)a.order[off + i1] : -1;
+            long rq = pq < 0 ? -1 : UP ? pq / a.k : pq;
+            long r0 = pc0[j] < 0 ? -1 : UP ? pc0[j] / a.k : pc0[j];
+            long r1 = pc1[j] < 0 ? -1 : UP ? pc1[j] / a.k : pc1[j];
+            rows.q[j] = rq < 0 ? -1 : (int)(rq * K);
+            rows.s0[j] = r0 < 0 ? -1 : (int)(r0 * lds);
+            rows.s1[j] = r1 < 0 ? -1 : (int)(r1 * lds);
+        }
+        float ga[RT][4], ua[RT][4];
+#pragma unroll
+        for (int j = 0; j < RT; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) { ga[j][q] = 0.0f; ua[j][q] = 0.0f; }
+        if (n0 < N) {
+            mma_core<FMT, RT>(W1, S1, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ga);
+            if (UP) mma_core<FMT, RT>(W3, S3, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ua);
+        }
+        reduce_splits<RT>(ga, part, KS);
+        if (UP) reduce_splits<RT>(ua, part + 8 * RT * 4 * 32, KS);
+        if (ks != 0 || n0 >= N) continue;
+        int na = n0 + g, nb = n0 + g + 8;
+#pragma unroll
+        for (int j = 0; j < RT; j++) {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                int p = (q & 1) ? pc1[j] : pc0[j];
+                int n = q < 2 ? na : nb;
+                if (p < 0 || n >= N) continue;
+                if (UP) a.out[(long)p * N + n] = swiglu1(ga[j][q], ua[j][q], a.limit) * a.weights[p];
+                else a.out[(long)p * N + n] = ga[j][q];
+            }
+        }
+    }
+}
+
+#define MMA_EXPERTS(NAME, FMT, RT, MINB)                                                           \
+    extern "C" __global__ void __launch_bounds__(256, MINB) mma_experts_up_##NAME##_r##RT(     \
+        MmaExpertArgs a) {                                                                     \
+        mma_experts<FMT, RT, true>(a);                                                         \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, MINB) mma_experts_down_##NAME##_r##RT(   \
+        MmaExpertArgs a) {                                                                     \
+        mma_experts<FMT, RT, false>(a);                                                        \
+    }
+
+MMA_EXPERTS(f8, FMT_F8, 1, 2)
+MMA_EXPERTS(f8, FMT_F8, 4, 1)
+MMA_EXPERTS(f4, FMT_F4, 1, 2)
+MMA_EXPERTS(f4, FMT_F4, 4, 1)
