@@ -55,6 +55,16 @@ pub enum Event {
     Done(Done),
     /// The job failed.
     Failed(String),
+    /// The device had no room for the job's decode state (HTTP 503: retry later).
+    NoRoom(String),
+}
+
+/// The event that ends a job on error `e`.
+fn failure(e: &crate::error::Error) -> Event {
+    match e {
+        crate::error::Error::OutOfMemory(m) => Event::NoRoom(m.clone()),
+        e => Event::Failed(e.to_string()),
+    }
 }
 
 /// Engine limits.
@@ -211,7 +221,7 @@ fn run(
                 None => match backend.new_state() {
                     Ok(s) => (s, 0),
                     Err(e) => {
-                        let _ = job.events.send(Event::Failed(e.to_string()));
+                        let _ = job.events.send(failure(&e));
                         continue;
                     }
                 },
@@ -267,11 +277,21 @@ fn run(
                 tokens: c,
             })
             .collect();
+        let several = inputs.len() > 1;
         let hidden = match backend.forward(&mut inputs) {
             Ok(h) => h,
+            // A sequence whose state found no room left every state as it was: the youngest
+            // request gives way and the others go on.
+            Err(e @ crate::error::Error::OutOfMemory(_)) if several => {
+                drop(inputs);
+                if let Some(s) = running.pop() {
+                    let _ = s.events.send(failure(&e));
+                }
+                continue;
+            }
             Err(e) => {
                 for s in running.drain(..) {
-                    let _ = s.events.send(Event::Failed(e.to_string()));
+                    let _ = s.events.send(failure(&e));
                 }
                 continue;
             }
@@ -366,5 +386,142 @@ fn run(
             + cache.iter().map(|c| c.state.bytes()).sum::<usize>();
         m.state_bytes.set(bytes as i64);
         m.running.set(running.len() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+
+    use super::*;
+    use crate::backend::cpu::{Cpu, CpuBackend};
+    use crate::backend::{Drawn, Hidden, Runner};
+    use crate::config::Config;
+    use crate::error::{Error, Result};
+    use crate::model::Model;
+    use crate::state::SeqState;
+
+    /// The demo model on the CPU, with a device that holds one sequence's state at a time: a
+    /// forward call over several sequences runs out of room, as a full GPU state pool does
+    /// (before touching any state).
+    struct OneAtATime(CpuBackend);
+
+    impl Backend for OneAtATime {
+        fn name(&self) -> String {
+            self.0.name()
+        }
+        fn config(&self) -> &Config {
+            self.0.config()
+        }
+        fn weight_bytes(&self) -> u64 {
+            self.0.weight_bytes()
+        }
+        fn new_state(&self) -> Result<Seq> {
+            self.0.new_state()
+        }
+        fn new_mtp_state(&self, i: usize) -> Result<Seq> {
+            self.0.new_mtp_state(i)
+        }
+        fn new_layer_state(&self, layer: usize) -> Result<Seq> {
+            self.0.new_layer_state(layer)
+        }
+        fn export_state(&self, seq: &Seq) -> Result<SeqState> {
+            self.0.export_state(seq)
+        }
+        fn import_state(&self, state: &SeqState) -> Result<Seq> {
+            self.0.import_state(state)
+        }
+        fn forward(&self, inputs: &mut [SeqInput]) -> Result<Hidden> {
+            if inputs.len() > 1 {
+                return Err(Error::OutOfMemory("room for one sequence only".into()));
+            }
+            self.0.forward(inputs)
+        }
+        fn mtp_forward(&self, i: usize, h: &Hidden, inputs: &mut [SeqInput]) -> Result<Hidden> {
+            self.0.mtp_forward(i, h, inputs)
+        }
+        fn block_forward(&self, l: usize, x: &[f32], input: &mut SeqInput) -> Result<Vec<f32>> {
+            self.0.block_forward(l, x, input)
+        }
+        fn logits(&self, head: Head, hidden: &Hidden, rows: &[usize]) -> Result<Vec<f32>> {
+            self.0.logits(head, hidden, rows)
+        }
+        fn sample(
+            &self,
+            head: Head,
+            hidden: &Hidden,
+            rows: &[usize],
+            draws: &mut [Draw],
+        ) -> Result<Vec<Drawn>> {
+            self.0.sample(head, hidden, rows, draws)
+        }
+        fn select(&self, parts: &[(&Hidden, Range<usize>)]) -> Result<Hidden> {
+            self.0.select(parts)
+        }
+        fn upload(&self, x: &[f32]) -> Result<Hidden> {
+            self.0.upload(x)
+        }
+        fn download(&self, hidden: &Hidden) -> Result<Vec<f32>> {
+            self.0.download(hidden)
+        }
+        fn forward_profiled(&self, inputs: &mut [SeqInput]) -> Result<(Hidden, Vec<f64>)> {
+            self.0.forward_profiled(inputs)
+        }
+        fn trace_experts(&self, on: bool) {
+            self.0.trace_experts(on)
+        }
+        fn traced_experts(&self) -> Vec<usize> {
+            self.0.traced_experts()
+        }
+        fn bandwidth(&self) -> Result<f64> {
+            self.0.bandwidth()
+        }
+    }
+
+    #[test]
+    fn a_request_without_room_gives_way_and_the_others_go_on() {
+        let cfg = crate::demo::demo_config();
+        let ck = crate::demo::random_checkpoint(&cfg, 3);
+        let model = Model::from_checkpoint(&Cpu::default(), cfg, ck, &|_, _| {}).unwrap();
+        let backend = Arc::new(OneAtATime(Runner::new(Cpu::default(), model)));
+        let engine = spawn(
+            backend,
+            Arc::new(Tokenizer::bundled()),
+            EngineOptions::default(),
+            Arc::new(Metrics::new()),
+        );
+        let params = SamplingParams {
+            max_tokens: 40,
+            ..Default::default()
+        };
+        let mut ends = Vec::new();
+        for s in 0..2u32 {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let prompt = (0..30).map(|i| 100 + 7 * i + s).collect();
+            engine
+                .submit(Job {
+                    prompt,
+                    params: params.clone(),
+                    events: tx,
+                })
+                .unwrap();
+            ends.push(rx);
+        }
+        let last = |mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>| loop {
+            match rx.blocking_recv().expect("the engine ended the job") {
+                Event::Text(_) => continue,
+                e => return e,
+            }
+        };
+        let second = ends.pop().unwrap();
+        let first = ends.pop().unwrap();
+        assert!(
+            matches!(last(second), Event::NoRoom(m) if m.contains("one sequence")),
+            "the younger request is refused"
+        );
+        match last(first) {
+            Event::Done(d) => assert!(d.completion_tokens > 0),
+            e => panic!("the older request goes on: {e:?}"),
+        }
     }
 }

@@ -367,9 +367,20 @@ async fn finish(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> ApiResul
             Event::Text(_) => {}
             Event::Done(d) => return Ok(d),
             Event::Failed(m) => return Err(server_error(m)),
+            Event::NoRoom(m) => return Err(overloaded(m)),
         }
     }
     Err(server_error("the engine stopped".into()))
+}
+
+fn overloaded(message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        kind: "server_error",
+        code: Some("server_overloaded"),
+        param: None,
+        message,
+    }
 }
 
 fn server_error(message: String) -> ApiError {
@@ -533,6 +544,10 @@ async fn chat_completions(
                 out.push(json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}}));
                 out.push(Value::String("[DONE]".into()));
             }
+            Event::NoRoom(m) => {
+                out.push(json!({"error": {"message": m, "type": "server_error", "param": null, "code": "server_overloaded"}}));
+                out.push(Value::String("[DONE]".into()));
+            }
         }
         futures_util::stream::iter(out)
     });
@@ -597,6 +612,10 @@ async fn completions(State(app): State<App>, _h: HeaderMap, body: Body) -> ApiRe
             }
             Event::Failed(m) => vec![
                 json!({"error": {"message": m, "type": "server_error"}}),
+                Value::String("[DONE]".into()),
+            ],
+            Event::NoRoom(m) => vec![
+                json!({"error": {"message": m, "type": "server_error", "code": "server_overloaded"}}),
                 Value::String("[DONE]".into()),
             ],
         };
