@@ -236,6 +236,45 @@ impl RawTensor {
     }
 }
 
+/// What tells one model from another: its configuration and every tensor's name, dtype, shape
+/// and a sample of its bytes, hashed with SHA-256. A base model and its instruct model share a
+/// configuration and shapes but not their bytes; the sample reads a few pages of each tensor,
+/// not the whole checkpoint. Decode states saved to disk carry it, and are refused by a model
+/// with another.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Input(format!("{s:?} is not a model fingerprint (64 hex digits)"));
+        if s.len() != 64 || !s.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(out))
+    }
+}
+
+/// Bytes of each sampled window of a tensor, and windows per tensor.
+const SAMPLE_BYTES: usize = 64;
+const SAMPLES: usize = 4;
+
 /// The tensors of a checkpoint, taken one by one while the model is built.
 pub struct Checkpoint {
     tensors: BTreeMap<String, RawTensor>,
@@ -401,6 +440,33 @@ impl Checkpoint {
                 let _ = self.take(&name);
             }
         }
+    }
+
+    /// The [`Fingerprint`] of this checkpoint (the tensors not yet taken) under `config`
+    /// (its `config.json` as parsed). Synthetic tensors contribute their recipe, so that
+    /// fingerprinting them generates nothing.
+    pub fn fingerprint(&self, config: &impl serde::Serialize) -> Fingerprint {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"hadal model fingerprint 1\0");
+        h.update(serde_json::to_vec(config).unwrap_or_default());
+        for (name, t) in &self.tensors {
+            h.update((name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update(format!("{:?} {:?} {}", t.dtype, t.shape, t.data.len()).as_bytes());
+            match t.data.recipe() {
+                Some(fill) => h.update(format!("{fill:?}").as_bytes()),
+                None => {
+                    let n = t.data.len();
+                    let w = SAMPLE_BYTES.min(n);
+                    for i in 0..SAMPLES {
+                        let at = (n - w) * i / (SAMPLES - 1);
+                        h.update(&t.data[at..at + w]);
+                    }
+                }
+            }
+        }
+        Fingerprint(h.finalize().into())
     }
 
     /// Names of the tensors not yet taken.

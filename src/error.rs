@@ -29,6 +29,14 @@ pub enum Error {
     /// The device has no room for the weights, a sequence's state or a step's activations.
     #[error("out of device memory: {0}")]
     OutOfMemory(String),
+    /// A saved decode state is truncated, corrupt, of another model or of another format.
+    #[error("{}: {reason}", path.display())]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -439,6 +439,8 @@ pub trait Backend: Send + Sync {
     fn config(&self) -> &Config;
     /// Bytes of weights as held on the device.
     fn weight_bytes(&self) -> u64;
+    /// What tells this model from others; saved decode states carry it.
+    fn fingerprint(&self) -> crate::checkpoint::Fingerprint;
     /// A fresh state for one sequence through the main blocks.
     fn new_state(&self) -> Result<Seq>;
     /// A fresh state for MTP block `i`.

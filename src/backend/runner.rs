@@ -170,6 +170,10 @@ impl<D: Device> Backend for Runner<D> {
         self.model.by_format.iter().map(|x| x.1).sum()
     }
 
+    fn fingerprint(&self) -> crate::checkpoint::Fingerprint {
+        self.model.fingerprint
+    }
+
     fn new_state(&self) -> Result<Seq> {
         let cfg = &self.model.cfg;
         Ok(D::seq(self.dev.new_state(cfg, 0..cfg.num_hidden_layers)?))
@@ -201,14 +205,12 @@ impl<D: Device> Backend for Runner<D> {
 
     fn import_state(&self, state: &SeqState) -> Result<Seq> {
         let cfg = &self.model.cfg;
-        let l = cfg.num_hidden_layers;
-        if state.blocks.len() != l {
-            return Err(Error::Input(format!(
-                "a state of {} blocks for a model of {l}",
-                state.blocks.len()
-            )));
-        }
-        Ok(D::seq(self.dev.state_from_host(cfg, state, 0..l)?))
+        state.check(cfg)?;
+        Ok(D::seq(self.dev.state_from_host(
+            cfg,
+            state,
+            0..cfg.num_hidden_layers,
+        )?))
     }
 
     fn forward(&self, inputs: &mut [SeqInput]) -> Result<Hidden> {

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::{Device, Head};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Fingerprint};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::weights::Matrix;
@@ -107,6 +107,8 @@ pub struct Model<D: Device> {
     pub mtp: Vec<Mtp<D>>,
     /// Bytes of tensor data in the checkpoint.
     pub checkpoint_bytes: u64,
+    /// What tells this model from others (see [`Fingerprint`]).
+    pub fingerprint: Fingerprint,
     /// Bytes of weights by format.
     pub by_format: Vec<(&'static str, u64)>,
 }
@@ -135,6 +137,7 @@ impl<D: Device> Model<D> {
             hc_eps: cfg.hc_eps as f32,
             norm_eps: cfg.rms_norm_eps as f32,
         };
+        let fingerprint = ck.fingerprint(&cfg);
         let mut l = Loader::new(dev, ck);
         let embed = l.matrix("embed", v, d)?;
         let head = l.matrix("head", v, d)?;
@@ -162,6 +165,7 @@ impl<D: Device> Model<D> {
             blocks,
             mtp,
             checkpoint_bytes,
+            fingerprint,
             by_format,
             cfg,
         })

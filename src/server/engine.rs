@@ -416,6 +416,9 @@ mod tests {
         fn weight_bytes(&self) -> u64 {
             self.0.weight_bytes()
         }
+        fn fingerprint(&self) -> crate::checkpoint::Fingerprint {
+            self.0.fingerprint()
+        }
         fn new_state(&self) -> Result<Seq> {
             self.0.new_state()
         }

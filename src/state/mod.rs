@@ -11,8 +11,12 @@
 //! e2m1 with one scale per 32. So the state is the compressed size and decoding it gives the
 //! reference's values bit for bit.
 
+pub mod file;
+
 use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
+use crate::error::{Error, Result};
 use crate::quant::{
     e8m0, e8m0_encode, encode_e2m1, encode_e4m3, fp4_scale, fp8_scale, round_e2m1, round_e4m3,
     E2M1, E4M3, FP4_MAX, FP8_MAX, INDEX_FP4_BLOCK, KV_FP8_BLOCK,
@@ -260,6 +264,75 @@ impl SeqState {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.blocks.iter().map(BlockState::bytes).sum()
+    }
+
+    /// Checks that the state has the shape `cfg`'s main blocks give a state at its position
+    /// (window ring, pending compressor rows, compressed entries), so that one read from a
+    /// file or another process cannot mislead a forward pass.
+    pub fn check(&self, cfg: &Config) -> Result<()> {
+        let bad = |what: String| {
+            Err(Error::Input(format!(
+                "a decode state at position {}: {what}",
+                self.pos
+            )))
+        };
+        if self.blocks.len() != cfg.num_hidden_layers {
+            return bad(format!(
+                "{} blocks, the model has {}",
+                self.blocks.len(),
+                cfg.num_hidden_layers
+            ));
+        }
+        let attn = RowCodec::Attention {
+            dim: cfg.head_dim,
+            rope: cfg.qk_rope_head_dim,
+        };
+        let index = RowCodec::Index {
+            dim: cfg.index_head_dim,
+        };
+        let window = if self.pos == 0 {
+            0
+        } else {
+            cfg.sliding_window * attn.bytes()
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            let r = cfg.ratio(i);
+            if b.window.len() != window {
+                return bad(format!(
+                    "block {i}: a window of {} bytes, not {window}",
+                    b.window.len()
+                ));
+            }
+            let comps = [
+                (&b.compressor, r > 0, attn, "attention"),
+                (&b.indexer, r == 4, index, "indexer"),
+            ];
+            for (c, wanted, codec, what) in comps {
+                let c = match (c, wanted) {
+                    (None, false) => continue,
+                    (Some(c), true) => c,
+                    _ => {
+                        return bad(format!(
+                            "block {i} (ratio {r}): its {what} compressor state is {}",
+                            if wanted { "missing" } else { "unexpected" }
+                        ))
+                    }
+                };
+                let (d, overlap) = (codec.dim(), r == 4);
+                let w = if overlap { 2 * d } else { d };
+                let prev = if overlap && self.pos >= r { r * d } else { 0 };
+                let ok = c.kv.len() == (self.pos % r) * w
+                    && c.score.len() == c.kv.len()
+                    && c.prev_kv.len() == prev
+                    && c.prev_score.len() == prev
+                    && c.entries.len == self.pos / r
+                    && c.entries.data.len() == c.entries.len * codec.bytes();
+                if !ok {
+                    return bad(format!("block {i} (ratio {r}): its {what} compressor state does not match the position"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Remembers the current position so that tokens fed afterwards can be undone. The window
