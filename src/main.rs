@@ -180,6 +180,13 @@ enum Cmd {
         /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when one is present).
         #[arg(long, default_value = "auto", value_parser = parse_device)]
         device: DeviceSpec,
+        /// Continue the conversation saved as NAME (`/save NAME`).
+        #[arg(long, value_name = "NAME")]
+        resume: Option<String>,
+        /// Where `/save` and `/load` keep conversations (default:
+        /// `$XDG_DATA_HOME/hadal/chats`, or `~/.local/share/hadal/chats`).
+        #[arg(long, value_name = "DIR")]
+        sessions: Option<PathBuf>,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -259,11 +266,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Decode states saved on disk (`chat`'s `/save`, `serve --state-dir`).
+    State {
+        #[command(subcommand)]
+        cmd: StateCmd,
+    },
     /// Parse a completion (standard input) into an assistant message, printed as JSON.
     Parse {
         /// How the completion was generated.
         #[arg(long, value_enum)]
         thinking_mode: Mode,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCmd {
+    /// What a state file holds, and whether every byte of it checks out (exit 1 if not).
+    Inspect {
+        /// The state file.
+        file: PathBuf,
+        /// A checkpoint directory to compare the file's model with (exit 1 if it differs).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Print the header as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -687,21 +714,64 @@ fn generate_cmd(
 static GENERATING: AtomicBool = AtomicBool::new(false);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Where `hadal chat` keeps saved conversations.
+fn sessions_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(d) = given {
+        return Ok(d);
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .context("no --sessions directory, and neither XDG_DATA_HOME nor HOME is set")?;
+    Ok(data.join("hadal/chats"))
+}
+
+/// The file of a saved conversation: NAME is letters, digits, `.`, `_` and `-`.
+fn session_path(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    anyhow::ensure!(
+        ok,
+        "{name:?}: a conversation's name is letters, digits, '.', '_' and '-'"
+    );
+    Ok(dir.join(format!("{name}.hst")))
+}
+
+const CHAT_COMMANDS: &str =
+    "/think, /nothink, /effort max|high, /save NAME, /load NAME, /clear, /quit";
+
+#[allow(clippy::too_many_arguments)]
 fn chat(
     model: &Path,
     mode: Mode,
     speculative: bool,
     sampling: &SamplingArgs,
     device: DeviceSpec,
+    resume: Option<&str>,
+    sessions: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let params = sampling.params();
     params.validate()?;
+    let sessions = sessions_dir(sessions)?;
     let backend = load_model(model, device)?;
     let backend = &*backend;
     let tok = Tokenizer::for_model(model)?;
-    eprintln!(
-        "Commands: /think, /nothink, /effort max|high, /clear, /quit. Ctrl-C stops an answer."
-    );
+    let mut session = match resume {
+        Some(name) => {
+            let s = ChatSession::load(backend, &session_path(&sessions, name)?)?;
+            eprintln!(
+                "(resumed {name}: {} messages, {} tokens of context)",
+                s.messages.len(),
+                s.context_tokens()
+            );
+            s
+        }
+        None => ChatSession::new(backend, mode.into())?,
+    };
+    eprintln!("Commands: {CHAT_COMMANDS}. Ctrl-C stops an answer.");
     ctrlc::set_handler(|| {
         if GENERATING.load(Ordering::SeqCst) {
             INTERRUPTED.store(true, Ordering::SeqCst);
@@ -710,7 +780,6 @@ fn chat(
         }
     })
     .context("cannot install the Ctrl-C handler")?;
-    let mut session = ChatSession::new(backend, mode.into())?;
     let stdin = std::io::stdin();
     loop {
         eprint!("\n> ");
@@ -742,8 +811,36 @@ fn chat(
                 eprintln!("(reasoning effort {e})");
                 continue;
             }
+            ["/save", name] => {
+                let saved = session_path(&sessions, name).and_then(|p| {
+                    std::fs::create_dir_all(&sessions)
+                        .with_context(|| sessions.display().to_string())?;
+                    Ok((session.save(backend, &p)?, p))
+                });
+                match saved {
+                    Ok((n, p)) => eprintln!("(saved as {name}: {}, {})", p.display(), bytes(n)),
+                    Err(e) => eprintln!("hadal: error: {e:#}"),
+                }
+                continue;
+            }
+            ["/load", name] => {
+                match session_path(&sessions, name)
+                    .and_then(|p| Ok(ChatSession::load(backend, &p)?))
+                {
+                    Ok(s) => {
+                        session = s;
+                        eprintln!(
+                            "(loaded {name}: {} messages, {} tokens of context)",
+                            session.messages.len(),
+                            session.context_tokens()
+                        );
+                    }
+                    Err(e) => eprintln!("hadal: error: {e:#}"),
+                }
+                continue;
+            }
             [c, ..] if c.starts_with('/') => {
-                eprintln!("unknown command {c}; commands: /think, /nothink, /effort max|high, /clear, /quit");
+                eprintln!("unknown command {c}; commands: {CHAT_COMMANDS}");
                 continue;
             }
             _ => {}
@@ -788,6 +885,43 @@ fn chat(
             }
             Err(e) => eprintln!("hadal: error: {e}"),
         }
+    }
+    Ok(())
+}
+
+fn state_inspect(file: &Path, model: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let header = hadal::state::file::verify(file)?;
+    let size = std::fs::metadata(file)
+        .with_context(|| file.display().to_string())?
+        .len();
+    let theirs = match model {
+        Some(dir) => {
+            let cfg = Config::from_file(&Checkpoint::config_path(dir))?;
+            Some(Checkpoint::open(dir)?.fingerprint(&cfg).to_string())
+        }
+        None => None,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&header)?);
+    } else {
+        let from = model.map(|d| d.display().to_string()).unwrap_or_default();
+        print!(
+            "{}",
+            hadal::state::inspect::report(
+                &header,
+                size,
+                theirs.as_deref().map(|fp| (fp, from.as_str()))
+            )
+        );
+    }
+    if let (Some(fp), Some(dir)) = (&theirs, model) {
+        anyhow::ensure!(
+            *fp == header.model,
+            "{}: a state of another model than {} ({} vs {fp})",
+            file.display(),
+            dir.display(),
+            header.model
+        );
     }
     Ok(())
 }
@@ -1116,6 +1250,9 @@ fn main() -> ExitCode {
             tokenizer.as_deref(),
         ),
         Cmd::Parse { thinking_mode } => parse_cmd(*thinking_mode),
+        Cmd::State {
+            cmd: StateCmd::Inspect { file, model, json },
+        } => state_inspect(file, model.as_deref(), *json),
         Cmd::Bench {
             model,
             config,
@@ -1178,7 +1315,17 @@ fn main() -> ExitCode {
             speculative,
             sampling,
             device,
-        } => chat(model, *thinking_mode, *speculative, sampling, *device),
+            resume,
+            sessions,
+        } => chat(
+            model,
+            *thinking_mode,
+            *speculative,
+            sampling,
+            *device,
+            resume.as_deref(),
+            sessions.clone(),
+        ),
         Cmd::Demo {
             max_tokens,
             seed,

@@ -5,6 +5,10 @@
 //! `drop_thinking = false`), so a long conversation is prefilled once. When the rendering does
 //! change (thinking mode or effort switched), the turn starts over with a fresh prefill.
 
+use std::path::Path;
+
+use serde_json::json;
+
 use crate::backend::{Backend, Seq};
 use crate::chat::parse::{Delta, Parsed, StreamParser};
 use crate::chat::{encode, Effort, Message, Options, ThinkingMode};
@@ -23,6 +27,8 @@ pub struct ChatSession {
     /// Reasoning effort.
     pub effort: Option<Effort>,
     state: Seq,
+    /// The tokens the state holds.
+    tokens: Vec<u32>,
     /// Text of the tokens the state holds followed by `unfed`.
     held: String,
     /// Generated tokens the state has not consumed yet.
@@ -60,6 +66,7 @@ impl ChatSession {
             mode,
             effort: None,
             state: backend.new_state()?,
+            tokens: Vec::new(),
             held: String::new(),
             unfed: Vec::new(),
         })
@@ -111,6 +118,7 @@ impl ChatSession {
         let restarted = self.held.is_empty() || !text.starts_with(&self.held);
         let feed = if restarted {
             self.state = backend.new_state()?;
+            self.tokens.clear();
             tok.encode(&text)?
         } else {
             let mut f = std::mem::take(&mut self.unfed);
@@ -163,7 +171,10 @@ impl ChatSession {
         }
         msg.error = sp.error.take();
         let generated = tok.decode(&c.tokens)?;
-        let consumed = (self.state.pos() - before).saturating_sub(feed.len());
+        let fed = self.state.pos() - before;
+        self.tokens
+            .extend(feed.iter().chain(&c.tokens).take(fed).copied());
+        let consumed = fed.saturating_sub(feed.len());
         self.unfed = c.tokens[consumed.min(c.tokens.len())..].to_vec();
         self.held = format!("{text}{generated}");
         self.messages = msgs;
@@ -173,6 +184,85 @@ impl ChatSession {
             completion: c,
             parsed: msg,
             restarted,
+        })
+    }
+
+    /// Saves the conversation (messages, mode, effort, and the decode state with the tokens
+    /// it holds) to `path`, atomically; returns the file's size.
+    pub fn save(&self, backend: &dyn Backend, path: &Path) -> Result<u64> {
+        let extra = json!({"chat": {
+            "messages": self.messages,
+            "mode": match self.mode {
+                ThinkingMode::Chat => "chat",
+                ThinkingMode::Thinking => "thinking",
+            },
+            "effort": self.effort.map(|e| match e {
+                Effort::High => "high",
+                Effort::Max => "max",
+            }),
+            "held": self.held,
+            "unfed": self.unfed,
+        }});
+        let exported;
+        let state = match &self.state {
+            Seq::Host(s) => s,
+            other => {
+                exported = backend.export_state(other)?;
+                &exported
+            }
+        };
+        crate::state::file::write(
+            path,
+            &crate::state::file::Saved {
+                model: backend.fingerprint(),
+                tokens: &self.tokens,
+                state,
+                prompt: None,
+                extra,
+            },
+        )
+    }
+
+    /// A conversation saved by [`ChatSession::save`]; a file of another model, or damaged, is
+    /// refused.
+    pub fn load(backend: &dyn Backend, path: &Path) -> Result<Self> {
+        let f = crate::state::file::read(path, Some(&backend.fingerprint()))?;
+        let bad = |what: &str| Error::State {
+            path: path.to_path_buf(),
+            reason: format!("not a saved chat ({what})"),
+        };
+        let c = f
+            .header
+            .extra
+            .get("chat")
+            .ok_or_else(|| bad("no conversation"))?;
+        let messages: Vec<Message> =
+            serde_json::from_value(c["messages"].clone()).map_err(|_| bad("messages"))?;
+        let mode = match c["mode"].as_str() {
+            Some("chat") => ThinkingMode::Chat,
+            Some("thinking") => ThinkingMode::Thinking,
+            _ => return Err(bad("mode")),
+        };
+        let effort = match c["effort"].as_str() {
+            None => None,
+            Some("high") => Some(Effort::High),
+            Some("max") => Some(Effort::Max),
+            Some(_) => return Err(bad("effort")),
+        };
+        let held = c["held"].as_str().ok_or_else(|| bad("text"))?.to_string();
+        let unfed: Vec<u32> =
+            serde_json::from_value(c["unfed"].clone()).map_err(|_| bad("pending tokens"))?;
+        if f.tokens.len() != f.state.pos {
+            return Err(bad("token count"));
+        }
+        Ok(ChatSession {
+            messages,
+            mode,
+            effort,
+            state: backend.import_state(&f.state)?,
+            tokens: f.tokens,
+            held,
+            unfed,
         })
     }
 }

@@ -312,3 +312,109 @@ fn demo_runs_out_of_the_box() {
         assert!(s.contains(line), "{line} missing from {s}");
     }
 }
+
+fn chat(model: &Path, sessions: &Path, extra: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hadal"))
+        .args([
+            "chat",
+            "--model",
+            p(model),
+            "--sessions",
+            p(sessions),
+            "--device",
+            "cpu",
+        ])
+        .args(["--max-tokens", "4"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `/save` in one chat process, `--resume` in the next: the conversation goes on without a
+/// new prefill of its history; `state inspect` describes the file, and refuses a damaged one
+/// or another model's.
+#[test]
+fn chat_saves_and_resumes_and_state_inspect_checks_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, other, sessions) = (
+        dir.path().join("m"),
+        dir.path().join("o"),
+        dir.path().join("chats"),
+    );
+    hadal::demo::write_random_checkpoint(&model, &hadal::demo::demo_config(), 3).unwrap();
+    hadal::demo::write_random_checkpoint(&other, &hadal::demo::demo_config(), 4).unwrap();
+    let out = chat(
+        &model,
+        &sessions,
+        &[],
+        "Hello there\n/save first\n/save ../x\n/quit\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(saved as first:"), "{err}");
+    assert!(err.contains("a conversation's name is letters"), "{err}");
+    let file = sessions.join("first.hst");
+
+    let out = chat(&model, &sessions, &["--resume", "first"], "And then?\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(resumed first: 2 messages"), "{err}");
+    let prefilled: usize = err
+        .split('[')
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no turn report: {err}"));
+    assert!(
+        prefilled < 20 && !err.contains("whole conversation"),
+        "{err}"
+    );
+
+    let out = hadal(&["state", "inspect", p(&file), "--model", p(&model)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "every checksum matches",
+        "(the model in",
+        "a chat: 2 messages",
+        "blocks      4:",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    assert_fails(
+        &hadal(&["state", "inspect", p(&file), "--model", p(&other)]),
+        "a state of another model",
+    );
+    // (After the model's load line.)
+    let out = chat(&other, &sessions, &["--resume", "first"], "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("hadal: error: ") && last.contains("not of the loaded model"),
+        "{err}"
+    );
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    let bad = dir.path().join("bad.hst");
+    std::fs::write(&bad, &bytes).unwrap();
+    assert_fails(&hadal(&["state", "inspect", p(&bad)]), "corrupt");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails(&hadal(&["state", "inspect", p(&bad)]), "truncated");
+}

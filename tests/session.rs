@@ -116,3 +116,54 @@ fn second_turn_reuses_the_state() {
         .unwrap();
     assert!(t3.restarted);
 }
+
+/// A conversation saved after a turn and loaded by another process's model continues exactly
+/// as the original does, without prefilling the conversation again; a saved chat of another
+/// model is refused.
+#[test]
+fn a_saved_conversation_continues_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    hadal::demo::write_random_checkpoint(dir.path(), &hadal::demo::demo_config(), 5).unwrap();
+    let backend = CpuBackend::open(dir.path()).unwrap();
+    let tok = Tokenizer::for_model(dir.path()).unwrap();
+    let params = SamplingParams {
+        max_tokens: 6,
+        ..Default::default()
+    };
+    let opts = TurnOptions {
+        params: &params,
+        speculative: false,
+        prefill: Prefill::default(),
+    };
+    let mut s = ChatSession::new(&backend, ThinkingMode::Thinking).unwrap();
+    s.turn(&backend, &tok, "Hello there", opts, |_| true)
+        .unwrap();
+    let path = dir.path().join("chat.hst");
+    s.save(&backend, &path).unwrap();
+
+    let reopened = CpuBackend::open(dir.path()).unwrap();
+    let mut r = ChatSession::load(&reopened, &path).unwrap();
+    assert_eq!(r.messages, s.messages);
+    assert_eq!(r.transcript(), s.transcript());
+    assert_eq!(r.context_tokens(), s.context_tokens());
+    let a = s.turn(&backend, &tok, "And then?", opts, |_| true).unwrap();
+    let b = r
+        .turn(&reopened, &tok, "And then?", opts, |_| true)
+        .unwrap();
+    assert!(
+        !b.restarted,
+        "the loaded conversation prefilled itself again"
+    );
+    assert_eq!(b.prefilled, a.prefilled);
+    assert_eq!(b.completion.tokens, a.completion.tokens);
+    assert_eq!(r.messages, s.messages);
+
+    let other = tempfile::tempdir().unwrap();
+    hadal::demo::write_random_checkpoint(other.path(), &hadal::demo::demo_config(), 6).unwrap();
+    let foreign = CpuBackend::open(other.path()).unwrap();
+    let err = match ChatSession::load(&foreign, &path) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a chat of another model was loaded"),
+    };
+    assert!(err.contains("not of the loaded model"), "{err}");
+}

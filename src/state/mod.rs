@@ -12,6 +12,7 @@
 //! reference's values bit for bit.
 
 pub mod file;
+pub mod inspect;
 
 use serde::{Deserialize, Serialize};
 
