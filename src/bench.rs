@@ -532,3 +532,128 @@ fn kinds(m: &BTreeMap<String, f64>) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// One state-file measurement: a synthetic decode state of a whole model written to disk
+/// (synced) and read back (from the disk, then from the page cache), checked equal; times are
+/// medians of three runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct StateIo {
+    /// Tokens the state holds.
+    pub context: usize,
+    /// Bytes of the file.
+    pub bytes: u64,
+    /// Seconds to write and sync it.
+    pub write_secs: f64,
+    /// Seconds to read and check it with the file out of the page cache (none where the OS
+    /// cannot be asked to drop it).
+    pub read_disk_secs: Option<f64>,
+    /// Seconds to read and check it from the page cache.
+    pub read_cached_secs: f64,
+}
+
+/// Asks the OS to drop a file's pages from its cache (they are clean after a sync).
+fn drop_cached(path: &std::path::Path) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if let Ok(f) = std::fs::File::open(path) {
+            // SAFETY: a plain advice call on an open descriptor.
+            return unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }
+                == 0;
+        }
+    }
+    let _ = path;
+    false
+}
+
+/// Writes and reads back a state file in `dir` for each context of `cfg`'s whole model, three
+/// times; each time is the median of the three.
+pub fn state_io(
+    cfg: &Config,
+    contexts: &[usize],
+    dir: &std::path::Path,
+    seed: u64,
+) -> Result<Vec<StateIo>> {
+    use crate::checkpoint::Fingerprint;
+    use crate::state::file;
+    const REPEATS: usize = 3;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut out = Vec::new();
+    let model = Fingerprint([0; 32]);
+    for &ctx in contexts {
+        let state = synthetic_state(cfg, ctx, seed);
+        let tokens: Vec<u32> = (0..ctx as u32).collect();
+        let path = dir.join(format!("hadal-bench-{}-{ctx}.hst", std::process::id()));
+        let (mut w, mut rd, mut rc) = (Vec::new(), Vec::new(), Vec::new());
+        let mut bytes = 0;
+        for _ in 0..REPEATS {
+            let t = Instant::now();
+            bytes = file::write(
+                &path,
+                &file::Saved {
+                    model,
+                    tokens: &tokens,
+                    state: &state,
+                    prompt: None,
+                    extra: serde_json::Value::Null,
+                },
+            )?;
+            w.push(t.elapsed().as_secs_f64());
+            let read = || -> Result<f64> {
+                let t = Instant::now();
+                let back = file::read(&path, Some(&model))?;
+                let secs = t.elapsed().as_secs_f64();
+                if back.state != state || back.tokens != tokens {
+                    return Err(Error::Input(format!(
+                        "{}: the state read back differs from the one written",
+                        path.display()
+                    )));
+                }
+                Ok(secs)
+            };
+            if drop_cached(&path) {
+                rd.push(read()?);
+            }
+            rc.push(read()?);
+        }
+        let _ = std::fs::remove_file(&path);
+        out.push(StateIo {
+            context: ctx,
+            bytes,
+            write_secs: median(w),
+            read_disk_secs: (!rd.is_empty()).then(|| median(rd)),
+            read_cached_secs: median(rc),
+        });
+    }
+    Ok(out)
+}
+
+/// The state-file measurements as a table.
+pub fn render_state_io(rows: &[StateIo], dir: &std::path::Path) -> String {
+    use crate::inspect::bytes;
+    let gbs = |b: u64, s: f64| b as f64 / s / 1e9;
+    let mut o = format!(
+        "state files in {}: written (synced) and read back (checked)\n{:>9}  {:>10}  {:>16}  {:>16}  {:>16}\n",
+        dir.display(),
+        "context",
+        "file",
+        "write GB/s",
+        "read disk GB/s",
+        "read cache GB/s"
+    );
+    for r in rows {
+        o += &format!(
+            "{:>9}  {:>10}  {:>16.2}  {:>16}  {:>16.2}\n",
+            r.context,
+            bytes(r.bytes),
+            gbs(r.bytes, r.write_secs),
+            r.read_disk_secs
+                .map_or("-".into(), |s| format!("{:.2}", gbs(r.bytes, s))),
+            gbs(r.bytes, r.read_cached_secs),
+        );
+    }
+    o
+}

@@ -222,6 +222,14 @@ enum Cmd {
         /// Finished conversations kept for prefix reuse.
         #[arg(long, default_value_t = 8)]
         prefix_cache: usize,
+        /// Also keep finished conversations' decode states in this directory, across
+        /// restarts (created if missing).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Bytes of state files `--state-dir` keeps (`500M`, `64G`); the least recently used
+        /// go first.
+        #[arg(long, default_value = "64G", value_parser = parse_bytes, requires = "state_dir")]
+        state_dir_bytes: u64,
         /// max_tokens of requests that give none.
         #[arg(long, default_value_t = 4096)]
         default_max_tokens: usize,
@@ -262,6 +270,13 @@ enum Cmd {
         /// Seed of the synthetic weights, states and tokens.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Measure state files instead: the whole model's decode state at each context
+        /// written to disk (synced) and read back (no weights loaded).
+        #[arg(long)]
+        state_io: bool,
+        /// Where `--state-io` writes (default: the system's temporary directory).
+        #[arg(long, value_name = "DIR", requires = "state_io")]
+        state_dir: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -983,6 +998,22 @@ fn parse_cmd(mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses a byte count with an optional `K`, `M`, `G` or `T` suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("{s:?} is not a byte count (e.g. 500M, 64G)"))
+}
+
 /// Parses a token count with an optional `K` (1024) or `M` (1024^2) suffix.
 fn parse_tokens(s: &str) -> Result<usize, String> {
     let t = s.trim();
@@ -1128,6 +1159,30 @@ fn bench_cmd(
     Ok(())
 }
 
+fn state_io_cmd(
+    model: Option<&Path>,
+    config: Option<&Path>,
+    contexts: &[usize],
+    dir: Option<PathBuf>,
+    seed: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let path = match (model, config) {
+        (Some(m), _) => Checkpoint::config_path(m),
+        (None, Some(c)) => c.to_path_buf(),
+        (None, None) => bail!("--model or --config is needed"),
+    };
+    let cfg = Config::from_file(&path)?;
+    let dir = dir.unwrap_or_else(std::env::temp_dir);
+    let rows = hadal::bench::state_io(&cfg, contexts, &dir, seed)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", hadal::bench::render_state_io(&rows, &dir));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn score_cmd(
     model: Option<&Path>,
@@ -1256,6 +1311,23 @@ fn main() -> ExitCode {
         Cmd::Bench {
             model,
             config,
+            context,
+            seed,
+            state_io: true,
+            state_dir,
+            json,
+            ..
+        } => state_io_cmd(
+            model.as_deref(),
+            config.as_deref(),
+            context,
+            state_dir.clone(),
+            *seed,
+            *json,
+        ),
+        Cmd::Bench {
+            model,
+            config,
             layers,
             device,
             context,
@@ -1265,6 +1337,7 @@ fn main() -> ExitCode {
             prefill_chunk,
             seed,
             json,
+            ..
         } => bench_cmd(
             model.as_deref(),
             config.as_deref(),
@@ -1291,6 +1364,8 @@ fn main() -> ExitCode {
             max_batch_tokens,
             max_queue,
             prefix_cache,
+            state_dir,
+            state_dir_bytes,
             default_max_tokens,
             device,
         } => serve_cmd(
@@ -1305,6 +1380,12 @@ fn main() -> ExitCode {
                 max_batch_tokens: *max_batch_tokens,
                 max_queue: *max_queue,
                 cache_entries: *prefix_cache,
+                disk: state_dir
+                    .clone()
+                    .map(|dir| hadal::server::disk::DiskOptions {
+                        dir,
+                        max_bytes: *state_dir_bytes,
+                    }),
             },
             *default_max_tokens,
             *device,

@@ -71,3 +71,99 @@ fn openai_client_drives_the_server() {
     assert!(out.status.success(), "server checks failed:\n{log}");
     assert!(log.contains("all server checks passed"));
 }
+
+fn p(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns the status and the body.
+fn http(url: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1);
+    // A chunked body (the metrics) comes back with its chunk sizes, which the checks ignore.
+    (status, body.to_string())
+}
+
+fn chat(url: &str, messages: serde_json::Value) -> serde_json::Value {
+    let req =
+        serde_json::json!({"model": "m", "messages": messages, "max_tokens": 8, "temperature": 0});
+    let (status, body) = http(url, "POST", "/v1/chat/completions", Some(&req));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn metric(url: &str, name: &str) -> f64 {
+    let (_, text) = http(url, "GET", "/metrics", None);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// Waits (up to 5 s) for a counter to reach 1: state files are written after the response, on
+/// a thread of their own.
+fn wait_for(url: &str, name: &str) {
+    for _ in 0..200 {
+        if metric(url, name) >= 1.0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}
+
+/// A server restarted on the same `--state-dir` answers a resent conversation from the state
+/// its predecessor left on disk, with the output a fresh prefill gives; damaged files there
+/// are skipped, and a state directory that disappears only stops the writes.
+#[test]
+fn state_dir_keeps_conversations_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, states) = (dir.path().join("m"), dir.path().join("states"));
+    hadal::demo::write_random_checkpoint(&model, &hadal::demo::demo_config(), 3).unwrap();
+    let s = p(&states).to_string();
+    let first = [serde_json::json!({"role": "user", "content": "Hello there"})];
+    let before = {
+        let a = Server::start(&model, &["--state-dir", &s]);
+        let r = chat(&a.url, serde_json::json!(first));
+        wait_for(&a.url, "hadal_state_disk_writes_total");
+        assert_eq!(metric(&a.url, "hadal_state_disk_writes_total"), 1.0);
+        r
+    };
+    std::fs::write(states.join("junk.hst"), b"HADALST\nnot really").unwrap();
+    let again = serde_json::json!([
+        first[0],
+        {"role": "assistant", "content": before["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "And then?"},
+    ]);
+    let fresh = Server::start(&model, &[]);
+    let want = chat(&fresh.url, again.clone());
+    let b = Server::start(&model, &["--state-dir", &s]);
+    assert_eq!(metric(&b.url, "hadal_state_disk_read_errors_total"), 1.0);
+    let got = chat(&b.url, again.clone());
+    assert_eq!(got["choices"], want["choices"]);
+    let cached = &got["usage"]["prompt_tokens_details"]["cached_tokens"];
+    let prompt1 = before["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached.as_u64().unwrap() >= prompt1, "{got}");
+    assert_eq!(metric(&b.url, "hadal_state_disk_hits_total"), 1.0);
+
+    // The directory goes away: requests still succeed; the writes fail and are counted.
+    wait_for(&b.url, "hadal_state_disk_writes_total");
+    std::fs::remove_dir_all(&states).unwrap();
+    let r = chat(
+        &b.url,
+        serde_json::json!([{"role": "user", "content": "Something else"}]),
+    );
+    assert!(r["choices"][0]["message"].is_object());
+    wait_for(&b.url, "hadal_state_disk_write_errors_total");
+    assert_eq!(metric(&b.url, "hadal_state_disk_write_errors_total"), 1.0);
+}

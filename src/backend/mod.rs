@@ -96,6 +96,15 @@ pub trait Device: Sized + Send + Sync + 'static {
         s: &SeqState,
         blocks: Range<usize>,
     ) -> Result<Self::State>;
+    /// [`Device::state_from_host`] consuming the plain state (no copy on the host).
+    fn state_from_host_owned(
+        &self,
+        cfg: &Config,
+        s: SeqState,
+        blocks: Range<usize>,
+    ) -> Result<Self::State> {
+        self.state_from_host(cfg, &s, blocks)
+    }
     /// Wraps a state.
     fn seq(s: Self::State) -> Seq;
     /// The state inside a [`Seq`], or an error if it lives on another device.
@@ -451,6 +460,8 @@ pub trait Backend: Send + Sync {
     fn export_state(&self, seq: &Seq) -> Result<SeqState>;
     /// A plain state for the main blocks taken onto this device.
     fn import_state(&self, state: &SeqState) -> Result<Seq>;
+    /// [`Backend::import_state`] consuming the plain state (a host device keeps it as is).
+    fn adopt_state(&self, state: SeqState) -> Result<Seq>;
     /// Runs the main blocks over a batch of sequence chunks, advancing their states; returns
     /// the final stream of every token, in input order.
     fn forward(&self, inputs: &mut [SeqInput]) -> Result<Hidden>;

@@ -213,6 +213,16 @@ impl<D: Device> Backend for Runner<D> {
         )?))
     }
 
+    fn adopt_state(&self, state: SeqState) -> Result<Seq> {
+        let cfg = &self.model.cfg;
+        state.check(cfg)?;
+        Ok(D::seq(self.dev.state_from_host_owned(
+            cfg,
+            state,
+            0..cfg.num_hidden_layers,
+        )?))
+    }
+
     fn forward(&self, inputs: &mut [SeqInput]) -> Result<Hidden> {
         if inputs.iter().all(|i| i.tokens.is_empty()) {
             return Ok(D::hidden(self.dev.upload(&[], self.width())?));

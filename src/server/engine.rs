@@ -8,7 +8,7 @@
 //! again (exact: chunked and one-shot prefill compute the same bits).
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +16,9 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::{Backend, Draw, Head, Seq, SeqInput, SeqMark};
 use crate::generate::{Emitter, Finish, Sampler, SamplingParams, TokenLogprob};
+use crate::server::disk::{Disk, DiskOptions, Hit, Snapshot, Write as DiskWrite};
 use crate::server::metrics::Metrics;
+use crate::state::SeqState;
 use crate::tokenizer::Tokenizer;
 
 /// A generation request.
@@ -78,6 +80,8 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// Finished sequences kept for prefix reuse.
     pub cache_entries: usize,
+    /// A directory that keeps finished sequences' states across restarts.
+    pub disk: Option<DiskOptions>,
 }
 
 impl Default for EngineOptions {
@@ -87,6 +91,7 @@ impl Default for EngineOptions {
             max_batch_tokens: 512,
             max_queue: 64,
             cache_entries: 8,
+            disk: None,
         }
     }
 }
@@ -122,7 +127,8 @@ impl EngineHandle {
 struct Cached {
     /// Tokens the state holds.
     tokens: Vec<u32>,
-    state: Seq,
+    /// Shared with a pending write to disk.
+    state: Arc<Seq>,
     /// The state at the end of its prompt (prompts are what agents resend).
     prompt_mark: SeqMark,
     prompt_len: usize,
@@ -145,13 +151,17 @@ struct Running<'t> {
     last_token: Option<Instant>,
 }
 
-/// Starts the engine thread.
+/// Starts the engine thread (and, with a disk tier, its reader and writer threads).
 pub fn spawn(
     backend: Arc<dyn Backend>,
     tok: Arc<Tokenizer>,
     opts: EngineOptions,
     metrics: Arc<Metrics>,
-) -> EngineHandle {
+) -> crate::error::Result<EngineHandle> {
+    let disk = match &opts.disk {
+        Some(d) => Some(Disk::open(d, backend.fingerprint(), metrics.clone())?),
+        None => None,
+    };
     let (tx, rx) = std::sync::mpsc::sync_channel(opts.max_queue);
     let queued = Arc::new(AtomicI64::new(0));
     let handle = EngineHandle {
@@ -161,13 +171,15 @@ pub fn spawn(
     };
     std::thread::Builder::new()
         .name("hadal-engine".into())
-        .spawn(move || run(&*backend, &tok, &opts, &rx, &queued, &metrics))
+        .spawn(move || run(&backend, &tok, &opts, &rx, &queued, &metrics, disk))
         .expect("spawn the engine thread");
-    handle
+    Ok(handle)
 }
 
-/// Longest cached state whose tokens start `prompt` (leaving at least one token to feed).
-fn reuse(cache: &[Cached], prompt: &[u32]) -> Option<(Seq, usize)> {
+/// The cached state whose tokens start `prompt` over the most tokens (leaving at least one to
+/// feed): its index, the tokens it covers, and whether it is the whole entry (else its
+/// prompt's end).
+fn best(cache: &[Cached], prompt: &[u32]) -> Option<(usize, usize, bool)> {
     let mut best: Option<(usize, usize, bool)> = None;
     for (i, c) in cache.iter().enumerate() {
         for (len, whole) in [(c.tokens.len(), true), (c.prompt_len, false)] {
@@ -180,8 +192,11 @@ fn reuse(cache: &[Cached], prompt: &[u32]) -> Option<(Seq, usize)> {
             }
         }
     }
-    let (i, len, whole) = best?;
-    // A copy that fails (no room on the device) is a cache miss.
+    best
+}
+
+/// A copy of a cached state at a [`best`] point; none (a miss) where the device has no room.
+fn reuse(cache: &[Cached], (i, len, whole): (usize, usize, bool)) -> Option<(Seq, usize)> {
     let mut state = cache[i].state.try_clone().ok()?;
     if !whole {
         state.rewind(&cache[i].prompt_mark).ok()?;
@@ -189,21 +204,118 @@ fn reuse(cache: &[Cached], prompt: &[u32]) -> Option<(Seq, usize)> {
     Some((state, len))
 }
 
-fn run(
+/// A job whose cached state was read from disk (none: the read failed, start afresh).
+struct Loaded {
+    job: Job,
+    state: Option<(SeqState, usize)>,
+}
+
+/// Starts the thread that reads states from disk for the engine.
+fn spawn_reader(disk: Arc<Disk>) -> (Sender<(Job, Hit)>, Receiver<Loaded>) {
+    let (tx, jobs) = std::sync::mpsc::channel::<(Job, Hit)>();
+    let (done, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("hadal-state-reader".into())
+        .spawn(move || {
+            for (job, hit) in jobs {
+                let state = match disk.load(&hit, &job.prompt) {
+                    Ok(s) => Some((s, hit.len)),
+                    Err(e) => {
+                        eprintln!("hadal: warning: state cache: {e}");
+                        None
+                    }
+                };
+                if done.send(Loaded { job, state }).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawn the state reader thread");
+    (tx, rx)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn admit<'t>(
+    running: &mut Vec<Running<'t>>,
     backend: &dyn Backend,
+    tok: &'t Tokenizer,
+    eos: Option<u32>,
+    m: &Metrics,
+    job: Job,
+    reused: Option<(Seq, usize)>,
+) {
+    let (mut state, cached) = match reused {
+        Some(r) => r,
+        None => match backend.new_state() {
+            Ok(s) => (s, 0),
+            Err(e) => {
+                let _ = job.events.send(failure(&e));
+                return;
+            }
+        },
+    };
+    state.set_prompt_end(job.prompt.len());
+    m.prompt_tokens.inc_by(job.prompt.len() as u64);
+    m.cached_prompt_tokens.inc_by(cached as u64);
+    let events = job.events.clone();
+    let sink = job.events;
+    let on_text: Box<dyn FnMut(&str) -> bool> =
+        Box::new(move |t: &str| sink.send(Event::Text(t.to_string())).is_ok());
+    running.push(Running {
+        fed: cached,
+        cached,
+        state,
+        prompt_mark: None,
+        pending: None,
+        sampler: Sampler::new(job.params.clone()),
+        emitter: Emitter::new(tok, job.params, eos, on_text),
+        prompt: job.prompt,
+        events,
+        started: Instant::now(),
+        last_token: None,
+    });
+}
+
+fn run(
+    backend: &Arc<dyn Backend>,
     tok: &Tokenizer,
     opts: &EngineOptions,
     rx: &Receiver<Job>,
     queued: &AtomicI64,
     m: &Metrics,
+    disk: Option<Arc<Disk>>,
 ) {
     let eos = backend.config().eos_token_id;
+    let backend = &**backend;
     let mut running: Vec<Running> = Vec::new();
     let mut cache: Vec<Cached> = Vec::new();
+    let reader = disk.clone().map(spawn_reader);
+    // Jobs whose states are being read: they count as running.
+    let mut loading = 0usize;
+    let adopt = |l: Loaded| {
+        let state = l
+            .state
+            .and_then(|(s, n)| backend.adopt_state(s).ok().map(|seq| (seq, n)));
+        (l.job, state)
+    };
     loop {
+        if let Some((_, done)) = &reader {
+            // Idle but for reads: wait for one (a new request interrupts the wait).
+            let wait = running.is_empty() && loading > 0;
+            let first = if wait {
+                done.recv_timeout(std::time::Duration::from_millis(2)).ok()
+            } else {
+                None
+            };
+            for l in first.into_iter().chain(done.try_iter()) {
+                loading -= 1;
+                let (job, state) = adopt(l);
+                admit(&mut running, backend, tok, eos, m, job, state);
+            }
+        }
         // Admit new requests between steps; sleep only when idle.
-        while running.len() < opts.max_running {
-            let job = if running.is_empty() {
+        while running.len() + loading < opts.max_running {
+            let job = if running.is_empty() && loading == 0 {
                 match rx.recv() {
                     Ok(j) => j,
                     Err(_) => return,
@@ -216,37 +328,28 @@ fn run(
                 }
             };
             m.queue_depth.set(queued.fetch_sub(1, Ordering::SeqCst) - 1);
-            let (mut state, cached) = match reuse(&cache, &job.prompt) {
-                Some(r) => r,
-                None => match backend.new_state() {
-                    Ok(s) => (s, 0),
-                    Err(e) => {
-                        let _ = job.events.send(failure(&e));
-                        continue;
+            let found = best(&cache, &job.prompt);
+            let in_memory = found.map_or(0, |b| b.1);
+            if let (Some(d), Some((to_reader, _))) = (&disk, &reader) {
+                if let Some(hit) = d.lookup(&job.prompt, in_memory) {
+                    loading += 1;
+                    if let Err(e) = to_reader.send((job, hit)) {
+                        loading -= 1;
+                        admit(&mut running, backend, tok, eos, m, e.0 .0, None);
                     }
-                },
-            };
-            state.set_prompt_end(job.prompt.len());
-            m.prompt_tokens.inc_by(job.prompt.len() as u64);
-            m.cached_prompt_tokens.inc_by(cached as u64);
-            let events = job.events.clone();
-            let sink = job.events;
-            let on_text: Box<dyn FnMut(&str) -> bool> =
-                Box::new(move |t: &str| sink.send(Event::Text(t.to_string())).is_ok());
-            running.push(Running {
-                fed: cached,
-                cached,
-                state,
-                prompt_mark: None,
-                pending: None,
-                sampler: Sampler::new(job.params.clone()),
-                emitter: Emitter::new(tok, job.params, eos, on_text),
-                prompt: job.prompt,
-                events,
-                started: Instant::now(),
-                last_token: None,
-            });
+                    continue;
+                }
+                if found.is_none() {
+                    m.disk_misses.inc();
+                }
+            }
+            let reused = found.and_then(|b| reuse(&cache, b));
+            admit(&mut running, backend, tok, eos, m, job, reused);
         }
+        if running.is_empty() {
+            continue;
+        }
+
         // A client that went away frees its sequence now.
         running.retain(|s| !s.events.is_closed());
         m.running.set(running.len() as i64);
@@ -370,13 +473,34 @@ fn run(
                 completion_tokens: c.tokens.len(),
                 logprobs: c.logprobs,
             }));
-            if let (Some(mark), true) = (s.prompt_mark, opts.cache_entries > 0) {
+            let Some(mark) = s.prompt_mark else { continue };
+            let state = Arc::new(s.state);
+            if let Some(d) = &disk {
+                // A device's state is copied to the host here; a host state is written from
+                // where it lies.
+                let snapshot = match &*state {
+                    Seq::Host(_) => Some(Snapshot::Shared(Arc::clone(&state))),
+                    other => backend.export_state(other).ok().map(Snapshot::Owned),
+                };
+                if let Some(snapshot) = snapshot {
+                    d.store(DiskWrite {
+                        tokens: tokens.clone(),
+                        prompt_len: prompt_tokens,
+                        state: snapshot,
+                        prompt: match &mark {
+                            SeqMark::Host(m) => Some(m.clone()),
+                            SeqMark::Cuda(_) => None,
+                        },
+                    });
+                }
+            }
+            if opts.cache_entries > 0 {
                 if cache.len() >= opts.cache_entries {
                     cache.remove(0);
                 }
                 cache.push(Cached {
                     tokens,
-                    state: s.state,
+                    state,
                     prompt_mark: mark,
                     prompt_len: prompt_tokens,
                 });
@@ -433,6 +557,9 @@ mod tests {
         }
         fn import_state(&self, state: &SeqState) -> Result<Seq> {
             self.0.import_state(state)
+        }
+        fn adopt_state(&self, state: SeqState) -> Result<Seq> {
+            self.0.adopt_state(state)
         }
         fn forward(&self, inputs: &mut [SeqInput]) -> Result<Hidden> {
             if inputs.len() > 1 {
@@ -492,7 +619,8 @@ mod tests {
             Arc::new(Tokenizer::bundled()),
             EngineOptions::default(),
             Arc::new(Metrics::new()),
-        );
+        )
+        .unwrap();
         let params = SamplingParams {
             max_tokens: 40,
             ..Default::default()

@@ -26,6 +26,22 @@ pub struct Metrics {
     pub state_bytes: IntGauge,
     /// HTTP responses by status code.
     pub requests: IntCounterVec,
+    /// Requests resumed from a state on disk.
+    pub disk_hits: IntCounter,
+    /// Requests that found no state in memory or on disk (with a disk tier).
+    pub disk_misses: IntCounter,
+    /// State files written.
+    pub disk_writes: IntCounter,
+    /// State files that could not be written (full or read-only directory, ...).
+    pub disk_write_errors: IntCounter,
+    /// State files skipped: damaged, of another model or format, or changed.
+    pub disk_read_errors: IntCounter,
+    /// States not written because the writer was behind.
+    pub disk_skipped: IntCounter,
+    /// Bytes of state files kept.
+    pub disk_bytes: IntGauge,
+    /// State files kept.
+    pub disk_entries: IntGauge,
 }
 
 impl Metrics {
@@ -90,6 +106,29 @@ impl Metrics {
             generated_tokens: counter("hadal_generated_tokens_total", "Tokens generated"),
             state_bytes: gauge("hadal_state_bytes", "Bytes of decode state held"),
             requests,
+            disk_hits: counter(
+                "hadal_state_disk_hits_total",
+                "Requests resumed from a decode state on disk",
+            ),
+            disk_misses: counter(
+                "hadal_state_disk_misses_total",
+                "Requests that found no cached decode state in memory or on disk",
+            ),
+            disk_writes: counter("hadal_state_disk_writes_total", "State files written"),
+            disk_write_errors: counter(
+                "hadal_state_disk_write_errors_total",
+                "State files that could not be written",
+            ),
+            disk_read_errors: counter(
+                "hadal_state_disk_read_errors_total",
+                "State files skipped as damaged, of another model or format, or changed",
+            ),
+            disk_skipped: counter(
+                "hadal_state_disk_skipped_total",
+                "States not written because the writer was behind",
+            ),
+            disk_bytes: gauge("hadal_state_disk_bytes", "Bytes of state files kept"),
+            disk_entries: gauge("hadal_state_disk_entries", "State files kept"),
             registry,
         }
     }

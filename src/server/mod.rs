@@ -5,6 +5,7 @@
 //! `reasoning_content`, `thinking: {"type": ...}`, `reasoning_effort`. Every error is OpenAI's
 //! JSON shape with the matching status, and none stops the server.
 
+pub mod disk;
 pub mod engine;
 pub mod metrics;
 
@@ -92,17 +93,21 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// Builds the router over a running engine.
-pub fn router(backend: Arc<dyn Backend>, tok: Arc<Tokenizer>, opts: ServerOptions) -> Router {
+pub fn router(
+    backend: Arc<dyn Backend>,
+    tok: Arc<Tokenizer>,
+    opts: ServerOptions,
+) -> crate::error::Result<Router> {
     let metrics = Arc::new(Metrics::new());
     let cfg = Arc::new(backend.config().clone());
-    let engine = engine::spawn(backend, tok.clone(), opts.engine.clone(), metrics.clone());
+    let engine = engine::spawn(backend, tok.clone(), opts.engine.clone(), metrics.clone())?;
     let app = App {
         engine,
         tok,
         cfg,
         opts: Arc::new(opts),
     };
-    Router::new()
+    Ok(Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
@@ -118,7 +123,7 @@ pub fn router(backend: Arc<dyn Backend>, tok: Arc<Tokenizer>, opts: ServerOption
             }
         })
         .layer(middleware::from_fn_with_state(app.clone(), guard))
-        .with_state(app)
+        .with_state(app))
 }
 
 /// Authentication, and the response count by status code.
@@ -630,13 +635,18 @@ pub async fn serve(
     tok: Arc<Tokenizer>,
     opts: ServerOptions,
     addr: std::net::SocketAddr,
-) -> std::io::Result<()> {
-    let app = router(backend, tok, opts);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    eprintln!("hadal: serving on http://{}", listener.local_addr()?);
+) -> crate::error::Result<()> {
+    let app = router(backend, tok, opts)?;
+    let at = |e| crate::error::Error::io(addr.to_string(), e);
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(at)?;
+    eprintln!(
+        "hadal: serving on http://{}",
+        listener.local_addr().map_err(at)?
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await
+        .map_err(at)
 }

@@ -159,6 +159,9 @@ impl Device for Cpu {
     fn state_from_host(&self, _: &Config, s: &SeqState, _: Range<usize>) -> Result<SeqState> {
         Ok(s.clone())
     }
+    fn state_from_host_owned(&self, _: &Config, s: SeqState, _: Range<usize>) -> Result<SeqState> {
+        Ok(s)
+    }
     fn seq(s: SeqState) -> Seq {
         Seq::Host(s)
     }
