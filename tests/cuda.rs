@@ -651,11 +651,19 @@ fn states_move_between_host_and_gpu_losslessly() {
     let mark = a.mark().unwrap();
     let copy = a.try_clone().unwrap();
     run(&gpu, &mut a);
+    // The mark on the host (a saved prompt point) rewinds the host copy to the same place.
+    let mut later = gpu.export_state(&a).unwrap();
+    later.rewind(a.mark_to_host(&mark).unwrap());
     a.rewind(&mark).unwrap();
     assert_eq!(
         gpu.export_state(&a).unwrap(),
         gpu.export_state(&copy).unwrap(),
         "rewinding restores the state exactly"
+    );
+    assert_eq!(
+        later,
+        gpu.export_state(&copy).unwrap(),
+        "the mark on the host"
     );
 }
 

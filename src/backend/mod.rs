@@ -306,6 +306,15 @@ pub enum SeqMark {
 }
 
 impl Seq {
+    /// A mark taken on this state, as the mark of its host copy ([`Backend::export_state`]).
+    pub fn mark_to_host(&self, m: &SeqMark) -> Result<Mark> {
+        match (self, m) {
+            (Seq::Host(_), SeqMark::Host(m)) => Ok(m.clone()),
+            (Seq::Cuda(s), SeqMark::Cuda(m)) => s.mark_to_host(m),
+            _ => Err(Error::Input("a mark of another device's state".into())),
+        }
+    }
+
     /// Tokens consumed (the next token's position).
     pub fn pos(&self) -> usize {
         match self {

@@ -487,10 +487,7 @@ fn run(
                         tokens: tokens.clone(),
                         prompt_len: prompt_tokens,
                         state: snapshot,
-                        prompt: match &mark {
-                            SeqMark::Host(m) => Some(m.clone()),
-                            SeqMark::Cuda(_) => None,
-                        },
+                        prompt: state.mark_to_host(&mark).ok(),
                     });
                 }
             }

@@ -579,8 +579,33 @@ impl CudaSeq {
 
     /// The state as a plain value.
     pub fn to_host(&self) -> Result<SeqState> {
-        let l = &self.layout;
         let fixed: Vec<u8> = self.gpu.read(self.fixed.ptr, self.fixed.bytes)?;
+        Ok(SeqState {
+            pos: self.pos,
+            prompt_end: self.prompt_end,
+            blocks: self.host_blocks(&fixed, self.pos, true)?,
+        })
+    }
+
+    /// A mark taken on this state, as the same mark of its host copy: what a state saved with
+    /// its prompt point needs (the compressed entries are not read).
+    pub fn mark_to_host(&self, m: &CudaMark) -> Result<crate::state::Mark> {
+        if m.fixed.bytes != self.fixed.bytes || m.pos > self.pos {
+            return Err(Error::Input("a mark of another state".into()));
+        }
+        let fixed: Vec<u8> = self.gpu.read(m.fixed.ptr, m.fixed.bytes)?;
+        let at = SeqState {
+            pos: m.pos,
+            prompt_end: m.prompt_end,
+            blocks: self.host_blocks(&fixed, m.pos, false)?,
+        };
+        Ok(at.mark())
+    }
+
+    /// The blocks of a host state at `pos` from the fixed part `fixed` (windows, pending rows)
+    /// and, with `entries`, the compressed entries (else only their count).
+    fn host_blocks(&self, fixed: &[u8], pos: usize, entries: bool) -> Result<Vec<BlockState>> {
+        let l = &self.layout;
         let f32s = |off: usize, n: usize| -> Vec<f32> {
             fixed[off..off + 4 * n]
                 .chunks_exact(4)
@@ -590,7 +615,7 @@ impl CudaSeq {
         let mut blocks = Vec::with_capacity(l.blocks.len());
         for (b, bl) in l.blocks.iter().enumerate() {
             let mut window = Vec::new();
-            if self.pos > 0 {
+            if pos > 0 {
                 let rb = l.attn_row.size();
                 for s in 0..l.window {
                     let row = &fixed[bl.win_off + s * rb..bl.win_off + (s + 1) * rb];
@@ -600,8 +625,8 @@ impl CudaSeq {
             let mut comps: [Option<CompressorState>; 2] = [None, None];
             for (k, c) in bl.comp.iter().enumerate() {
                 let Some(c) = c else { continue };
-                let pending = self.pos % c.ratio;
-                let finished = self.pos / c.ratio;
+                let pending = pos % c.ratio;
+                let finished = pos / c.ratio;
                 let (prev_kv, prev_score) = if c.overlap && finished > 0 {
                     (
                         f32s(c.prev_kv, c.ratio * c.dim),
@@ -610,12 +635,15 @@ impl CudaSeq {
                 } else {
                     (Vec::new(), Vec::new())
                 };
-                let raw = self.read_pages(&self.pages[b][k], c)?;
-                let mut data = Vec::with_capacity(finished * c.codec.bytes());
-                for e in 0..finished {
-                    let rb = c.row.size();
-                    c.row
-                        .to_codec(c.codec, &raw[e * rb..(e + 1) * rb], &mut data);
+                let mut data = Vec::new();
+                if entries {
+                    let raw = self.read_pages(&self.pages[b][k], c)?;
+                    data.reserve(finished * c.codec.bytes());
+                    for e in 0..finished {
+                        let rb = c.row.size();
+                        c.row
+                            .to_codec(c.codec, &raw[e * rb..(e + 1) * rb], &mut data);
+                    }
                 }
                 comps[k] = Some(CompressorState {
                     kv: f32s(c.pend_kv, pending * c.width),
@@ -635,11 +663,7 @@ impl CudaSeq {
                 indexer,
             });
         }
-        Ok(SeqState {
-            pos: self.pos,
-            prompt_end: self.prompt_end,
-            blocks,
-        })
+        Ok(blocks)
     }
 
     /// The contents of `pages`, consecutive.
