@@ -124,7 +124,7 @@ fn wait_for(url: &str, name: &str) {
 
 /// A server restarted on the same `--state-dir` answers a resent conversation from the state
 /// its predecessor left on disk, with the output a fresh prefill gives; damaged files there
-/// are skipped, and a state directory that disappears only stops the writes.
+/// are skipped, and a state directory that disappears, or is read-only, only stops the writes.
 #[test]
 fn state_dir_keeps_conversations_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,4 +166,14 @@ fn state_dir_keeps_conversations_across_restarts() {
     assert!(r["choices"][0]["message"].is_object());
     wait_for(&b.url, "hadal_state_disk_write_errors_total");
     assert_eq!(metric(&b.url, "hadal_state_disk_write_errors_total"), 1.0);
+
+    // A directory no file can be created in (even by root): the server starts, and requests
+    // succeed while the writes fail.
+    if cfg!(target_os = "linux") {
+        let c = Server::start(&model, &["--state-dir", "/proc/self"]);
+        let r = chat(&c.url, serde_json::json!(first));
+        assert!(r["choices"][0]["message"].is_object());
+        wait_for(&c.url, "hadal_state_disk_write_errors_total");
+        assert_eq!(metric(&c.url, "hadal_state_disk_write_errors_total"), 1.0);
+    }
 }
