@@ -72,7 +72,7 @@ impl Matrix {
                 Storage::F8 { w: w.data, s }
             }
             Dtype::I8 | Dtype::U8 => {
-                if cols % FP4_WEIGHT_BLOCK != 0 {
+                if !cols.is_multiple_of(FP4_WEIGHT_BLOCK) {
                     return Err(Error::Checkpoint(format!(
                         "tensor {wname}: FP4 input width {cols} is not a multiple of {FP4_WEIGHT_BLOCK}"
                     )));

@@ -450,7 +450,7 @@ fn buffer<T: bytemuck::Zeroable + Clone>(n: usize) -> Vec<T> {
 }
 
 fn f32s(n: u64, name: &str) -> Result<Vec<f32>, Bad> {
-    if n % 4 != 0 {
+    if !n.is_multiple_of(4) {
         return bad(format!(
             "section {name}: {n} bytes is not a whole number of f32s"
         ));

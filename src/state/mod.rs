@@ -89,7 +89,7 @@ impl RowCodec {
                         let q = round_e2m1((*v / s).clamp(-FP4_MAX, FP4_MAX));
                         let j = b * INDEX_FP4_BLOCK + i;
                         let nib = encode_e2m1(q);
-                        if j % 2 == 0 {
+                        if j.is_multiple_of(2) {
                             packed[j / 2] = nib;
                         } else {
                             packed[j / 2] |= nib << 4;

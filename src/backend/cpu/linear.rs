@@ -7,7 +7,8 @@
 
 use rayon::prelude::*;
 
-use super::order::{dot_in, Numerics};
+use super::chain;
+use super::order::{dot_in, Numerics, Order};
 use crate::quant::{
     bf16, e8m0, QuantAct, ACT_BLOCK, E2M1, E4M3, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK,
 };
@@ -128,6 +129,27 @@ pub fn linear_plain_rows(
     let k = m.cols;
     let rows = x.len() / k;
     let order = num.product(rows, k);
+    if order == Order::Chain && chain::takes(k) {
+        // Whole tiles on SIMD lanes (the same bits), the rest below.
+        let (mut y, done) = chain::product(m, x, rows, range.clone());
+        let n = range.len();
+        if done < n {
+            let rest = scalar_rows(m, x, range.start + done..range.end, order);
+            let left = n - done;
+            for r in 0..rows {
+                y[r * n + done..(r + 1) * n].copy_from_slice(&rest[r * left..(r + 1) * left]);
+            }
+        }
+        return y;
+    }
+    scalar_rows(m, x, range, order)
+}
+
+/// [`linear_plain_rows`] one output at a time: its weight row decoded, then a dot product per
+/// activation row in `order`.
+fn scalar_rows(m: &Matrix, x: &[f32], range: std::ops::Range<usize>, order: Order) -> Vec<f32> {
+    let k = m.cols;
+    let rows = x.len() / k;
     by_columns(rows, range.len(), k, |j, wrow, out| {
         decode_row(m, range.start + j, wrow);
         for (t, o) in out.iter_mut().enumerate() {

@@ -336,7 +336,7 @@ fn blocks_1d(n: usize, threads: usize) -> (u32, u32, u32) {
 fn mma_split(n: usize, k: usize) -> usize {
     let tiles = n.div_ceil(16);
     let mut ks = 1;
-    while ks < 8 && tiles * ks < 1024 && k % (256 * ks) == 0 && k / (2 * ks) >= 256 {
+    while ks < 8 && tiles * ks < 1024 && k.is_multiple_of(256 * ks) && k / (2 * ks) >= 256 {
         ks *= 2;
     }
     ks
@@ -399,7 +399,7 @@ impl Cuda {
 
     /// `x` rounded to FP8 in blocks of 128, as an FP8/FP4 linear takes it.
     fn fake_quant(&self, x: &Tensor) -> Result<Tensor> {
-        if x.cols % 128 != 0 {
+        if !x.cols.is_multiple_of(128) {
             return Err(Error::Input(format!(
                 "an FP8 activation of width {} (not a multiple of 128)",
                 x.cols
@@ -420,7 +420,7 @@ impl Cuda {
     /// `x` as the tensor-core kernels take it: e4m3 codes as f16 and one scale per block of
     /// 128 (`perm` orders each 8 codes as the FP4 kernels pair them).
     fn quantize(&self, x: &Tensor, perm: bool) -> Result<(Buf, Buf)> {
-        if x.cols % 128 != 0 {
+        if !x.cols.is_multiple_of(128) {
             return Err(Error::Input(format!(
                 "an FP8 activation of width {} (not a multiple of 128)",
                 x.cols
@@ -448,13 +448,13 @@ impl Cuda {
 
     /// Whether an FP8/FP4 weight `n x k` goes through the tensor-core kernels.
     fn mma_takes(&self, w: &Weight) -> bool {
-        self.tensor_cores && w.fmt.quantized() && w.cols % 128 == 0 && w.cols > 0
+        self.tensor_cores && w.fmt.quantized() && w.cols.is_multiple_of(128) && w.cols > 0
     }
 
     /// `x W^T` on tensor cores for an FP8/FP4 weight, x rounded to FP8 on the way.
     fn mma_linear(&self, w: &Weight, x: &Tensor) -> Result<Tensor> {
         let (n, k) = (w.rows, w.cols);
-        if x.len() % k != 0 {
+        if !x.len().is_multiple_of(k) {
             return Err(Error::Input(format!(
                 "a {}-wide activation into a {n} x {k} weight",
                 x.cols
@@ -504,7 +504,7 @@ impl Cuda {
     /// as rows of W's width (a `T x M x D` stream into a `D`-wide weight is `T*M` rows).
     fn matmul(&self, w: &Weight, x: &Tensor, groups: usize) -> Result<Tensor> {
         let (n, k) = (w.rows, w.cols);
-        let (r, xcols) = if groups == 1 && x.cols != k && k > 0 && x.len() % k == 0 {
+        let (r, xcols) = if groups == 1 && x.cols != k && k > 0 && x.len().is_multiple_of(k) {
             (x.len() / k, k)
         } else {
             (x.rows, x.cols)
@@ -1099,7 +1099,7 @@ impl Device for Cuda {
         let cl = b.layout.blocks[slot].comp[k]
             .clone()
             .ok_or_else(|| Error::Input(format!("block {slot} has no {which:?} compressor")))?;
-        if c.dim % 32 != 0 || c.dim > 1024 {
+        if !c.dim.is_multiple_of(32) || c.dim > 1024 {
             return Err(Error::Input(format!(
                 "compressed width {}: the CUDA compressor takes multiples of 32 up to 1024",
                 c.dim
