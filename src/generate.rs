@@ -143,42 +143,61 @@ impl Sampler {
     }
 
     /// The candidate tokens and their probabilities after temperature, top-k, top-p and min-p
-    /// (one token with probability 1 when greedy), most likely first.
+    /// (one token with probability 1 when greedy): most likely first under top-k, in
+    /// vocabulary order otherwise.
     pub fn candidates(&self, logits: &[f32]) -> (Vec<usize>, Vec<f64>) {
         let p = &self.params;
         if p.temperature == 0.0 {
             return (top_k(logits, 1), vec![1.0]);
         }
-        let k = if p.top_k > 0 { p.top_k } else { logits.len() };
-        let mut idx = top_k(logits, k);
         let t = p.temperature as f64;
-        let mx = logits[idx[0]] as f64;
-        let mut probs: Vec<f64> = idx
-            .iter()
-            .map(|&i| ((logits[i] as f64 - mx) / t).exp())
-            .collect();
-        let sum: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= sum);
-        // Nucleus: the smallest prefix (by probability) holding top_p of the mass.
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            if let Some(j) = probs.iter().position(|q| {
-                acc += q;
-                acc >= p.top_p as f64
-            }) {
-                keep = j + 1;
+        let weight = |l: f32, mx: f64| ((l as f64 - mx) / t).exp();
+        if p.top_k > 0 {
+            // The k most likely, most likely first, then the nucleus and min-p among them.
+            let mut idx = top_k(logits, p.top_k);
+            let mx = logits[idx[0]] as f64;
+            let mut probs: Vec<f64> = idx.iter().map(|&i| weight(logits[i], mx)).collect();
+            let sum: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= sum);
+            let mut keep = probs.len();
+            if p.top_p < 1.0 {
+                let mut acc = 0.0;
+                if let Some(j) = probs.iter().position(|q| {
+                    acc += q;
+                    acc >= p.top_p as f64
+                }) {
+                    keep = j + 1;
+                }
             }
+            if p.min_p > 0.0 {
+                let floor = probs[0] * p.min_p as f64;
+                keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+            }
+            idx.truncate(keep);
+            probs.truncate(keep);
+            return normalized(idx, probs);
         }
+        // The whole vocabulary: weights in f32 (a vectorized exp), the nucleus found by a
+        // radix selection rather than by sorting 129,280 logits every token; the candidates
+        // stay in vocabulary order (a draw walks them in a fixed order: the same distribution).
+        let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inv_t = 1.0 / p.temperature;
+        let w: Vec<f32> = logits.iter().map(|&l| exp_neg((l - mx) * inv_t)).collect();
+        let mut idx = if p.top_p < 1.0 {
+            nucleus(&w, p.top_p as f64)
+        } else {
+            (0..w.len()).collect()
+        };
         if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p as f64;
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+            // The most likely token weighs 1.
+            idx.retain(|&i| w[i] >= p.min_p);
         }
-        idx.truncate(keep);
-        probs.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        (idx, probs)
+        if idx.is_empty() {
+            // Only where the logits are not numbers: the argmax rather than nothing.
+            return (top_k(logits, 1), vec![1.0]);
+        }
+        let probs = idx.iter().map(|&i| w[i] as f64).collect();
+        normalized(idx, probs)
     }
 
     /// Draws from a candidate distribution.
@@ -242,6 +261,143 @@ impl Sampler {
         };
         (accept, token as u32, self.logprob(logits, token))
     }
+}
+
+/// Candidates with their weights scaled to sum to 1.
+fn normalized(idx: Vec<usize>, mut probs: Vec<f64>) -> (Vec<usize>, Vec<f64>) {
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|q| *q /= total);
+    (idx, probs)
+}
+
+/// `e^x` for `x <= 0` (0 below -87) within two f32 ulps, in a form the compiler vectorizes:
+/// `2^n * e^r` with `r = x - n ln2` (Cody-Waite: `n * LN2_HI` is exact) and a degree-7 Taylor
+/// polynomial for `e^r` on |r| <= ln2/2 (exact at 0).
+fn exp_neg(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0);
+    // Round to nearest by adding 1.5 * 2^23: n is then the low bits of the sum (no libm call,
+    // no saturating cast).
+    const SHIFT: f32 = 12_582_912.0;
+    let big = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = big - SHIFT;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    let e = (big.to_bits() as i32 - SHIFT.to_bits() as i32 + 127) as u32;
+    f32::from_bits(e << 23) * p
+}
+
+/// Indices (in increasing order) of the fewest largest weights whose sum reaches the fraction
+/// `top_p` of their total;
+/// among equal weights at the boundary the lower indices are taken. Weights are non-negative,
+/// so their bits order them: histograms of the mass under 12, 12 and 8 bits narrow down the
+/// smallest weight taken and how many of its ties are, then one pass in index order
+/// collects. Linear in the vocabulary, no sort.
+fn nucleus(w: &[f32], top_p: f64) -> Vec<usize> {
+    let mut need = f64::NAN;
+    // The undecided weights: all at first, then those in the boundary bucket.
+    let mut pool: Vec<u32> = Vec::new();
+    let mut all = true;
+    let mut cut = (0.0, usize::MAX);
+    for shift in [20, 8, 0] {
+        let mass = if all {
+            histogram(w.iter().copied(), shift)
+        } else {
+            histogram(pool.iter().map(|&i| w[i as usize]), shift)
+        };
+        if all {
+            need = top_p * mass.iter().sum::<f64>();
+            if need.is_nan() || need <= 0.0 {
+                return Vec::new();
+            }
+        }
+        // The highest buckets that reach the target: the last one is undecided.
+        let mut acc = 0.0;
+        let Some(b) = (0..BUCKETS).rev().find(|&b| {
+            acc += mass[b];
+            acc >= need
+        }) else {
+            // Rounding left the target above the total: everything left is taken.
+            let left = |i: &u32| w[*i as usize];
+            cut.0 = match all {
+                true => w.iter().copied().fold(f32::INFINITY, f32::min),
+                false => pool.iter().map(left).fold(f32::INFINITY, f32::min),
+            };
+            break;
+        };
+        need -= acc - mass[b];
+        let inside = |x: f32| bucket(x, shift) == b;
+        pool = if all {
+            gather(
+                w.iter().enumerate().map(|(i, &x)| (i as u32, inside(x))),
+                w.len(),
+            )
+        } else {
+            gather(pool.iter().map(|&i| (i, inside(w[i as usize]))), pool.len())
+        };
+        all = false;
+        if shift == 0 {
+            // One value left: its ties, lowest indices first, until the target.
+            let x = w[pool[0] as usize];
+            let mut acc = 0.0;
+            let ties = pool.iter().take_while(|_| {
+                let more = acc < need;
+                acc += x as f64;
+                more
+            });
+            cut = (x, ties.count());
+        }
+    }
+    let (min, mut ties) = cut;
+    let taken = w.iter().enumerate().map(|(i, &x)| {
+        let tie = x == min && ties > 0;
+        ties -= tie as usize;
+        (i, x > min || tie)
+    });
+    gather(taken, w.len())
+}
+
+/// Buckets of a level of [`nucleus`]: 12 bits of a weight.
+const BUCKETS: usize = 1 << 12;
+
+/// A weight's bucket under the bits from `shift`.
+fn bucket(x: f32, shift: u32) -> usize {
+    (x.to_bits() >> shift) as usize & (BUCKETS - 1)
+}
+
+/// The mass of the weights in each bucket.
+fn histogram(w: impl Iterator<Item = f32>, shift: u32) -> Vec<f64> {
+    // Four histograms taken in turn, so that runs of one bucket do not wait on each other.
+    let mut mass = vec![[0f64; 4]; BUCKETS];
+    for (j, x) in w.enumerate() {
+        mass[bucket(x, shift)][j & 3] += x as f64;
+    }
+    mass.iter().map(|m| m.iter().sum()).collect()
+}
+
+/// The items marked to keep, in order; `len` bounds their number. Without a branch on the
+/// mark: which tokens pass is data, a misprediction each otherwise.
+fn gather<T: Copy + Default>(items: impl Iterator<Item = (T, bool)>, len: usize) -> Vec<T> {
+    let mut out = vec![T::default(); len];
+    let mut n = 0;
+    for (t, keep) in items {
+        out[n] = t;
+        n += keep as usize;
+    }
+    out.truncate(n);
+    out
 }
 
 /// Why generation ended.
@@ -671,6 +827,45 @@ mod tests {
                 ..Default::default()
             });
             assert_eq!(s.sample(&l).0 as usize, order[0]);
+        }
+    }
+
+    #[test]
+    fn the_exponential_is_close() {
+        for i in 0..=100_000 {
+            let x = -90.0 * i as f32 / 100_000.0;
+            let want = (x.max(-87.0) as f64).exp();
+            let got = exp_neg(x) as f64;
+            assert!((got - want).abs() <= 2.4e-7 * want, "{x}: {got} {want}");
+        }
+        assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    proptest::proptest! {
+        /// The selection takes the same tokens as sorting by weight (ties by index) and taking
+        /// the shortest prefix that reaches the target.
+        #[test]
+        fn the_nucleus_is_the_sorted_prefix(
+            w in proptest::collection::vec(0u8..8, 1..300),
+            k in 0u32..=64,
+        ) {
+            // Quarters and 64ths: every sum is exact, in any order.
+            let w: Vec<f32> = w.iter().map(|&x| x as f32 / 4.0).collect();
+            let frac = k as f64 / 64.0;
+            let target = frac * w.iter().map(|&x| x as f64).sum::<f64>();
+            let mut order: Vec<usize> = (0..w.len()).collect();
+            order.sort_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
+            let mut acc = 0.0;
+            let mut want: Vec<usize> = order
+                .into_iter()
+                .take_while(|&i| {
+                    let more = acc < target;
+                    acc += w[i] as f64;
+                    more
+                })
+                .collect();
+            want.sort_unstable();
+            proptest::prop_assert_eq!(nucleus(&w, frac), want);
         }
     }
 

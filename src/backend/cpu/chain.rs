@@ -107,8 +107,10 @@ trait Lanes {
     /// Rows become columns (`v` holds `N` vectors).
     unsafe fn transpose(v: &mut [Self::V]);
     unsafe fn store(v: Self::V, out: &mut [f32]);
-    /// Asks for the cache line at `p`.
+    /// Asks for the cache line at `p` (any address: a prefetch never faults).
     unsafe fn prefetch(p: *const u8);
+    /// The same, into the second-level cache.
+    unsafe fn prefetch_l2(p: *const u8);
 }
 
 /// One tile: weight rows `n0..n0 + L::N` against every activation row, into `out[j * rows + r]`.
@@ -121,7 +123,7 @@ unsafe fn tile<L: Lanes>(m: &Matrix, n0: usize, x: &[f32], rows: usize, out: &mu
             let (w, s) = (w.as_ptr(), &s[..]);
             let kb = k.div_ceil(FP8_WEIGHT_BLOCK);
             let srow = (n0 / FP8_WEIGHT_BLOCK) * kb;
-            let at = |i: usize, kk: usize| w.add((n0 + i) * k + kk);
+            let at = |i: usize, kk: usize| w.wrapping_add((n0 + i) * k + kk);
             tile_with::<L>(k, x, rows, out, at, |i, kk| {
                 let sc = e8m0(*s.get_unchecked(srow + kk / FP8_WEIGHT_BLOCK));
                 L::scale(L::e4m3s(at(i, kk)), sc)
@@ -130,7 +132,7 @@ unsafe fn tile<L: Lanes>(m: &Matrix, n0: usize, x: &[f32], rows: usize, out: &mu
         Storage::F4 { w, s } => {
             let (w, s) = (w.as_ptr(), &s[..]);
             let kb = k / FP4_WEIGHT_BLOCK;
-            let at = |i: usize, kk: usize| w.add(((n0 + i) * k + kk) / 2);
+            let at = |i: usize, kk: usize| w.wrapping_add(((n0 + i) * k + kk) / 2);
             tile_with::<L>(k, x, rows, out, at, |i, kk| {
                 let sc = e8m0(*s.get_unchecked((n0 + i) * kb + kk / FP4_WEIGHT_BLOCK));
                 L::scale(L::e2m1s(at(i, kk)), sc)
@@ -138,12 +140,12 @@ unsafe fn tile<L: Lanes>(m: &Matrix, n0: usize, x: &[f32], rows: usize, out: &mu
         }
         Storage::Bf16(w) => {
             let w = w.as_ptr();
-            let at = |i: usize, kk: usize| w.add(((n0 + i) * k + kk) * 2);
+            let at = |i: usize, kk: usize| w.wrapping_add(((n0 + i) * k + kk) * 2);
             tile_with::<L>(k, x, rows, out, at, |i, kk| L::bf16s(at(i, kk)))
         }
         Storage::F32(w) => {
             let w = w.as_ptr();
-            let at = |i: usize, kk: usize| w.add(((n0 + i) * k + kk) * 4);
+            let at = |i: usize, kk: usize| w.wrapping_add(((n0 + i) * k + kk) * 4);
             tile_with::<L>(k, x, rows, out, at, |i, kk| L::f32s(at(i, kk)))
         }
     }
@@ -177,8 +179,12 @@ unsafe fn tile_with<L: Lanes>(
             acc[..rs].iter_mut().for_each(|a| *a = L::zero());
             for kk in (from..from + len).step_by(n) {
                 for (i, vi) in v[..n].iter_mut().enumerate() {
+                    // The rest of this tile's rows, and the next tile's at the same place.
                     if kk + AHEAD < k {
                         L::prefetch(at(i, kk + AHEAD));
+                    }
+                    if r0 == 0 {
+                        L::prefetch_l2(at(n + i, kk));
                     }
                     *vi = row(i, kk);
                 }
@@ -311,6 +317,10 @@ mod x86 {
             _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
         }
         #[inline(always)]
+        unsafe fn prefetch_l2(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+        }
+        #[inline(always)]
         unsafe fn store(v: __m512, out: &mut [f32]) {
             _mm512_storeu_ps(out.as_mut_ptr(), v)
         }
@@ -399,6 +409,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
             _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
+        #[inline(always)]
+        unsafe fn prefetch_l2(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
         }
         #[inline(always)]
         unsafe fn store(v: __m256, out: &mut [f32]) {
