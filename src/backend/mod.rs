@@ -120,6 +120,18 @@ pub trait Device: Sized + Send + Sync + 'static {
         blocks: usize,
     ) -> Result<Self::Batch<'a>>;
 
+    /// Runs `f`, the model's forward pass over `b`, which returns `b`'s rows of `width` values.
+    /// A device may record what `f` queues the first time a batch of its shape comes and replay
+    /// the recording for later ones: `f` then runs once per shape, so it must read nothing but
+    /// the batch and the weights, and have no effect on the host.
+    fn replay<'a, F>(&self, b: &mut Self::Batch<'a>, width: usize, mut f: F) -> Result<Self::Tensor>
+    where
+        F: FnMut(&mut Self::Batch<'a>) -> Result<Self::Tensor>,
+    {
+        let _ = width;
+        f(b)
+    }
+
     /// Wraps a final stream.
     fn hidden(t: Self::Tensor) -> Hidden;
     /// The tensor inside a [`Hidden`], or an error if it lives on another device.

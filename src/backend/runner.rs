@@ -146,6 +146,25 @@ impl<D: Device> Runner<D> {
         self.model.logits(&self.dev, head, &x)
     }
 
+    /// `f` through [`Device::replay`], unless experts are being traced (counting them reads
+    /// from the device in the middle of the pass).
+    fn replayed<'a>(
+        &self,
+        b: &mut D::Batch<'a>,
+        f: impl FnMut(&mut D::Batch<'a>) -> Result<D::Tensor>,
+    ) -> Result<D::Tensor> {
+        let mut f = f;
+        let tracing = self
+            .model
+            .blocks
+            .iter()
+            .any(|b| b.ffn.trace.lock().expect("trace lock").is_some());
+        if tracing {
+            return f(b);
+        }
+        self.dev.replay(b, self.width(), f)
+    }
+
     fn check_mtp(&self, i: usize) -> Result<()> {
         if i >= self.model.mtp.len() {
             return Err(Error::Input(format!(
@@ -228,7 +247,9 @@ impl<D: Device> Backend for Runner<D> {
             return Ok(D::hidden(self.dev.upload(&[], self.width())?));
         }
         let l = self.model.cfg.num_hidden_layers;
-        let x = self.run(inputs, l, |b| self.model.forward(&self.dev, b))?;
+        let x = self.run(inputs, l, |b| {
+            self.replayed(b, |b| self.model.forward(&self.dev, b))
+        })?;
         Ok(D::hidden(x))
     }
 

@@ -6,6 +6,9 @@
 #   tools/device/run.sh score    V4-Flash-shaped synthetic layers scored on the GPU (compare
 #                                with the CPU's run: tools/device/compare.py)
 #   tools/device/run.sh bench ARGS...   hadal bench --device cuda ARGS (a report per call)
+#   tools/device/run.sh kernels NAME ARGS...   the same bench under Nsight Compute, steps run
+#                                plainly (not replayed): each kernel's time, summed by name,
+#                                in $OUT/NAME.txt (tools/device/kernels.py)
 #
 # Several modes may follow each other in one call (separated by `--`). Logs and results go to
 # $OUT; summary.txt says what ran, how it ended and how long it took.
@@ -74,6 +77,20 @@ while true; do
       args=()
       while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
       step bench "$B/hadal" bench --device cuda "${args[@]}"
+      ;;
+    kernels)
+      name=$1
+      shift
+      args=()
+      while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+      HADAL_CUDA_GRAPHS=0 step "$name" timeout 150 /usr/local/cuda/bin/ncu --clock-control none --csv --page raw \
+        --metrics gpu__time_duration.sum --kernel-name-base function \
+        --kernel-name 'regex:^(?!fill_random|copy_blocks)' -o /tmp/$name -f \
+        "$B/hadal" bench --device cuda "${args[@]}"
+      /usr/local/cuda/bin/ncu -i /tmp/$name.ncu-rep --csv --page raw --metrics gpu__time_duration.sum \
+        > "/tmp/$name.csv" 2>> "$OUT/$name.log"
+      python3 tools/device/kernels.py "/tmp/$name.csv" > "$OUT/$name.txt" 2>&1
+      head -n 40 "$OUT/$name.txt"
       ;;
     *) log "unknown mode $mode"; exit 2 ;;
   esac

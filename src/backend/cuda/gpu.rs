@@ -2,12 +2,15 @@
 //! the device (and cached on disk), stream-ordered memory, and kernel launches.
 //!
 //! Everything goes through one stream, so the order of launches is the order of the forward pass
-//! and memory freed by a dropped buffer is reused only by work queued after it.
+//! and memory freed by a dropped buffer is reused only by work queued after it. The stream can
+//! be recorded as a CUDA graph ([`Gpu::capture`]); while it is, other threads' work on this GPU
+//! waits, so that none of it lands in the recording.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
@@ -167,6 +170,35 @@ impl Args {
     }
 }
 
+/// A recorded stream of work, replayed by [`Gpu::replay`].
+pub struct Graph(cudarc::driver::CudaGraph);
+
+// SAFETY: a graph is used by one thread at a time (its owner keeps it behind a lock).
+unsafe impl Send for Graph {}
+
+/// Keeps other threads' work off the stream while one thread records it.
+#[derive(Default)]
+struct Gate {
+    lock: Mutex<()>,
+    /// The recording thread's number (0: none).
+    owner: AtomicU64,
+}
+
+/// A number for the calling thread, never 0.
+fn thread_number() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static ME: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
+    ME.with(|m| *m)
+}
+
+impl Gate {
+    /// Waits while another thread records; the recording thread itself passes.
+    fn enter(&self) -> Option<MutexGuard<'_, ()>> {
+        (self.owner.load(Ordering::Acquire) != thread_number())
+            .then(|| self.lock.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// A CUDA device with hadal's kernels loaded.
 pub struct Gpu {
     /// The context.
@@ -182,6 +214,7 @@ pub struct Gpu {
     pub sms: u32,
     /// Compute capability.
     pub arch: (i32, i32),
+    gate: Gate,
 }
 
 impl Gpu {
@@ -200,9 +233,12 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("opening the device", e))?;
         // One stream: the order of launches orders everything, so per-buffer events are not
-        // needed. SAFETY: no buffer is shared with another stream.
+        // needed. SAFETY: no buffer is shared with another stream. A stream of its own, not the
+        // legacy default one, because only such a stream can be recorded.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_err("creating a stream", e))?;
         let arch = ctx
             .compute_capability()
             .map_err(|e| driver_err("reading the compute capability", e))?;
@@ -230,11 +266,44 @@ impl Gpu {
             ordinal,
             sms,
             arch,
+            gate: Gate::default(),
         }))
+    }
+
+    /// Records the work `f` queues on the stream instead of running it, and returns it as a
+    /// graph (with what `f` returned). Nothing `f` queues may wait for the device, and every
+    /// buffer `f` allocates must be dropped inside `f`.
+    pub fn capture<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<(T, Graph)> {
+        let _held = self.gate.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.gate.owner.store(thread_number(), Ordering::Release);
+        let out = (|| {
+            self.stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(|e| driver_err("starting a recording", e))?;
+            let r = f();
+            // The recording ends whatever `f` did, so that the stream runs work again.
+            let g = self
+                .stream
+                .end_capture(sys::CUgraphInstantiate_flags(0))
+                .map_err(|e| driver_err("recording the work", e));
+            let t = r?;
+            let g = g?.ok_or_else(|| Error::Device("an empty recording".into()))?;
+            Ok((t, Graph(g)))
+        })();
+        self.gate.owner.store(0, Ordering::Release);
+        out
+    }
+
+    /// Queues a recorded graph.
+    pub fn replay(&self, g: &Graph) -> Result<()> {
+        let _g = self.gate.enter();
+        g.0.launch()
+            .map_err(|e| driver_err("replaying a recording", e))
     }
 
     /// `bytes` of device memory, contents undefined.
     pub fn alloc(&self, bytes: usize) -> Result<Buf> {
+        let _g = self.gate.enter();
         let n = bytes.max(16).next_multiple_of(16);
         // SAFETY: the contents are written before they are read (or `zeros` clears them).
         let slice = unsafe { self.stream.alloc::<u8>(n) }.map_err(|e| {
@@ -272,6 +341,7 @@ impl Gpu {
 
     /// Sets `bytes` at `ptr` to `value`.
     pub fn memset_value(&self, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+        let _g = self.gate.enter();
         self.bind()?;
         // SAFETY: the range lies in a live allocation of this context.
         unsafe { result::memset_d8_async(ptr, value, bytes, self.stream.cu_stream()) }
@@ -292,6 +362,7 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
+        let _g = self.gate.enter();
         self.bind()?;
         // SAFETY: `ptr` has room for `bytes`; a pageable host source is staged synchronously.
         unsafe {
@@ -306,6 +377,7 @@ impl Gpu {
 
     /// `n` values of type `T` read from `ptr` (waits for the stream).
     pub fn read<T: Copy + Default>(&self, ptr: u64, n: usize) -> Result<Vec<T>> {
+        let _g = self.gate.enter();
         let mut out = vec![T::default(); n];
         if n == 0 {
             return Ok(out);
@@ -320,7 +392,9 @@ impl Gpu {
             result::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream())
                 .map_err(|e| driver_err("copying from the device", e))?;
         }
-        self.sync()?;
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("running kernels", e))?;
         Ok(out)
     }
 
@@ -329,6 +403,7 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
+        let _g = self.gate.enter();
         self.bind()?;
         // SAFETY: both ranges lie in live allocations.
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
@@ -337,6 +412,7 @@ impl Gpu {
 
     /// Waits for all queued work; a kernel's fault surfaces here.
     pub fn sync(&self) -> Result<()> {
+        let _g = self.gate.enter();
         self.stream
             .synchronize()
             .map_err(|e| driver_err("running kernels", e))
@@ -373,6 +449,7 @@ impl Gpu {
             )
             .map_err(|e| driver_err(&format!("kernel {name}: shared memory"), e))?;
         }
+        let _g = self.gate.enter();
         self.bind()?;
         let mut params: Vec<*mut c_void> = args
             .starts

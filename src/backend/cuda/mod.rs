@@ -11,9 +11,10 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use gpu::{Args, Buf, Gpu};
+use gpu::{Args, Buf, Gpu, Graph};
 pub use state::{CudaMark, CudaSeq};
 use state::{Layout, Pool, SeqDesc};
 
@@ -152,15 +153,35 @@ pub struct Batch<'a> {
     states: Vec<&'a mut CudaSeq>,
     layout: Arc<Layout>,
     t: usize,
-    /// Largest position + 1 of any token.
+    /// Largest position + 1 of any token (for a decode step, rounded up to its bucket).
     max_end: usize,
-    _meta: Buf,
+    meta: Buf,
+    /// A decode step: its launches depend on the number of sequences and the bucket of
+    /// `max_end` alone, so a recording of them can be replayed.
+    steady: bool,
     tokens: u64,
     tok_pos: u64,
     tok_seq: u64,
     descs: u64,
     /// Per compress ratio: the (sequence, entry) pairs completed by this call.
     jobs: HashMap<usize, (u64, usize)>,
+}
+
+impl Batch<'_> {
+    /// Points the launches at a copy of the batch description at `base`.
+    fn rebase(&mut self, base: u64) {
+        let old = self.meta.ptr;
+        let moved = |p: &mut u64| *p = *p - old + base;
+        for p in [
+            &mut self.tokens,
+            &mut self.tok_pos,
+            &mut self.tok_seq,
+            &mut self.descs,
+        ] {
+            moved(p);
+        }
+        self.jobs.values_mut().for_each(|(p, _)| moved(p));
+    }
 }
 
 /// `#[repr(C)]` mirrors of the kernels' argument structs.
@@ -322,8 +343,48 @@ pub struct Cuda {
     /// Whether FP8/FP4 linears run on tensor cores (compute capability 8.0 and later, unless
     /// `HADAL_CUDA_LINEAR=simt` asks for the CUDA-core kernels).
     pub tensor_cores: bool,
+    /// Whether decode steps are recorded once per shape and replayed as CUDA graphs (unless
+    /// `HADAL_CUDA_GRAPHS=0`).
+    pub graphs: AtomicBool,
     pool: Arc<Pool>,
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
+    recordings: Mutex<Recordings>,
+}
+
+/// Recorded decode steps by (tokens, bucket of the longest context), least recently used
+/// dropped beyond [`Recordings::MAX`].
+#[derive(Default)]
+struct Recordings {
+    by_shape: HashMap<(usize, usize), Recording>,
+    clock: u64,
+}
+
+impl Recordings {
+    const MAX: usize = 64;
+}
+
+/// One recorded forward pass and the buffers its launches address.
+struct Recording {
+    graph: Graph,
+    /// Where the batch's tokens, positions and descriptors are copied before a replay.
+    meta: Buf,
+    /// Where the replay leaves the final stream.
+    out: Buf,
+    used: u64,
+}
+
+/// The context length a decode step's launches are sized for: `end` rounded up to a quarter of
+/// its power of two (at least 64), so a growing sequence is recorded about four times an
+/// octave, and its kernels do at most a quarter more than needed.
+fn bucket(end: usize) -> usize {
+    let g = (end.max(1).ilog2().saturating_sub(2)).max(6);
+    end.next_multiple_of(1 << g)
+}
+
+/// Threads of a block that reduces a row of `n` values: about four values each (one round of
+/// loads at decode, where a row is all the work there is), 32 to 1,024.
+fn row_threads(n: usize) -> u32 {
+    n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
 }
 
 fn blocks_1d(n: usize, threads: usize) -> (u32, u32, u32) {
@@ -352,11 +413,14 @@ impl Cuda {
     pub fn with_state_pool(n: usize, limit: Option<u64>) -> Result<Self> {
         let gpu = Gpu::open(n)?;
         let simt = std::env::var("HADAL_CUDA_LINEAR").is_ok_and(|v| v == "simt");
+        let graphs = !std::env::var("HADAL_CUDA_GRAPHS").is_ok_and(|v| v == "0");
         Ok(Cuda {
             tensor_cores: gpu.arch >= (8, 0) && !simt,
+            graphs: AtomicBool::new(graphs),
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
             gpu,
             layouts: Mutex::new(HashMap::new()),
+            recordings: Mutex::new(Recordings::default()),
         })
     }
 
@@ -555,10 +619,11 @@ impl Cuda {
         Ok(y)
     }
 
-    /// Slices of the longest key list of a batch (64 keys a slice, at most 64 slices; each
-    /// token takes as many as its own keys need, `KEYS_PER_SPLIT` in attention.cu).
+    /// Slices of the longest key list of a batch (32 keys a slice, at most 128 slices; each
+    /// token takes as many as its own keys need: `KEYS_PER_SPLIT`, `SPLITS_MAX` in
+    /// attention.cu).
     fn splits(keys: usize) -> usize {
-        keys.div_ceil(64).clamp(1, 64)
+        keys.div_ceil(32).clamp(1, 128)
     }
 
     fn check_hc(m: usize) -> Result<()> {
@@ -701,6 +766,9 @@ impl Device for Cuda {
             .collect();
         ratios.sort_unstable();
         ratios.dedup();
+        // A decode step is recorded and replayed: its launches must not depend on which
+        // sequences finish a compressed entry (each may, so each gets a slot, vacant or not).
+        let steady = self.graphs.load(Ordering::Relaxed) && spans.iter().all(|s| s.len == 1);
         let mut job_lists: Vec<(usize, Vec<u32>)> = Vec::new();
         for &c in &ratios {
             let mut j = Vec::new();
@@ -709,6 +777,9 @@ impl Device for Cuda {
                     j.push(i as u32);
                     j.push(e as u32);
                 }
+            }
+            if steady {
+                j.resize(2 * spans.len(), u32::MAX);
             }
             job_lists.push((c, j));
         }
@@ -732,7 +803,10 @@ impl Device for Cuda {
         }
         let meta = self.gpu.upload(&words)?;
         let addr = |i: usize| meta.ptr + 4 * i as u64;
-        let max_end = spans.iter().map(|s| s.pos + s.len).max().unwrap_or(0);
+        let mut max_end = spans.iter().map(|s| s.pos + s.len).max().unwrap_or(0);
+        if steady {
+            max_end = bucket(max_end);
+        }
         Ok(Batch {
             jobs: job_at
                 .into_iter()
@@ -742,12 +816,81 @@ impl Device for Cuda {
             tok_pos: addr(at_pos),
             tok_seq: addr(at_seq),
             descs: meta.ptr,
-            _meta: meta,
+            meta,
+            steady,
             states,
             layout,
             t,
             max_end,
         })
+    }
+
+    fn replay<'a, F>(&self, b: &mut Batch<'a>, width: usize, mut f: F) -> Result<Tensor>
+    where
+        F: FnMut(&mut Batch<'a>) -> Result<Tensor>,
+    {
+        if !b.steady || !self.graphs.load(Ordering::Relaxed) {
+            return f(b);
+        }
+        let shape = (b.t, b.max_end);
+        let bytes = 4 * b.t * width;
+        let mut rec = self.recordings.lock().expect("recordings lock");
+        rec.clock += 1;
+        let now = rec.clock;
+        if let Some(r) = rec.by_shape.get_mut(&shape) {
+            r.used = now;
+            self.gpu.copy(r.meta.ptr, b.meta.ptr, b.meta.bytes)?;
+            self.gpu.replay(&r.graph)?;
+            let out = self.tensor(b.t, width)?;
+            self.gpu.copy(out.buf.ptr, r.out.ptr, bytes)?;
+            return Ok(out);
+        }
+        // Record: the launches address a batch description and an output of their own.
+        let meta = self.gpu.alloc(b.meta.bytes)?;
+        self.gpu.copy(meta.ptr, b.meta.ptr, b.meta.bytes)?;
+        b.rebase(meta.ptr);
+        let out = self.gpu.alloc(bytes)?;
+        let recorded = self.gpu.capture(|| {
+            let x = f(b)?;
+            if (x.rows, x.cols) != (b.t, width) {
+                return Err(Error::Device(format!(
+                    "a recorded pass returned {}x{}, not {}x{width}",
+                    x.rows, x.cols, b.t
+                )));
+            }
+            self.gpu.copy(out.ptr, x.buf.ptr, bytes)
+        });
+        let graph = match recorded {
+            Ok(((), g)) => g,
+            Err(Error::Device(e)) => {
+                // The pass needs what a recording cannot hold: run it as it comes, from now on.
+                eprintln!("hadal: warning: CUDA graphs off: recording a decode step failed: {e}");
+                self.graphs.store(false, Ordering::Relaxed);
+                return f(b);
+            }
+            Err(e) => return Err(e),
+        };
+        self.gpu.replay(&graph)?;
+        let x = self.tensor(b.t, width)?;
+        self.gpu.copy(x.buf.ptr, out.ptr, bytes)?;
+        if rec.by_shape.len() >= Recordings::MAX {
+            let oldest = rec
+                .by_shape
+                .iter()
+                .min_by_key(|(_, r)| r.used)
+                .map(|(k, _)| *k);
+            oldest.map(|k| rec.by_shape.remove(&k));
+        }
+        rec.by_shape.insert(
+            shape,
+            Recording {
+                graph,
+                meta,
+                out,
+                used: now,
+            },
+        );
+        Ok(x)
     }
 
     fn hidden(t: Tensor) -> Hidden {
@@ -852,7 +995,7 @@ impl Device for Cuda {
         self.launch(
             "rms_norm",
             (rows as u32, 1, 1),
-            256,
+            row_threads(w.len),
             0,
             Args::new()
                 .push(x.buf.ptr)
@@ -1019,7 +1162,7 @@ impl Device for Cuda {
         self.launch(
             "hc_mix",
             (t as u32, 1, 1),
-            256,
+            row_threads(m * d),
             0,
             Args::new()
                 .push(mix.buf.ptr)
@@ -1066,7 +1209,7 @@ impl Device for Cuda {
         self.launch(
             "hc_head",
             (t as u32, 1, 1),
-            256,
+            row_threads(m * d),
             0,
             Args::new()
                 .push(mix.buf.ptr)
@@ -1155,6 +1298,12 @@ impl Device for Cuda {
             .as_ref()
             .ok_or_else(|| Error::Input(format!("block {slot} has no indexer")))?;
         let ratio = ix.compressor.ratio;
+        if cl.row.bytes > 256 || ix.heads > 128 {
+            return Err(Error::Input(format!(
+                "{} index heads, rows of {} bytes: the CUDA indexer takes up to 128 and 256",
+                ix.heads, cl.row.bytes
+            )));
+        }
         let nmax = b.max_end / ratio;
         let picks = self.gpu.alloc(4 * b.t * ix.topk)?;
         if nmax == 0 {
@@ -1179,10 +1328,11 @@ impl Device for Cuda {
             table: cl.table as i64,
             row: cl.row,
         };
-        let smem = 4 * (ix.dim * ix.heads + ix.heads + 16 * ix.dim);
+        // q transposed, the head weights, 32 decoded entries (`ET` in indexer.cu).
+        let smem = 4 * (ix.dim * ix.heads + ix.heads + 32 * ix.dim);
         self.launch(
             "index_scores",
-            (b.t as u32, nmax.div_ceil(16) as u32, 1),
+            (b.t as u32, nmax.div_ceil(32) as u32, 1),
             256,
             smem as u32,
             Args::new().push(a),
@@ -1216,12 +1366,13 @@ impl Device for Cuda {
         picks: Option<&Picks>,
     ) -> Result<Tensor> {
         let (h, dh, w) = (a.heads, a.dim, a.window);
-        if dh % 32 != 0 || dh > 512 {
+        let row = b.layout.attn_row;
+        if dh % 32 != 0 || dh > 512 || row.bytes > 768 {
             return Err(Error::Input(format!(
-                "head_dim = {dh}: the CUDA attention takes multiples of 32 up to 512"
+                "head_dim = {dh} ({} bytes a row): the CUDA attention takes multiples of 32 up to 512, rows up to 768 bytes",
+                row.bytes
             )));
         }
-        let row = b.layout.attn_row;
         let bl = b.layout.blocks[slot].clone();
         let kvr = self.copy(kv)?;
         let packed = self.gpu.alloc(b.t * row.size())?;

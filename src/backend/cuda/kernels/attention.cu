@@ -40,28 +40,38 @@ struct AttnArgs {
     RowFmt row;
 };
 
-#define KT 8
-#define KEYS_PER_SPLIT 64
+#define KT 16
+#define KEYS_PER_SPLIT 32
 #define DPL_MAX 16
+// Bytes of a packed row staged in shared memory (attention rows of head_dim <= 512 with 64
+// RoPE dims take 720; the host checks).
+#define ROW_MAX 768
 
-// Element i of key kk of token t's key list: its window rows, then its compressed entries.
-__device__ __forceinline__ float key_elem(const AttnArgs& a, const SeqDesc& s, long p, int nwin,
-                                          long kk, int t, int i) {
+// Where key kk of token t's key list lives: a packed row (its window rows, then its compressed
+// entries), or, for a row of this very call not yet in the state, its index in `kv` (-1-i).
+__device__ __forceinline__ const u8* key_row(const AttnArgs& a, const SeqDesc& s, long p, int nwin,
+                                             long kk, int t, long* kv_row) {
+    *kv_row = -1;
     if (kk < nwin) {
         long qk = p - nwin + 1 + kk;
-        if (qk >= s.pos) return a.kv[(s.start + qk - s.pos) * a.dh + i];
-        const u8* row = (const u8*)s.fixed + a.win_off + (qk % a.window) * (long)a.row.bytes;
-        return row_elem(row, i, a.row);
+        if (qk >= s.pos) {
+            *kv_row = s.start + qk - s.pos;
+            return nullptr;
+        }
+        return (const u8*)s.fixed + a.win_off + (qk % a.window) * (long)a.row.bytes;
     }
     long e = kk - nwin;
     if (a.picks) e = a.picks[(long)t * a.K + e];
-    return row_elem(paged_row(s.tables, a.table, e, a.row.bytes), i, a.row);
+    return paged_row(s.tables, a.table, e, a.row.bytes);
 }
 
 // Partial softmax of one token (t0 + blockIdx.x), a group of heads (one warp each, blockIdx.y),
 // and a slice of its keys (blockIdx.z): running max, sum and weighted values.
 extern "C" __global__ void attn_partial(AttnArgs a) {
     __shared__ float keys[KT][512];
+    __shared__ uint4 raw[KT][ROW_MAX / 16];
+    __shared__ const u8* src[KT];
+    __shared__ long kv_row[KT];
     int t = a.t0 + blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nwarps = blockDim.x >> 5;
     int h = blockIdx.y * nwarps + warp;
@@ -91,11 +101,24 @@ extern "C" __global__ void attn_partial(AttnArgs a) {
         o[i] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
+    int chunks = a.row.bytes / 16;
     for (long kb = k0; kb < k1; kb += KT) {
         int nk = (int)(k1 - kb < KT ? k1 - kb : KT);
         __syncthreads();
-        for (int i = threadIdx.x; i < nk * a.dh; i += blockDim.x)
-            keys[i / a.dh][i % a.dh] = key_elem(a, s, p, nwin, kb + i / a.dh, t, i % a.dh);
+        // The rows' bytes in 16-byte pieces, all in flight at once; then decoded from shared
+        // memory.
+        if ((int)threadIdx.x < nk) src[threadIdx.x] = key_row(a, s, p, nwin, kb + threadIdx.x, t, &kv_row[threadIdx.x]);
+        __syncthreads();
+#pragma unroll 4
+        for (int i = threadIdx.x; i < nk * chunks; i += blockDim.x) {
+            const u8* r = src[i / chunks];
+            if (r) raw[i / chunks][i % chunks] = ((const uint4*)r)[i % chunks];
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < nk * a.dh; i += blockDim.x) {
+            int k = i / a.dh, d = i % a.dh;
+            keys[k][d] = src[k] ? row_elem((const u8*)raw[k], d, a.row) : a.kv[kv_row[k] * a.dh + d];
+        }
         __syncthreads();
         for (int k = 0; k < nk; k++) {
             float d = 0.0f;
@@ -124,20 +147,26 @@ extern "C" __global__ void attn_partial(AttnArgs a) {
 }
 
 // Joins the slices of each (token, head) (one block each) with the sink in the denominator.
+// Each slice's weight exp(m_i - max) is computed once, in shared memory (S <= SPLITS_MAX).
+#define SPLITS_MAX 128
 extern "C" __global__ void attn_combine(const float* om, const float* ol, const float* oo,
                                         const float* sink, float* out, int H, int dh, int S) {
+    __shared__ float wt[SPLITS_MAX];
     long th = blockIdx.x;
     int h = th % H;
     const float* ms = om + th * S;
     float mx = NEG_INF;
     for (int i = 0; i < S; i++) mx = fmaxf(mx, ms[i]);
+    for (int i = threadIdx.x; i < S; i += blockDim.x) wt[i] = ms[i] > NEG_INF ? expf(ms[i] - mx) : 0.0f;
+    __syncthreads();
     float den = expf(sink[h] - mx);
     for (int i = 0; i < S; i++)
-        if (ms[i] > NEG_INF) den += ol[th * S + i] * expf(ms[i] - mx);
+        if (ms[i] > NEG_INF) den += ol[th * S + i] * wt[i];
     for (int d = threadIdx.x; d < dh; d += blockDim.x) {
         float acc = 0.0f;
+#pragma unroll 4
         for (int i = 0; i < S; i++)
-            if (ms[i] > NEG_INF) acc += oo[(th * S + i) * dh + d] * expf(ms[i] - mx);
+            if (ms[i] > NEG_INF) acc += oo[(th * S + i) * dh + d] * wt[i];
         out[th * dh + d] = acc / den;
     }
 }

@@ -34,10 +34,12 @@ __device__ __forceinline__ float2 comp_row(const CompressArgs& a, const SeqDesc&
     return make_float2(((const float*)(fixed + a.prev_kv))[i], ((const float*)(fixed + a.prev_score))[i]);
 }
 
-// One block a (sequence, entry) job, one thread a dim (blockDim.x = d).
+// One block a (sequence, entry) job, one thread a dim (blockDim.x = d). A job whose sequence is
+// 0xffffffff is a vacancy: a recorded decode step launches one block for each sequence.
 extern "C" __global__ void compress_emit(const u32* jobs, const SeqDesc* descs, CompressArgs a) {
     __shared__ float sh[32];
     extern __shared__ float v[];
+    if (jobs[2 * blockIdx.x] == 0xffffffffu) return;
     const SeqDesc s = descs[jobs[2 * blockIdx.x]];
     long b = jobs[2 * blockIdx.x + 1];
     int j = threadIdx.x;

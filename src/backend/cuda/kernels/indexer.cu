@@ -12,13 +12,20 @@ struct ScoreArgs {
     RowFmt row;
 };
 
-#define ET 16
+#define ET 32
+// Entries each warp scores (8 warps a block).
+#define EPW (ET / 8)
+// Head chunks of 32 a lane holds (H <= 32 * HC_MAX; the host checks).
+#define HC_MAX 4
+// Bytes of an index row staged in shared memory (the host checks).
+#define IROW_MAX 256
 
-// One block (8 warps) a token and 16 entries; each warp scores 2 entries, each lane 1/32 of the
-// heads.
+// One block (8 warps) a token and ET entries; each warp scores EPW entries at once (one pass
+// over the dims, each query value read once for all of them), each lane 1/32 of the heads.
 // Shared: q transposed [dim][H], the head weights, the decoded keys [ET][dim].
 extern "C" __global__ void index_scores(ScoreArgs a) {
     extern __shared__ float sm[];
+    __shared__ uint4 raw[ET][IROW_MAX / 16];
     float* qt = sm;
     float* wh = qt + a.dim * a.H;
     float* keys = wh + a.H;
@@ -31,22 +38,44 @@ extern "C" __global__ void index_scores(ScoreArgs a) {
         qt[d * a.H + h] = a.q[(long)t * a.H * a.dim + i];
     }
     for (int i = threadIdx.x; i < a.H; i += blockDim.x) wh[i] = a.w[(long)t * a.H + i];
-    for (int i = threadIdx.x; i < ET * a.dim; i += blockDim.x) {
-        long e = e0 + i / a.dim;
-        keys[i] = e < n ? row_elem(paged_row(s.tables, a.table, e, a.row.bytes), i % a.dim, a.row) : 0.0f;
+    // The entries' bytes in 16-byte pieces, all in flight at once, then decoded.
+    int chunks = a.row.bytes / 16;
+    for (int i = threadIdx.x; i < ET * chunks; i += blockDim.x) {
+        long e = e0 + i / chunks;
+        if (e < n) raw[i / chunks][i % chunks] = ((const uint4*)paged_row(s.tables, a.table, e, a.row.bytes))[i % chunks];
     }
     __syncthreads();
-    for (int k = warp * 2; k < warp * 2 + 2; k++) {
-        long e = e0 + k;
-        if (e >= a.nmax) break;
-        float sc = 0.0f;
-        for (int h = lane; h < a.H; h += 32) {
-            float acc = 0.0f;
-            for (int d = 0; d < a.dim; d++) acc = fmaf(qt[d * a.H + h], keys[k * a.dim + d], acc);
-            sc += fmaxf(acc, 0.0f) * wh[h];
+    for (int i = threadIdx.x; i < ET * a.dim; i += blockDim.x) {
+        long e = e0 + i / a.dim;
+        keys[i] = e < n ? row_elem((const u8*)raw[i / a.dim], i % a.dim, a.row) : 0.0f;
+    }
+    __syncthreads();
+    const float* kw = keys + warp * EPW * a.dim;
+    float acc[EPW][HC_MAX];
+#pragma unroll
+    for (int k = 0; k < EPW; k++)
+#pragma unroll
+        for (int c = 0; c < HC_MAX; c++) acc[k][c] = 0.0f;
+    for (int d = 0; d < a.dim; d++) {
+        float q[HC_MAX];
+#pragma unroll
+        for (int c = 0; c < HC_MAX; c++) q[c] = lane + 32 * c < a.H ? qt[d * a.H + lane + 32 * c] : 0.0f;
+#pragma unroll
+        for (int k = 0; k < EPW; k++) {
+            float kv = kw[k * a.dim + d];
+#pragma unroll
+            for (int c = 0; c < HC_MAX; c++) acc[k][c] = fmaf(q[c], kv, acc[k][c]);
         }
+    }
+#pragma unroll
+    for (int k = 0; k < EPW; k++) {
+        long e = e0 + warp * EPW + k;
+        float sc = 0.0f;
+#pragma unroll
+        for (int c = 0; c < HC_MAX; c++)
+            if (lane + 32 * c < a.H) sc += fmaxf(acc[k][c], 0.0f) * wh[lane + 32 * c];
         sc = warp_sum(sc);
-        if (lane == 0) a.scores[(long)t * a.nmax + e] = e < n ? sc : NEG_INF;
+        if (lane == 0 && e < a.nmax) a.scores[(long)t * a.nmax + e] = e < n ? sc : NEG_INF;
     }
 }
 
@@ -92,6 +121,7 @@ extern "C" __global__ void index_topk(const float* scores, const u32* tok_pos, i
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
+#pragma unroll 8
         for (long i = threadIdx.x; i < n; i += blockDim.x) {
             u32 u = fkey(row[i]);
             if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1u);
@@ -117,6 +147,7 @@ extern "C" __global__ void index_topk(const float* scores, const u32* tok_pos, i
     long chunk = (n + blockDim.x - 1) / blockDim.x;
     long i0 = threadIdx.x * chunk, i1 = i0 + chunk < n ? i0 + chunk : n;
     u32 gt = 0, eq = 0;
+#pragma unroll 8
     for (long i = i0; i < i1; i++) {
         u32 u = fkey(row[i]);
         gt += u > prefix;

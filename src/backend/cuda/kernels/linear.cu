@@ -21,41 +21,90 @@ template <> struct Chunk<FMT_F4> { static const int N = 32; };
 template <> struct Chunk<FMT_BF16> { static const int N = 8; };
 template <> struct Chunk<FMT_F32> { static const int N = 4; };
 
-// Decodes the CH weights of row n starting at column k0 (scales applied) into w.
+// A chunk's bytes and its scale, as loaded (decoded later, so that several loads are in flight).
+struct Raw {
+    uint4 q;
+    float s;
+};
+
+// Loads the CH weights of row n starting at column k0 and their scale.
 template <int FMT>
-__device__ __forceinline__ void decode_chunk(const u8* W, const u8* S, long n, long k0, long K,
-                                             const float* lut, float* w) {
-    const int CH = Chunk<FMT>::N;
+__device__ __forceinline__ Raw load_chunk(const u8* W, const u8* S, long n, long k0, long K) {
+    Raw r;
+    r.s = 1.0f;
     if (FMT == FMT_F8) {
-        uint4 q = *(const uint4*)(W + n * K + k0);
-        float s = e8m0(S[(n / 128) * ((K + 127) / 128) + k0 / 128]);
-        u32 words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++) w[i * 4 + j] = e4m3((words[i] >> (8 * j)) & 0xff) * s;
+        r.q = *(const uint4*)(W + n * K + k0);
+        r.s = e8m0(S[(n / 128) * ((K + 127) / 128) + k0 / 128]);
     } else if (FMT == FMT_F4) {
-        uint4 q = *(const uint4*)(W + n * (K / 2) + k0 / 2);
-        float s = e8m0(S[n * (K / 32) + k0 / 32]);
-        u32 words[4] = {q.x, q.y, q.z, q.w};
+        r.q = *(const uint4*)(W + n * (K / 2) + k0 / 2);
+        r.s = e8m0(S[n * (K / 32) + k0 / 32]);
+    } else if (FMT == FMT_BF16) {
+        r.q = *(const uint4*)((const u16*)W + n * K + k0);
+    } else {
+        r.q = *(const uint4*)((const float*)W + n * K + k0);
+    }
+    return r;
+}
+
+// The CH weights of a loaded chunk, scale applied.
+template <int FMT>
+__device__ __forceinline__ void decode_raw(Raw r, const float* lut, float* w) {
+    u32 words[4] = {r.q.x, r.q.y, r.q.z, r.q.w};
+    if (FMT == FMT_F8) {
 #pragma unroll
         for (int i = 0; i < 4; i++)
 #pragma unroll
-            for (int j = 0; j < 8; j++) w[i * 8 + j] = lut[(words[i] >> (4 * j)) & 15] * s;
+            for (int j = 0; j < 4; j++) w[i * 4 + j] = e4m3((words[i] >> (8 * j)) & 0xff) * r.s;
+    } else if (FMT == FMT_F4) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) w[i * 8 + j] = lut[(words[i] >> (4 * j)) & 15] * r.s;
     } else if (FMT == FMT_BF16) {
-        uint4 q = *(const uint4*)((const u16*)W + n * K + k0);
-        u32 words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             w[2 * i] = __int_as_float(words[i] << 16);
             w[2 * i + 1] = __int_as_float(words[i] & 0xffff0000u);
         }
     } else {
-        float4 q = *(const float4*)((const float*)W + n * K + k0);
-        w[0] = q.x; w[1] = q.y; w[2] = q.z; w[3] = q.w;
+#pragma unroll
+        for (int i = 0; i < 4; i++) w[i] = __int_as_float(words[i]);
     }
-    (void)CH;
 }
+
+// Decodes the CH weights of row n starting at column k0 (scales applied) into w.
+template <int FMT>
+__device__ __forceinline__ void decode_chunk(const u8* W, const u8* S, long n, long k0, long K,
+                                             const float* lut, float* w) {
+    decode_raw<FMT>(load_chunk<FMT>(W, S, n, k0, K), lut, w);
+}
+
+// acc[r] += the chunk's products with rows r0 + r of X (each chunk summed alone, then added).
+template <int FMT>
+__device__ __forceinline__ void gemv_chunk(const float* w, const float* x, long k0, int r0,
+                                           int rows, int ldx, float* acc) {
+    const int CH = Chunk<FMT>::N;
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        if (r < rows) {
+            const float4* xr = (const float4*)(x + (long)(r0 + r) * ldx + k0);
+            float a = 0.0f;
+#pragma unroll
+            for (int i = 0; i < CH / 4; i++) {
+                float4 v = xr[i];
+                a = fmaf(w[4 * i], v.x, a);
+                a = fmaf(w[4 * i + 1], v.y, a);
+                a = fmaf(w[4 * i + 2], v.z, a);
+                a = fmaf(w[4 * i + 3], v.w, a);
+            }
+            acc[r] += a;
+        }
+    }
+}
+
+// Chunks a lane loads before it multiplies: a warp's loads are in flight together rather than
+// one memory latency after another.
+#define GEMV_AHEAD 4
 
 // Y[r, n] = sum_k X[r, g(n) K + k] W[n, k]: one warp (or KS warps splitting K) per output,
 // 16-byte weight loads decoded in registers and applied to 8 activation rows at a time.
@@ -75,31 +124,29 @@ __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, 
     int rows_per_block = 8 / KS;
     int n = blockIdx.x * rows_per_block + warp / KS, ks = warp % KS;
     const float* x = X + (group_rows > 0 && n < N ? (long)(n / group_rows) * K : 0);
+    const long step = (long)KS * 32 * CH;
     for (int r0 = 0; r0 < R; r0 += 8) {
         int rows = R - r0 < 8 ? R - r0 : 8;
         float acc[8];
 #pragma unroll
         for (int r = 0; r < 8; r++) acc[r] = 0.0f;
         if (n < N) {
-            for (long k0 = (long)(ks * 32 + lane) * CH; k0 < K; k0 += (long)KS * 32 * CH) {
+            long k0 = (long)(ks * 32 + lane) * CH;
+            for (; k0 + (GEMV_AHEAD - 1) * step < K; k0 += GEMV_AHEAD * step) {
+                Raw raw[GEMV_AHEAD];
+#pragma unroll
+                for (int u = 0; u < GEMV_AHEAD; u++) raw[u] = load_chunk<FMT>(W, S, n, k0 + u * step, K);
+#pragma unroll
+                for (int u = 0; u < GEMV_AHEAD; u++) {
+                    float w[CH];
+                    decode_raw<FMT>(raw[u], lut, w);
+                    gemv_chunk<FMT>(w, x, k0 + u * step, r0, rows, ldx, acc);
+                }
+            }
+            for (; k0 < K; k0 += step) {
                 float w[CH];
                 decode_chunk<FMT>(W, S, n, k0, K, lut, w);
-#pragma unroll
-                for (int r = 0; r < 8; r++) {
-                    if (r < rows) {
-                        const float4* xr = (const float4*)(x + (long)(r0 + r) * ldx + k0);
-                        float a = 0.0f;
-#pragma unroll
-                        for (int i = 0; i < CH / 4; i++) {
-                            float4 v = xr[i];
-                            a = fmaf(w[4 * i], v.x, a);
-                            a = fmaf(w[4 * i + 1], v.y, a);
-                            a = fmaf(w[4 * i + 2], v.z, a);
-                            a = fmaf(w[4 * i + 3], v.w, a);
-                        }
-                        acc[r] += a;
-                    }
-                }
+                gemv_chunk<FMT>(w, x, k0, r0, rows, ldx, acc);
             }
         }
 #pragma unroll
@@ -118,7 +165,7 @@ __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, 
 }
 
 #define LINEAR_KERNELS(NAME, FMT)                                                              \
-    extern "C" __global__ void __launch_bounds__(256) gemv_##NAME(                             \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemv_##NAME(                          \
         const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R, int ldx,      \
         int ldy, int group_rows, int KS) {                                                     \
         gemv<FMT>(W, S, X, Y, N, K, R, ldx, ldy, group_rows, KS);                              \

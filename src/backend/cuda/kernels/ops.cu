@@ -5,9 +5,11 @@ extern "C" __global__ void rms_norm(float* x, const float* w, int d, float eps) 
     __shared__ float sh[32];
     float* r = x + (long)blockIdx.x * d;
     float ss = 0.0f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];
     ss = block_sum(ss, sh);
     float inv = 1.0f / sqrtf(ss / (float)d + eps);
+#pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = w[i] * (r[i] * inv);
 }
 

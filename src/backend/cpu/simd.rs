@@ -1,0 +1,785 @@
+//! Matrix products on SIMD lanes, in the two summation orders of [`super::order`], with the
+//! weights decoded from their checkpoint format in registers.
+//!
+//! [`Order::Chain`](super::order::Order) sums each output as one fused multiply-add chain over
+//! `k` (in the blocks of [`blocks`]): a serial dependency, so one output cannot spread over SIMD
+//! lanes. Many outputs can: each lane carries one output's chain, fed its own weight row at the
+//! same `k`, so every output gets exactly the scalar chain's bits, whatever shares its tile.
+//! A tile is as many weight rows as there are lanes; its weights are decoded a square of rows by
+//! columns at a time, and transposed there ([`product`]).
+//!
+//! [`Order::Lanes16`](super::order::Order) sums each output on sixteen lanes, lane `l` a chain
+//! over `k = l, l + 16, ...`: exactly a 16-wide vector's accumulator (two 8-wide ones), so one
+//! output's weight row streams through registers with no transpose ([`product16`]), at the
+//! memory's pace.
+//!
+//! AVX-512 (16 lanes) and AVX2 (8 lanes) are chosen at run time; elsewhere, and for widths they
+//! do not take, [`super::linear`]'s scalar loops run.
+
+use rayon::prelude::*;
+
+use super::order::blocks;
+use crate::quant::{e8m0, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK};
+use crate::weights::{Matrix, Storage};
+
+/// The SIMD width this CPU gives the chain kernels (0: none).
+pub fn lanes() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return 16;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return 8;
+        }
+    }
+    0
+}
+
+/// Whether [`product`] takes a `k`-wide product: every chain block a whole number of squares.
+pub fn takes(k: usize) -> bool {
+    let l = lanes();
+    l > 0 && k > 0 && blocks(k).all(|b| b % l == 0)
+}
+
+/// `rows x n` outputs (row-major) of the products of `x` (`rows x k`) with weight rows
+/// `range` of `m`, each summed as [`Order::Chain`](super::order::Order) sums it. Needs
+/// [`takes`]`(k)`; the outputs past the last whole tile are left to the caller (returned
+/// count).
+pub fn product(
+    m: &Matrix,
+    x: &[f32],
+    rows: usize,
+    range: std::ops::Range<usize>,
+) -> (Vec<f32>, usize) {
+    product_in(lanes(), m, x, rows, range)
+}
+
+/// [`product`] on `l` lanes (16: AVX-512, 8: AVX2), which the CPU must have.
+fn product_in(
+    l: usize,
+    m: &Matrix,
+    x: &[f32],
+    rows: usize,
+    range: std::ops::Range<usize>,
+) -> (Vec<f32>, usize) {
+    let n = range.len();
+    let whole = n / l * l;
+    // `t[j * rows + r]`: output j of row r, tile by tile.
+    let mut t = vec![0f32; whole * rows];
+    let k = m.cols;
+    let min_tiles = (262_144 / (l * k * rows.max(1)).max(1)).max(1);
+    t.par_chunks_mut(l * rows)
+        .enumerate()
+        .with_min_len(min_tiles)
+        .for_each(|(i, out)| {
+            let n0 = range.start + i * l;
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `lanes()` saw the features each kernel is compiled for.
+            unsafe {
+                if l == 16 {
+                    x86::tile_avx512(m, n0, x, rows, out);
+                } else {
+                    x86::tile_avx2(m, n0, x, rows, out);
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (n0, out);
+        });
+    let mut y = vec![0f32; rows * n];
+    for j in 0..whole {
+        for r in 0..rows {
+            y[r * n + j] = t[j * rows + r];
+        }
+    }
+    (y, whole)
+}
+
+/// Whether [`product16`] takes a `k`-wide product: whole groups of sixteen.
+pub fn takes16(k: usize) -> bool {
+    lanes() > 0 && k > 0 && k.is_multiple_of(16)
+}
+
+/// `rows x n` outputs (row-major) of the products of `x` (`rows x k`) with weight rows `range`
+/// of `m`, each summed as [`Order::Lanes16`](super::order::Order) sums it. Needs
+/// [`takes16`]`(k)`.
+pub fn product16(m: &Matrix, x: &[f32], rows: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+    product16_in(lanes(), m, x, rows, range)
+}
+
+/// [`product16`] on `l` lanes (16: AVX-512, 8: AVX2), which the CPU must have.
+fn product16_in(
+    l: usize,
+    m: &Matrix,
+    x: &[f32],
+    rows: usize,
+    range: std::ops::Range<usize>,
+) -> Vec<f32> {
+    let n = range.len();
+    let k = m.cols;
+    // `t[j * rows + r]`: output j of row r, GROUP outputs a task.
+    let mut t = vec![0f32; n * rows];
+    let min_len = (65_536 / (GROUP * k * rows.max(1)).max(1)).max(1);
+    t.par_chunks_mut(GROUP * rows)
+        .enumerate()
+        .with_min_len(min_len)
+        .for_each(|(g, out)| {
+            let j0 = range.start + g * GROUP;
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `lanes()` saw the features each kernel is compiled for.
+            unsafe {
+                if l == 16 {
+                    x86::rows16_avx512(m, j0, x, rows, out);
+                } else {
+                    x86::rows16_avx2(m, j0, x, rows, out);
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (l, j0, out);
+        });
+    if rows == 1 {
+        return t;
+    }
+    let mut y = vec![0f32; rows * n];
+    for j in 0..n {
+        for r in 0..rows {
+            y[r * n + j] = t[j * rows + r];
+        }
+    }
+    y
+}
+
+/// Outputs a [`product16`] kernel call computes together: their chains are independent, so the
+/// core's multiply-add units stay busy (one output's lanes would wait on each other).
+const GROUP: usize = 4;
+
+/// Outputs `j0..` (as many as `out` holds rows for, up to [`GROUP`]) against every activation
+/// row, each summed on sixteen lanes, into `out[i * rows + r]`.
+#[inline(always)]
+unsafe fn rows16<L: Lanes>(m: &Matrix, j0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+    let k = m.cols;
+    let g = out.len() / rows;
+    match &m.storage {
+        Storage::F8 { w, s } => {
+            let (w, s) = (w.as_ptr(), &s[..]);
+            let kb = k.div_ceil(FP8_WEIGHT_BLOCK);
+            rows16_with::<L>(k, x, rows, g, out, |i, kk| {
+                let j = j0 + i;
+                let sc = e8m0(*s.get_unchecked((j / FP8_WEIGHT_BLOCK) * kb + kk / FP8_WEIGHT_BLOCK));
+                L::scale(L::e4m3s(w.add(j * k + kk)), sc)
+            })
+        }
+        Storage::F4 { w, s } => {
+            let (w, s) = (w.as_ptr(), &s[..]);
+            let kb = k / FP4_WEIGHT_BLOCK;
+            rows16_with::<L>(k, x, rows, g, out, |i, kk| {
+                let j = j0 + i;
+                let sc = e8m0(*s.get_unchecked(j * kb + kk / FP4_WEIGHT_BLOCK));
+                L::scale(L::e2m1s(w.add((j * k + kk) / 2)), sc)
+            })
+        }
+        Storage::Bf16(w) => {
+            let w = w.as_ptr();
+            rows16_with::<L>(k, x, rows, g, out, |i, kk| L::bf16s(w.add(((j0 + i) * k + kk) * 2)))
+        }
+        Storage::F32(w) => {
+            let w = w.as_ptr();
+            rows16_with::<L>(k, x, rows, g, out, |i, kk| L::f32s(w.add(((j0 + i) * k + kk) * 4)))
+        }
+    }
+}
+
+/// The sixteen lane chains of `g` outputs for every activation row, `weights(i, kk)` giving
+/// `L::N` decoded weights of output `i` from column `kk`.
+#[inline(always)]
+unsafe fn rows16_with<L: Lanes>(
+    k: usize,
+    x: &[f32],
+    rows: usize,
+    g: usize,
+    out: &mut [f32],
+    weights: impl Fn(usize, usize) -> L::V,
+) {
+    let v = 16 / L::N;
+    let mut lane = [0f32; 16];
+    for r0 in (0..rows).step_by(L::ROWS) {
+        let rs = (rows - r0).min(L::ROWS);
+        // acc[r][i][h]: row r0 + r, output i, lanes h * N..
+        let mut acc = [[[L::zero(); 2]; GROUP]; 4];
+        for kk in (0..k).step_by(16) {
+            for h in 0..v {
+                let xs: [L::V; 4] = std::array::from_fn(|r| {
+                    if r < rs {
+                        L::load(x.as_ptr().add((r0 + r) * k + kk + h * L::N))
+                    } else {
+                        L::zero()
+                    }
+                });
+                for i in 0..g {
+                    let w = weights(i, kk + h * L::N);
+                    for r in 0..rs {
+                        acc[r][i][h] = L::fmav(xs[r], w, acc[r][i][h]);
+                    }
+                }
+            }
+        }
+        for r in 0..rs {
+            for i in 0..g {
+                for h in 0..v {
+                    L::store(acc[r][i][h], &mut lane[h * L::N..]);
+                }
+                // The lanes joined by quarters, then pairs.
+                let q: [f32; 4] =
+                    std::array::from_fn(|l| ((lane[l] + lane[l + 4]) + lane[l + 8]) + lane[l + 12]);
+                out[i * rows + r0 + r] = (q[0] + q[1]) + (q[2] + q[3]);
+            }
+        }
+    }
+}
+
+/// What one SIMD width provides to the kernels.
+trait Lanes {
+    const N: usize;
+    /// Activation rows [`rows16`] keeps accumulators for at once (its registers' worth).
+    const ROWS: usize;
+    type V: Copy;
+    unsafe fn zero() -> Self::V;
+    /// `x * w + acc`, one rounding.
+    unsafe fn fma(x: f32, w: Self::V, acc: Self::V) -> Self::V;
+    /// `x * w + acc` lane by lane, one rounding.
+    unsafe fn fmav(x: Self::V, w: Self::V, acc: Self::V) -> Self::V;
+    /// `N` floats from `p`.
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn scale(v: Self::V, s: f32) -> Self::V;
+    unsafe fn f32s(p: *const u8) -> Self::V;
+    unsafe fn bf16s(p: *const u8) -> Self::V;
+    /// e4m3 codes, as the `E4M3` table decodes them.
+    unsafe fn e4m3s(p: *const u8) -> Self::V;
+    /// e2m1 codes, two a byte (low nibble first), unscaled.
+    unsafe fn e2m1s(p: *const u8) -> Self::V;
+    /// Rows become columns (`v` holds `N` vectors).
+    unsafe fn transpose(v: &mut [Self::V]);
+    unsafe fn store(v: Self::V, out: &mut [f32]);
+    /// Asks for the cache line at `p` (any address: a prefetch never faults).
+    unsafe fn prefetch(p: *const u8);
+    /// The same, into the second-level cache.
+    unsafe fn prefetch_l2(p: *const u8);
+}
+
+/// One tile: weight rows `n0..n0 + L::N` against every activation row, into `out[j * rows + r]`.
+#[inline(always)]
+unsafe fn tile<L: Lanes>(m: &Matrix, n0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+    let k = m.cols;
+    // The weights' bytes are looked up once; each format gets its own loop.
+    match &m.storage {
+        Storage::F8 { w, s } => {
+            let (w, s) = (w.as_ptr(), &s[..]);
+            let kb = k.div_ceil(FP8_WEIGHT_BLOCK);
+            let srow = (n0 / FP8_WEIGHT_BLOCK) * kb;
+            let at = |i: usize, kk: usize| w.wrapping_add((n0 + i) * k + kk);
+            tile_with::<L>(k, x, rows, out, at, |i, kk| {
+                let sc = e8m0(*s.get_unchecked(srow + kk / FP8_WEIGHT_BLOCK));
+                L::scale(L::e4m3s(at(i, kk)), sc)
+            })
+        }
+        Storage::F4 { w, s } => {
+            let (w, s) = (w.as_ptr(), &s[..]);
+            let kb = k / FP4_WEIGHT_BLOCK;
+            let at = |i: usize, kk: usize| w.wrapping_add(((n0 + i) * k + kk) / 2);
+            tile_with::<L>(k, x, rows, out, at, |i, kk| {
+                let sc = e8m0(*s.get_unchecked((n0 + i) * kb + kk / FP4_WEIGHT_BLOCK));
+                L::scale(L::e2m1s(at(i, kk)), sc)
+            })
+        }
+        Storage::Bf16(w) => {
+            let w = w.as_ptr();
+            let at = |i: usize, kk: usize| w.wrapping_add(((n0 + i) * k + kk) * 2);
+            tile_with::<L>(k, x, rows, out, at, |i, kk| L::bf16s(at(i, kk)))
+        }
+        Storage::F32(w) => {
+            let w = w.as_ptr();
+            let at = |i: usize, kk: usize| w.wrapping_add(((n0 + i) * k + kk) * 4);
+            tile_with::<L>(k, x, rows, out, at, |i, kk| L::f32s(at(i, kk)))
+        }
+    }
+}
+
+/// Columns ahead of the current ones whose weights are asked for (a few cache lines per row).
+const AHEAD: usize = 128;
+
+/// The tile's chains, with `row(i, kk)` giving `L::N` weights of tile row `i` from column `kk`
+/// (stored at `at(i, kk)`).
+#[inline(always)]
+unsafe fn tile_with<L: Lanes>(
+    k: usize,
+    x: &[f32],
+    rows: usize,
+    out: &mut [f32],
+    at: impl Fn(usize, usize) -> *const u8,
+    row: impl Fn(usize, usize) -> L::V,
+) {
+    const MAX: usize = 16;
+    let n = L::N;
+    // Chains of up to MAX activation rows at a time stay in registers or close by.
+    let mut acc = [L::zero(); MAX];
+    let mut tot = [L::zero(); MAX];
+    let mut v = [L::zero(); MAX];
+    let mut lane = [0f32; MAX];
+    for r0 in (0..rows).step_by(MAX) {
+        let rs = (rows - r0).min(MAX);
+        let mut from = 0;
+        for (bi, len) in blocks(k).enumerate() {
+            acc[..rs].iter_mut().for_each(|a| *a = L::zero());
+            for kk in (from..from + len).step_by(n) {
+                for (i, vi) in v[..n].iter_mut().enumerate() {
+                    // The rest of this tile's rows, and the next tile's at the same place.
+                    if kk + AHEAD < k {
+                        L::prefetch(at(i, kk + AHEAD));
+                    }
+                    if r0 == 0 {
+                        L::prefetch_l2(at(n + i, kk));
+                    }
+                    *vi = row(i, kk);
+                }
+                L::transpose(&mut v[..n]);
+                for (r, a) in acc[..rs].iter_mut().enumerate() {
+                    let xr = x.as_ptr().add((r0 + r) * k + kk);
+                    let mut s = *a;
+                    for (j, vj) in v[..n].iter().enumerate() {
+                        s = L::fma(*xr.add(j), *vj, s);
+                    }
+                    *a = s;
+                }
+            }
+            for (t, a) in tot[..rs].iter_mut().zip(&acc[..rs]) {
+                *t = if bi == 0 { *a } else { L::add(*t, *a) };
+            }
+            from += len;
+        }
+        for (r, t) in tot[..rs].iter().enumerate() {
+            L::store(*t, &mut lane);
+            for (j, &y) in lane[..n].iter().enumerate() {
+                out[j * rows + r0 + r] = y;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{rows16, tile, Lanes};
+    use crate::weights::Matrix;
+
+    pub struct Avx512;
+    pub struct Avx2;
+
+    // e4m3 codes to f32: a normal code's bits move into an f32 with its exponent re-biased
+    // (+120), a subnormal one is `m * 2^-9`, the sign bit moves to the top, and the two NaN
+    // codes become NaN, as the `E4M3` table has them.
+    const TWO_M9: u32 = 118 << 23;
+    const REBIAS: i32 = 120 << 23;
+    const NAN: i32 = 0x7fc0_0000;
+
+    impl Lanes for Avx512 {
+        const N: usize = 16;
+        const ROWS: usize = 4;
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn fma(x: f32, w: __m512, acc: __m512) -> __m512 {
+            _mm512_fmadd_ps(_mm512_set1_ps(x), w, acc)
+        }
+        #[inline(always)]
+        unsafe fn fmav(x: __m512, w: __m512, acc: __m512) -> __m512 {
+            _mm512_fmadd_ps(x, w, acc)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn scale(v: __m512, s: f32) -> __m512 {
+            _mm512_mul_ps(v, _mm512_set1_ps(s))
+        }
+        #[inline(always)]
+        unsafe fn f32s(p: *const u8) -> __m512 {
+            _mm512_loadu_ps(p as *const f32)
+        }
+        #[inline(always)]
+        unsafe fn bf16s(p: *const u8) -> __m512 {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
+        #[inline(always)]
+        unsafe fn e4m3s(p: *const u8) -> __m512 {
+            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+            let mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+            let normal = _mm512_add_epi32(_mm512_slli_epi32::<20>(mag), _mm512_set1_epi32(REBIAS));
+            let sub = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(mag),
+                _mm512_set1_ps(f32::from_bits(TWO_M9)),
+            );
+            let small = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(8));
+            let v = _mm512_mask_blend_epi32(small, normal, _mm512_castps_si512(sub));
+            let v = _mm512_or_si512(
+                v,
+                _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80))),
+            );
+            let nan = _mm512_cmpeq_epu32_mask(mag, _mm512_set1_epi32(0x7f));
+            _mm512_castsi512_ps(_mm512_mask_blend_epi32(nan, v, _mm512_set1_epi32(NAN)))
+        }
+        #[inline(always)]
+        unsafe fn e2m1s(p: *const u8) -> __m512 {
+            // Each byte twice, then the low nibble of the first copy, the high of the second.
+            let b = _mm_loadl_epi64(p as *const __m128i);
+            let d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+            let shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+            let idx = _mm512_and_si512(_mm512_srlv_epi32(d, shift), _mm512_set1_epi32(15));
+            let lut = _mm512_loadu_ps(crate::quant::E2M1.as_ptr());
+            _mm512_permutexvar_ps(idx, lut)
+        }
+        #[inline(always)]
+        unsafe fn transpose(v: &mut [__m512]) {
+            let mut t = [_mm512_setzero_ps(); 16];
+            for p in 0..8 {
+                t[2 * p] = _mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]);
+                t[2 * p + 1] = _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]);
+            }
+            // u[4g + m]: column 4L + m of rows 4g..4g+4, in each 128-bit lane L.
+            let mut u = [_mm512_setzero_ps(); 16];
+            for g in 0..4 {
+                let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+                u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
+                u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+                u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+                u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+            }
+            for m in 0..4 {
+                let lo0 = _mm512_shuffle_f32x4::<0x88>(u[m], u[4 + m]);
+                let hi0 = _mm512_shuffle_f32x4::<0xDD>(u[m], u[4 + m]);
+                let lo1 = _mm512_shuffle_f32x4::<0x88>(u[8 + m], u[12 + m]);
+                let hi1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + m], u[12 + m]);
+                v[m] = _mm512_shuffle_f32x4::<0x88>(lo0, lo1);
+                v[8 + m] = _mm512_shuffle_f32x4::<0xDD>(lo0, lo1);
+                v[4 + m] = _mm512_shuffle_f32x4::<0x88>(hi0, hi1);
+                v[12 + m] = _mm512_shuffle_f32x4::<0xDD>(hi0, hi1);
+            }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
+        #[inline(always)]
+        unsafe fn prefetch_l2(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m512, out: &mut [f32]) {
+            _mm512_storeu_ps(out.as_mut_ptr(), v)
+        }
+    }
+
+    impl Lanes for Avx2 {
+        const N: usize = 8;
+        const ROWS: usize = 1;
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn fma(x: f32, w: __m256, acc: __m256) -> __m256 {
+            _mm256_fmadd_ps(_mm256_set1_ps(x), w, acc)
+        }
+        #[inline(always)]
+        unsafe fn fmav(x: __m256, w: __m256, acc: __m256) -> __m256 {
+            _mm256_fmadd_ps(x, w, acc)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn scale(v: __m256, s: f32) -> __m256 {
+            _mm256_mul_ps(v, _mm256_set1_ps(s))
+        }
+        #[inline(always)]
+        unsafe fn f32s(p: *const u8) -> __m256 {
+            _mm256_loadu_ps(p as *const f32)
+        }
+        #[inline(always)]
+        unsafe fn bf16s(p: *const u8) -> __m256 {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+        }
+        #[inline(always)]
+        unsafe fn e4m3s(p: *const u8) -> __m256 {
+            // Lanes where the mask is set take the second value.
+            let blend =
+                |k: __m256i, a: __m256, b: __m256| _mm256_blendv_ps(a, b, _mm256_castsi256_ps(k));
+            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+            let mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+            let normal = _mm256_add_epi32(_mm256_slli_epi32::<20>(mag), _mm256_set1_epi32(REBIAS));
+            let sub = _mm256_mul_ps(
+                _mm256_cvtepi32_ps(mag),
+                _mm256_set1_ps(f32::from_bits(TWO_M9)),
+            );
+            let small = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag);
+            let v = blend(small, _mm256_castsi256_ps(normal), sub);
+            let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));
+            let v = _mm256_or_ps(v, _mm256_castsi256_ps(sign));
+            let nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f));
+            blend(nan, v, _mm256_castsi256_ps(_mm256_set1_epi32(NAN)))
+        }
+        #[inline(always)]
+        unsafe fn e2m1s(p: *const u8) -> __m256 {
+            let b = _mm_cvtsi32_si128((p as *const i32).read_unaligned());
+            let d = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+            let shift = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+            let idx = _mm256_and_si256(_mm256_srlv_epi32(d, shift), _mm256_set1_epi32(15));
+            // Magnitude from the eight positive values, sign from bit 3.
+            let lut = _mm256_loadu_ps(crate::quant::E2M1.as_ptr());
+            let mag = _mm256_permutevar8x32_ps(lut, idx);
+            let sign = _mm256_slli_epi32::<28>(_mm256_and_si256(idx, _mm256_set1_epi32(8)));
+            _mm256_or_ps(mag, _mm256_castsi256_ps(sign))
+        }
+        #[inline(always)]
+        unsafe fn transpose(v: &mut [__m256]) {
+            let mut t = [_mm256_setzero_ps(); 8];
+            for p in 0..4 {
+                t[2 * p] = _mm256_unpacklo_ps(v[2 * p], v[2 * p + 1]);
+                t[2 * p + 1] = _mm256_unpackhi_ps(v[2 * p], v[2 * p + 1]);
+            }
+            // u[4g + m]: column 4L + m of rows 4g..4g+4, in each 128-bit lane L.
+            let mut u = [_mm256_setzero_ps(); 8];
+            for g in 0..2 {
+                let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+                u[4 * g] = _mm256_shuffle_ps::<0x44>(a, c);
+                u[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(a, c);
+                u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(b, d);
+                u[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(b, d);
+            }
+            for m in 0..4 {
+                v[m] = _mm256_permute2f128_ps::<0x20>(u[m], u[4 + m]);
+                v[4 + m] = _mm256_permute2f128_ps::<0x31>(u[m], u[4 + m]);
+            }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
+        #[inline(always)]
+        unsafe fn prefetch_l2(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m256, out: &mut [f32]) {
+            _mm256_storeu_ps(out.as_mut_ptr(), v)
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_avx512(m: &Matrix, n0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+        tile::<Avx512>(m, n0, x, rows, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_avx2(m: &Matrix, n0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+        tile::<Avx2>(m, n0, x, rows, out)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows16_avx512(m: &Matrix, j0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+        rows16::<Avx512>(m, j0, x, rows, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows16_avx2(m: &Matrix, j0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+        rows16::<Avx2>(m, j0, x, rows, out)
+    }
+
+    #[cfg(test)]
+    pub fn decode_all(bytes: &[u8; 256]) -> Vec<Vec<f32>> {
+        let mut out = Vec::new();
+        let mut v = [0f32; 16];
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let mut all = Vec::new();
+            for c in bytes.chunks(16) {
+                // SAFETY: the CPU has AVX-512; 16 bytes are read.
+                unsafe { Avx512::store(avx512_e4m3(c.as_ptr()), &mut v) };
+                all.extend_from_slice(&v);
+            }
+            out.push(all);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let mut all = Vec::new();
+            for c in bytes.chunks(8) {
+                // SAFETY: the CPU has AVX2; 8 bytes are read.
+                unsafe { Avx2::store(avx2_e4m3(c.as_ptr()), &mut v) };
+                all.extend_from_slice(&v[..8]);
+            }
+            out.push(all);
+        }
+        out
+    }
+
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_e4m3(p: *const u8) -> __m512 {
+        Avx512::e4m3s(p)
+    }
+
+    #[cfg(test)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_e4m3(p: *const u8) -> __m256 {
+        Avx2::e4m3s(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::order::{dot_in, Order};
+    use crate::checkpoint::Bytes;
+    use crate::quant::E4M3;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn e4m3_decodes_as_the_table() {
+        let codes: [u8; 256] = std::array::from_fn(|i| i as u8);
+        for got in x86::decode_all(&codes) {
+            for (c, (g, w)) in got.iter().zip(E4M3.iter()).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "code {c:#04x}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    fn matrix(fmt: u8, n: usize, k: usize, seed: &mut u64) -> Matrix {
+        let mut byte = || {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (*seed >> 33) as u8
+        };
+        let storage = match fmt {
+            0 => Storage::F8 {
+                w: Bytes::owned((0..n * k).map(|_| byte() & 0xfe).collect()),
+                s: Bytes::owned(
+                    (0..n.div_ceil(128) * k.div_ceil(128))
+                        .map(|_| 120 + byte() % 10)
+                        .collect(),
+                ),
+            },
+            1 => Storage::F4 {
+                w: Bytes::owned((0..n * k / 2).map(|_| byte()).collect()),
+                s: Bytes::owned((0..n * k / 32).map(|_| 115 + byte() % 10).collect()),
+            },
+            2 => Storage::Bf16(Bytes::owned(
+                (0..n * k)
+                    .flat_map(|_| [byte(), 0x3c + byte() % 8])
+                    .collect(),
+            )),
+            _ => Storage::F32(Bytes::owned(
+                (0..n * k)
+                    .flat_map(|_| ((byte() as f32 - 128.0) / 37.0).to_le_bytes())
+                    .collect(),
+            )),
+        };
+        Matrix {
+            rows: n,
+            cols: k,
+            storage,
+        }
+    }
+
+    /// Every format, one and several groups of sixteen, one and several activation rows: the
+    /// lane kernels give the scalar sixteen-lane sums' bits.
+    #[test]
+    fn rows_sum_as_the_scalar_lanes() {
+        let widths: Vec<usize> = [16, 8].into_iter().filter(|&l| l <= lanes()).collect();
+        if widths.is_empty() {
+            eprintln!("rows_sum_as_the_scalar_lanes: skipped (no AVX2 or AVX-512)");
+            return;
+        }
+        let mut seed = 11u64;
+        for (l, fmt) in widths.iter().flat_map(|&l| (0..4u8).map(move |f| (l, f))) {
+            for (n, k) in [(3, 32), (10, 256), (7, 4096), (2, 896)] {
+                let m = matrix(fmt, n, k, &mut seed);
+                for rows in [1usize, 3, 6] {
+                    let x: Vec<f32> = (0..rows * k)
+                        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 311.0)
+                        .collect();
+                    let y = product16_in(l, &m, &x, rows, 1..n);
+                    let mut w = vec![0f32; k];
+                    for j in 1..n {
+                        crate::backend::cpu::decode_row(&m, j, &mut w);
+                        for r in 0..rows {
+                            let want = dot_in(Order::Lanes16, &x[r * k..(r + 1) * k], &w);
+                            assert_eq!(
+                                y[r * (n - 1) + j - 1].to_bits(),
+                                want.to_bits(),
+                                "{l} lanes, format {fmt}, {n}x{k}, {rows} rows, output {j} of row {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every format, widths with one and several chain blocks, one and several activation rows:
+    /// the tiles give the scalar chain's bits.
+    #[test]
+    fn tiles_sum_as_the_scalar_chain() {
+        let widths: Vec<usize> = [16, 8].into_iter().filter(|&l| l <= lanes()).collect();
+        if widths.is_empty() {
+            eprintln!("tiles_sum_as_the_scalar_chain: skipped (no AVX2 or AVX-512)");
+            return;
+        }
+        let mut seed = 7u64;
+        for (l, fmt) in widths.iter().flat_map(|&l| (0..4u8).map(move |f| (l, f))) {
+            for (n, k) in [(32, 256), (48, 1024), (16, 4096), (40, 896)] {
+                if !blocks(k).all(|b| b % l == 0) {
+                    continue;
+                }
+                let m = matrix(fmt, n, k, &mut seed);
+                for rows in [1usize, 3, 17] {
+                    let x: Vec<f32> = (0..rows * k)
+                        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 311.0)
+                        .collect();
+                    let (y, whole) = product_in(l, &m, &x, rows, 0..n);
+                    let mut w = vec![0f32; k];
+                    for j in 0..whole {
+                        crate::backend::cpu::decode_row(&m, j, &mut w);
+                        for r in 0..rows {
+                            let want = dot_in(Order::Chain, &x[r * k..(r + 1) * k], &w);
+                            assert_eq!(
+                                y[r * n + j].to_bits(),
+                                want.to_bits(),
+                                "{l} lanes, format {fmt}, {n}x{k}, {rows} rows, output {j} of row {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
