@@ -7,8 +7,8 @@
 
 use rayon::prelude::*;
 
-use super::chain;
 use super::order::{dot_in, Numerics, Order};
+use super::simd;
 use crate::quant::{
     bf16, e8m0, QuantAct, ACT_BLOCK, E2M1, E4M3, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK,
 };
@@ -129,9 +129,12 @@ pub fn linear_plain_rows(
     let k = m.cols;
     let rows = x.len() / k;
     let order = num.product(rows, k);
-    if order == Order::Chain && chain::takes(k) {
+    if order == Order::Lanes16 && simd::takes16(k) {
+        return simd::product16(m, x, rows, range);
+    }
+    if order == Order::Chain && simd::takes(k) {
         // Whole tiles on SIMD lanes (the same bits), the rest below.
-        let (mut y, done) = chain::product(m, x, rows, range.clone());
+        let (mut y, done) = simd::product(m, x, rows, range.clone());
         let n = range.len();
         if done < n {
             let rest = scalar_rows(m, x, range.start + done..range.end, order);

@@ -2,12 +2,12 @@
 //! reference platform's float32 order of operations ([`order`]).
 
 mod attention;
-mod chain;
 mod linear;
 mod mhc;
 mod moe;
 pub mod ops;
 pub mod order;
+mod simd;
 mod topk;
 
 pub use linear::{decode_row, linear, linear_plain, linear_plain_rows};

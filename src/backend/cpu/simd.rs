@@ -160,80 +160,112 @@ const GROUP: usize = 4;
 unsafe fn rows16<L: Lanes>(m: &Matrix, j0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
     let k = m.cols;
     let g = out.len() / rows;
-    match &m.storage {
-        Storage::F8 { w, s } => {
-            let (w, s) = (w.as_ptr(), &s[..]);
-            let kb = k.div_ceil(FP8_WEIGHT_BLOCK);
-            rows16_with::<L>(k, x, rows, g, out, |i, kk| {
-                let j = j0 + i;
-                let sc = e8m0(*s.get_unchecked((j / FP8_WEIGHT_BLOCK) * kb + kk / FP8_WEIGHT_BLOCK));
-                L::scale(L::e4m3s(w.add(j * k + kk)), sc)
-            })
-        }
-        Storage::F4 { w, s } => {
-            let (w, s) = (w.as_ptr(), &s[..]);
-            let kb = k / FP4_WEIGHT_BLOCK;
-            rows16_with::<L>(k, x, rows, g, out, |i, kk| {
-                let j = j0 + i;
-                let sc = e8m0(*s.get_unchecked(j * kb + kk / FP4_WEIGHT_BLOCK));
-                L::scale(L::e2m1s(w.add((j * k + kk) / 2)), sc)
-            })
-        }
-        Storage::Bf16(w) => {
-            let w = w.as_ptr();
-            rows16_with::<L>(k, x, rows, g, out, |i, kk| L::bf16s(w.add(((j0 + i) * k + kk) * 2)))
-        }
-        Storage::F32(w) => {
-            let w = w.as_ptr();
-            rows16_with::<L>(k, x, rows, g, out, |i, kk| L::f32s(w.add(((j0 + i) * k + kk) * 4)))
+    for r0 in (0..rows).step_by(L::ROWS) {
+        // A constant number of rows, so that the accumulators stay in registers.
+        let x = x.as_ptr().add(r0 * k);
+        let put = |i: usize, r: usize, y: f32| out[i * rows + r0 + r] = y;
+        match (rows - r0).min(L::ROWS) {
+            1 => rows16_with::<L, 1>(m, j0, x, g, put),
+            2 => rows16_with::<L, 2>(m, j0, x, g, put),
+            3 => rows16_with::<L, 3>(m, j0, x, g, put),
+            _ => rows16_with::<L, 4>(m, j0, x, g, put),
         }
     }
 }
 
-/// The sixteen lane chains of `g` outputs for every activation row, `weights(i, kk)` giving
-/// `L::N` decoded weights of output `i` from column `kk`.
+/// [`rows16`] for `R` activation rows from `x`, each format's weights decoded by its own loop.
 #[inline(always)]
-unsafe fn rows16_with<L: Lanes>(
-    k: usize,
-    x: &[f32],
-    rows: usize,
+unsafe fn rows16_with<L: Lanes, const R: usize>(
+    m: &Matrix,
+    j0: usize,
+    x: *const f32,
     g: usize,
-    out: &mut [f32],
+    put: impl FnMut(usize, usize, f32),
+) {
+    let k = m.cols;
+    match &m.storage {
+        Storage::F8 { w, s } => {
+            let (w, s) = (w.as_ptr(), &s[..]);
+            let kb = k.div_ceil(FP8_WEIGHT_BLOCK);
+            let at = |i: usize, kk: usize| w.wrapping_add((j0 + i) * k + kk);
+            rows16_block::<L, R>(
+                k,
+                x,
+                g,
+                at,
+                |i, kk| {
+                    let j = j0 + i;
+                    let sc =
+                        e8m0(*s.get_unchecked((j / FP8_WEIGHT_BLOCK) * kb + kk / FP8_WEIGHT_BLOCK));
+                    L::scale(L::e4m3s(at(i, kk)), sc)
+                },
+                put,
+            )
+        }
+        Storage::F4 { w, s } => {
+            let (w, s) = (w.as_ptr(), &s[..]);
+            let kb = k / FP4_WEIGHT_BLOCK;
+            let at = |i: usize, kk: usize| w.wrapping_add(((j0 + i) * k + kk) / 2);
+            rows16_block::<L, R>(
+                k,
+                x,
+                g,
+                at,
+                |i, kk| {
+                    let sc = e8m0(*s.get_unchecked((j0 + i) * kb + kk / FP4_WEIGHT_BLOCK));
+                    L::scale(L::e2m1s(at(i, kk)), sc)
+                },
+                put,
+            )
+        }
+        Storage::Bf16(w) => {
+            let w = w.as_ptr();
+            let at = |i: usize, kk: usize| w.wrapping_add(((j0 + i) * k + kk) * 2);
+            rows16_block::<L, R>(k, x, g, at, |i, kk| L::bf16s(at(i, kk)), put)
+        }
+        Storage::F32(w) => {
+            let w = w.as_ptr();
+            let at = |i: usize, kk: usize| w.wrapping_add(((j0 + i) * k + kk) * 4);
+            rows16_block::<L, R>(k, x, g, at, |i, kk| L::f32s(at(i, kk)), put)
+        }
+    }
+}
+
+/// The sixteen lane chains of `g` outputs for `R` activation rows from `x`, `weights(i, kk)`
+/// giving `L::N` decoded weights of output `i` from column `kk` (stored at `at(i, kk)`);
+/// `put(i, r, y)` receives output `i` of row `r`.
+#[inline(always)]
+// Loops over constant ranges index the accumulators, so that they unroll into registers.
+#[allow(clippy::needless_range_loop)]
+unsafe fn rows16_block<L: Lanes, const R: usize>(
+    k: usize,
+    x: *const f32,
+    g: usize,
+    at: impl Fn(usize, usize) -> *const u8,
     weights: impl Fn(usize, usize) -> L::V,
+    mut put: impl FnMut(usize, usize, f32),
 ) {
     let v = 16 / L::N;
-    let mut lane = [0f32; 16];
-    for r0 in (0..rows).step_by(L::ROWS) {
-        let rs = (rows - r0).min(L::ROWS);
-        // acc[r][i][h]: row r0 + r, output i, lanes h * N..
-        let mut acc = [[[L::zero(); 2]; GROUP]; 4];
-        for kk in (0..k).step_by(16) {
-            for h in 0..v {
-                let xs: [L::V; 4] = std::array::from_fn(|r| {
-                    if r < rs {
-                        L::load(x.as_ptr().add((r0 + r) * k + kk + h * L::N))
-                    } else {
-                        L::zero()
-                    }
-                });
-                for i in 0..g {
+    // acc[r][i][h]: row r, output i, lanes h * N..
+    let mut acc = [[[L::zero(); 2]; GROUP]; R];
+    for kk in (0..k).step_by(16) {
+        for h in 0..v {
+            let xs: [L::V; R] = std::array::from_fn(|r| L::load(x.add(r * k + kk + h * L::N)));
+            for i in 0..GROUP {
+                if i < g {
+                    // The next group's rows at the same place: the stream a step ahead.
+                    L::prefetch(at(i + GROUP, kk + h * L::N));
                     let w = weights(i, kk + h * L::N);
-                    for r in 0..rs {
+                    for r in 0..R {
                         acc[r][i][h] = L::fmav(xs[r], w, acc[r][i][h]);
                     }
                 }
             }
         }
-        for r in 0..rs {
-            for i in 0..g {
-                for h in 0..v {
-                    L::store(acc[r][i][h], &mut lane[h * L::N..]);
-                }
-                // The lanes joined by quarters, then pairs.
-                let q: [f32; 4] =
-                    std::array::from_fn(|l| ((lane[l] + lane[l + 4]) + lane[l + 8]) + lane[l + 12]);
-                out[i * rows + r0 + r] = (q[0] + q[1]) + (q[2] + q[3]);
-            }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for (i, a) in a[..g].iter().enumerate() {
+            put(i, r, L::join16(*a));
         }
     }
 }
@@ -251,6 +283,9 @@ trait Lanes {
     unsafe fn fmav(x: Self::V, w: Self::V, acc: Self::V) -> Self::V;
     /// `N` floats from `p`.
     unsafe fn load(p: *const f32) -> Self::V;
+    /// Sixteen lanes (in `16 / N` vectors) joined as `Order::Lanes16` joins them: lanes `l`,
+    /// `l + 4`, `l + 8`, `l + 12` in order, then the four as two pairs.
+    unsafe fn join16(v: [Self::V; 2]) -> f32;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn scale(v: Self::V, s: f32) -> Self::V;
     unsafe fn f32s(p: *const u8) -> Self::V;
@@ -377,6 +412,14 @@ mod x86 {
     pub struct Avx512;
     pub struct Avx2;
 
+    /// `(q0 + q1) + (q2 + q3)`.
+    #[inline(always)]
+    unsafe fn join4(q: __m128) -> f32 {
+        // (q0 + q1, q1 + q0, q2 + q3, q3 + q2): each pair's sum, in both of its lanes.
+        let t = _mm_add_ps(q, _mm_shuffle_ps::<0b10_11_00_01>(q, q));
+        _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)))
+    }
+
     // e4m3 codes to f32: a normal code's bits move into an f32 with its exponent re-biased
     // (+120), a subnormal one is `m * 2^-9`, the sign bit moves to the top, and the two NaN
     // codes become NaN, as the `E4M3` table has them.
@@ -403,6 +446,20 @@ mod x86 {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m512 {
             _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn join16(v: [__m512; 2]) -> f32 {
+            let q = _mm_add_ps(
+                _mm_add_ps(
+                    _mm_add_ps(
+                        _mm512_castps512_ps128(v[0]),
+                        _mm512_extractf32x4_ps::<1>(v[0]),
+                    ),
+                    _mm512_extractf32x4_ps::<2>(v[0]),
+                ),
+                _mm512_extractf32x4_ps::<3>(v[0]),
+            );
+            join4(q)
         }
         #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {
@@ -509,6 +566,20 @@ mod x86 {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m256 {
             _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn join16(v: [__m256; 2]) -> f32 {
+            let q = _mm_add_ps(
+                _mm_add_ps(
+                    _mm_add_ps(
+                        _mm256_castps256_ps128(v[0]),
+                        _mm256_extractf128_ps::<1>(v[0]),
+                    ),
+                    _mm256_castps256_ps128(v[1]),
+                ),
+                _mm256_extractf128_ps::<1>(v[1]),
+            );
+            join4(q)
         }
         #[inline(always)]
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
