@@ -253,8 +253,8 @@ unsafe fn rows16_block<L: Lanes, const R: usize>(
             let xs: [L::V; R] = std::array::from_fn(|r| L::load(x.add(r * k + kk + h * L::N)));
             for i in 0..GROUP {
                 if i < g {
-                    // The next group's rows at the same place: the stream a step ahead.
-                    L::prefetch(at(i + GROUP, kk + h * L::N));
+                    // The next group's rows at the same place, into L2: the stream ahead.
+                    L::prefetch_l2(at(i + GROUP, kk + h * L::N));
                     let w = weights(i, kk + h * L::N);
                     for r in 0..R {
                         acc[r][i][h] = L::fmav(xs[r], w, acc[r][i][h]);
