@@ -81,6 +81,11 @@ where
         .enumerate()
         .with_min_len(min_len)
         .for_each_init(|| vec![0f32; k], |scratch, (j, out)| col(j, scratch, out));
+    row_major(t, rows, n)
+}
+
+/// `t[j * rows + r]` (the outputs one after another) as `rows x n` row-major.
+pub(super) fn row_major(t: Vec<f32>, rows: usize, n: usize) -> Vec<f32> {
     if rows == 1 {
         return t;
     }

@@ -138,16 +138,7 @@ fn product16_in(
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (l, j0, out);
         });
-    if rows == 1 {
-        return t;
-    }
-    let mut y = vec![0f32; rows * n];
-    for j in 0..n {
-        for r in 0..rows {
-            y[r * n + j] = t[j * rows + r];
-        }
-    }
-    y
+    super::linear::row_major(t, rows, n)
 }
 
 /// Outputs a [`product16`] kernel call computes together: their chains are independent, so the
