@@ -29,7 +29,14 @@ fn every_kernel_compiles_for_sm90() {
 }
 
 /// Prefixes of the kernels held to no spills.
-const HOT: [&str; 5] = ["mma_", "gemv_", "attn_partial", "index_scores", "hc_mix"];
+const HOT: [&str; 6] = [
+    "mma_",
+    "gemv_",
+    "attn_partial",
+    "index_scores",
+    "index_topk",
+    "hc_mix",
+];
 
 /// The kernels every weight byte or state row passes through keep everything in registers on
 /// Hopper (a spill would put per-lane values in local memory, on that path); the older
