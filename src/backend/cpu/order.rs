@@ -147,6 +147,27 @@ pub fn dot_in(order: Order, a: &[f32], b: &[f32]) -> f32 {
 /// `sum_k p[k] v_k` over rows `v_k` of `vals` (`len` wide), one fused chain per output in the
 /// order of `p`: the reference's weighted sum of attention values.
 pub fn weighted_rows<'a>(p: &[f32], vals: impl Iterator<Item = &'a [f32]>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA. Compiled for them, each fused multiply-add is one
+        // instruction (the same rounding) across a vector of outputs, not a call to `fmaf`.
+        return unsafe { weighted_rows_fma(p, vals, out) };
+    }
+    weighted_rows_generic(p, vals, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_rows_fma<'a>(
+    p: &[f32],
+    vals: impl Iterator<Item = &'a [f32]>,
+    out: &mut [f32],
+) {
+    weighted_rows_generic(p, vals, out)
+}
+
+#[inline(always)]
+fn weighted_rows_generic<'a>(p: &[f32], vals: impl Iterator<Item = &'a [f32]>, out: &mut [f32]) {
     out.fill(0.0);
     for (&w, v) in p.iter().zip(vals) {
         for (o, x) in out.iter_mut().zip(v) {
