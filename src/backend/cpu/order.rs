@@ -158,11 +158,7 @@ pub fn weighted_rows<'a>(p: &[f32], vals: impl Iterator<Item = &'a [f32]>, out: 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_rows_fma<'a>(
-    p: &[f32],
-    vals: impl Iterator<Item = &'a [f32]>,
-    out: &mut [f32],
-) {
+unsafe fn weighted_rows_fma<'a>(p: &[f32], vals: impl Iterator<Item = &'a [f32]>, out: &mut [f32]) {
     weighted_rows_generic(p, vals, out)
 }
 
