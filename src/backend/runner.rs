@@ -2,6 +2,7 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::{Backend, Device, Draw, Drawn, Head, Hidden, LoadReport, Seq, SeqInput};
@@ -17,6 +18,8 @@ pub struct Runner<D: Device> {
     /// The weights.
     pub model: Model<D>,
     load_secs: f64,
+    /// Whether experts are being traced (then passes are not replayed).
+    tracing: AtomicBool,
 }
 
 impl<D: Device> Runner<D> {
@@ -28,6 +31,7 @@ impl<D: Device> Runner<D> {
             dev,
             model,
             load_secs: t.elapsed().as_secs_f64(),
+            tracing: AtomicBool::new(false),
         })
     }
 
@@ -37,6 +41,7 @@ impl<D: Device> Runner<D> {
             dev,
             model,
             load_secs: 0.0,
+            tracing: AtomicBool::new(false),
         }
     }
 
@@ -151,15 +156,9 @@ impl<D: Device> Runner<D> {
     fn replayed<'a>(
         &self,
         b: &mut D::Batch<'a>,
-        f: impl FnMut(&mut D::Batch<'a>) -> Result<D::Tensor>,
+        mut f: impl FnMut(&mut D::Batch<'a>) -> Result<D::Tensor>,
     ) -> Result<D::Tensor> {
-        let mut f = f;
-        let tracing = self
-            .model
-            .blocks
-            .iter()
-            .any(|b| b.ffn.trace.lock().expect("trace lock").is_some());
-        if tracing {
+        if self.tracing.load(Ordering::Relaxed) {
             return f(b);
         }
         self.dev.replay(b, self.width(), f)
@@ -348,6 +347,7 @@ impl<D: Device> Backend for Runner<D> {
     }
 
     fn trace_experts(&self, on: bool) {
+        self.tracing.store(on, Ordering::Relaxed);
         for b in &self.model.blocks {
             *b.ffn.trace.lock().expect("trace lock") = on.then_some(0);
         }
