@@ -206,18 +206,104 @@ fn grouped_output_projection_matches_the_cpu() {
     for (g, rank, gw) in [(2, 128, 256), (8, 1024, 4096), (16, 1024, 4096)] {
         let m = matrix("FP8", g * rank, gw, &mut r);
         let w = cuda.weight(m.clone()).unwrap();
+        let (width, out) = (g * gw, g * rank);
+        let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
         for rows in [1usize, 5, 70] {
-            let x = r.vec(rows * g * gw, 1.0);
+            let mut x = r.vec(rows * width, 1.0);
+            if let Some((x0, _)) = &first {
+                x[..width].copy_from_slice(x0);
+            }
             let want = cpu.grouped_linear(&m, &x, g).unwrap();
-            let xt = cuda.upload(&x, g * gw).unwrap();
+            let xt = cuda.upload(&x, width).unwrap();
             let got = cuda
                 .download(&cuda.grouped_linear(&w, &xt, g).unwrap())
                 .unwrap();
-            let e = worst(&rel(&got, &want, g * rank));
+            let e = worst(&rel(&got, &want, out));
+            // For the record: each side's distance from the f64 sums.
+            let mut wrow = vec![0f32; gw];
+            let exact: Vec<f32> = (0..rows)
+                .flat_map(|t| (0..out).map(move |n| (t, n)))
+                .map(|(t, n)| {
+                    m.row_f32(n, &mut wrow);
+                    let xg = &x[t * width + (n / rank) * gw..][..gw];
+                    wrow.iter()
+                        .zip(xg)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let mut simt = Cuda::new(0).unwrap();
+            simt.tensor_cores = false;
+            let ws = simt.weight(m.clone()).unwrap();
+            let xs = simt.upload(&x, width).unwrap();
+            let got_simt = simt
+                .download(&simt.grouped_linear(&ws, &xs, g).unwrap())
+                .unwrap();
+            eprintln!(
+                "wo_a {g} groups, {rows} rows: worst {e:.2e}; from f64 sums: CPU {:.2e}, GPU {:.2e}, GPU on CUDA cores {:.2e}",
+                worst(&rel(&want, &exact, out)),
+                worst(&rel(&got, &exact, out)),
+                worst(&rel(&got_simt, &exact, out))
+            );
             assert!(
                 e < 2e-5,
                 "wo_a {g} groups, {rows} rows: relative error {e:.2e}"
             );
+            match &first {
+                None => first = Some((x[..width].to_vec(), got[..out].to_vec())),
+                Some((_, y0)) => assert!(
+                    got[..out] == y0[..],
+                    "wo_a {g} groups: a row's output changed with {rows} rows"
+                ),
+            }
+        }
+    }
+}
+
+/// The indexer's selection against a sort: rows long enough to be split over many blocks and
+/// short ones in one, rows shorter than k, distinct scores and scores with many ties (the
+/// lowest indices win), a row of negative scores.
+#[test]
+fn index_selection_matches_a_sort() {
+    let Some(dev) = gpu("index_selection_matches_a_sort") else {
+        return;
+    };
+    let mut r = Rand(17);
+    let expect = |row: &[f32], n: usize, k: usize| -> Vec<i32> {
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        let mut top: Vec<i32> = idx.into_iter().take(k).map(|i| i as i32).collect();
+        top.sort_unstable();
+        top.resize(k, -1);
+        top
+    };
+    for (nmax, visible, k) in [
+        (100_000, vec![100_000, 70_001, 300, 4_097], 512),
+        (3_000, vec![3_000, 2_999, 10, 1_024], 512),
+        (262_144, vec![262_144], 1024),
+    ] {
+        for ties in [false, true] {
+            let mut scores = Vec::with_capacity(nmax * visible.len());
+            for t in 0..visible.len() {
+                scores.extend((0..nmax).map(|_| {
+                    let v = r.f();
+                    let v = if ties { (v * 8.0).round() / 8.0 } else { v };
+                    if t == 3 {
+                        -v.abs() - 1.0
+                    } else {
+                        v
+                    }
+                }));
+            }
+            let got = dev.top_k_rows(&scores, &visible, k).unwrap();
+            for (t, &n) in visible.iter().enumerate() {
+                let row = &scores[t * nmax..(t + 1) * nmax];
+                assert_eq!(
+                    got[t],
+                    expect(row, n, k),
+                    "row {t} of {nmax} ({n} visible, k {k}, ties {ties})"
+                );
+            }
         }
     }
 }
@@ -437,6 +523,21 @@ fn whole_model_matches_the_cpu() {
     // narrow ones on sixteen lanes: the other way round from serving's.
     let c = hadal::score::score(&other, &seqs, &[150], false).unwrap();
     let v = cfg.vocab_size;
+    // For the record: the GPU with every linear on CUDA cores.
+    let simt = {
+        let mut dev = Cuda::new(0).unwrap();
+        dev.tensor_cores = false;
+        let ck = hadal::demo::random_checkpoint(&cfg, 11);
+        let m = Model::from_checkpoint(&dev, cfg.clone(), ck, &|_, _| {}).unwrap();
+        Runner::new(dev, m)
+    };
+    let d = hadal::score::score(&simt, &seqs, &[150], false).unwrap();
+    let (ms, fs, ags) = logit_stats(&d.logits, &a.logits, v);
+    eprintln!(
+        "logits, GPU on CUDA cores vs CPU: mean {ms:.2e}, {:.1}% within 1e-3, argmax {:.1}%",
+        100.0 * fs,
+        100.0 * ags
+    );
     let (mg, fg, ag) = logit_stats(&b.logits, &a.logits, v);
     let (mc, fc, ac) = logit_stats(&c.logits, &a.logits, v);
     eprintln!(

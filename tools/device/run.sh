@@ -9,6 +9,10 @@
 #   tools/device/run.sh kernels NAME ARGS...   the same bench under Nsight Compute, steps run
 #                                plainly (not replayed): each kernel's time, summed by name,
 #                                in $OUT/NAME.txt (tools/device/kernels.py)
+#   tools/device/run.sh profile NAME REGEX SKIP COUNT ARGS...   Nsight Compute's detailed
+#                                sections (throughput, memory, occupancy, stall reasons) for
+#                                COUNT launches of kernels matching REGEX after SKIP of them,
+#                                in $OUT/NAME.txt
 #
 # Several modes may follow each other in one call (separated by `--`). Logs and results go to
 # $OUT; summary.txt says what ran, how it ended and how long it took.
@@ -91,6 +95,18 @@ while true; do
         > "/tmp/$name.csv" 2>> "$OUT/$name.log"
       python3 tools/device/kernels.py "/tmp/$name.csv" > "$OUT/$name.txt" 2>&1
       head -n 40 "$OUT/$name.txt"
+      ;;
+    profile)
+      name=$1 regex=$2 skip=$3 count=$4
+      shift 4
+      args=()
+      while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+      HADAL_CUDA_GRAPHS=0 step "$name" timeout 240 /usr/local/cuda/bin/ncu --clock-control none \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section WarpStateStats --section LaunchStats --kernel-name-base function \
+        --kernel-name "regex:$regex" --launch-skip "$skip" --launch-count "$count" \
+        -o /tmp/$name -f "$B/hadal" bench --device cuda "${args[@]}"
+      /usr/local/cuda/bin/ncu -i /tmp/$name.ncu-rep --page details > "$OUT/$name.txt" 2>> "$OUT/$name.log"
       ;;
     *) log "unknown mode $mode"; exit 2 ;;
   esac

@@ -249,8 +249,25 @@ mod args {
         pub dim: i32,
         pub ratio: i32,
         pub nmax: i32,
+        pub per_block: i32,
+        pub pad: i32,
         pub table: i64,
         pub row: RowFormat,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct Topk {
+        pub scores: u64,
+        pub tok_pos: u64,
+        pub hist: u64,
+        pub state: u64,
+        pub counts: u64,
+        pub picks: u64,
+        pub ratio: i32,
+        pub nmax: i32,
+        pub k: i32,
+        pub per_block: i32,
     }
 
     #[repr(C)]
@@ -392,12 +409,13 @@ fn blocks_1d(n: usize, threads: usize) -> (u32, u32, u32) {
 }
 
 /// How many warps split the inner dimension of an `n x k` tensor-core product: enough for
-/// about 1,024 warps, at most 8, each with at least 256 of `k` in whole blocks of 128. It
-/// depends on the shape alone (never on the batch or the GPU), and fixes the order of the sums.
+/// about 2,048 warps (16 an SM on a 132-SM GPU, two blocks each), at most 8, each with at
+/// least 256 of `k` in whole blocks of 128. It depends on the shape alone (never on the batch
+/// or the GPU), and fixes the order of the sums.
 fn mma_split(n: usize, k: usize) -> usize {
     let tiles = n.div_ceil(16);
     let mut ks = 1;
-    while ks < 8 && tiles * ks < 1024 && k.is_multiple_of(256 * ks) && k / (2 * ks) >= 256 {
+    while ks < 8 && tiles * ks < 2048 && k.is_multiple_of(256 * ks) && k / (2 * ks) >= 256 {
         ks *= 2;
     }
     ks
@@ -564,6 +582,60 @@ impl Cuda {
         Ok(y)
     }
 
+    /// `x W^T` on tensor cores for an FP8 weight against unrounded activations (`wo_a`):
+    /// x split into three bf16 parts that add up to it exactly (`split_act`), each part's
+    /// products with the weight exact; `groups` splits W's rows and x's columns.
+    fn mma_linear_exact(&self, w: &Weight, x: &Tensor, groups: usize) -> Result<Tensor> {
+        let (n, k) = (w.rows, w.cols);
+        if x.cols != k * groups || !n.is_multiple_of(groups) {
+            return Err(Error::Input(format!(
+                "a {}-wide activation into a {n} x {k} weight in {groups} groups",
+                x.cols
+            )));
+        }
+        let r = x.rows;
+        let y = self.tensor(r, n)?;
+        if r == 0 {
+            return Ok(y);
+        }
+        let q = self.gpu.alloc(6 * x.len())?;
+        self.launch(
+            "split_act",
+            blocks_1d(x.len(), 256),
+            256,
+            0,
+            Args::new().push(x.buf.ptr).push(q.ptr).push(x.len() as i64),
+        )?;
+        let ks = mma_split(n, k);
+        // Three planes of activation codes a row: at most 16 rows a pass (more spill).
+        let rt = if r <= 8 { 1 } else { 2 };
+        let group_rows = if groups > 1 { n / groups } else { 0 };
+        self.launch(
+            &format!("mma_linear_f8x_r{rt}"),
+            (
+                n.div_ceil(16 * (8 / ks)) as u32,
+                1,
+                r.div_ceil(8 * rt) as u32,
+            ),
+            256,
+            0,
+            Args::new()
+                .push(w.w.ptr)
+                .push(w.scales())
+                .push(q.ptr)
+                .push(0u64)
+                .push(y.buf.ptr)
+                .push(n as i32)
+                .push(k as i32)
+                .push(r as i32)
+                .push(x.cols as i32)
+                .push(n as i32)
+                .push(group_rows as i32)
+                .push(ks as i32),
+        )?;
+        Ok(y)
+    }
+
     /// `x W^T`; `groups` splits W's rows and x's columns. Without groups, x's values are taken
     /// as rows of W's width (a `T x M x D` stream into a `D`-wide weight is `T*M` rows).
     fn matmul(&self, w: &Weight, x: &Tensor, groups: usize) -> Result<Tensor> {
@@ -624,6 +696,90 @@ impl Cuda {
     /// attention.cu).
     fn splits(keys: usize) -> usize {
         keys.div_ceil(32).clamp(1, 128)
+    }
+
+    /// The `k` largest of each row's first `(tok_pos[t] + 1) / ratio` scores, their indices
+    /// in increasing order (the lowest among ties), written to `picks` (`rows x k`, -1 where a
+    /// row has fewer). Long rows are split over many blocks (`topk_digit`), short ones take one.
+    fn select_top(
+        &self,
+        scores: &Tensor,
+        tok_pos: u64,
+        ratio: usize,
+        k: usize,
+        picks: &Buf,
+    ) -> Result<()> {
+        let (t, nmax) = (scores.rows, scores.cols);
+        let sms = self.gpu.sms as usize;
+        let per_block = (nmax * t).div_ceil(2 * sms).next_multiple_of(256).max(1024);
+        let blocks = nmax.div_ceil(per_block);
+        if blocks == 1 {
+            return self.launch(
+                "index_topk",
+                (t as u32, 1, 1),
+                1024,
+                0,
+                Args::new()
+                    .push(scores.buf.ptr)
+                    .push(tok_pos)
+                    .push(ratio as i32)
+                    .push(nmax as i32)
+                    .push(k as i32)
+                    .push(picks.ptr),
+            );
+        }
+        let hist = self.gpu.alloc(4 * 2048 * t)?;
+        let state = self.gpu.alloc(16 * t)?;
+        let counts = self.gpu.alloc(8 * t * blocks)?;
+        self.gpu.memset(hist.ptr, hist.bytes)?;
+        self.gpu.memset(state.ptr, state.bytes)?;
+        let a = args::Topk {
+            scores: scores.buf.ptr,
+            tok_pos,
+            hist: hist.ptr,
+            state: state.ptr,
+            counts: counts.ptr,
+            picks: picks.ptr,
+            ratio: ratio as i32,
+            nmax: nmax as i32,
+            k: k as i32,
+            per_block: per_block as i32,
+        };
+        let grid = (t as u32, blocks as u32, 1);
+        for (shift, bits) in [(21i32, 11i32), (10, 11), (0, 10)] {
+            self.launch(
+                "topk_digit",
+                grid,
+                256,
+                0,
+                Args::new().push(a).push(shift).push(bits),
+            )?;
+        }
+        self.launch("topk_count", grid, 256, 0, Args::new().push(a))?;
+        self.launch("topk_write", grid, 256, 0, Args::new().push(a))
+    }
+
+    /// The indexer's selection alone, on rows of scores given by the host (tests compare it
+    /// with a sort): for row `t`, the indices of the `k` largest of its first `visible[t]`
+    /// scores in increasing order, the lowest among ties, then -1s.
+    pub fn top_k_rows(&self, scores: &[f32], visible: &[usize], k: usize) -> Result<Vec<Vec<i32>>> {
+        let t = visible.len();
+        if t == 0 || !scores.len().is_multiple_of(t) {
+            return Err(Error::Input(format!("{} scores in {t} rows", scores.len())));
+        }
+        let nmax = scores.len() / t;
+        if let Some(v) = visible.iter().find(|&&v| v == 0 || v > nmax) {
+            return Err(Error::Input(format!(
+                "{v} visible scores in rows of {nmax}"
+            )));
+        }
+        let s = self.upload(scores, nmax)?;
+        let pos: Vec<u32> = visible.iter().map(|&v| (v - 1) as u32).collect();
+        let pos = self.gpu.upload(&pos)?;
+        let picks = self.gpu.alloc(4 * t * k)?;
+        self.select_top(&s, pos.ptr, 1, k, &picks)?;
+        let v: Vec<i32> = self.gpu.read(picks.ptr, t * k)?;
+        Ok(v.chunks(k.max(1)).map(|c| c.to_vec()).collect())
     }
 
     fn check_hc(m: usize) -> Result<()> {
@@ -983,11 +1139,15 @@ impl Device for Cuda {
     }
 
     fn linear_plain(&self, w: &Weight, x: &Tensor) -> Result<Tensor> {
-        self.matmul(w, x, 1)
+        self.grouped_linear(w, x, 1)
     }
 
     fn grouped_linear(&self, w: &Weight, x: &Tensor, groups: usize) -> Result<Tensor> {
-        self.matmul(w, x, groups)
+        if self.mma_takes(w) && w.fmt == Format::F8 && x.cols == w.cols * groups {
+            self.mma_linear_exact(w, x, groups)
+        } else {
+            self.matmul(w, x, groups)
+        }
     }
 
     fn rms_norm(&self, x: &mut Tensor, w: &Vector, eps: f32) -> Result<()> {
@@ -1298,10 +1458,11 @@ impl Device for Cuda {
             .as_ref()
             .ok_or_else(|| Error::Input(format!("block {slot} has no indexer")))?;
         let ratio = ix.compressor.ratio;
-        if cl.row.bytes > 256 || ix.heads > 128 {
+        if ix.dim > 128 || !ix.dim.is_multiple_of(32) || ix.heads > 128 {
             return Err(Error::Input(format!(
-                "{} index heads, rows of {} bytes: the CUDA indexer takes up to 128 and 256",
-                ix.heads, cl.row.bytes
+                "{} index heads of {} dims: the CUDA indexer takes up to 128 heads and \
+                 multiples of 32 dims up to 128",
+                ix.heads, ix.dim
             )));
         }
         let nmax = b.max_end / ratio;
@@ -1314,6 +1475,10 @@ impl Device for Cuda {
             });
         }
         let scores = self.tensor(b.t, nmax)?;
+        // About four blocks an SM in all, each scoring a multiple of 128 entries (4 warps x 32);
+        // an entry's score does not depend on the block that computes it.
+        let sms = self.gpu.sms as usize;
+        let per_block = nmax.div_ceil((4 * sms / b.t).max(1)).next_multiple_of(128);
         let a = args::Score {
             q: q.buf.ptr,
             w: w.buf.ptr,
@@ -1325,31 +1490,23 @@ impl Device for Cuda {
             dim: ix.dim as i32,
             ratio: ratio as i32,
             nmax: nmax as i32,
+            per_block: per_block as i32,
+            pad: 0,
             table: cl.table as i64,
             row: cl.row,
         };
-        // q transposed, the head weights, 32 decoded entries (`ET` in indexer.cu).
-        let smem = 4 * (ix.dim * ix.heads + ix.heads + 32 * ix.dim);
+        // Staged queries (`QROW`, `IKB_MAX`), head weights, 4 warps x 32 rows of 80 bytes
+        // (`IROW_PIECES` in indexer.cu).
+        let hp = ix.heads.next_multiple_of(8);
+        let smem = hp * (2 * ix.dim + 64) + 4 * 4 * hp + 4 * hp + 4 * 32 * 80;
         self.launch(
             "index_scores",
-            (b.t as u32, nmax.div_ceil(32) as u32, 1),
-            256,
+            (b.t as u32, nmax.div_ceil(per_block) as u32, 1),
+            128,
             smem as u32,
             Args::new().push(a),
         )?;
-        self.launch(
-            "index_topk",
-            (b.t as u32, 1, 1),
-            1024,
-            0,
-            Args::new()
-                .push(scores.buf.ptr)
-                .push(b.tok_pos)
-                .push(ratio as i32)
-                .push(nmax as i32)
-                .push(ix.topk as i32)
-                .push(picks.ptr),
-        )?;
+        self.select_top(&scores, b.tok_pos, ratio, ix.topk, &picks)?;
         Ok(Picks {
             buf: picks,
             k: ix.topk,

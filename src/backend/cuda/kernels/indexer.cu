@@ -7,75 +7,150 @@ struct ScoreArgs {
     const u32* tok_pos;
     const SeqDesc* descs;
     float* scores;       // [T, nmax]
-    int H, dim, ratio, nmax;
+    int H, dim, ratio, nmax, per_block, pad;
     long table;
     RowFmt row;
 };
 
-#define ET 32
-// Entries each warp scores (8 warps a block).
-#define EPW (ET / 8)
-// Head chunks of 32 a lane holds (H <= 32 * HC_MAX; the host checks).
-#define HC_MAX 4
-// Bytes of an index row staged in shared memory (the host checks).
-#define IROW_MAX 256
+// Scale blocks of 32 dims an index row has at most, and its 16-byte pieces (dim <= 128: 64
+// bytes of codes, 4 of scales, padded; the host checks).
+#define IKB_MAX 4
+#define IROW_PIECES 5
+// Bytes between two heads' staged queries: the dims as f16 plus 64, so that the eight lanes of
+// a quarter warp (two heads, four 16-byte pieces each) reach all 32 banks.
+#define QROW(dim) ((dim) * 2 + 64)
 
-// One block (8 warps) a token and ET entries; each warp scores EPW entries at once (one pass
-// over the dims, each query value read once for all of them), each lane 1/32 of the heads.
-// Shared: q transposed [dim][H], the head weights, the decoded keys [ET][dim].
-extern "C" __global__ void index_scores(ScoreArgs a) {
-    extern __shared__ float sm[];
-    __shared__ uint4 raw[ET][IROW_MAX / 16];
-    float* qt = sm;
-    float* wh = qt + a.dim * a.H;
-    float* keys = wh + a.H;
-    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Scores on tensor cores. A query value is an e2m1 code times its block's power-of-two scale,
+// a key the same: each block of 32 dims sums exact products of f16 codes (key codes shifted
+// into f16s, times 2^-14; query values divided by a power of two of their block), and the two
+// scales then multiply that partial into the head's f32 total. mma.m16n8k16: A = 16 entries'
+// key codes, B = 8 heads' query codes, C = entries x heads. A lane (g, t) feeds, of each block,
+// the 8 dims at 8t (4 bytes of a row; pairs 0 4, 1 5, 2 6, 3 7 as e2m1_pair decodes them) and
+// the queries are staged in that order. Each warp scores 32 entries (two m-tiles) a pass,
+// against every head; a block of 4 warps covers `per_block` entries of one token.
+extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
+    extern __shared__ __align__(16) u8 smem[];
+    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    // Heads in whole n-tiles of 8; the padding heads score zero with weight zero.
+    int H = (a.H + 7) & ~7, dim = a.dim, KB = dim >> 5, rb = a.row.bytes, pieces = rb >> 4;
+    u8* q16 = smem;                                   // [H][QROW] f16 codes
+    float* qs = (float*)(smem + H * QROW(dim));       // [H][KB] scale of each staged block
+    float* wh = qs + H * IKB_MAX;                     // [H]
+    uint4* rows = (uint4*)(wh + H);                   // per warp: 32 rows of rb bytes
+    uint4* mine = rows + warp * 32 * IROW_PIECES;
     const SeqDesc s = a.descs[a.tok_seq[t]];
     long n = (a.tok_pos[t] + 1) / a.ratio;
-    long e0 = (long)blockIdx.y * ET;
-    for (int i = threadIdx.x; i < a.dim * a.H; i += blockDim.x) {
-        int h = i / a.dim, d = i % a.dim;
-        qt[d * a.H + h] = a.q[(long)t * a.H * a.dim + i];
-    }
-    for (int i = threadIdx.x; i < a.H; i += blockDim.x) wh[i] = a.w[(long)t * a.H + i];
-    // The entries' bytes in 16-byte pieces, all in flight at once, then decoded.
-    int chunks = a.row.bytes / 16;
-    for (int i = threadIdx.x; i < ET * chunks; i += blockDim.x) {
-        long e = e0 + i / chunks;
-        if (e < n) raw[i / chunks][i % chunks] = ((const uint4*)paged_row(s.tables, a.table, e, a.row.bytes))[i % chunks];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < ET * a.dim; i += blockDim.x) {
-        long e = e0 + i / a.dim;
-        keys[i] = e < n ? row_elem((const u8*)raw[i / a.dim], i % a.dim, a.row) : 0.0f;
-    }
-    __syncthreads();
-    const float* kw = keys + warp * EPW * a.dim;
-    float acc[EPW][HC_MAX];
+    long e_lo = (long)blockIdx.y * a.per_block;
+    long e_hi = e_lo + a.per_block < a.nmax ? e_lo + a.per_block : a.nmax;
+    // Queries: each (head, block) divided by 2^floor(log2 max|v|), exact in f16, stored in the
+    // lanes' order.
+    for (int i = threadIdx.x; i < H * KB; i += blockDim.x) {
+        int h = i / KB, b = i % KB;
+        float v[32];
+        const float4* src = (const float4*)(a.q + ((long)t * a.H + h) * dim + 32 * b);
 #pragma unroll
-    for (int k = 0; k < EPW; k++)
+        for (int j = 0; j < 8; j++) {
+            float4 f = h < a.H ? src[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[4 * j] = f.x; v[4 * j + 1] = f.y; v[4 * j + 2] = f.z; v[4 * j + 3] = f.w;
+        }
+        float am = 0.0f;
 #pragma unroll
-        for (int c = 0; c < HC_MAX; c++) acc[k][c] = 0.0f;
-    for (int d = 0; d < a.dim; d++) {
-        float q[HC_MAX];
+        for (int j = 0; j < 32; j++) am = fmaxf(am, fabsf(v[j]));
+        float sc = am > 0.0f ? pow2i(exponent_of(am)) : 1.0f;
+        qs[h * IKB_MAX + b] = sc * 16384.0f;
+        u16* o = (u16*)(q16 + h * QROW(dim)) + 32 * b;
 #pragma unroll
-        for (int c = 0; c < HC_MAX; c++) q[c] = lane + 32 * c < a.H ? qt[d * a.H + lane + 32 * c] : 0.0f;
-#pragma unroll
-        for (int k = 0; k < EPW; k++) {
-            float kv = kw[k * a.dim + d];
-#pragma unroll
-            for (int c = 0; c < HC_MAX; c++) acc[k][c] = fmaf(q[c], kv, acc[k][c]);
+        for (int j = 0; j < 32; j++) {
+            int grp = j >> 3, e = j & 7;
+            u16 c;
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(c) : "f"(v[j] / sc));
+            o[8 * grp + (e < 4 ? 2 * e : 2 * e - 7)] = c;
         }
     }
+    for (int i = threadIdx.x; i < H; i += blockDim.x) wh[i] = i < a.H ? a.w[(long)t * a.H + i] : 0.0f;
+    __syncthreads();
+    // A warp's passes: 32 entries each, interleaved with the other warps'. Rows of the next
+    // pass are loaded while this one multiplies.
+    uint4 next[IROW_PIECES];
+    auto fetch = [&](long e0) {
 #pragma unroll
-    for (int k = 0; k < EPW; k++) {
-        long e = e0 + warp * EPW + k;
-        float sc = 0.0f;
+        for (int u = 0; u < IROW_PIECES; u++) {
+            int i = lane + 32 * u;
+            long e = e0 + i / pieces;
+            next[u] = make_uint4(0, 0, 0, 0);
+            if (i < 32 * pieces && e < n && e < e_hi)
+                next[u] = ((const uint4*)paged_row(s.tables, a.table, e, rb))[i % pieces];
+        }
+    };
+    long e0 = e_lo + 32 * warp;
+    if (e0 < e_hi) fetch(e0);
+    for (; e0 < e_hi; e0 += 128) {
+        __syncwarp();
 #pragma unroll
-        for (int c = 0; c < HC_MAX; c++)
-            if (lane + 32 * c < a.H) sc += fmaxf(acc[k][c], 0.0f) * wh[lane + 32 * c];
-        sc = warp_sum(sc);
-        if (lane == 0 && e < a.nmax) a.scores[(long)t * a.nmax + e] = e < n ? sc : NEG_INF;
+        for (int u = 0; u < IROW_PIECES; u++) {
+            int i = lane + 32 * u;
+            if (i < 32 * pieces) mine[i] = next[u];
+        }
+        __syncwarp();
+        if (e0 + 128 < e_hi) fetch(e0 + 128);
+        const u8* rw = (const u8*)mine;
+        // A fragments of both m-tiles, every block; the keys' scales of rows g and g + 8.
+        u32 A[2][IKB_MAX][8];
+        float sk[2][2][IKB_MAX];
+#pragma unroll
+        for (int m = 0; m < 2; m++) {
+            const u8* ra = rw + (16 * m + g) * rb;
+            const u8* rc = rw + (16 * m + g + 8) * rb;
+#pragma unroll
+            for (int b = 0; b < IKB_MAX; b++) {
+                if (b >= KB) break;
+                u32 x = *(const u32*)(ra + 16 * b + 4 * tq), y = *(const u32*)(rc + 16 * b + 4 * tq);
+                A[m][b][0] = e2m1_pair<0>(x); A[m][b][1] = e2m1_pair<0>(y);
+                A[m][b][2] = e2m1_pair<1>(x); A[m][b][3] = e2m1_pair<1>(y);
+                A[m][b][4] = e2m1_pair<2>(x); A[m][b][5] = e2m1_pair<2>(y);
+                A[m][b][6] = e2m1_pair<3>(x); A[m][b][7] = e2m1_pair<3>(y);
+                sk[m][0][b] = e8m0(ra[a.row.s_off + b]);
+                sk[m][1][b] = e8m0(rc[a.row.s_off + b]);
+            }
+        }
+        float sc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        for (int h0 = 0; h0 < H; h0 += 8) {
+            float tot[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+            const u8* qb = q16 + (h0 + g) * QROW(dim) + 16 * tq;
+            const float* q0 = qs + (h0 + 2 * tq) * IKB_MAX;
+#pragma unroll
+            for (int b = 0; b < IKB_MAX; b++) {
+                if (b >= KB) break;
+                uint4 B = *(const uint4*)(qb + 64 * b);
+                float s0 = q0[b], s1 = q0[IKB_MAX + b];
+#pragma unroll
+                for (int m = 0; m < 2; m++) {
+                    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    mma16816(c, A[m][b][0], A[m][b][1], A[m][b][2], A[m][b][3], B.x, B.y);
+                    mma16816(c, A[m][b][4], A[m][b][5], A[m][b][6], A[m][b][7], B.z, B.w);
+                    tot[m][0] = fmaf(c[0], sk[m][0][b] * s0, tot[m][0]);
+                    tot[m][1] = fmaf(c[1], sk[m][0][b] * s1, tot[m][1]);
+                    tot[m][2] = fmaf(c[2], sk[m][1][b] * s0, tot[m][2]);
+                    tot[m][3] = fmaf(c[3], sk[m][1][b] * s1, tot[m][3]);
+                }
+            }
+            float w0 = wh[h0 + 2 * tq], w1 = wh[h0 + 2 * tq + 1];
+#pragma unroll
+            for (int m = 0; m < 2; m++) {
+                sc[m][0] += fmaxf(tot[m][0], 0.0f) * w0 + fmaxf(tot[m][1], 0.0f) * w1;
+                sc[m][1] += fmaxf(tot[m][2], 0.0f) * w0 + fmaxf(tot[m][3], 0.0f) * w1;
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float v = sc[m][r];
+                v += __shfl_xor_sync(0xffffffffu, v, 1);
+                v += __shfl_xor_sync(0xffffffffu, v, 2);
+                long e = e0 + 16 * m + 8 * r + g;
+                if (tq == 0 && e < e_hi) a.scores[(long)t * a.nmax + e] = e < n ? v : NEG_INF;
+            }
     }
 }
 
@@ -157,6 +232,152 @@ extern "C" __global__ void index_topk(const float* scores, const u32* tok_pos, i
     u32 eq_before = block_scan(eq, scan, &total);
     u32 take = eq_before >= need ? 0 : (need - eq_before < eq ? need - eq_before : eq);
     u32 at = block_scan(gt + take, scan, &total);
+    for (long i = i0; i < i1; i++) {
+        u32 u = fkey(row[i]);
+        if (u > prefix || (u == prefix && take > 0)) {
+            if (u == prefix) take--;
+            out[at++] = (int)i;
+        }
+    }
+}
+
+// The top-k of long rows over many blocks a token. Three passes of `topk_digit` find the k-th
+// largest key 11, 11 and 10 bits at a time: each block counts its slice of the row (the keys
+// that match the digits found so far) into the token's global histogram, and the last block
+// to finish picks the digit, records it in the token's state and clears the histogram.
+// `topk_count` and `topk_write` then emit the picks in index order, the lowest indices among
+// ties, as index_topk does.
+struct TopkArgs {
+    const float* scores;  // [T, nmax]
+    const u32* tok_pos;
+    u32* hist;            // [T, 2048], zero
+    u32* state;           // [T, 4]: prefix, mask, need, blocks done (zero)
+    u32* counts;          // [T, blocks, 2]: keys above the k-th, keys equal to it
+    int* picks;           // [T, k]
+    int ratio, nmax, k, per_block;
+};
+
+extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shift, int bits) {
+    __shared__ u32 lh[2048];
+    __shared__ u32 scan[256];
+    __shared__ int last;
+    int t = blockIdx.x, nbins = 1 << bits;
+    long n = (a.tok_pos[t] + 1) / a.ratio;
+    if (n <= a.k) return;
+    u32* st = a.state + 4 * t;
+    bool first = shift + bits == 32;
+    u32 prefix = first ? 0 : st[0], mask = first ? 0 : st[1];
+    for (int i = threadIdx.x; i < nbins; i += blockDim.x) lh[i] = 0;
+    __syncthreads();
+    const float* row = a.scores + (long)t * a.nmax;
+    long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
+#pragma unroll 4
+    for (long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        u32 u = fkey(row[i]);
+        if ((u & mask) == prefix) atomicAdd(&lh[(u >> shift) & (nbins - 1)], 1u);
+    }
+    __syncthreads();
+    u32* gh = a.hist + 2048l * t;
+    for (int i = threadIdx.x; i < nbins; i += blockDim.x)
+        if (lh[i]) atomicAdd(&gh[i], lh[i]);
+    __threadfence();
+    __syncthreads();
+    // Blocks past the row's visible entries count nothing but still report in.
+    if (threadIdx.x == 0) last = atomicAdd(&st[3], 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // Thread i holds bins counted from the top, nbins / 256 of them.
+    int per = nbins / blockDim.x;
+    u32 need = first ? (u32)a.k : st[2];
+    u32 c = 0;
+    for (int j = 0; j < per; j++) c += ((volatile u32*)gh)[nbins - 1 - (threadIdx.x * per + j)];
+    u32 total;
+    u32 above = block_scan(c, scan, &total);
+    if (above < need && need <= above + c) {
+        for (int j = 0; j < per; j++) {
+            int bin = nbins - 1 - (threadIdx.x * per + j);
+            u32 h = ((volatile u32*)gh)[bin];
+            if (above + h >= need) {
+                st[0] = prefix | ((u32)bin << shift);
+                st[1] = mask | ((u32)(nbins - 1) << shift);
+                st[2] = need - above;
+                break;
+            }
+            above += h;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nbins; i += blockDim.x) gh[i] = 0;
+    if (threadIdx.x == 0) st[3] = 0;
+}
+
+// Per block: keys above the k-th largest and keys equal to it.
+extern "C" __global__ void __launch_bounds__(256) topk_count(TopkArgs a) {
+    __shared__ float sh[32];
+    int t = blockIdx.x;
+    long n = (a.tok_pos[t] + 1) / a.ratio;
+    if (n <= a.k) return;
+    u32 prefix = a.state[4 * t];
+    const float* row = a.scores + (long)t * a.nmax;
+    long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
+    u32 gt = 0, eq = 0;
+#pragma unroll 4
+    for (long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        u32 u = fkey(row[i]);
+        gt += u > prefix;
+        eq += u == prefix;
+    }
+    // Counts below 2^24 add exactly in f32.
+    float g = block_sum((float)gt, sh), e = block_sum((float)eq, sh);
+    if (threadIdx.x == 0) {
+        u32* c = a.counts + 2 * ((long)t * gridDim.y + blockIdx.y);
+        c[0] = (u32)g;
+        c[1] = (u32)e;
+    }
+}
+
+// Each block writes its picks after those of the blocks before it, in index order.
+extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
+    __shared__ u32 scan[256];
+    __shared__ u32 base[2];
+    int t = blockIdx.x;
+    long n = (a.tok_pos[t] + 1) / a.ratio;
+    int* out = a.picks + (long)t * a.k;
+    if (n <= a.k) {
+        if (blockIdx.y == 0)
+            for (int i = threadIdx.x; i < a.k; i += blockDim.x) out[i] = i < n ? i : -1;
+        return;
+    }
+    u32 prefix = a.state[4 * t], need = a.state[4 * t + 2];
+    if (threadIdx.x == 0) {
+        u32 at = 0, eqb = 0;
+        const u32* c = a.counts + 2l * t * gridDim.y;
+        for (u32 y = 0; y < blockIdx.y; y++) {
+            u32 e = c[2 * y + 1];
+            u32 take = eqb >= need ? 0 : (need - eqb < e ? need - eqb : e);
+            at += c[2 * y] + take;
+            eqb += e;
+        }
+        base[0] = at;
+        base[1] = eqb;
+    }
+    __syncthreads();
+    const float* row = a.scores + (long)t * a.nmax;
+    long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
+    long len = hi > lo ? hi - lo : 0;
+    long chunk = (len + blockDim.x - 1) / blockDim.x;
+    long i0 = lo + threadIdx.x * chunk, i1 = i0 + chunk < hi ? i0 + chunk : hi;
+    u32 gt = 0, eq = 0;
+    for (long i = i0; i < i1; i++) {
+        u32 u = fkey(row[i]);
+        gt += u > prefix;
+        eq += u == prefix;
+    }
+    u32 total;
+    u32 eqb = base[1] + block_scan(eq, scan, &total);
+    u32 take = eqb >= need ? 0 : (need - eqb < eq ? need - eqb : eq);
+    u32 at = base[0] + block_scan(gt + take, scan, &total);
     for (long i = i0; i < i1; i++) {
         u32 u = fkey(row[i]);
         if (u > prefix || (u == prefix && take > 0)) {

@@ -36,6 +36,23 @@ extern "C" __global__ void quant_act(const float* x, u16* q, float* s, int nbloc
     if (lane == 0) s[b] = sc;
 }
 
+// Activations as the exact FP8 kernels take them (weights against unrounded values, as `wo_a`):
+// x = p0 + p1 + p2 exactly, three bf16 planes of n values each (each part the rounded rest of
+// the one before; 8 + 8 + 8 bits hold an f32's 24). A product of a bf16 part with an e4m3
+// weight is exact in f32, so these kernels, too, differ from the CPU only in the order of sums.
+extern "C" __global__ void split_act(const float* x, u16* q, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float r = x[i];
+#pragma unroll
+    for (int p = 0; p < 3; p++) {
+        u16 h;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(r));
+        q[p * n + i] = h;
+        r -= __uint_as_float((u32)h << 16);
+    }
+}
+
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -76,6 +93,14 @@ __device__ __forceinline__ void e4m3x4_f16(u32 w, u32& lo, u32& hi) {
 #endif
 }
 
+// Four e4m3 bytes as two bf16x2 (exact: an e4m3 value has 4 significant bits).
+__device__ __forceinline__ void e4m3x4_bf16(u32 w, u32& lo, u32& hi) {
+    u32 f0 = __float_as_uint(e4m3(w & 0xff)), f1 = __float_as_uint(e4m3((w >> 8) & 0xff));
+    u32 f2 = __float_as_uint(e4m3((w >> 16) & 0xff)), f3 = __float_as_uint(e4m3(w >> 24));
+    lo = __byte_perm(f0, f1, 0x7632);
+    hi = __byte_perm(f2, f3, 0x7632);
+}
+
 // e2m1 nibbles i and i+4 of `w` as an f16x2 holding each value times 2^-14 (low half nibble i):
 // the nibble's exponent and mantissa bits land on the f16's, its sign on the sign.
 template <int I>
@@ -94,6 +119,16 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 #endif
 }
 
+__device__ __forceinline__ void mma16816_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
 // Where one lane's activation rows are: for tile j, the row it feeds into B (8j + g) and the
 // rows of its two output columns (8j + 2t, 8j + 2t + 1), as offsets of f16 codes into the
 // quantized activations (`q`) and of scales (`s`); -1 where the tile has no such row.
@@ -104,37 +139,58 @@ struct LaneRows {
     int s0[RT], s1[RT];
 };
 
+// 128-k steps of weights a lane has loaded before it multiplies the oldest (a ring of
+// registers): at batch 1 a warp's whole share of a small matrix is in flight at once; wider
+// passes, which need the registers for activation rows, keep two.
+// (FP4: two, within the experts kernels' 128 registers.)
+#define MMA_STAGES (RT == 1 ? 4 : 2)
+#define MMA_STAGES_F4 2
+
 // Sums of 16 weight rows (from n0) with the lane's activation rows over k in [kb, ke), added
 // into tot[j] (C layout). FP8 weights: 128 x 128 blocks of scales; each lane loads 16 bytes of
 // rows g and g+8 per 64 k, and the activation's 16 codes at the same k.
-template <int RT>
+// EXACT: the activation is split_act's three bf16 planes (`xs` unused, plane stride `pstride`
+// codes), the weights converted to bf16, three MMAs a step.
+template <int RT, bool EXACT>
 __device__ void mma_core_f8(const u8* __restrict__ W, const u8* __restrict__ S, int N, int K,
                             int n0, const u16* __restrict__ xq, const float* __restrict__ xs,
-                            const LaneRows<RT>& rows, int kb, int ke, float (*tot)[4]) {
+                            const LaneRows<RT>& rows, int kb, int ke, float (*tot)[4],
+                            long pstride) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     bool va = n0 + g < N, vb = n0 + g + 8 < N;
     const u8* wa = W + (long)(n0 + g) * K + 16 * t;
     const u8* wb = W + (long)(n0 + g + 8) * K + 16 * t;
     const u8* srow = S + (long)(n0 >> 7) * (K >> 7);
     uint4 zero = make_uint4(0, 0, 0, 0);
-    uint4 cur[4], nxt[4];
-    cur[0] = va ? ld_stream(wa + kb) : zero;
-    cur[1] = va ? ld_stream(wa + kb + 64) : zero;
-    cur[2] = vb ? ld_stream(wb + kb) : zero;
-    cur[3] = vb ? ld_stream(wb + kb + 64) : zero;
-    for (int k = kb; k < ke; k += 128) {
-        if (k + 128 < ke) {
-            nxt[0] = va ? ld_stream(wa + k + 128) : zero;
-            nxt[1] = va ? ld_stream(wa + k + 192) : zero;
-            nxt[2] = vb ? ld_stream(wb + k + 128) : zero;
-            nxt[3] = vb ? ld_stream(wb + k + 192) : zero;
-        }
+    const int STAGES = EXACT ? 2 : MMA_STAGES;
+    uint4 ring[STAGES][4];
+    auto load = [&](int k, uint4* r) {
+        r[0] = va ? ld_stream(wa + k) : zero;
+        r[1] = va ? ld_stream(wa + k + 64) : zero;
+        r[2] = vb ? ld_stream(wb + k) : zero;
+        r[3] = vb ? ld_stream(wb + k + 64) : zero;
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++)
+        if (kb + 128 * s < ke) load(kb + 128 * s, ring[s]);
+    for (int k0 = kb; k0 < ke; k0 += 128 * STAGES)
+#pragma unroll
+    for (int st = 0; st < STAGES; st++) {
+        int k = k0 + 128 * st;
+        if (k >= ke) break;
+        if (k + 128 * (STAGES - 1) < ke) load(k + 128 * (STAGES - 1), ring[(st + STAGES - 1) % STAGES]);
+        const uint4* cur = ring[st];
         float sw = e8m0(srow[k >> 7]);
-        float c[RT][4];
+        // EXACT: the second and third planes' sums apart from the first's, whose magnitude
+        // would absorb their low bits in the MMA's own accumulation.
+        float c[RT][4], cl[RT][4];
 #pragma unroll
         for (int j = 0; j < RT; j++)
 #pragma unroll
-            for (int q = 0; q < 4; q++) c[j][q] = 0.0f;
+            for (int q = 0; q < 4; q++) {
+                c[j][q] = 0.0f;
+                if (EXACT) cl[j][q] = 0.0f;
+            }
         // Two halves of 64 k, four MMAs each.
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -143,34 +199,49 @@ __device__ void mma_core_f8(const u8* __restrict__ W, const u8* __restrict__ S, 
             const u32* rb = &cur[2 + h].x;
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                e4m3x4_f16(ra[i], A[i][0], A[i][2]);
-                e4m3x4_f16(rb[i], A[i][1], A[i][3]);
+                if (EXACT) {
+                    e4m3x4_bf16(ra[i], A[i][0], A[i][2]);
+                    e4m3x4_bf16(rb[i], A[i][1], A[i][3]);
+                } else {
+                    e4m3x4_f16(ra[i], A[i][0], A[i][2]);
+                    e4m3x4_f16(rb[i], A[i][1], A[i][3]);
+                }
             }
 #pragma unroll
             for (int j = 0; j < RT; j++) {
-                uint4 x0 = zero, x1 = zero;
-                if (rows.q[j] >= 0) {
-                    const u16* p = xq + rows.q[j] + k + 64 * h + 16 * t;
-                    x0 = ld_cached(p);
-                    x1 = ld_cached(p + 8);
-                }
-                u32 xb[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
-                for (int i = 0; i < 4; i++)
-                    mma16816(c[j], A[i][0], A[i][1], A[i][2], A[i][3], xb[2 * i], xb[2 * i + 1]);
+                for (int p = 0; p < (EXACT ? 3 : 1); p++) {
+                    uint4 x0 = zero, x1 = zero;
+                    if (rows.q[j] >= 0) {
+                        const u16* px = xq + p * pstride + rows.q[j] + k + 64 * h + 16 * t;
+                        x0 = ld_cached(px);
+                        x1 = ld_cached(px + 8);
+                    }
+                    u32 xb[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        if (EXACT && p == 0)
+                            mma16816_bf16(c[j], A[i][0], A[i][1], A[i][2], A[i][3], xb[2 * i], xb[2 * i + 1]);
+                        else if (EXACT)
+                            mma16816_bf16(cl[j], A[i][0], A[i][1], A[i][2], A[i][3], xb[2 * i], xb[2 * i + 1]);
+                        else
+                            mma16816(c[j], A[i][0], A[i][1], A[i][2], A[i][3], xb[2 * i], xb[2 * i + 1]);
+                    }
+                }
             }
         }
 #pragma unroll
         for (int j = 0; j < RT; j++) {
-            float s0 = rows.s0[j] >= 0 ? sw * xs[rows.s0[j] + (k >> 7)] : 0.0f;
-            float s1 = rows.s1[j] >= 0 ? sw * xs[rows.s1[j] + (k >> 7)] : 0.0f;
+            float s0 = rows.s0[j] < 0 ? 0.0f : EXACT ? sw : sw * xs[rows.s0[j] + (k >> 7)];
+            float s1 = rows.s1[j] < 0 ? 0.0f : EXACT ? sw : sw * xs[rows.s1[j] + (k >> 7)];
+            if (EXACT)
+#pragma unroll
+                for (int q = 0; q < 4; q++) c[j][q] += cl[j][q];
             tot[j][0] = fmaf(c[j][0], s0, tot[j][0]);
             tot[j][1] = fmaf(c[j][1], s1, tot[j][1]);
             tot[j][2] = fmaf(c[j][2], s0, tot[j][2]);
             tot[j][3] = fmaf(c[j][3], s1, tot[j][3]);
         }
-#pragma unroll
-        for (int i = 0; i < 4; i++) cur[i] = nxt[i];
     }
 }
 
@@ -188,7 +259,7 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
     const u8* wb = W + (long)(n0 + g + 8) * half + 4 * t;
     const u8* sa = S + (long)(n0 + g) * kq;
     const u8* sb = S + (long)(n0 + g + 8) * kq;
-    u32 cur[10], nxt[10];
+    u32 ring[MMA_STAGES_F4][10];
     auto load = [&](int k, u32* r) {
 #pragma unroll
         for (int b = 0; b < 4; b++) {
@@ -198,9 +269,16 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
         r[8] = va ? ld_stream32(sa + (k >> 5)) : 0u;
         r[9] = vb ? ld_stream32(sb + (k >> 5)) : 0u;
     };
-    load(kb, cur);
-    for (int k = kb; k < ke; k += 128) {
-        if (k + 128 < ke) load(k + 128, nxt);
+#pragma unroll
+    for (int s = 0; s < MMA_STAGES_F4 - 1; s++)
+        if (kb + 128 * s < ke) load(kb + 128 * s, ring[s]);
+    for (int k0 = kb; k0 < ke; k0 += 128 * MMA_STAGES_F4)
+#pragma unroll
+    for (int st = 0; st < MMA_STAGES_F4; st++) {
+        int k = k0 + 128 * st;
+        if (k >= ke) break;
+        if (k + 128 * (MMA_STAGES_F4 - 1) < ke) load(k + 128 * (MMA_STAGES_F4 - 1), ring[(st + MMA_STAGES_F4 - 1) % MMA_STAGES_F4]);
+        const u32* cur = ring[st];
         float x0[RT], x1[RT];
 #pragma unroll
         for (int j = 0; j < RT; j++) {
@@ -228,16 +306,18 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
                 tot[j][3] = fmaf(c[3], fb * x1[j], tot[j][3]);
             }
         }
-#pragma unroll
-        for (int i = 0; i < 10; i++) cur[i] = nxt[i];
     }
 }
+
+// FP8 weights against split_act's planes (plane stride `pstride`).
+#define FMT_F8X 4
 
 template <int FMT, int RT>
 __device__ __forceinline__ void mma_core(const u8* W, const u8* S, int N, int K, int n0,
                                          const u16* xq, const float* xs, const LaneRows<RT>& rows,
-                                         int kb, int ke, float (*tot)[4]) {
-    if (FMT == FMT_F8) mma_core_f8<RT>(W, S, N, K, n0, xq, xs, rows, kb, ke, tot);
+                                         int kb, int ke, float (*tot)[4], long pstride = 0) {
+    if (FMT == FMT_F8) mma_core_f8<RT, false>(W, S, N, K, n0, xq, xs, rows, kb, ke, tot, 0);
+    else if (FMT == FMT_F8X) mma_core_f8<RT, true>(W, S, N, K, n0, xq, xs, rows, kb, ke, tot, pstride);
     else mma_core_f4<RT>(W, S, N, K, n0, xq, xs, rows, kb, ke, tot);
 }
 
@@ -269,6 +349,7 @@ __device__ void reduce_splits(float (*tot)[4], float* part, int KS) {
 template <int FMT, int RT>
 __device__ void mma_linear(const u8* W, const u8* S, const u16* xq, const float* xs, float* Y,
                            int N, int K, int R, int ldq, int ldy, int group_rows, int KS) {
+    long pstride = (long)R * ldq;
     __shared__ float part[8 * RT * 4 * 32];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int tpb = 8 / KS;
@@ -293,7 +374,7 @@ __device__ void mma_linear(const u8* W, const u8* S, const u16* xq, const float*
     for (int j = 0; j < RT; j++)
 #pragma unroll
         for (int c = 0; c < 4; c++) tot[j][c] = 0.0f;
-    if (n0 < N) mma_core<FMT, RT>(W, S, N, K, n0, xq, xs, rows, kb, kb + kslice, tot);
+    if (n0 < N) mma_core<FMT, RT>(W, S, N, K, n0, xq, xs, rows, kb, kb + kslice, tot, pstride);
     reduce_splits<RT>(tot, part, KS);
     if (ks != 0 || n0 >= N) return;
     int na = n0 + g, nb = n0 + g + 8;
@@ -310,20 +391,26 @@ __device__ void mma_linear(const u8* W, const u8* S, const u16* xq, const float*
     }
 }
 
-#define MMA_LINEAR(NAME, FMT, RT)                                                              \
-    extern "C" __global__ void __launch_bounds__(256) mma_linear_##NAME##_r##RT(               \
+#define MMA_LINEAR(NAME, FMT, RT, BOUNDS)                                                      \
+    extern "C" __global__ void BOUNDS mma_linear_##NAME##_r##RT(                                \
         const u8* W, const u8* S, const u16* xq, const float* xs, float* Y, int N, int K,      \
         int R, int ldq, int ldy, int group_rows, int KS) {                                     \
         mma_linear<FMT, RT>(W, S, xq, xs, Y, N, K, R, ldq, ldy, group_rows, KS);               \
     }
 
-MMA_LINEAR(f8, FMT_F8, 1)
-MMA_LINEAR(f8, FMT_F8, 2)
-MMA_LINEAR(f8, FMT_F8, 4)
-MMA_LINEAR(f8, FMT_F8, 8)
-MMA_LINEAR(f4, FMT_F4, 1)
-MMA_LINEAR(f4, FMT_F4, 2)
-MMA_LINEAR(f4, FMT_F4, 4)
+// One-row passes (decode) keep to 128 registers, so that two blocks share an SM.
+#define ONE_ROW __launch_bounds__(256, 2)
+#define ROWS __launch_bounds__(256)
+
+MMA_LINEAR(f8, FMT_F8, 1, ONE_ROW)
+MMA_LINEAR(f8, FMT_F8, 2, ROWS)
+MMA_LINEAR(f8, FMT_F8, 4, ROWS)
+MMA_LINEAR(f8, FMT_F8, 8, ROWS)
+MMA_LINEAR(f8x, FMT_F8X, 1, ONE_ROW)
+MMA_LINEAR(f8x, FMT_F8X, 2, ROWS)
+MMA_LINEAR(f4, FMT_F4, 1, ONE_ROW)
+MMA_LINEAR(f4, FMT_F4, 2, ROWS)
+MMA_LINEAR(f4, FMT_F4, 4, ROWS)
 
 struct MmaExpertArgs {
     const u64* w1; const u64* s1;  // per expert: weight and scale addresses
