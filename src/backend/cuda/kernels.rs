@@ -41,6 +41,7 @@ pub const NAMES: &[&str] = &[
     "swiglu",
     "embed",
     "hc_mix",
+    "hc_pre_m4",
     "hc_post",
     "hc_head",
     "compress_emit",

@@ -257,6 +257,24 @@ mod args {
 
     #[repr(C)]
     #[derive(Clone, Copy)]
+    pub struct HcPre {
+        pub fn_: u64,
+        pub x: u64,
+        pub base: u64,
+        pub scale: u64,
+        pub y: u64,
+        pub post: u64,
+        pub comb: u64,
+        pub part: u64,
+        pub done: u64,
+        pub d: i32,
+        pub iters: i32,
+        pub hc_eps: f32,
+        pub norm_eps: f32,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
     pub struct Topk {
         pub scores: u64,
         pub tok_pos: u64,
@@ -1314,11 +1332,42 @@ impl Device for Cuda {
     fn hc_pre(&self, hc: &HyperConn<Self>, x: &Tensor) -> Result<(Tensor, Mix)> {
         let (m, d) = (hc.dims.m, hc.dims.d);
         Self::check_hc(m)?;
-        let mix = self.matmul(&hc.fn_, x, 1)?;
         let t = x.len() / (m * d);
         let y = self.tensor(t, d)?;
         let post = self.tensor(t, m)?;
         let comb = self.tensor(t, m * m)?;
+        // Four copies (V4's) in one launch (`hc_pre_m4`); others as the mixes' product, then
+        // the rest.
+        if m == 4 && d.is_multiple_of(4) && hc.fn_.fmt == Format::F32 && t > 0 {
+            let splits = (m * d).div_ceil(1024);
+            let n = (2 + m) * m;
+            let part = self.gpu.alloc(4 * t * splits * (n + 1))?;
+            let done = self.gpu.zeros(4 * t)?;
+            let a = args::HcPre {
+                fn_: hc.fn_.w.ptr,
+                x: x.buf.ptr,
+                base: hc.base.buf.ptr,
+                scale: hc.scale.buf.ptr,
+                y: y.buf.ptr,
+                post: post.buf.ptr,
+                comb: comb.buf.ptr,
+                part: part.ptr,
+                done: done.ptr,
+                d: d as i32,
+                iters: hc.dims.iters as i32,
+                hc_eps: hc.dims.hc_eps,
+                norm_eps: hc.dims.norm_eps,
+            };
+            self.launch(
+                "hc_pre_m4",
+                (t as u32, splits as u32, 1),
+                256,
+                0,
+                Args::new().push(a),
+            )?;
+            return Ok((y, Mix { post, comb }));
+        }
+        let mix = self.matmul(&hc.fn_, x, 1)?;
         self.launch(
             "hc_mix",
             (t as u32, 1, 1),

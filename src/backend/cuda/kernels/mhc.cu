@@ -136,3 +136,98 @@ extern "C" __global__ void hc_head(const float* mix, const float* x, const float
         y[(long)t * D + d] = acc;
     }
 }
+
+struct HcPreArgs {
+    const float* fn;    // [(2 + M) M, M D] mix weights
+    const float* x;     // [T, M, D] streams
+    const float* base;
+    const float* scale;
+    float* y;           // [T, D]
+    float* post;        // [T, M]
+    float* comb;        // [T, M, M]
+    float* part;        // [T, S, (2 + M) M + 1] partial mixes and sums of squares
+    u32* done;          // [T] blocks finished (zero; the last block resets it)
+    int D, iters;
+    float hc_eps, norm_eps;
+};
+
+// The whole mHC pre step: the mixes fn @ x, the stream's RMS, the gates, Sinkhorn and the
+// reduction, in one launch. Block (t, s) takes 1,024 of the token's M*D values (four a thread):
+// its slice of every mix and of the sum of squares goes to `part`; the token's last block to
+// finish adds the S partials in order, then warp 0 runs Sinkhorn while the others reduce the
+// streams. The sums' order depends on the shape alone. M copies (a template: the mixes stay
+// in registers); the host takes the two-kernel path for other M.
+template <int M>
+__device__ void hc_pre_m(const HcPreArgs& a) {
+    const int n = (2 + M) * M;
+    __shared__ float red[8][n + 1];
+    __shared__ float mix[n + 1];
+    __shared__ float pre[M];
+    __shared__ int last;
+    int t = blockIdx.x, s = blockIdx.y, S = gridDim.y, D = a.D;
+    int K = M * D, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* xs = a.x + (long)t * K;
+    int k = s * 1024 + 4 * threadIdx.x;
+    float4 xv = k < K ? *(const float4*)(xs + k) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float acc[n + 1];
+#pragma unroll
+    for (int j = 0; j < n; j++) acc[j] = 0.0f;
+    if (k < K) {
+        // Every row's four weights in flight at once.
+        float4 w[n];
+#pragma unroll
+        for (int j = 0; j < n; j++) {
+            const float* p = a.fn + (long)j * K + k;
+            asm volatile("ld.global.nc.v4.f32 {%0,%1,%2,%3}, [%4];"
+                         : "=f"(w[j].x), "=f"(w[j].y), "=f"(w[j].z), "=f"(w[j].w)
+                         : "l"(p));
+        }
+#pragma unroll
+        for (int j = 0; j < n; j++) acc[j] = w[j].x * xv.x + w[j].y * xv.y + w[j].z * xv.z + w[j].w * xv.w;
+    }
+    acc[n] = xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
+#pragma unroll
+    for (int j = 0; j <= n; j++) {
+        float v = warp_sum(acc[j]);
+        if (lane == 0) red[warp][j] = v;
+    }
+    __syncthreads();
+    float* pt = a.part + ((long)t * S + s) * (n + 1);
+    if ((int)threadIdx.x <= n) {
+        float v = 0.0f;
+        for (int w = 0; w < 8; w++) v += red[w][threadIdx.x];
+        pt[threadIdx.x] = v;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&a.done[t], 1u) == (u32)S - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if ((int)threadIdx.x <= n) {
+        float v = 0.0f;
+        for (int j = 0; j < S; j++) v += ((volatile float*)a.part)[((long)t * S + j) * (n + 1) + threadIdx.x];
+        mix[threadIdx.x] = v;
+    }
+    __syncthreads();
+    float r = 1.0f / sqrtf(mix[n] / (float)K + a.norm_eps);
+    if ((int)threadIdx.x < M) {
+        int j = threadIdx.x;
+        pre[j] = sigmoidf(mix[j] * r * a.scale[0] + a.base[j]) + a.hc_eps;
+        a.post[t * M + j] = 2.0f * sigmoidf(mix[M + j] * r * a.scale[1] + a.base[M + j]);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        if (M * M <= 32) sinkhorn_lanes(mix, r, a.scale, a.base, a.comb + (long)t * M * M, M, a.iters, a.hc_eps);
+        else if (lane == 0) sinkhorn_serial(mix, r, a.scale, a.base, a.comb + (long)t * M * M, M, a.iters, a.hc_eps);
+    } else {
+        for (int d = threadIdx.x - 32; d < D; d += blockDim.x - 32) {
+            float v = 0.0f;
+            for (int j = 0; j < M; j++) v += pre[j] * xs[j * D + d];
+            a.y[(long)t * D + d] = v;
+        }
+    }
+    if (threadIdx.x == 0) a.done[t] = 0;
+}
+
+extern "C" __global__ void __launch_bounds__(256) hc_pre_m4(HcPreArgs a) { hc_pre_m<4>(a); }
