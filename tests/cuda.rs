@@ -195,6 +195,48 @@ fn linears_match_the_cpu() {
     }
 }
 
+/// Two weights of one input in one launch (wq_a and wkv, the shared expert's w1 and w3): each
+/// output as the CPU's linear, a row's bits whatever rows share its batch.
+#[test]
+fn paired_linears_match_the_cpu() {
+    let Some(cuda) = gpu("paired_linears_match_the_cpu") else {
+        return;
+    };
+    let cpu = Cpu::default();
+    let mut r = Rand(3);
+    for (na, nb, k) in [(1024, 512, 4096), (2048, 2048, 4096), (130, 40, 256)] {
+        let (ma, mb) = (matrix("FP8", na, k, &mut r), matrix("FP8", nb, k, &mut r));
+        let (wa, wb) = (
+            cuda.weight(ma.clone()).unwrap(),
+            cuda.weight(mb.clone()).unwrap(),
+        );
+        let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
+        for rows in [1usize, 5, 70] {
+            let mut x = r.vec(rows * k, 2.0);
+            if let Some((x0, _, _)) = &first {
+                x[..k].copy_from_slice(x0);
+            }
+            let xt = cuda.upload(&x, k).unwrap();
+            let (ya, yb) = cuda.linear_pair(&wa, &wb, &xt).unwrap();
+            let (ya, yb) = (cuda.download(&ya).unwrap(), cuda.download(&yb).unwrap());
+            for (m, y, n) in [(&ma, &ya, na), (&mb, &yb, nb)] {
+                let e = worst(&rel(y, &cpu.linear(m, &x).unwrap(), n));
+                assert!(
+                    e < 2e-5,
+                    "pair {na}/{nb} x {k}, {rows} rows: relative error {e:.2e}"
+                );
+            }
+            match &first {
+                None => first = Some((x[..k].to_vec(), ya[..na].to_vec(), yb[..nb].to_vec())),
+                Some((_, a0, b0)) => assert!(
+                    ya[..na] == a0[..] && yb[..nb] == b0[..],
+                    "pair {na}/{nb} x {k}: a row's output changed with {rows} rows"
+                ),
+            }
+        }
+    }
+}
+
 #[test]
 fn grouped_output_projection_matches_the_cpu() {
     let Some(cuda) = gpu("grouped_output_projection_matches_the_cpu") else {

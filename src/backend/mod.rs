@@ -156,6 +156,16 @@ pub trait Device: Sized + Send + Sync + 'static {
     /// `x W^T` with the reference's numerics for `W`'s format: FP8-rounded activations (blocks
     /// of 128) for FP8 and FP4 weights, f32 activations for BF16/F32 weights.
     fn linear(&self, w: &Self::Weight, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `linear` of one input by two weights (one launch where a device can: two small
+    /// products cost one's latency).
+    fn linear_pair(
+        &self,
+        a: &Self::Weight,
+        b: &Self::Weight,
+        x: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        Ok((self.linear(a, x)?, self.linear(b, x)?))
+    }
     /// `x W^T` with f32 activations whatever `W`'s format (the reference dequantizes these
     /// weights at load: gate, head, compressor, `weights_proj`).
     fn linear_plain(&self, w: &Self::Weight, x: &Self::Tensor) -> Result<Self::Tensor>;

@@ -108,11 +108,10 @@ impl<D: Device> Attention<D> {
         slot: usize,
         y: &D::Tensor,
     ) -> Result<D::Tensor> {
-        let mut qr = dev.linear(&self.wq_a, y)?;
+        let (mut qr, mut kv) = dev.linear_pair(&self.wq_a, &self.wkv, y)?;
         dev.rms_norm(&mut qr, &self.q_norm, self.eps)?;
         let mut q = dev.linear(&self.wq_b, &qr)?;
         dev.head_norm_rope(&mut q, b, self.heads, &self.rope, self.eps)?;
-        let mut kv = dev.linear(&self.wkv, y)?;
         dev.rms_norm(&mut kv, &self.kv_norm, self.eps)?;
         dev.rope(&mut kv, b, 1, &self.rope, false)?;
 

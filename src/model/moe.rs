@@ -32,8 +32,7 @@ impl<D: Device> Expert<D> {
 
     /// The expert without a routing weight (the shared expert).
     pub fn forward(&self, dev: &D, x: &D::Tensor, limit: f32) -> Result<D::Tensor> {
-        let gate = dev.linear(&self.w1, x)?;
-        let up = dev.linear(&self.w3, x)?;
+        let (gate, up) = dev.linear_pair(&self.w1, &self.w3, x)?;
         let h = dev.swiglu(&gate, &up, limit)?;
         dev.linear(&self.w2, &h)
     }

@@ -551,8 +551,15 @@ impl Cuda {
         self.tensor_cores && w.fmt.quantized() && w.cols.is_multiple_of(128) && w.cols > 0
     }
 
-    /// `x W^T` on tensor cores for an FP8/FP4 weight, x rounded to FP8 on the way.
-    fn mma_linear(&self, w: &Weight, x: &Tensor) -> Result<Tensor> {
+    /// `x W^T` on tensor cores for an FP8/FP4 weight, x rounded to FP8 on the way; with
+    /// `second`, `x V^T` too for a weight V of the same format and width, in the same launch
+    /// (the k split then follows the two shapes together).
+    fn mma_linear(
+        &self,
+        w: &Weight,
+        second: Option<&Weight>,
+        x: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (n, k) = (w.rows, w.cols);
         if !x.len().is_multiple_of(k) {
             return Err(Error::Input(format!(
@@ -562,11 +569,16 @@ impl Cuda {
         }
         let r = x.len() / k;
         let y = self.tensor(r, n)?;
+        let y2 = match second {
+            Some(v) => Some(self.tensor(r, v.rows)?),
+            None => None,
+        };
         if r == 0 {
-            return Ok(y);
+            return Ok((y, y2));
         }
         let (q, s) = self.quantize(x, w.fmt == Format::F4)?;
-        let ks = mma_split(n, k);
+        let n2 = second.map_or(0, |v| v.rows);
+        let ks = mma_split(n + n2, k);
         // Activation rows per pass (at most 64 for FP8, 32 for FP4, whose wider decode leaves
         // fewer registers); more rows take more passes over the weight.
         let widest = if w.fmt == Format::F8 { 8 } else { 4 };
@@ -574,11 +586,15 @@ impl Cuda {
             .into_iter()
             .find(|&rt| 8 * rt >= r || rt == widest)
             .unwrap_or(widest);
+        let (w2, s2, out2) = match (second, &y2) {
+            (Some(v), Some(o)) => (v.w.ptr, v.scales(), o.buf.ptr),
+            _ => (0, 0, 0),
+        };
         self.launch(
             &format!("mma_linear_{}_r{rt}", w.fmt.suffix()),
             (
-                n.div_ceil(16 * (8 / ks)) as u32,
-                1,
+                n.max(n2).div_ceil(16 * (8 / ks)) as u32,
+                1 + second.is_some() as u32,
                 r.div_ceil(8 * rt) as u32,
             ),
             256,
@@ -595,9 +611,13 @@ impl Cuda {
                 .push(k as i32)
                 .push(n as i32)
                 .push(0i32)
-                .push(ks as i32),
+                .push(ks as i32)
+                .push(w2)
+                .push(s2)
+                .push(out2)
+                .push(n2 as i32),
         )?;
-        Ok(y)
+        Ok((y, y2))
     }
 
     /// `x W^T` on tensor cores for an FP8 weight against unrounded activations (`wo_a`):
@@ -649,7 +669,11 @@ impl Cuda {
                 .push(x.cols as i32)
                 .push(n as i32)
                 .push(group_rows as i32)
-                .push(ks as i32),
+                .push(ks as i32)
+                .push(0u64)
+                .push(0u64)
+                .push(0u64)
+                .push(0i32),
         )?;
         Ok(y)
     }
@@ -1148,11 +1172,20 @@ impl Device for Cuda {
 
     fn linear(&self, w: &Weight, x: &Tensor) -> Result<Tensor> {
         if self.mma_takes(w) {
-            self.mma_linear(w, x)
+            Ok(self.mma_linear(w, None, x)?.0)
         } else if w.fmt.quantized() {
             self.matmul(w, &self.fake_quant(x)?, 1)
         } else {
             self.matmul(w, x, 1)
+        }
+    }
+
+    fn linear_pair(&self, a: &Weight, b: &Weight, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.mma_takes(a) && self.mma_takes(b) && a.fmt == b.fmt && a.cols == b.cols {
+            let (ya, yb) = self.mma_linear(a, Some(b), x)?;
+            Ok((ya, yb.expect("a second output")))
+        } else {
+            Ok((self.linear(a, x)?, self.linear(b, x)?))
         }
     }
 

@@ -344,11 +344,21 @@ __device__ void reduce_splits(float (*tot)[4], float* part, int KS) {
 }
 
 // Y[r, n] = sum_k X[r, g(n) K + k] W[n, k] for FP8/FP4 W, X given by quant_act (row stride
-// ldq codes, ldq / 128 scales). Grid: x = row blocks of 128 / KS * 16 rows, z = batches of
+// ldq codes, ldq / 128 scales). Grid: x = row blocks of 128 / KS * 16 rows, y = the weight
+// (two where a second one shares the input), z = batches of
 // 8 * RT rows; 256 threads, warp = tile * KS + ks with KS in {1, 2, 4, 8} and K % (128 KS) == 0.
 template <int FMT, int RT>
 __device__ void mma_linear(const u8* W, const u8* S, const u16* xq, const float* xs, float* Y,
-                           int N, int K, int R, int ldq, int ldy, int group_rows, int KS) {
+                           int N, int K, int R, int ldq, int ldy, int group_rows, int KS,
+                           const u8* W2, const u8* S2, float* Y2, int N2) {
+    // Grid y = 1: a second weight of the same input and shape class (W2, its N2 rows to Y2).
+    if (blockIdx.y == 1) {
+        W = W2;
+        S = S2;
+        Y = Y2;
+        N = N2;
+        ldy = N2;
+    }
     long pstride = (long)R * ldq;
     __shared__ float part[8 * RT * 4 * 32];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -394,23 +404,25 @@ __device__ void mma_linear(const u8* W, const u8* S, const u16* xq, const float*
 #define MMA_LINEAR(NAME, FMT, RT, BOUNDS)                                                      \
     extern "C" __global__ void BOUNDS mma_linear_##NAME##_r##RT(                                \
         const u8* W, const u8* S, const u16* xq, const float* xs, float* Y, int N, int K,      \
-        int R, int ldq, int ldy, int group_rows, int KS) {                                     \
-        mma_linear<FMT, RT>(W, S, xq, xs, Y, N, K, R, ldq, ldy, group_rows, KS);               \
+        int R, int ldq, int ldy, int group_rows, int KS, const u8* W2, const u8* S2, float* Y2, \
+        int N2) {                                                                              \
+        mma_linear<FMT, RT>(W, S, xq, xs, Y, N, K, R, ldq, ldy, group_rows, KS, W2, S2, Y2, N2); \
     }
 
-// One-row passes (decode) keep to 128 registers, so that two blocks share an SM.
-#define ONE_ROW __launch_bounds__(256, 2)
-#define ROWS __launch_bounds__(256)
+// One-row passes (decode) keep to 128 registers, so that two blocks share an SM; so does the
+// two-row FP4 pass (ptxas spills it with the register file to itself).
+#define TWO_BLOCKS __launch_bounds__(256, 2)
+#define ONE_BLOCK __launch_bounds__(256)
 
-MMA_LINEAR(f8, FMT_F8, 1, ONE_ROW)
-MMA_LINEAR(f8, FMT_F8, 2, ROWS)
-MMA_LINEAR(f8, FMT_F8, 4, ROWS)
-MMA_LINEAR(f8, FMT_F8, 8, ROWS)
-MMA_LINEAR(f8x, FMT_F8X, 1, ONE_ROW)
-MMA_LINEAR(f8x, FMT_F8X, 2, ROWS)
-MMA_LINEAR(f4, FMT_F4, 1, ONE_ROW)
-MMA_LINEAR(f4, FMT_F4, 2, ROWS)
-MMA_LINEAR(f4, FMT_F4, 4, ROWS)
+MMA_LINEAR(f8, FMT_F8, 1, TWO_BLOCKS)
+MMA_LINEAR(f8, FMT_F8, 2, ONE_BLOCK)
+MMA_LINEAR(f8, FMT_F8, 4, ONE_BLOCK)
+MMA_LINEAR(f8, FMT_F8, 8, ONE_BLOCK)
+MMA_LINEAR(f8x, FMT_F8X, 1, TWO_BLOCKS)
+MMA_LINEAR(f8x, FMT_F8X, 2, ONE_BLOCK)
+MMA_LINEAR(f4, FMT_F4, 1, TWO_BLOCKS)
+MMA_LINEAR(f4, FMT_F4, 2, TWO_BLOCKS)
+MMA_LINEAR(f4, FMT_F4, 4, ONE_BLOCK)
 
 struct MmaExpertArgs {
     const u64* w1; const u64* s1;  // per expert: weight and scale addresses
