@@ -553,21 +553,30 @@ impl Cuda {
 
     /// `x W^T` on tensor cores for an FP8/FP4 weight, x rounded to FP8 on the way; with
     /// `second`, `x V^T` too for a weight V of the same format and width, in the same launch
-    /// (the k split then follows the two shapes together).
+    /// (the k split then follows the two shapes together). `exact` (FP8 only, `wo_a`): x
+    /// unrounded, split into three bf16 parts that add up to it exactly (`split_act`), each
+    /// part's products with the weight exact; `groups` then splits W's rows and x's columns.
     fn mma_linear(
         &self,
         w: &Weight,
         second: Option<&Weight>,
         x: &Tensor,
+        groups: usize,
+        exact: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (n, k) = (w.rows, w.cols);
-        if !x.len().is_multiple_of(k) {
+        let fits = if exact {
+            x.cols == k * groups && n.is_multiple_of(groups)
+        } else {
+            groups == 1 && x.len().is_multiple_of(k)
+        };
+        if !fits {
             return Err(Error::Input(format!(
-                "a {}-wide activation into a {n} x {k} weight",
+                "a {}-wide activation into a {n} x {k} weight in {groups} groups",
                 x.cols
             )));
         }
-        let r = x.len() / k;
+        let r = if exact { x.rows } else { x.len() / k };
         let y = self.tensor(r, n)?;
         let y2 = match second {
             Some(v) => Some(self.tensor(r, v.rows)?),
@@ -576,12 +585,30 @@ impl Cuda {
         if r == 0 {
             return Ok((y, y2));
         }
-        let (q, s) = self.quantize(x, w.fmt == Format::F4)?;
+        let (q, s) = if exact {
+            let q = self.gpu.alloc(6 * x.len())?;
+            self.launch(
+                "split_act",
+                blocks_1d(x.len(), 256),
+                256,
+                0,
+                Args::new().push(x.buf.ptr).push(q.ptr).push(x.len() as i64),
+            )?;
+            (q, None)
+        } else {
+            let (q, s) = self.quantize(x, w.fmt == Format::F4)?;
+            (q, Some(s))
+        };
         let n2 = second.map_or(0, |v| v.rows);
         let ks = mma_split(n + n2, k);
-        // Activation rows per pass (at most 64 for FP8, 32 for FP4, whose wider decode leaves
-        // fewer registers); more rows take more passes over the weight.
-        let widest = if w.fmt == Format::F8 { 8 } else { 4 };
+        // Activation rows per pass: at most 64 for FP8, 32 for FP4 (its wider decode leaves
+        // fewer registers), 16 against the three exact planes (more spill); more rows take
+        // more passes over the weight.
+        let widest = match (exact, w.fmt) {
+            (true, _) => 2,
+            (false, Format::F8) => 8,
+            _ => 4,
+        };
         let rt = [1usize, 2, 4, 8]
             .into_iter()
             .find(|&rt| 8 * rt >= r || rt == widest)
@@ -590,8 +617,10 @@ impl Cuda {
             (Some(v), Some(o)) => (v.w.ptr, v.scales(), o.buf.ptr),
             _ => (0, 0, 0),
         };
+        let suffix = if exact { "f8x" } else { w.fmt.suffix() };
+        let group_rows = if groups > 1 { n / groups } else { 0 };
         self.launch(
-            &format!("mma_linear_{}_r{rt}", w.fmt.suffix()),
+            &format!("mma_linear_{suffix}_r{rt}"),
             (
                 n.max(n2).div_ceil(16 * (8 / ks)) as u32,
                 1 + second.is_some() as u32,
@@ -603,14 +632,14 @@ impl Cuda {
                 .push(w.w.ptr)
                 .push(w.scales())
                 .push(q.ptr)
-                .push(s.ptr)
+                .push(s.as_ref().map_or(0, |s| s.ptr))
                 .push(y.buf.ptr)
                 .push(n as i32)
                 .push(k as i32)
                 .push(r as i32)
-                .push(k as i32)
+                .push((x.len() / r) as i32)
                 .push(n as i32)
-                .push(0i32)
+                .push(group_rows as i32)
                 .push(ks as i32)
                 .push(w2)
                 .push(s2)
@@ -618,64 +647,6 @@ impl Cuda {
                 .push(n2 as i32),
         )?;
         Ok((y, y2))
-    }
-
-    /// `x W^T` on tensor cores for an FP8 weight against unrounded activations (`wo_a`):
-    /// x split into three bf16 parts that add up to it exactly (`split_act`), each part's
-    /// products with the weight exact; `groups` splits W's rows and x's columns.
-    fn mma_linear_exact(&self, w: &Weight, x: &Tensor, groups: usize) -> Result<Tensor> {
-        let (n, k) = (w.rows, w.cols);
-        if x.cols != k * groups || !n.is_multiple_of(groups) {
-            return Err(Error::Input(format!(
-                "a {}-wide activation into a {n} x {k} weight in {groups} groups",
-                x.cols
-            )));
-        }
-        let r = x.rows;
-        let y = self.tensor(r, n)?;
-        if r == 0 {
-            return Ok(y);
-        }
-        let q = self.gpu.alloc(6 * x.len())?;
-        self.launch(
-            "split_act",
-            blocks_1d(x.len(), 256),
-            256,
-            0,
-            Args::new().push(x.buf.ptr).push(q.ptr).push(x.len() as i64),
-        )?;
-        let ks = mma_split(n, k);
-        // Three planes of activation codes a row: at most 16 rows a pass (more spill).
-        let rt = if r <= 8 { 1 } else { 2 };
-        let group_rows = if groups > 1 { n / groups } else { 0 };
-        self.launch(
-            &format!("mma_linear_f8x_r{rt}"),
-            (
-                n.div_ceil(16 * (8 / ks)) as u32,
-                1,
-                r.div_ceil(8 * rt) as u32,
-            ),
-            256,
-            0,
-            Args::new()
-                .push(w.w.ptr)
-                .push(w.scales())
-                .push(q.ptr)
-                .push(0u64)
-                .push(y.buf.ptr)
-                .push(n as i32)
-                .push(k as i32)
-                .push(r as i32)
-                .push(x.cols as i32)
-                .push(n as i32)
-                .push(group_rows as i32)
-                .push(ks as i32)
-                .push(0u64)
-                .push(0u64)
-                .push(0u64)
-                .push(0i32),
-        )?;
-        Ok(y)
     }
 
     /// `x W^T`; `groups` splits W's rows and x's columns. Without groups, x's values are taken
@@ -1172,7 +1143,7 @@ impl Device for Cuda {
 
     fn linear(&self, w: &Weight, x: &Tensor) -> Result<Tensor> {
         if self.mma_takes(w) {
-            Ok(self.mma_linear(w, None, x)?.0)
+            Ok(self.mma_linear(w, None, x, 1, false)?.0)
         } else if w.fmt.quantized() {
             self.matmul(w, &self.fake_quant(x)?, 1)
         } else {
@@ -1182,7 +1153,7 @@ impl Device for Cuda {
 
     fn linear_pair(&self, a: &Weight, b: &Weight, x: &Tensor) -> Result<(Tensor, Tensor)> {
         if self.mma_takes(a) && self.mma_takes(b) && a.fmt == b.fmt && a.cols == b.cols {
-            let (ya, yb) = self.mma_linear(a, Some(b), x)?;
+            let (ya, yb) = self.mma_linear(a, Some(b), x, 1, false)?;
             Ok((ya, yb.expect("a second output")))
         } else {
             Ok((self.linear(a, x)?, self.linear(b, x)?))
@@ -1195,7 +1166,7 @@ impl Device for Cuda {
 
     fn grouped_linear(&self, w: &Weight, x: &Tensor, groups: usize) -> Result<Tensor> {
         if self.mma_takes(w) && w.fmt == Format::F8 && x.cols == w.cols * groups {
-            self.mma_linear_exact(w, x, groups)
+            Ok(self.mma_linear(w, None, x, groups, true)?.0)
         } else {
             self.matmul(w, x, groups)
         }
