@@ -551,7 +551,11 @@ fn whole_model_matches_the_cpu() {
         )
         .unwrap(),
     );
-    let seqs: Vec<Vec<u32>> = (0..3)
+    // Eight sequences: the share of rows within 1e-3 counts the rows before each sequence's
+    // first flips, a few events a sequence; over three it moved from 56.8% to 42.0% with a
+    // change of the attention's summation order that brought attention alone closer to the CPU
+    // (worst 5.1e-5 -> 3.7e-8).
+    let seqs: Vec<Vec<u32>> = (0..8)
         .map(|s| {
             (0..200)
                 .map(|i| ((i * 31 + s * 977) % 5000) as u32)

@@ -32,7 +32,7 @@ fn every_kernel_compiles_for_sm90() {
 const HOT: [&str; 7] = [
     "mma_",
     "gemv_",
-    "attn_partial",
+    "attend",
     "index_scores",
     "index_topk",
     "topk_",

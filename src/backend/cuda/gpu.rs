@@ -214,6 +214,9 @@ pub struct Gpu {
     pub sms: u32,
     /// Compute capability.
     pub arch: (i32, i32),
+    /// Whether kernels are launched to overlap the one before (programmatic dependent launch:
+    /// compute capability 9.0 and later, unless `HADAL_CUDA_PDL=0`).
+    pub overlap: bool,
     gate: Gate,
 }
 
@@ -266,6 +269,7 @@ impl Gpu {
             ordinal,
             sms,
             arch,
+            overlap: arch >= (9, 0) && !std::env::var("HADAL_CUDA_PDL").is_ok_and(|v| v == "0"),
             gate: Gate::default(),
         }))
     }
@@ -292,6 +296,11 @@ impl Gpu {
         })();
         self.gate.owner.store(0, Ordering::Release);
         out
+    }
+
+    /// Whether the calling thread is recording a graph.
+    pub fn capturing(&self) -> bool {
+        self.gate.owner.load(Ordering::Acquire) == thread_number()
     }
 
     /// Queues a recorded graph.
@@ -456,17 +465,38 @@ impl Gpu {
             .iter()
             .map(|&s| args.words[s..].as_mut_ptr() as *mut c_void)
             .collect();
+        // Every kernel waits for the work before it (`pdl_wait` in prelude.cuh), so it may be
+        // launched while that work runs: its launch and the first loads of its weights overlap
+        // the kernel before it.
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.overlap),
+        };
         // SAFETY: the arguments match the kernel's declaration (each launch site mirrors it) and
         // every address they carry is live until the stream reaches the kernel.
         unsafe {
-            result::launch_kernel(
+            sys::cuLaunchKernelEx(
+                &config,
                 f.cu_function(),
-                grid,
-                (block, 1, 1),
-                smem,
-                self.stream.cu_stream(),
-                &mut params,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
             )
+            .result()
         }
         .map_err(|e| driver_err(&format!("launching {name}"), e))
     }

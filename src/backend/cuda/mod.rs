@@ -223,6 +223,9 @@ mod args {
         pub om: u64,
         pub ol: u64,
         pub oo: u64,
+        pub sink: u64,
+        pub out: u64,
+        pub done: u64,
         pub h: i32,
         pub dh: i32,
         pub s: i32,
@@ -384,6 +387,21 @@ pub struct Cuda {
     pool: Arc<Pool>,
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
     recordings: Mutex<Recordings>,
+    counters: Mutex<Counters>,
+}
+
+/// Counters by which the blocks of a launch find the last of them to finish (which then joins
+/// their partial results). Every kernel sets the counters it used back to zero, so they are
+/// zero between launches and need no clearing (one stream orders all launches).
+struct Counters {
+    buf: Buf,
+    /// Smaller buffers replaced by `buf`, kept because recorded graphs may address them.
+    retired: Vec<Buf>,
+}
+
+impl Counters {
+    /// Enough for any decode step's launches, so that one being recorded never grows them.
+    const INITIAL: usize = 1 << 18;
 }
 
 /// Recorded decode steps by (tokens, bucket of the longest context), least recently used
@@ -454,10 +472,30 @@ impl Cuda {
             tensor_cores: gpu.arch >= (8, 0) && !simt,
             graphs: AtomicBool::new(graphs),
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
-            gpu,
             layouts: Mutex::new(HashMap::new()),
             recordings: Mutex::new(Recordings::default()),
+            counters: Mutex::new(Counters {
+                buf: gpu.zeros(4 * Counters::INITIAL)?,
+                retired: Vec::new(),
+            }),
+            gpu,
         })
+    }
+
+    /// `n` zeroed u32 counters (see [`Counters`]), valid for the next launch.
+    fn counters(&self, n: usize) -> Result<u64> {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        if 4 * n > c.buf.bytes {
+            if self.gpu.capturing() {
+                return Err(Error::Device(format!(
+                    "{n} launch counters needed while recording a step"
+                )));
+            }
+            let grown = self.gpu.zeros(4 * n.next_power_of_two())?;
+            let old = std::mem::replace(&mut c.buf, grown);
+            c.retired.push(old);
+        }
+        Ok(c.buf.ptr)
     }
 
     /// A weight's bytes (not its scales), read back.
@@ -704,11 +742,11 @@ impl Cuda {
         Ok(y)
     }
 
-    /// Slices of the longest key list of a batch (32 keys a slice, at most 128 slices; each
-    /// token takes as many as its own keys need: `KEYS_PER_SPLIT`, `SPLITS_MAX` in
+    /// Slices of the longest key list of a batch (16 keys a slice, at most 128 slices; each
+    /// token takes as many as its own keys need: `KEYS_PER_SPLIT` in
     /// attention.cu).
     fn splits(keys: usize) -> usize {
-        keys.div_ceil(32).clamp(1, 128)
+        keys.div_ceil(16).clamp(1, 128)
     }
 
     /// The `k` largest of each row's first `(tok_pos[t] + 1) / ratio` scores, their indices
@@ -1346,7 +1384,7 @@ impl Device for Cuda {
             let splits = (m * d).div_ceil(1024);
             let n = (2 + m) * m;
             let part = self.gpu.alloc(4 * t * splits * (n + 1))?;
-            let done = self.gpu.zeros(4 * t)?;
+            let done = self.counters(t)?;
             let a = args::HcPre {
                 fn_: hc.fn_.w.ptr,
                 x: x.buf.ptr,
@@ -1356,7 +1394,7 @@ impl Device for Cuda {
                 post: post.buf.ptr,
                 comb: comb.buf.ptr,
                 part: part.ptr,
-                done: done.ptr,
+                done,
                 d: d as i32,
                 iters: hc.dims.iters as i32,
                 hc_eps: hc.dims.hc_eps,
@@ -1577,10 +1615,9 @@ impl Device for Cuda {
     ) -> Result<Tensor> {
         let (h, dh, w) = (a.heads, a.dim, a.window);
         let row = b.layout.attn_row;
-        if dh % 32 != 0 || dh > 512 || row.bytes > 768 {
+        if dh % 32 != 0 || dh > 512 {
             return Err(Error::Input(format!(
-                "head_dim = {dh} ({} bytes a row): the CUDA attention takes multiples of 32 up to 512, rows up to 768 bytes",
-                row.bytes
+                "head_dim = {dh}: the CUDA attention takes multiples of 32 up to 512"
             )));
         }
         let bl = b.layout.blocks[slot].clone();
@@ -1593,16 +1630,20 @@ impl Device for Cuda {
             (4 * dh) as u32,
             Args::new().push(kvr.buf.ptr).push(packed.ptr).push(row),
         )?;
-        let hg = h.min(8);
-        let groups = h.div_ceil(hg);
         let comp_keys = match picks {
             Some(p) => p.k,
             None if a.ratio > 0 => b.max_end / a.ratio,
             None => 0,
         };
         // Every token splits its keys by their own count (attention.cu), so that its result does
-        // not depend on the batch; queries go in chunks that bound the partial results.
+        // not depend on the batch; queries go in chunks that bound the partial results. The
+        // last slice of a (token, group of heads) to finish joins them (`done` counts). A block
+        // takes 8 heads (each key it decodes serves 8), or 4 where that leaves SMs idle (a
+        // head's sums are the same either way).
         let s = Self::splits(b.max_end.min(w) + comp_keys);
+        let wide = b.t * h.div_ceil(8) * s >= 2 * self.gpu.sms as usize;
+        let hg = h.min(if wide { 8 } else { 4 });
+        let groups = h.div_ceil(hg);
         let chunk = ((256usize << 20) / (4 * h * s * dh)).clamp(1, b.t);
         let out = self.tensor(b.t, h * dh)?;
         let om = self.tensor(chunk * h, s)?;
@@ -1618,6 +1659,9 @@ impl Device for Cuda {
             om: om.buf.ptr,
             ol: ol.buf.ptr,
             oo: oo.buf.ptr,
+            sink: a.sink.buf.ptr,
+            out: 0,
+            done: 0,
             h: h as i32,
             dh: dh as i32,
             s: s as i32,
@@ -1633,27 +1677,14 @@ impl Device for Cuda {
         for t0 in (0..b.t).step_by(chunk) {
             let n = chunk.min(b.t - t0);
             args.t0 = t0 as i32;
+            args.out = out.buf.ptr + (4 * t0 * h * dh) as u64;
+            args.done = self.counters(n * groups)?;
             self.launch(
-                "attn_partial",
+                "attend",
                 (n as u32, groups as u32, s as u32),
                 (hg * 32) as u32,
                 0,
                 Args::new().push(args),
-            )?;
-            self.launch(
-                "attn_combine",
-                ((n * h) as u32, 1, 1),
-                128,
-                0,
-                Args::new()
-                    .push(om.buf.ptr)
-                    .push(ol.buf.ptr)
-                    .push(oo.buf.ptr)
-                    .push(a.sink.buf.ptr)
-                    .push(out.buf.ptr + (4 * t0 * h * dh) as u64)
-                    .push(h as i32)
-                    .push(dh as i32)
-                    .push(s as i32),
             )?;
         }
         // The chunk's rows enter the window only after every query read the old ones.

@@ -4,6 +4,7 @@
 // Rounds the non-RoPE dims of each KV row to FP8 (block 64, in place) and packs the row in the
 // state's layout (one block a token).
 extern "C" __global__ void kv_pack(float* kv, u8* packed, RowFmt f) {
+    pdl_wait();
     extern __shared__ float v[];
     float* x = kv + (long)blockIdx.x * f.dim;
     for (int i = threadIdx.x; i < f.dim; i += blockDim.x) v[i] = x[i];
@@ -14,6 +15,7 @@ extern "C" __global__ void kv_pack(float* kv, u8* packed, RowFmt f) {
 // Copies each sequence's last `window` packed rows of the chunk into its window ring.
 extern "C" __global__ void window_store(const u8* packed, const u32* tok_seq, const u32* tok_pos,
                                         const SeqDesc* descs, long win_off, int window, int bytes) {
+    pdl_wait();
     int t = blockIdx.x;
     const SeqDesc s = descs[tok_seq[t]];
     long q = tok_pos[t];
@@ -26,13 +28,16 @@ extern "C" __global__ void window_store(const u8* packed, const u32* tok_seq, co
 struct AttnArgs {
     const float* q;      // [T, H, dh]
     const float* kv;     // [T, dh], rounded
-    const int* picks;    // [T, K] entry ids (-1: none), or null
+    const int* picks;    // [T, K] entry ids, increasing, then -1s; or null
     const u32* tok_seq;
     const u32* tok_pos;
     const SeqDesc* descs;
-    float* om;           // [T, H, S]
+    float* om;           // [T, H, S] partial results of the slices
     float* ol;           // [T, H, S]
     float* oo;           // [T, H, S, dh]
+    const float* sink;   // [H]
+    float* out;          // [T, H, dh], from token t0 on
+    u32* done;           // [T, groups] counters, zero (left zero)
     int H, dh, S, K, window, ratio;
     int t0;              // first token of this launch
     float scale;
@@ -40,12 +45,10 @@ struct AttnArgs {
     RowFmt row;
 };
 
+// Keys decoded to f32 in shared memory at once.
 #define KT 16
-#define KEYS_PER_SPLIT 32
+#define KEYS_PER_SPLIT 16
 #define DPL_MAX 16
-// Bytes of a packed row staged in shared memory (attention rows of head_dim <= 512 with 64
-// RoPE dims take 720; the host checks).
-#define ROW_MAX 768
 
 // Where key kk of token t's key list lives: a packed row (its window rows, then its compressed
 // entries), or, for a row of this very call not yet in the state, its index in `kv` (-1-i).
@@ -65,13 +68,17 @@ __device__ __forceinline__ const u8* key_row(const AttnArgs& a, const SeqDesc& s
     return paged_row(s.tables, a.table, e, a.row.bytes);
 }
 
-// Partial softmax of one token (t0 + blockIdx.x), a group of heads (one warp each, blockIdx.y),
-// and a slice of its keys (blockIdx.z): running max, sum and weighted values.
-extern "C" __global__ void attn_partial(AttnArgs a) {
-    __shared__ float keys[KT][512];
-    __shared__ uint4 raw[KT][ROW_MAX / 16];
+// Attention of one token (t0 + blockIdx.x) and a group of heads (one warp each, blockIdx.y)
+// over a slice of its keys (blockIdx.z): the running max, sum and weighted values of the slice.
+// The last slice to finish joins the token's slices, with the sink in the denominator, in slice
+// order.
+extern "C" __global__ void attend(AttnArgs a) {
+    pdl_wait();
+    __shared__ __align__(16) float keys[KT][512];
     __shared__ const u8* src[KT];
     __shared__ long kv_row[KT];
+    __shared__ int picked;
+    __shared__ bool last;
     int t = a.t0 + blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nwarps = blockDim.x >> 5;
     int h = blockIdx.y * nwarps + warp;
@@ -80,7 +87,14 @@ extern "C" __global__ void attn_partial(AttnArgs a) {
     int nwin = (int)(p + 1 < a.window ? p + 1 : a.window);
     long ncomp = 0;
     if (a.picks) {
-        while (ncomp < a.K && a.picks[(long)t * a.K + ncomp] >= 0) ncomp++;
+        // The picks come first, then -1s: the last pick finds itself (one round of loads).
+        if (threadIdx.x == 0) picked = 0;
+        __syncthreads();
+        const int* pk = a.picks + (long)t * a.K;
+        for (int i = threadIdx.x; i < a.K; i += blockDim.x)
+            if (pk[i] >= 0 && (i + 1 == a.K || pk[i + 1] < 0)) picked = i + 1;
+        __syncthreads();
+        ncomp = picked;
     } else if (a.ratio > 0) {
         ncomp = (p + 1) / a.ratio;
     }
@@ -101,72 +115,119 @@ extern "C" __global__ void attn_partial(AttnArgs a) {
         o[i] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    int chunks = a.row.bytes / 16;
     for (long kb = k0; kb < k1; kb += KT) {
         int nk = (int)(k1 - kb < KT ? k1 - kb : KT);
         __syncthreads();
-        // The rows' bytes in 16-byte pieces, all in flight at once; then decoded from shared
-        // memory.
         if ((int)threadIdx.x < nk) src[threadIdx.x] = key_row(a, s, p, nwin, kb + threadIdx.x, t, &kv_row[threadIdx.x]);
         __syncthreads();
-#pragma unroll 4
-        for (int i = threadIdx.x; i < nk * chunks; i += blockDim.x) {
-            const u8* r = src[i / chunks];
-            if (r) raw[i / chunks][i % chunks] = ((const uint4*)r)[i % chunks];
+        // One warp a key: its e4m3 codes four at a time (all of a lane's loads issued first)
+        // times their block's scale, its RoPE dims as stored; a row of this call from `kv`.
+        for (int k = warp; k < nk; k += nwarps) {
+            const u8* r = src[k];
+            float* dst = keys[k];
+            if (!r) {
+                for (int d = lane; d < a.dh; d += 32) dst[d] = a.kv[kv_row[k] * a.dh + d];
+                continue;
+            }
+            int nq = a.row.nope / 4;
+            u32 w[4], sb[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int j = lane + 32 * u;
+                if (j < nq) {
+                    w[u] = ((const u32*)r)[j];
+                    sb[u] = r[a.row.s_off + j / 16];
+                }
+            }
+            const float* rp = (const float*)(r + a.row.r_off);
+            for (int d = lane; d < a.dh - a.row.nope; d += 32) dst[a.row.nope + d] = rp[d];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int j = lane + 32 * u;
+                if (j < nq) {
+                    float sc = e8m0(sb[u]);
+                    ((float4*)dst)[j] = make_float4(e4m3(w[u] & 0xff) * sc, e4m3((w[u] >> 8) & 0xff) * sc,
+                                                    e4m3((w[u] >> 16) & 0xff) * sc, e4m3(w[u] >> 24) * sc);
+                }
+            }
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < nk * a.dh; i += blockDim.x) {
-            int k = i / a.dh, d = i % a.dh;
-            keys[k][d] = src[k] ? row_elem((const u8*)raw[k], d, a.row) : a.kv[kv_row[k] * a.dh + d];
-        }
-        __syncthreads();
-        for (int k = 0; k < nk; k++) {
+        // All the chunk's scores first (independent sums, so their shuffles overlap), then
+        // one rescaling of the running results.
+        float sc[KT];
+#pragma unroll
+        for (int k = 0; k < KT; k++) {
             float d = 0.0f;
 #pragma unroll
             for (int i = 0; i < DPL_MAX; i++)
                 if (i < dpl) d = fmaf(qv[i], keys[k][lane + 32 * i], d);
-            float sc = warp_sum(d) * a.scale;
-            float mn = fmaxf(m, sc);
-            float alpha = expf(m - mn), pr = expf(sc - mn);
-            l = l * alpha + pr;
+            sc[k] = d;
+        }
+        float mn = m;
+#pragma unroll
+        for (int k = 0; k < KT; k++) {
+            sc[k] = k < nk ? warp_sum(sc[k]) * a.scale : NEG_INF;
+            mn = fmaxf(mn, sc[k]);
+        }
+        float alpha = expf(m - mn);
+        l *= alpha;
+#pragma unroll
+        for (int i = 0; i < DPL_MAX; i++) o[i] *= alpha;
+#pragma unroll
+        for (int k = 0; k < KT; k++) {
+            if (k >= nk) break;
+            float pr = expf(sc[k] - mn);
+            l += pr;
 #pragma unroll
             for (int i = 0; i < DPL_MAX; i++)
-                if (i < dpl) o[i] = o[i] * alpha + pr * keys[k][lane + 32 * i];
-            m = mn;
+                if (i < dpl) o[i] = fmaf(pr, keys[k][lane + 32 * i], o[i]);
+        }
+        m = mn;
+    }
+    long base = ((long)blockIdx.x * a.H + (live ? h : 0)) * a.S;
+    if (live) {
+#pragma unroll
+        for (int i = 0; i < DPL_MAX; i++)
+            if (i < dpl) a.oo[(base + blockIdx.z) * a.dh + lane + 32 * i] = o[i];
+        if (lane == 0) {
+            a.om[base + blockIdx.z] = m;
+            a.ol[base + blockIdx.z] = l;
         }
     }
-    if (!live) return;
-    long slot = ((long)blockIdx.x * a.H + h) * a.S + blockIdx.z;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* c = a.done + (long)blockIdx.x * gridDim.y + blockIdx.y;
+        last = atomicAdd(c, 1u) == gridDim.z - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last || !live) return;
+    __threadfence();
+    // The join: each slice's weight exp(m_i - max), the sink in the denominator.
+    float mx = NEG_INF;
+    for (int i = lane; i < splits; i += 32) mx = fmaxf(mx, __ldcg(a.om + base + i));
+    mx = warp_max(mx);
+    float den = 0.0f;
+    for (int i = lane; i < splits; i += 32) {
+        float mi = __ldcg(a.om + base + i);
+        if (mi > NEG_INF) den += __ldcg(a.ol + base + i) * expf(mi - mx);
+    }
+    den = warp_sum(den) + expf(a.sink[h] - mx);
+    float acc[DPL_MAX];
+#pragma unroll
+    for (int i = 0; i < DPL_MAX; i++) acc[i] = 0.0f;
+    for (int j = 0; j < splits; j++) {
+        float mj = __ldcg(a.om + base + j);
+        if (mj == NEG_INF) continue;
+        float wj = expf(mj - mx);
+        const float* oj = a.oo + (base + j) * a.dh + lane;
+#pragma unroll
+        for (int i = 0; i < DPL_MAX; i++)
+            if (i < dpl) acc[i] = fmaf(__ldcg(oj + 32 * i), wj, acc[i]);
+    }
+    float* y = a.out + ((long)blockIdx.x * a.H + h) * a.dh + lane;
 #pragma unroll
     for (int i = 0; i < DPL_MAX; i++)
-        if (i < dpl) a.oo[slot * a.dh + lane + 32 * i] = o[i];
-    if (lane == 0) {
-        a.om[slot] = m;
-        a.ol[slot] = l;
-    }
-}
-
-// Joins the slices of each (token, head) (one block each) with the sink in the denominator.
-// Each slice's weight exp(m_i - max) is computed once, in shared memory (S <= SPLITS_MAX).
-#define SPLITS_MAX 128
-extern "C" __global__ void attn_combine(const float* om, const float* ol, const float* oo,
-                                        const float* sink, float* out, int H, int dh, int S) {
-    __shared__ float wt[SPLITS_MAX];
-    long th = blockIdx.x;
-    int h = th % H;
-    const float* ms = om + th * S;
-    float mx = NEG_INF;
-    for (int i = 0; i < S; i++) mx = fmaxf(mx, ms[i]);
-    for (int i = threadIdx.x; i < S; i += blockDim.x) wt[i] = ms[i] > NEG_INF ? expf(ms[i] - mx) : 0.0f;
-    __syncthreads();
-    float den = expf(sink[h] - mx);
-    for (int i = 0; i < S; i++)
-        if (ms[i] > NEG_INF) den += ol[th * S + i] * wt[i];
-    for (int d = threadIdx.x; d < dh; d += blockDim.x) {
-        float acc = 0.0f;
-#pragma unroll 4
-        for (int i = 0; i < S; i++)
-            if (ms[i] > NEG_INF) acc += oo[(th * S + i) * dh + d] * wt[i];
-        out[th * dh + d] = acc / den;
-    }
+        if (i < dpl) y[32 * i] = acc[i] / den;
 }

@@ -37,6 +37,7 @@ __device__ __forceinline__ float2 comp_row(const CompressArgs& a, const SeqDesc&
 // One block a (sequence, entry) job, one thread a dim (blockDim.x = d). A job whose sequence is
 // 0xffffffff is a vacancy: a recorded decode step launches one block for each sequence.
 extern "C" __global__ void compress_emit(const u32* jobs, const SeqDesc* descs, CompressArgs a) {
+    pdl_wait();
     __shared__ float sh[32];
     extern __shared__ float v[];
     if (jobs[2 * blockIdx.x] == 0xffffffffu) return;
@@ -88,6 +89,7 @@ extern "C" __global__ void compress_emit(const u32* jobs, const SeqDesc* descs, 
 // After compress_emit: the overlap halves of the last finished block and the rows of the block in
 // progress move into the state (one block a sequence).
 extern "C" __global__ void compress_carry(const SeqDesc* descs, CompressArgs a) {
+    pdl_wait();
     const SeqDesc s = descs[blockIdx.x];
     u8* fixed = (u8*)s.fixed;
     long p0 = s.pos, p1 = (long)s.pos + s.len;

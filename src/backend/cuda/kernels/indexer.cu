@@ -29,6 +29,7 @@ struct ScoreArgs {
 // the queries are staged in that order. Each warp scores 32 entries (two m-tiles) a pass,
 // against every head; a block of 4 warps covers `per_block` entries of one token.
 extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
+    pdl_wait();
     extern __shared__ __align__(16) u8 smem[];
     int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
     // Heads in whole n-tiles of 8; the padding heads score zero with weight zero.
@@ -181,6 +182,7 @@ __device__ u32 block_scan(u32 v, u32* sh, u32* total) {
 // indices among ties), written in index order to picks[t][0..], the rest -1 (one block a row).
 extern "C" __global__ void index_topk(const float* scores, const u32* tok_pos, int ratio, int nmax,
                                       int k, int* picks) {
+    pdl_wait();
     __shared__ u32 hist[256];
     __shared__ u32 scan[1024];
     __shared__ u32 sel[2];
@@ -258,6 +260,7 @@ struct TopkArgs {
 };
 
 extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shift, int bits) {
+    pdl_wait();
     __shared__ u32 lh[2048];
     __shared__ u32 scan[256];
     __shared__ int last;
@@ -314,6 +317,7 @@ extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shi
 
 // Per block: keys above the k-th largest and keys equal to it.
 extern "C" __global__ void __launch_bounds__(256) topk_count(TopkArgs a) {
+    pdl_wait();
     __shared__ float sh[32];
     int t = blockIdx.x;
     long n = (a.tok_pos[t] + 1) / a.ratio;
@@ -339,6 +343,7 @@ extern "C" __global__ void __launch_bounds__(256) topk_count(TopkArgs a) {
 
 // Each block writes its picks after those of the blocks before it, in index order.
 extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
+    pdl_wait();
     __shared__ u32 scan[256];
     __shared__ u32 base[2];
     int t = blockIdx.x;

@@ -5,6 +5,7 @@
 
 // Rounds each block of 128 values to e4m3 with its power-of-two scale (one warp a block).
 extern "C" __global__ void fake_quant_fp8(const float* x, float* y, int nblocks) {
+    pdl_wait();
     int b = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (b >= nblocks) return;
     float4 v = ((const float4*)(x + (long)b * 128))[lane];
@@ -118,6 +119,7 @@ __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, 
     const int CH = Chunk<FMT>::N;
     __shared__ float lut[16];
     __shared__ float part[8][8];
+    pdl_wait();
     if (threadIdx.x < 16) lut[threadIdx.x] = E2M1[threadIdx.x];
     __syncthreads();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -74,6 +74,7 @@ __device__ void sinkhorn_serial(const float* m, float r, const float* scale, con
 extern "C" __global__ void hc_mix(const float* mix, const float* x, const float* base,
                                   const float* scale, float* y, float* post, float* comb, int M,
                                   int D, int iters, float hc_eps, float norm_eps) {
+    pdl_wait();
     __shared__ float sh[32];
     __shared__ float pre[HC_MAX];
     int t = blockIdx.x, n = (2 + M) * M;
@@ -102,6 +103,7 @@ extern "C" __global__ void hc_mix(const float* mix, const float* x, const float*
 // X'_k = post_k a + sum_j comb[j][k] X_j, in place (one thread a token and dim).
 extern "C" __global__ void hc_post(float* x, const float* a, const float* post, const float* comb,
                                    int T, int M, int D) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)T * D) return;
     long t = i / D;
@@ -121,6 +123,7 @@ extern "C" __global__ void hc_post(float* x, const float* a, const float* post, 
 // The head's reduction: y = sum_j (sigmoid(mix_j r s + base_j) + eps) X_j (one block a token).
 extern "C" __global__ void hc_head(const float* mix, const float* x, const float* base, float scale,
                                    float* y, int M, int D, float hc_eps, float norm_eps) {
+    pdl_wait();
     __shared__ float sh[32];
     __shared__ float pre[HC_MAX];
     int t = blockIdx.x;
@@ -200,7 +203,10 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
     }
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&a.done[t], 1u) == (u32)S - 1;
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&a.done[t], 1u) == (u32)S - 1;
+        if (last) a.done[t] = 0;  // zero again for the next launch
+    }
     __syncthreads();
     if (!last) return;
     __threadfence();
@@ -230,4 +236,5 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
     if (threadIdx.x == 0) a.done[t] = 0;
 }
 
-extern "C" __global__ void __launch_bounds__(256) hc_pre_m4(HcPreArgs a) { hc_pre_m<4>(a); }
+extern "C" __global__ void __launch_bounds__(256) hc_pre_m4(HcPreArgs a) {
+    pdl_wait(); hc_pre_m<4>(a); }

@@ -18,6 +18,7 @@
 // the block's scale. With `perm`, each group of 8 codes is stored in the order 0 4 1 5 2 6 3 7,
 // the pairing the FP4 kernels decode weights in. One warp a block.
 extern "C" __global__ void quant_act(const float* x, u16* q, float* s, int nblocks, int perm) {
+    pdl_wait();
     int b = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (b >= nblocks) return;
     float4 v = ((const float4*)(x + (long)b * 128))[lane];
@@ -41,6 +42,7 @@ extern "C" __global__ void quant_act(const float* x, u16* q, float* s, int nbloc
 // the one before; 8 + 8 + 8 bits hold an f32's 24). A product of a bf16 part with an e4m3
 // weight is exact in f32, so these kernels, too, differ from the CPU only in the order of sums.
 extern "C" __global__ void split_act(const float* x, u16* q, long n) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float r = x[i];
@@ -173,6 +175,8 @@ __device__ void mma_core_f8(const u8* __restrict__ W, const u8* __restrict__ S, 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++)
         if (kb + 128 * s < ke) load(kb + 128 * s, ring[s]);
+    // The weights' first steps are in flight before the input is waited for.
+    pdl_wait();
     for (int k0 = kb; k0 < ke; k0 += 128 * STAGES)
 #pragma unroll
     for (int st = 0; st < STAGES; st++) {
@@ -272,6 +276,7 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
 #pragma unroll
     for (int s = 0; s < MMA_STAGES_F4 - 1; s++)
         if (kb + 128 * s < ke) load(kb + 128 * s, ring[s]);
+    pdl_wait();
     for (int k0 = kb; k0 < ke; k0 += 128 * MMA_STAGES_F4)
 #pragma unroll
     for (int st = 0; st < MMA_STAGES_F4; st++) {
@@ -442,6 +447,7 @@ struct MmaExpertArgs {
 template <int FMT, int RT, bool UP>
 __device__ void mma_experts(const MmaExpertArgs& a) {
     __shared__ float part[(UP ? 2 : 1) * 8 * RT * 4 * 32];
+    pdl_wait();
     u32 sg = blockIdx.x;
     if (sg >= *a.nseg) return;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;

@@ -6,6 +6,7 @@
 extern "C" __global__ void route(const float* logits, const float* bias, const u32* tid2eid,
                                  const u32* tokens, int E, int k, int func, float scale,
                                  u32* ids, float* weights) {
+    pdl_wait();
     extern __shared__ float sc[];
     float* biased = sc + E;
     __shared__ float sh[32];
@@ -73,26 +74,53 @@ extern "C" __global__ void route(const float* logits, const float* bias, const u
 // ascending order with their slices of `order`.
 extern "C" __global__ void moe_sort(const u32* ids, int pairs, int E, u32* seg_expert,
                                     u32* seg_off, u32* seg_cnt, u32* nseg, u32* order) {
+    pdl_wait();
     extern __shared__ u32 cnt[];
     u32* cur = cnt + E;
     for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1u);
     __syncthreads();
-    if (threadIdx.x == 0) {
-        u32 off = 0, n = 0;
-        for (int e = 0; e < E; e++) {
-            cur[e] = off;
-            if (cnt[e] > 0) {
-                seg_expert[n] = e;
-                seg_off[n] = off;
-                seg_cnt[n] = cnt[e];
-                n++;
-            }
-            off += cnt[e];
-        }
-        *nseg = n;
+    // Each thread's run of experts, its pairs and non-empty experts counted, then offsets by a
+    // scan over the block (blockDim.x a multiple of 32, at most 1024).
+    __shared__ u32 wsum[32][2];
+    int per = (E + blockDim.x - 1) / blockDim.x, e0 = threadIdx.x * per;
+    int e1 = e0 + per < E ? e0 + per : E;
+    u32 mine = 0, used = 0;
+    for (int e = e0; e < e1; e++) {
+        mine += cnt[e];
+        used += cnt[e] > 0;
     }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 a = mine, b = used;
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 x = __shfl_up_sync(0xffffffffu, a, o), y = __shfl_up_sync(0xffffffffu, b, o);
+        if (lane >= o) {
+            a += x;
+            b += y;
+        }
+    }
+    if (lane == 31) {
+        wsum[warp][0] = a;
+        wsum[warp][1] = b;
+    }
+    __syncthreads();
+    u32 off = a - mine, n = b - used;
+    for (int w = 0; w < warp; w++) {
+        off += wsum[w][0];
+        n += wsum[w][1];
+    }
+    for (int e = e0; e < e1; e++) {
+        cur[e] = off;
+        if (cnt[e] > 0) {
+            seg_expert[n] = e;
+            seg_off[n] = off;
+            seg_cnt[n] = cnt[e];
+            n++;
+        }
+        off += cnt[e];
+    }
+    if (threadIdx.x == blockDim.x - 1) *nseg = n;
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) order[atomicAdd(&cur[ids[p]], 1u)] = p;
 }
@@ -114,6 +142,7 @@ struct ExpertArgs {
 // Rows r0.. of `out` for up to 8 pairs of one expert: one warp an output row (8 a block).
 template <int FMT, bool UP>
 __device__ void expert_rows(const ExpertArgs& a) {
+    pdl_wait();
     const int CH = Chunk<FMT>::N;
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = E2M1[threadIdx.x];
@@ -192,6 +221,7 @@ EXPERT_KERNELS(f32, FMT_F32)
 
 // out[t] = sum of its k pairs' rows.
 extern "C" __global__ void moe_combine(const float* pairs, float* out, int T, int k, int D) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)T * D) return;
     long t = i / D;

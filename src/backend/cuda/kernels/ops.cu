@@ -2,6 +2,7 @@
 
 // x = w * (x * rsqrt(mean(x^2) + eps)) on each row of width d (one block a row).
 extern "C" __global__ void rms_norm(float* x, const float* w, int d, float eps) {
+    pdl_wait();
     __shared__ float sh[32];
     float* r = x + (long)blockIdx.x * d;
     float ss = 0.0f;
@@ -32,6 +33,7 @@ __device__ __forceinline__ void rotate(float* h, int dh, int half, int i, float 
 // Each head (block (t, h)) scaled by its own rsqrt(mean(q^2) + eps), then rotated.
 extern "C" __global__ void head_norm_rope(float* q, const u32* pos, const float* freqs, int heads,
                                           int dh, int half, float eps) {
+    pdl_wait();
     __shared__ float sh[32];
     int t = blockIdx.x / heads, h = blockIdx.x % heads;
     float* x = q + ((long)t * heads + h) * dh;
@@ -48,6 +50,7 @@ extern "C" __global__ void head_norm_rope(float* q, const u32* pos, const float*
 // Rotates the last 2 * half dims of each of `heads` heads of each token (one thread a pair).
 extern "C" __global__ void rope(float* x, const u32* pos, const float* freqs, int T, int heads,
                                 int dh, int half, int inverse) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)T * heads * half) return;
     int pair = i % half;
@@ -60,6 +63,7 @@ extern "C" __global__ void rope(float* x, const u32* pos, const float* freqs, in
 // `hs`), FP4-rounded in blocks of 32.
 extern "C" __global__ void index_queries(float* q, const u32* pos, const float* freqs, int heads,
                                          int dim, int half, float hs) {
+    pdl_wait();
     extern __shared__ float v[];
     int t = blockIdx.x / heads;
     float* x = q + (long)blockIdx.x * dim;
@@ -80,17 +84,20 @@ extern "C" __global__ void index_queries(float* q, const u32* pos, const float* 
 }
 
 extern "C" __global__ void scale_k(float* x, long n, float s) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] *= s;
 }
 
 extern "C" __global__ void add_k(float* x, const float* y, long n) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += y[i];
 }
 
 // x[t, c, :] += e[t, :] for each of the `copies` parts of row t.
 extern "C" __global__ void add_to_copies(float* x, const float* e, int T, int copies, int d) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)T * copies * d) return;
     long t = i / ((long)copies * d);
@@ -107,6 +114,7 @@ __device__ __forceinline__ float swiglu1(float g, float u, float limit) {
 }
 
 extern "C" __global__ void swiglu(const float* g, const float* u, float* out, long n, float limit) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = swiglu1(g[i], u[i], limit);
 }
@@ -114,6 +122,7 @@ extern "C" __global__ void swiglu(const float* g, const float* u, float* out, lo
 // out[t, c, :] = table[tokens[t], :] for each of `copies` parts.
 extern "C" __global__ void embed(const u8* W, const u8* S, int fmt, const u32* tokens, float* out,
                                  int T, int copies, int d) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)T * copies * d) return;
     long t = i / ((long)copies * d);

@@ -15,6 +15,18 @@ typedef unsigned long long u64;
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (sm_90): kernels are launched so that the next one may start
+// while this one runs. Each kernel waits for the work before it (`griddepcontrol.wait`: all of
+// it finished, its writes visible) before it touches any buffer, and then lets the next one be
+// scheduled, whose blocks then wait in turn. What may come before the wait: reads of weights,
+// which no kernel writes (the linears start loading theirs there).
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #define FP8_MAX 448.0f
 #define FP4_MAX 6.0f
 

@@ -44,6 +44,7 @@ __device__ float block_sumf(float v, float* sh) { return block_sum(v, sh); }
 extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logits, int V,
                                                                const SampleParams* params,
                                                                SampleOut* outs) {
+    pdl_wait();
     __shared__ float sh[32];
     __shared__ float bv[32];
     __shared__ int bi[32];

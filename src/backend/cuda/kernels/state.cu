@@ -2,6 +2,7 @@
 
 // Copies n blocks of `bytes` bytes (a multiple of 16) from src[i] to dst[i] (one block each).
 extern "C" __global__ void copy_blocks(const u64* src, const u64* dst, int bytes) {
+    pdl_wait();
     const uint4* s = (const uint4*)src[blockIdx.x];
     uint4* d = (uint4*)dst[blockIdx.x];
     for (int i = threadIdx.x; i < bytes / 16; i += blockDim.x) d[i] = s[i];
@@ -18,6 +19,7 @@ __device__ __forceinline__ u64 splitmix(u64 z) {
 // FP4), 1 e4m3 codes without NaN, 2 scale bytes in [lo, lo + span), 3 BF16 values of magnitude
 // about 2^lo, 4 F32 values of magnitude about 2^lo.
 extern "C" __global__ void fill_random(u8* out, long n, u64 seed, int kind, int lo, int span) {
+    pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     long stride = (long)gridDim.x * blockDim.x;
     for (; i < n; i += stride) {
