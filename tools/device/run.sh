@@ -103,7 +103,9 @@ while true; do
       while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
       HADAL_CUDA_GRAPHS=0 step "$name" timeout 240 /usr/local/cuda/bin/ncu --clock-control none \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-        --section WarpStateStats --section LaunchStats --kernel-name-base function \
+        --section WarpStateStats --section LaunchStats --section InstructionStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        --kernel-name-base function \
         --kernel-name "regex:$regex" --launch-skip "$skip" --launch-count "$count" \
         -o /tmp/$name -f "$B/hadal" bench --device cuda "${args[@]}"
       /usr/local/cuda/bin/ncu -i /tmp/$name.ncu-rep --page details > "$OUT/$name.txt" 2>> "$OUT/$name.log"

@@ -1833,11 +1833,21 @@ impl Device for Cuda {
                 ks: mma_split(f, d) as i32,
                 limit: moe.limit,
             };
+            // One-row FP4 passes stream their weights through shared memory: per warp, four
+            // steps of 16 rows (80 bytes a row and 64 of scales) of each weight
+            // (`mma_core_f4_stream`).
+            let ring = |weights: u32| {
+                if rt == 1 && set.fmt == Format::F4 {
+                    8 * 4 * (16 * 80 + 64) * weights
+                } else {
+                    0
+                }
+            };
             self.launch(
                 &format!("mma_experts_up_{sfx}_r{rt}"),
                 (segs, f.div_ceil(16 * 8 / a.ks as usize) as u32, 1),
                 256,
-                0,
+                ring(2),
                 Args::new().push(a),
             )?;
             let (hq, hs) = self.quantize(&h, perm)?;
@@ -1849,7 +1859,7 @@ impl Device for Cuda {
                 &format!("mma_experts_down_{sfx}_r{rt}"),
                 (segs, d.div_ceil(16 * 8 / a.ks as usize) as u32, 1),
                 256,
-                0,
+                ring(1),
                 Args::new().push(a),
             )?;
         } else {

@@ -314,6 +314,126 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
     }
 }
 
+// Asynchronous copies to shared memory (sm_80+), zero-filled where `valid` is false.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{\n\t.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;\n\t}" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 4 : 0));
+#endif
+}
+
+__device__ __forceinline__ void cp_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// One-row FP4 passes (decode's experts) stream their weights through shared memory instead:
+// F4S_STAGES steps of 128 k in flight a warp without spending registers on them, and, for the
+// up projection, w1's and w3's rows in the same steps. A step of one weight: 16 rows of 64
+// bytes of codes, each in 80 bytes (so the fragment reads of 8 rows hit 32 different banks),
+// then the rows' 4 scale bytes.
+#define F4S_STAGES 4
+#define F4S_ROW 80
+#define F4S_STEP (16 * F4S_ROW + 64)
+
+// The bits are mma_core_f4's: the same lanes hold the same codes, summed in the same order.
+template <bool DUAL>
+__device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restrict__ S,
+                                   const u8* __restrict__ W2, const u8* __restrict__ S2, int N,
+                                   int K, int n0, const u16* __restrict__ xq,
+                                   const float* __restrict__ xs, const LaneRows<1>& rows, int kb,
+                                   int ke, float (*tot)[4], float (*tot2)[4], u8* ring) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    long half = K >> 1, kq = K >> 5;
+    const int NW = DUAL ? 2 : 1, STRIDE = F4S_STEP * NW;
+    auto issue = [&](int k, u8* st) {
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            const u8* wm = w ? W2 : W;
+            const u8* sm = w ? S2 : S;
+            u8* d = st + w * F4S_STEP;
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                int p = lane + 32 * u, row = p >> 2, c = p & 3;
+                bool v = n0 + row < N;
+                cp_async16(d + row * F4S_ROW + 16 * c, v ? wm + (long)(n0 + row) * half + (k >> 1) + 16 * c : wm, v);
+            }
+            if (lane < 16) {
+                bool v = n0 + lane < N;
+                cp_async4(d + 16 * F4S_ROW + 4 * lane, v ? sm + (long)(n0 + lane) * kq + (k >> 5) : sm, v);
+            }
+        }
+    };
+    int steps = (ke - kb) >> 7;
+#pragma unroll
+    for (int s = 0; s < F4S_STAGES - 1; s++) {
+        if (s < steps) issue(kb + 128 * s, ring + s * STRIDE);
+        cp_commit();
+    }
+    pdl_wait();
+    for (int i = 0; i < steps; i++) {
+        cp_wait<F4S_STAGES - 2>();
+        __syncwarp();
+        int nx = i + F4S_STAGES - 1;
+        if (nx < steps) issue(kb + 128 * nx, ring + (nx % F4S_STAGES) * STRIDE);
+        cp_commit();
+        const u8* st = ring + (i % F4S_STAGES) * STRIDE;
+        int k = kb + 128 * i;
+        float x0 = rows.s0[0] >= 0 ? xs[rows.s0[0] + (k >> 7)] : 0.0f;
+        float x1 = rows.s1[0] >= 0 ? xs[rows.s1[0] + (k >> 7)] : 0.0f;
+        u32 sa[NW], sb[NW];
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            sa[w] = *(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * g);
+            sb[w] = *(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * (g + 8));
+        }
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            uint4 xv = rows.q[0] >= 0 ? ld_cached(xq + rows.q[0] + k + 32 * b + 8 * t) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int w = 0; w < NW; w++) {
+                const u8* d = st + w * F4S_STEP;
+                float(*acc)[4] = w ? tot2 : tot;
+                u32 x = *(const u32*)(d + g * F4S_ROW + 16 * b + 4 * t);
+                u32 y = *(const u32*)(d + (g + 8) * F4S_ROW + 16 * b + 4 * t);
+                u32 A0[4] = {e2m1_pair<0>(x), e2m1_pair<0>(y), e2m1_pair<1>(x), e2m1_pair<1>(y)};
+                u32 A1[4] = {e2m1_pair<2>(x), e2m1_pair<2>(y), e2m1_pair<3>(x), e2m1_pair<3>(y)};
+                float fa = e8m0((sa[w] >> (8 * b)) & 0xff) * 16384.0f;
+                float fb = e8m0((sb[w] >> (8 * b)) & 0xff) * 16384.0f;
+                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma16816(c, A0[0], A0[1], A0[2], A0[3], xv.x, xv.y);
+                mma16816(c, A1[0], A1[1], A1[2], A1[3], xv.z, xv.w);
+                acc[0][0] = fmaf(c[0], fa * x0, acc[0][0]);
+                acc[0][1] = fmaf(c[1], fa * x1, acc[0][1]);
+                acc[0][2] = fmaf(c[2], fb * x0, acc[0][2]);
+                acc[0][3] = fmaf(c[3], fb * x1, acc[0][3]);
+            }
+        }
+    }
+    cp_wait<0>();
+}
+
 // FP8 weights against split_act's planes (plane stride `pstride`).
 #define FMT_F8X 4
 
@@ -483,8 +603,15 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
 #pragma unroll
             for (int q = 0; q < 4; q++) { ga[j][q] = 0.0f; ua[j][q] = 0.0f; }
         if (n0 < N) {
-            mma_core<FMT, RT>(W1, S1, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ga);
-            if (UP) mma_core<FMT, RT>(W3, S3, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ua);
+            if constexpr (FMT == FMT_F4 && RT == 1) {
+                extern __shared__ __align__(16) u8 smem[];
+                u8* ring = smem + warp * F4S_STAGES * F4S_STEP * (UP ? 2 : 1);
+                mma_core_f4_stream<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ga, ua,
+                                       ring);
+            } else {
+                mma_core<FMT, RT>(W1, S1, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ga);
+                if (UP) mma_core<FMT, RT>(W3, S3, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ua);
+            }
         }
         reduce_splits<RT>(ga, part, KS);
         if (UP) reduce_splits<RT>(ua, part + 8 * RT * 4 * 32, KS);
