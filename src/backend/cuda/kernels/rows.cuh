@@ -23,15 +23,6 @@ struct SeqDesc {
     u32 pad;
 };
 
-__device__ __forceinline__ float row_elem(const u8* row, int i, RowFmt f) {
-    if (f.kind == 0) {
-        if (i < f.nope) return e4m3(row[i]) * e8m0(row[f.s_off + i / 64]);
-        return ((const float*)(row + f.r_off))[i - f.nope];
-    }
-    u32 b = row[i / 2];
-    return E2M1[(i & 1) ? (b >> 4) : (b & 15)] * e8m0(row[f.s_off + i / 32]);
-}
-
 // Row `e` of a paged list of rows (64 rows a page).
 __device__ __forceinline__ u8* paged_row(u64 tables, long table_off, long e, int bytes) {
     const u64* pages = (const u64*)(tables + table_off);
