@@ -114,6 +114,30 @@ fn worst(e: &[f64]) -> f64 {
     e.iter().copied().fold(0.0, f64::max)
 }
 
+/// A batch's first row, kept while the batch grows around it: its outputs must keep their bits
+/// (a row's result does not depend on the rows beside it).
+#[derive(Default)]
+struct FirstRow(Option<(Vec<f32>, Vec<f32>)>);
+
+impl FirstRow {
+    /// `x` (rows of `width`) with its first row replaced by the first batch's.
+    fn input(&self, mut x: Vec<f32>, width: usize) -> Vec<f32> {
+        if let Some((x0, _)) = &self.0 {
+            x[..width].copy_from_slice(x0);
+        }
+        x
+    }
+
+    /// Remembers the first batch's row and its outputs `y`, or asserts a later batch gave the
+    /// same row the same bits.
+    fn check(&mut self, x: &[f32], y: Vec<f32>, what: &str) {
+        match &self.0 {
+            None => self.0 = Some((x.to_vec(), y)),
+            Some((_, y0)) => assert!(y == *y0, "{what}: a row's output changed with its batch"),
+        }
+    }
+}
+
 /// Check 2's bounds: <= 1e-3 at >= 95% of rows, <= 5e-2 at every row.
 fn assert_check2(what: &str, errs: &[f64]) {
     let ok = errs.iter().filter(|&&e| e <= 1e-3).count() as f64 / errs.len() as f64;
@@ -165,13 +189,9 @@ fn linears_match_the_cpu() {
                 continue;
             }
             let w = dev.weight(m.clone()).unwrap();
-            let mut first_row: Option<(Vec<f32>, Vec<f32>)> = None;
+            let mut first = FirstRow::default();
             for rows in [1usize, 3, 8, 37, 70] {
-                let x = r.vec(rows * k, 2.0);
-                let x = match &first_row {
-                    Some((x0, _)) => [&x0[..], &x[k..]].concat(),
-                    None => x,
-                };
+                let x = first.input(r.vec(rows * k, 2.0), k);
                 let want = cpu.linear(&m, &x).unwrap();
                 let got = dev
                     .download(&dev.linear(&w, &dev.upload(&x, k).unwrap()).unwrap())
@@ -182,14 +202,11 @@ fn linears_match_the_cpu() {
                     e < 2e-5,
                     "{fmt} {n}x{k} ({kernels}), {rows} rows: relative error {e:.2e}"
                 );
-                // The first row's bits do not depend on the rows beside it.
-                match &first_row {
-                    None => first_row = Some((x[..k].to_vec(), got[..n].to_vec())),
-                    Some((_, y0)) => assert!(
-                        got[..n] == y0[..],
-                        "{fmt} {n}x{k} ({kernels}): a row's output changed with {rows} rows"
-                    ),
-                }
+                first.check(
+                    &x[..k],
+                    got[..n].to_vec(),
+                    &format!("{fmt} {n}x{k} ({kernels})"),
+                );
             }
         }
     }
@@ -210,12 +227,9 @@ fn paired_linears_match_the_cpu() {
             cuda.weight(ma.clone()).unwrap(),
             cuda.weight(mb.clone()).unwrap(),
         );
-        let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
+        let mut first = FirstRow::default();
         for rows in [1usize, 5, 70] {
-            let mut x = r.vec(rows * k, 2.0);
-            if let Some((x0, _, _)) = &first {
-                x[..k].copy_from_slice(x0);
-            }
+            let x = first.input(r.vec(rows * k, 2.0), k);
             let xt = cuda.upload(&x, k).unwrap();
             let (ya, yb) = cuda.linear_pair(&wa, &wb, &xt).unwrap();
             let (ya, yb) = (cuda.download(&ya).unwrap(), cuda.download(&yb).unwrap());
@@ -226,13 +240,11 @@ fn paired_linears_match_the_cpu() {
                     "pair {na}/{nb} x {k}, {rows} rows: relative error {e:.2e}"
                 );
             }
-            match &first {
-                None => first = Some((x[..k].to_vec(), ya[..na].to_vec(), yb[..nb].to_vec())),
-                Some((_, a0, b0)) => assert!(
-                    ya[..na] == a0[..] && yb[..nb] == b0[..],
-                    "pair {na}/{nb} x {k}: a row's output changed with {rows} rows"
-                ),
-            }
+            first.check(
+                &x[..k],
+                [&ya[..na], &yb[..nb]].concat(),
+                &format!("pair {na}/{nb} x {k}"),
+            );
         }
     }
 }
@@ -249,12 +261,9 @@ fn grouped_output_projection_matches_the_cpu() {
         let m = matrix("FP8", g * rank, gw, &mut r);
         let w = cuda.weight(m.clone()).unwrap();
         let (width, out) = (g * gw, g * rank);
-        let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+        let mut first = FirstRow::default();
         for rows in [1usize, 5, 70] {
-            let mut x = r.vec(rows * width, 1.0);
-            if let Some((x0, _)) = &first {
-                x[..width].copy_from_slice(x0);
-            }
+            let x = first.input(r.vec(rows * width, 1.0), width);
             let want = cpu.grouped_linear(&m, &x, g).unwrap();
             let xt = cuda.upload(&x, width).unwrap();
             let got = cuda
@@ -291,13 +300,11 @@ fn grouped_output_projection_matches_the_cpu() {
                 e < 2e-5,
                 "wo_a {g} groups, {rows} rows: relative error {e:.2e}"
             );
-            match &first {
-                None => first = Some((x[..width].to_vec(), got[..out].to_vec())),
-                Some((_, y0)) => assert!(
-                    got[..out] == y0[..],
-                    "wo_a {g} groups: a row's output changed with {rows} rows"
-                ),
-            }
+            first.check(
+                &x[..width],
+                got[..out].to_vec(),
+                &format!("wo_a {g} groups"),
+            );
         }
     }
 }
