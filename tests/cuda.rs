@@ -190,7 +190,7 @@ fn linears_match_the_cpu() {
             }
             let w = dev.weight(m.clone()).unwrap();
             let mut first = FirstRow::default();
-            for rows in [1usize, 3, 8, 37, 70] {
+            for rows in [1usize, 3, 8, 37, 70, 150] {
                 let x = first.input(r.vec(rows * k, 2.0), k);
                 let want = cpu.linear(&m, &x).unwrap();
                 let got = dev
@@ -1279,6 +1279,21 @@ fn components_alone(
                     .download(&bg.ffn.forward(&gpu.dev, b, &yt).unwrap())
                     .unwrap()
             });
+            // The first row alone (the one-row kernels) gets the bits it got in the wide batch
+            // (the tiled kernels).
+            if pos == 0 && len > 1 && gpu.dev.tensor_cores {
+                let y0 = gpu.dev.upload(&ys[..d], d).unwrap();
+                let mut dummy = gpu.new_layer_state(layer).unwrap();
+                let m0 = on_device(&gpu.dev, &mut dummy, &t[..1], |b| {
+                    gpu.dev
+                        .download(&bg.ffn.forward(&gpu.dev, b, &y0).unwrap())
+                        .unwrap()
+                });
+                assert!(
+                    m0 == mg[..d],
+                    "D = {d}, layer {layer}: the MoE's first row changed with its batch"
+                );
+            }
             moe_errs.extend(rel(&mg, &mc, d));
             for (i, e) in rel(&mg, &mc, d).iter().enumerate() {
                 if *e > 1e-4 {

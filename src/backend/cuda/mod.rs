@@ -237,6 +237,8 @@ mod args {
         pub win_off: i64,
         pub table: i64,
         pub row: RowFormat,
+        pub packed: u64,
+        pub hpb: i32,
     }
 
     #[repr(C)]
@@ -440,6 +442,16 @@ fn row_threads(n: usize) -> u32 {
     n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
 }
 
+/// Dynamic shared memory of `attend_mma` (attention_mma.cu's `tc_layout`): three planes of 16
+/// heads' queries and a plane of 16 keys, rows of `dh + 8` bf16 values; two more planes of the
+/// keys' RoPE dims; the four warps' shares of the 16 x 16 scores; two chunks of 16 packed rows.
+fn attend_mma_smem(dh: usize, nope: usize, row_bytes: usize) -> u32 {
+    (2 * (3 * 16 + 16) * (dh + 8)
+        + 2 * 2 * 16 * (dh - nope + 8)
+        + 4 * 16 * 16 * 4
+        + 2 * 16 * row_bytes) as u32
+}
+
 fn blocks_1d(n: usize, threads: usize) -> (u32, u32, u32) {
     (n.div_ceil(threads).max(1) as u32, 1, 1)
 }
@@ -455,6 +467,34 @@ fn mma_split(n: usize, k: usize) -> usize {
         ks *= 2;
     }
     ks
+}
+
+/// Activation rows from which a tensor-core product takes the tiled kernels (`tiles.cu`), whose
+/// bits are the row-pass kernels' own: below it, one or two passes over the weights cost less
+/// than staging tiles.
+const TILE_ROWS: usize = 64;
+
+/// A tiled kernel's block (tiles.cu's `Tile`): weight rows, activation rows, and the dynamic
+/// shared memory it takes. `wn`: warps along weight rows (2 for linears, 4 for the experts).
+struct TileShape {
+    rows_w: usize,
+    rows_x: usize,
+    smem: u32,
+}
+
+fn tile_shape(fmt: Format, exact: bool, wn: usize) -> TileShape {
+    let f4 = fmt == Format::F4;
+    let (planes, wm, stages) = if exact { (3, 16, 2) } else { (1, 32, 3) };
+    let (rows_w, rows_x) = (64 * wn, wm * (8 / wn));
+    let stage = rows_w * if f4 { 68 } else { 128 }
+        + planes * rows_x * 256
+        + if exact { 0 } else { 4 * rows_x };
+    let run = 8 * 4 * (wm / 8) * 4 * 32 * 4;
+    TileShape {
+        rows_w,
+        rows_x,
+        smem: (stages * stage + run + 8 * rows_x) as u32,
+    }
 }
 
 impl Cuda {
@@ -657,15 +697,27 @@ impl Cuda {
         };
         let suffix = if exact { "f8x" } else { w.fmt.suffix() };
         let group_rows = if groups > 1 { n / groups } else { 0 };
-        self.launch(
-            &format!("mma_linear_{suffix}_r{rt}"),
-            (
+        let tile = tile_shape(w.fmt, exact, 2);
+        let (name, grid, smem) = if r > TILE_ROWS && group_rows % tile.rows_w == 0 {
+            let grid = (
+                n.max(n2).div_ceil(tile.rows_w) as u32,
+                1 + second.is_some() as u32,
+                r.div_ceil(tile.rows_x) as u32,
+            );
+            (format!("tile_linear_{suffix}"), grid, tile.smem)
+        } else {
+            let grid = (
                 n.max(n2).div_ceil(16 * (8 / ks)) as u32,
                 1 + second.is_some() as u32,
                 r.div_ceil(8 * rt) as u32,
-            ),
+            );
+            (format!("mma_linear_{suffix}_r{rt}"), grid, 0)
+        };
+        self.launch(
+            &name,
+            grid,
             256,
-            0,
+            smem,
             Args::new()
                 .push(w.w.ptr)
                 .push(w.scales())
@@ -1637,12 +1689,31 @@ impl Device for Cuda {
         };
         // Every token splits its keys by their own count (attention.cu), so that its result does
         // not depend on the batch; queries go in chunks that bound the partial results. The
-        // last slice of a (token, group of heads) to finish joins them (`done` counts). A block
-        // takes 8 heads (each key it decodes serves 8), or 4 where that leaves SMs idle (a
-        // head's sums are the same either way).
-        let s = Self::splits(b.max_end.min(w) + comp_keys);
-        let wide = b.t * h.div_ceil(8) * s >= 2 * self.gpu.sms as usize;
-        let hg = h.min(if wide { 8 } else { 4 });
+        // last slice of a (token, group of heads) to finish joins them (`done` counts). On
+        // tensor cores (attention_mma.cu) a block takes 32 keys a slice and 16 heads (8 or 4
+        // where that leaves SMs idle), and a launch of its own joins the slices; on CUDA cores
+        // 16 keys a slice and 8 heads (each key it decodes serves 8), or 4 where that leaves
+        // SMs idle (a head's sums are the same either way).
+        let keys = b.max_end.min(w) + comp_keys;
+        let mma = self.tensor_cores && dh % 64 == 0 && 512 % dh == 0 && row.nope % 16 == 0;
+        let (s, hg, threads, smem) = if mma {
+            let s = keys.div_ceil(32).clamp(1, 128);
+            let mut hg = 16;
+            while hg > 4 && b.t * h.div_ceil(hg) * s < 2 * self.gpu.sms as usize {
+                hg /= 2;
+            }
+            (
+                s,
+                hg,
+                128,
+                attend_mma_smem(dh, row.nope as usize, row.size()),
+            )
+        } else {
+            let s = Self::splits(keys);
+            let wide = b.t * h.div_ceil(8) * s >= 2 * self.gpu.sms as usize;
+            let hg = h.min(if wide { 8 } else { 4 });
+            (s, hg, 32 * hg, 0)
+        };
         let groups = h.div_ceil(hg);
         let chunk = ((256usize << 20) / (4 * h * s * dh)).clamp(1, b.t);
         let out = self.tensor(b.t, h * dh)?;
@@ -1673,19 +1744,32 @@ impl Device for Cuda {
             win_off: bl.win_off as i64,
             table: bl.comp[0].as_ref().map_or(0, |c| c.table as i64),
             row,
+            packed: packed.ptr,
+            hpb: hg as i32,
         };
         for t0 in (0..b.t).step_by(chunk) {
             let n = chunk.min(b.t - t0);
             args.t0 = t0 as i32;
             args.out = out.buf.ptr + (4 * t0 * h * dh) as u64;
-            args.done = self.counters(n * groups)?;
+            if !mma {
+                args.done = self.counters(n * groups)?;
+            }
             self.launch(
-                "attend",
+                if mma { "attend_mma" } else { "attend" },
                 (n as u32, groups as u32, s as u32),
-                (hg * 32) as u32,
-                0,
+                threads as u32,
+                smem,
                 Args::new().push(args),
             )?;
+            if mma {
+                self.launch(
+                    "attend_join",
+                    (n as u32, h as u32, dh.div_ceil(128) as u32),
+                    128,
+                    0,
+                    Args::new().push(args),
+                )?;
+            }
         }
         // The chunk's rows enter the window only after every query read the old ones.
         self.launch(
@@ -1806,9 +1890,10 @@ impl Device for Cuda {
         let h = self.tensor(p, f)?;
         let sfx = set.fmt.suffix();
         if self.tensor_cores && set.fmt.quantized() && d % 128 == 0 && f % 128 == 0 {
-            // Whole batches of 32 pairs per expert pay for the wider kernel; its bits are the
-            // same either way.
-            let rt = if p >= 32 * segs as usize { 4 } else { 1 };
+            // From 32 pairs an expert on average, tiles of 64 pairs pay for themselves (an
+            // expert's weights read once a tile); below, one-row passes. The bits are the same
+            // either way.
+            let tiled = p >= 32 * segs as usize;
             let perm = set.fmt == Format::F4;
             let (xq, xs) = self.quantize(y, perm)?;
             let mut a = args::MmaExperts {
@@ -1837,31 +1922,42 @@ impl Device for Cuda {
             // steps of 16 rows (80 bytes a row and 64 of scales) of each weight
             // (`mma_core_f4_stream`).
             let ring = |weights: u32| {
-                if rt == 1 && set.fmt == Format::F4 {
+                if set.fmt == Format::F4 {
                     8 * 4 * (16 * 80 + 64) * weights
                 } else {
                     0
                 }
             };
-            self.launch(
-                &format!("mma_experts_up_{sfx}_r{rt}"),
-                (segs, f.div_ceil(16 * 8 / a.ks as usize) as u32, 1),
-                256,
-                ring(2),
-                Args::new().push(a),
-            )?;
+            // Tiled: up takes 128 rows of w1 and of w3 a block, down 256 rows of w2.
+            let tile = tile_shape(set.fmt, false, 4);
+            let launch = |up: bool, a: &args::MmaExperts, rows: usize| {
+                let dir = if up { "up" } else { "down" };
+                if tiled {
+                    let per = if up { tile.rows_w / 2 } else { tile.rows_w };
+                    self.launch(
+                        &format!("tile_experts_{dir}_{sfx}"),
+                        (segs, rows.div_ceil(per) as u32, 1),
+                        256,
+                        tile.smem,
+                        Args::new().push(*a),
+                    )
+                } else {
+                    self.launch(
+                        &format!("mma_experts_{dir}_{sfx}_r1"),
+                        (segs, rows.div_ceil(16 * 8 / a.ks as usize) as u32, 1),
+                        256,
+                        ring(1 + up as u32),
+                        Args::new().push(*a),
+                    )
+                }
+            };
+            launch(true, &a, f)?;
             let (hq, hs) = self.quantize(&h, perm)?;
             a.xq = hq.ptr;
             a.xs = hs.ptr;
             a.out = pairs.buf.ptr;
             a.ks = mma_split(d, f) as i32;
-            self.launch(
-                &format!("mma_experts_down_{sfx}_r{rt}"),
-                (segs, d.div_ceil(16 * 8 / a.ks as usize) as u32, 1),
-                256,
-                ring(1),
-                Args::new().push(a),
-            )?;
+            launch(false, &a, d)?;
         } else {
             let x = if set.fmt.quantized() {
                 self.fake_quant(y)?

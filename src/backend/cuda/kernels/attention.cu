@@ -37,12 +37,14 @@ struct AttnArgs {
     float* oo;           // [T, H, S, dh]
     const float* sink;   // [H]
     float* out;          // [T, H, dh], from token t0 on
-    u32* done;           // [T, groups] counters, zero (left zero)
+    u32* done;           // [T, groups] counters, zero (left zero); attend only
     int H, dh, S, K, window, ratio;
     int t0;              // first token of this launch
     float scale;
     long win_off, table;
     RowFmt row;
+    const u8* packed;    // [T] rows of this call in the state's layout (attend_mma)
+    int hpb;             // heads a block (attend_mma)
 };
 
 // Keys decoded to f32 in shared memory at once.

@@ -641,7 +641,6 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
         mma_experts<FMT, RT, false>(a);                                                        \
     }
 
+// Wider batches of pairs take tiles.cu's tiled kernels.
 MMA_EXPERTS(f8, FMT_F8, 1, 2)
-MMA_EXPERTS(f8, FMT_F8, 4, 1)
 MMA_EXPERTS(f4, FMT_F4, 1, 2)
-MMA_EXPERTS(f4, FMT_F4, 4, 1)

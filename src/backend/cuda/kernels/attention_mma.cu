@@ -1,0 +1,406 @@
+// Sparse attention on tensor cores: attention.cu's slices, each slice's scores and weighted
+// values computed by bf16 MMAs whose every product is exact, then the slices joined by a launch
+// of their own.
+//
+// A block takes one token, 16 heads (the MMA's rows) and a slice of the token's keys, 16 keys a
+// chunk. Key values are e4m3 codes times power-of-two scales (exact in bf16) and f32 RoPE dims;
+// queries and probabilities are f32. Each f32 operand is split into three bf16 parts that add up
+// to it exactly (split_act's split), so each MMA product is exact in f32 and the sums differ
+// from the CPU's only in their order. The first parts' products go to one accumulator and all
+// the others to a second, added at the end: a single accumulator would align the small terms to
+// the large ones and drop their low bits (as `wo_a`'s planes would).
+//
+// Warp w takes a quarter of the dims: its share of every score (the four shares are added in
+// warp order through shared memory) and the weighted values of its dims. Every warp keeps the
+// same running max and sum of each head, computed from the same scores in the same order.
+
+#define TC_HEADS 16
+#define TC_KEYS 16
+#define TC_KEYS_PER_SPLIT 32
+#define TC_NT_MAX 16  // 8-dim MMA tiles of a warp's quarter of 512 dims
+
+__device__ __forceinline__ void ldsm_x4(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x2_trans(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ u16 bf16_rn(float x) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+
+// x = p[0] + p[1] + p[2] exactly (8 + 8 + 8 bits of an f32's 24).
+__device__ __forceinline__ void split3(float x, u16* p) {
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        p[i] = bf16_rn(x);
+        x -= __uint_as_float((u32)p[i] << 16);
+    }
+}
+
+__device__ __forceinline__ u32 pack2(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
+
+// The low and high halves of an f16x2 as f32s.
+__device__ __forceinline__ float f16_lo(u32 x) {
+    float f;
+    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %1;\n\tcvt.f32.f16 %0, l;\n\t}" : "=f"(f) : "r"(x));
+    return f;
+}
+__device__ __forceinline__ float f16_hi(u32 x) {
+    float f;
+    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %1;\n\tcvt.f32.f16 %0, h;\n\t}" : "=f"(f) : "r"(x));
+    return f;
+}
+
+// Shared memory of a block: three planes of the block's queries and a plane of 16 keys (every
+// non-RoPE dim exactly, the RoPE dims' first parts), rows of P bf16 values padded by 8 so that
+// the eight rows an ldmatrix reads start in different banks; the RoPE dims' second and third
+// parts; the warps' shares of the 16 x 16 scores; two chunks' packed key rows as loaded.
+struct TcLayout {
+    int P, RP;                       // row pitches (bf16 values)
+    int q, k, kr, part, raw, bytes;  // byte offsets, total
+};
+
+__device__ __forceinline__ TcLayout tc_layout(int dh, int nope, int row_bytes) {
+    TcLayout l;
+    l.P = dh + 8;
+    l.RP = dh - nope + 8;
+    l.q = 0;
+    l.k = l.q + 3 * TC_HEADS * l.P * 2;
+    l.kr = l.k + TC_KEYS * l.P * 2;
+    l.part = l.kr + 2 * TC_KEYS * l.RP * 2;
+    l.raw = l.part + 4 * TC_HEADS * TC_KEYS * 4;
+    l.bytes = l.raw + 2 * TC_KEYS * row_bytes;
+    return l;
+}
+
+// Where key kk of token t's list is: a row of the state (window, then compressed entries) or,
+// for a row of this very call, its packed copy.
+__device__ __forceinline__ const u8* key_src(const AttnArgs& a, const SeqDesc& s, long p, int nwin,
+                                             long kk, int t) {
+    long off;
+    const u8* r = key_row(a, s, p, nwin, kk, t, &off);
+    return r ? r : a.packed + off * a.row.bytes;
+}
+
+#define TC_SRC_MAX 128  // key addresses looked up at once
+
+extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
+    pdl_wait();
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ const u8* src[TC_SRC_MAX];
+    __shared__ int picked;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
+    int t = a.t0 + blockIdx.x, h0 = blockIdx.y * a.hpb, dh = a.dh, nope = a.row.nope;
+    int rb = a.row.bytes;
+    TcLayout L = tc_layout(dh, nope, rb);
+    const SeqDesc s = a.descs[a.tok_seq[t]];
+    long p = a.tok_pos[t];
+    int nwin = (int)(p + 1 < a.window ? p + 1 : a.window);
+    long ncomp = 0;
+    if (a.picks) {
+        if (tid == 0) picked = 0;
+        __syncthreads();
+        const int* pk = a.picks + (long)t * a.K;
+        for (int i = tid; i < a.K; i += blockDim.x)
+            if (pk[i] >= 0 && (i + 1 == a.K || pk[i + 1] < 0)) picked = i + 1;
+        __syncthreads();
+        ncomp = picked;
+    } else if (a.ratio > 0) {
+        ncomp = (p + 1) / a.ratio;
+    }
+    long total = nwin + ncomp;
+    long splits = (total + TC_KEYS_PER_SPLIT - 1) / TC_KEYS_PER_SPLIT;
+    splits = splits < 1 ? 1 : (splits > a.S ? a.S : splits);
+    long per = (total + splits - 1) / splits;
+    long k0 = blockIdx.z * per, k1 = k0 + per < total ? k0 + per : total;
+    if (blockIdx.z >= splits) k1 = k0;
+    int nchunks = (int)((k1 - k0 + TC_KEYS - 1) / TC_KEYS);
+
+    // Chunk c's packed rows into raw buffer c % 2 (the addresses of up to TC_SRC_MAX keys
+    // looked up together, one a thread).
+    auto fetch = [&](int c) {
+        long kb = k0 + (long)c * TC_KEYS;
+        if ((kb - k0) % TC_SRC_MAX == 0) {
+            __syncthreads();
+            if (kb + tid < k1 && tid < TC_SRC_MAX) src[tid] = key_src(a, s, p, nwin, kb + tid, t);
+            __syncthreads();
+        }
+        int nk = (int)(k1 - kb < TC_KEYS ? k1 - kb : TC_KEYS), cpr = rb / 16;
+        u8* dst = smem + L.raw + (c & 1) * TC_KEYS * rb;
+        for (int i = tid; i < nk * cpr; i += blockDim.x) {
+            int kk = i / cpr, ch = i % cpr;
+            cp_async16(dst + kk * rb + 16 * ch, src[(kb - k0 + kk) % TC_SRC_MAX] + 16 * ch, true);
+        }
+    };
+    if (nchunks > 0) fetch(0);
+    cp_commit();
+
+    // A thread converts four dims (d4) of every rows_per-th row (dh divides 512, so that 128
+    // threads cover whole rows).
+    int per_row = dh / 4, d4 = 4 * (tid % per_row), r0 = tid / per_row, rstep = blockDim.x / per_row;
+    // The queries' three planes (zero rows past the block's heads), all loads in flight first.
+    {
+        float4 v[TC_HEADS];
+#pragma unroll
+        for (int u = 0; u < TC_HEADS; u++) {
+            int hh = r0 + u * rstep;
+            v[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (hh < a.hpb && h0 + hh < a.H) v[u] = *(const float4*)(a.q + ((long)t * a.H + h0 + hh) * dh + d4);
+        }
+#pragma unroll
+        for (int u = 0; u < TC_HEADS; u++) {
+            int hh = r0 + u * rstep;
+            if (hh >= TC_HEADS) break;
+            float f[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+            u16 pp[4][3] = {};
+            if (hh < a.hpb)
+#pragma unroll
+                for (int j = 0; j < 4; j++) split3(f[j], pp[j]);
+#pragma unroll
+            for (int j = 0; j < 3; j++)
+                *(uint2*)(smem + L.q + 2 * ((j * TC_HEADS + hh) * L.P + d4)) =
+                    make_uint2(pack2(pp[0][j], pp[1][j]), pack2(pp[2][j], pp[3][j]));
+        }
+    }
+
+    int dq = dh / 4, d0w = warp * dq, nto = dq / 8;
+    float oh[TC_NT_MAX][4], ol[TC_NT_MAX][4];
+#pragma unroll
+    for (int j = 0; j < TC_NT_MAX; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) oh[j][c] = ol[j][c] = 0.0f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // heads g and g + 8
+    float* part = (float*)(smem + L.part);
+
+    for (int c = 0; c < nchunks; c++) {
+        long kb = k0 + (long)c * TC_KEYS;
+        int nk = (int)(k1 - kb < TC_KEYS ? k1 - kb : TC_KEYS);
+        // Chunk c has landed, and every warp is done with the previous chunk's planes and
+        // raw buffer; chunk c + 1 loads while this one is computed.
+        cp_wait<0>();
+        __syncthreads();
+        if (c + 1 < nchunks) fetch(c + 1);
+        cp_commit();
+        // The chunk's keys as bf16 parts, four dims a thread at a time; rows past nk zero.
+        const u8* raw = smem + L.raw + (c & 1) * TC_KEYS * rb;
+        if (d4 < nope) {
+            for (int kk = r0; kk < TC_KEYS; kk += rstep) {
+                uint2 o = make_uint2(0, 0);
+                if (kk < nk) {
+                    const u8* r = raw + kk * rb;
+                    float sc = e8m0(r[a.row.s_off + d4 / 64]);
+                    u32 lo, hi;
+                    e4m3x4_f16(*(const u32*)(r + d4), lo, hi);
+                    // Each value exact in bf16: its upper half.
+                    o.x = __byte_perm(__float_as_uint(f16_lo(lo) * sc), __float_as_uint(f16_hi(lo) * sc), 0x7632);
+                    o.y = __byte_perm(__float_as_uint(f16_lo(hi) * sc), __float_as_uint(f16_hi(hi) * sc), 0x7632);
+                }
+                *(uint2*)(smem + L.k + 2 * (kk * L.P + d4)) = o;
+            }
+        } else {
+            for (int kk = r0; kk < TC_KEYS; kk += rstep) {
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (kk < nk) v = *(const float4*)(raw + kk * rb + a.row.r_off + 4 * (d4 - nope));
+                float f[4] = {v.x, v.y, v.z, v.w};
+                u16 pp[4][3];
+#pragma unroll
+                for (int j = 0; j < 4; j++) split3(f[j], pp[j]);
+                *(uint2*)(smem + L.k + 2 * (kk * L.P + d4)) = make_uint2(pack2(pp[0][0], pp[1][0]), pack2(pp[2][0], pp[3][0]));
+#pragma unroll
+                for (int j = 1; j < 3; j++)
+                    *(uint2*)(smem + L.kr + 2 * (((j - 1) * TC_KEYS + kk) * L.RP + d4 - nope)) =
+                        make_uint2(pack2(pp[0][j], pp[1][j]), pack2(pp[2][j], pp[3][j]));
+            }
+        }
+        __syncthreads();
+
+        // The warp's share of the 16 x 16 scores: its quarter of the dims, 16 at a time.
+        float sh[2][4], sl[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) sh[n][c] = sl[n][c] = 0.0f;
+        for (int d = d0w; d < d0w + dq; d += 16) {
+            u32 A[3][4], B[3][4];
+#pragma unroll
+            for (int j = 0; j < 3; j++)
+                ldsm_x4(A[j], smem + L.q + 2 * ((j * TC_HEADS + (lane & 15)) * L.P + d + (lane >> 4) * 8));
+            int key = (lane & 7) + ((lane >> 4) << 3), col = ((lane >> 3) & 1) * 8;
+            ldsm_x4(B[0], smem + L.k + 2 * (key * L.P + d + col));
+            bool rope = d >= nope;
+            if (rope)
+#pragma unroll
+                for (int j = 1; j < 3; j++)
+                    ldsm_x4(B[j], smem + L.kr + 2 * (((j - 1) * TC_KEYS + key) * L.RP + d - nope + col));
+#pragma unroll
+            for (int n = 0; n < 2; n++)
+#pragma unroll
+                for (int qp = 0; qp < 3; qp++)
+#pragma unroll
+                    for (int kp = 0; kp < 3; kp++) {
+                        if (kp > 0 && !rope) continue;
+                        float* c = qp == 0 && kp == 0 ? sh[n] : sl[n];
+                        mma16816_bf16(c, A[qp][0], A[qp][1], A[qp][2], A[qp][3], B[kp][2 * n], B[kp][2 * n + 1]);
+                    }
+        }
+        // C layout: c0 (head g, key 2tq), c1 (g, 2tq + 1), c2 (g + 8, 2tq), c3 (g + 8, 2tq + 1).
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+                part[(warp * TC_HEADS + g + 8 * (c >> 1)) * TC_KEYS + 8 * n + 2 * tq + (c & 1)] = sh[n][c] + sl[n][c];
+        __syncthreads();
+
+        // Every warp: the scores in the same C layout, the running max and sum, and the
+        // probabilities as the A operand of the weighted values (three parts).
+        float sc[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int hh = g + 8 * (c >> 1), kk = 8 * n + 2 * tq + (c & 1);
+                float v = part[hh * TC_KEYS + kk];
+#pragma unroll
+                for (int w = 1; w < 4; w++) v += part[(w * TC_HEADS + hh) * TC_KEYS + kk];
+                sc[n][c] = kk < nk ? v * a.scale : NEG_INF;
+            }
+        float alpha[2];
+        u32 P[3][4];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = fmaxf(fmaxf(sc[0][2 * r], sc[0][2 * r + 1]), fmaxf(sc[1][2 * r], sc[1][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float mn = fmaxf(m[r], mx);
+            alpha[r] = expf(m[r] - mn);
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 2; n++)
+#pragma unroll
+                for (int c = 2 * r; c < 2 * r + 2; c++) {
+                    sc[n][c] = expf(sc[n][c] - mn);
+                    sum += sc[n][c];
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            l[r] = l[r] * alpha[r] + sum;
+            m[r] = mn;
+        }
+        // A fragment: a0 (head g, keys 2tq..+1), a1 (g + 8, same), a2 (g, 8 + 2tq..), a3 (g + 8).
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            u16 x[3], y[3];
+            split3(sc[i >> 1][2 * (i & 1)], x);
+            split3(sc[i >> 1][2 * (i & 1) + 1], y);
+#pragma unroll
+            for (int j = 0; j < 3; j++) P[j][i] = pack2(x[j], y[j]);
+        }
+#pragma unroll
+        for (int j = 0; j < TC_NT_MAX; j++) {
+            if (j >= nto) break;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                oh[j][c] *= alpha[c >> 1];
+                ol[j][c] *= alpha[c >> 1];
+            }
+            int d = d0w + 8 * j;
+            bool rope = d >= nope;
+            u32 B[3][2];
+            ldsm_x2_trans(B[0], smem + L.k + 2 * ((lane & 15) * L.P + d));
+            if (rope)
+#pragma unroll
+                for (int kp = 1; kp < 3; kp++)
+                    ldsm_x2_trans(B[kp], smem + L.kr + 2 * (((kp - 1) * TC_KEYS + (lane & 15)) * L.RP + d - nope));
+#pragma unroll
+            for (int pp = 0; pp < 3; pp++)
+#pragma unroll
+                for (int kp = 0; kp < 3; kp++) {
+                    if (kp > 0 && !rope) continue;
+                    float* c = pp == 0 && kp == 0 ? oh[j] : ol[j];
+                    mma16816_bf16(c, P[pp][0], P[pp][1], P[pp][2], P[pp][3], B[kp][0], B[kp][1]);
+                }
+        }
+    }
+
+    // The slice's results: values of the warp's dims, max and sum of each head.
+    long tb = (long)blockIdx.x * a.H;
+#pragma unroll
+    for (int j = 0; j < TC_NT_MAX; j++) {
+        if (j >= nto) break;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int hh = g + 8 * (c >> 1), h = h0 + hh;
+            if (hh < a.hpb && h < a.H)
+                a.oo[((tb + h) * a.S + blockIdx.z) * dh + d0w + 8 * j + 2 * tq + (c & 1)] = oh[j][c] + ol[j][c];
+        }
+    }
+    if (warp == 0 && tq == 0)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int hh = g + 8 * r, h = h0 + hh;
+            if (hh < a.hpb && h < a.H) {
+                a.om[(tb + h) * a.S + blockIdx.z] = m[r];
+                a.ol[(tb + h) * a.S + blockIdx.z] = l[r];
+            }
+        }
+}
+
+// The join of a token's slices for one head and 128 of its dims (grid: tokens, heads, dh / 128;
+// 128 threads): out = sum_j w_j o_j / (sum_j w_j l_j + exp(sink - max)), w_j = exp(m_j - max),
+// over all S slices of the launch, those past the token's own (empty: m = -inf) skipped. Warp
+// w sums the slices j = w mod 4 in order (a lane four dims), and the four sums are added in
+// warp order, so a token's result does not depend on S, that is on its batch.
+extern "C" __global__ void __launch_bounds__(128) attend_join(AttnArgs a) {
+    pdl_wait();
+    __shared__ float wt[128];
+    __shared__ float4 part[3][32];
+    __shared__ float sh[32];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, h = blockIdx.y;
+    long base = ((long)blockIdx.x * a.H + h) * a.S;
+    float mx = NEG_INF;
+    for (int j = tid; j < a.S; j += blockDim.x) mx = fmaxf(mx, a.om[base + j]);
+    mx = block_max(mx, sh);
+    float den = 0.0f;
+    for (int j = tid; j < a.S; j += blockDim.x) {
+        float mj = a.om[base + j];
+        float wj = mj > NEG_INF ? expf(mj - mx) : 0.0f;
+        if (mj > NEG_INF) den += a.ol[base + j] * wj;
+        wt[j] = wj;
+    }
+    den = block_sum(den, sh) + expf(a.sink[h] - mx);
+    int d = blockIdx.z * 128 + 4 * lane;
+    bool live = d < a.dh;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+    for (int j = warp; j < a.S; j += 4) {
+        float wj = wt[j];
+        if (wj == 0.0f || !live) continue;
+        float4 o = *(const float4*)(a.oo + (base + j) * a.dh + d);
+        acc.x = fmaf(o.x, wj, acc.x);
+        acc.y = fmaf(o.y, wj, acc.y);
+        acc.z = fmaf(o.z, wj, acc.z);
+        acc.w = fmaf(o.w, wj, acc.w);
+    }
+    if (warp > 0) part[warp - 1][lane] = acc;
+    __syncthreads();
+    if (warp > 0 || !live) return;
+#pragma unroll
+    for (int w = 0; w < 3; w++) {
+        float4 o = part[w][lane];
+        acc.x += o.x;
+        acc.y += o.y;
+        acc.z += o.z;
+        acc.w += o.w;
+    }
+    *(float4*)(a.out + ((long)blockIdx.x * a.H + h) * a.dh + d) =
+        make_float4(acc.x / den, acc.y / den, acc.z / den, acc.w / den);
+}
