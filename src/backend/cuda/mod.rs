@@ -380,8 +380,8 @@ fn reserve() -> usize {
 pub struct Cuda {
     /// The GPU.
     pub gpu: Arc<Gpu>,
-    /// Whether FP8/FP4 linears run on tensor cores (compute capability 8.0 and later, unless
-    /// `HADAL_CUDA_LINEAR=simt` asks for the CUDA-core kernels).
+    /// Whether FP8/FP4 linears and attention run on tensor cores (compute capability 8.0 and
+    /// later, unless `HADAL_CUDA_LINEAR=simt` asks for the CUDA-core kernels).
     pub tensor_cores: bool,
     /// Whether decode steps are recorded once per shape and replayed as CUDA graphs (unless
     /// `HADAL_CUDA_GRAPHS=0`).

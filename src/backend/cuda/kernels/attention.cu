@@ -70,6 +70,35 @@ __device__ __forceinline__ const u8* key_row(const AttnArgs& a, const SeqDesc& s
     return paged_row(s.tables, a.table, e, a.row.bytes);
 }
 
+// The slice of token t's keys (nwin window rows, then its picks or all its compressed
+// entries) that block z takes, [k0, k1), and the token's number of slices: `per_split` keys a
+// slice, at most S. It depends on the token alone, so that its result does not depend on the
+// batch. Every thread of the block calls it (`picked`: a shared int).
+__device__ void token_slice(const AttnArgs& a, int t, long p, int nwin, int per_split, int* picked,
+                            long* k0, long* k1, long* splits) {
+    long ncomp = 0;
+    if (a.picks) {
+        // The picks come first, then -1s: the last pick finds itself (one round of loads).
+        if (threadIdx.x == 0) *picked = 0;
+        __syncthreads();
+        const int* pk = a.picks + (long)t * a.K;
+        for (int i = threadIdx.x; i < a.K; i += blockDim.x)
+            if (pk[i] >= 0 && (i + 1 == a.K || pk[i + 1] < 0)) *picked = i + 1;
+        __syncthreads();
+        ncomp = *picked;
+    } else if (a.ratio > 0) {
+        ncomp = (p + 1) / a.ratio;
+    }
+    long total = nwin + ncomp;
+    long n = (total + per_split - 1) / per_split;
+    n = n < 1 ? 1 : (n > a.S ? a.S : n);
+    long per = (total + n - 1) / n;
+    *k0 = blockIdx.z * per;
+    *k1 = *k0 + per < total ? *k0 + per : total;
+    if (blockIdx.z >= n) *k1 = *k0;
+    *splits = n;
+}
+
 // Attention of one token (t0 + blockIdx.x) and a group of heads (one warp each, blockIdx.y)
 // over a slice of its keys (blockIdx.z): the running max, sum and weighted values of the slice.
 // The last slice to finish joins the token's slices, with the sink in the denominator, in slice
@@ -87,26 +116,9 @@ extern "C" __global__ void attend(AttnArgs a) {
     const SeqDesc s = a.descs[a.tok_seq[t]];
     long p = a.tok_pos[t];
     int nwin = (int)(p + 1 < a.window ? p + 1 : a.window);
-    long ncomp = 0;
-    if (a.picks) {
-        // The picks come first, then -1s: the last pick finds itself (one round of loads).
-        if (threadIdx.x == 0) picked = 0;
-        __syncthreads();
-        const int* pk = a.picks + (long)t * a.K;
-        for (int i = threadIdx.x; i < a.K; i += blockDim.x)
-            if (pk[i] >= 0 && (i + 1 == a.K || pk[i + 1] < 0)) picked = i + 1;
-        __syncthreads();
-        ncomp = picked;
-    } else if (a.ratio > 0) {
-        ncomp = (p + 1) / a.ratio;
-    }
     // The token's own number of slices, so that its result does not depend on the batch.
-    long total = nwin + ncomp;
-    long splits = (total + KEYS_PER_SPLIT - 1) / KEYS_PER_SPLIT;
-    splits = splits < 1 ? 1 : (splits > a.S ? a.S : splits);
-    long per = (total + splits - 1) / splits;
-    long k0 = blockIdx.z * per, k1 = k0 + per < total ? k0 + per : total;
-    if (blockIdx.z >= splits) k1 = k0;
+    long k0, k1, splits;
+    token_slice(a, t, p, nwin, KEYS_PER_SPLIT, &picked, &k0, &k1, &splits);
     // A lane holds dims lane + 32 i, strided as the CPU's 16 lanes are. (Four adjacent dims a
     // lane, read as float4s, gained little and moved the whole-model logits of
     // `whole_model_matches_the_cpu` from the CPU's: mean 1.8e-2 -> 2.7e-2.)

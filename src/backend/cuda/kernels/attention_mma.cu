@@ -105,24 +105,8 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     const SeqDesc s = a.descs[a.tok_seq[t]];
     long p = a.tok_pos[t];
     int nwin = (int)(p + 1 < a.window ? p + 1 : a.window);
-    long ncomp = 0;
-    if (a.picks) {
-        if (tid == 0) picked = 0;
-        __syncthreads();
-        const int* pk = a.picks + (long)t * a.K;
-        for (int i = tid; i < a.K; i += blockDim.x)
-            if (pk[i] >= 0 && (i + 1 == a.K || pk[i + 1] < 0)) picked = i + 1;
-        __syncthreads();
-        ncomp = picked;
-    } else if (a.ratio > 0) {
-        ncomp = (p + 1) / a.ratio;
-    }
-    long total = nwin + ncomp;
-    long splits = (total + TC_KEYS_PER_SPLIT - 1) / TC_KEYS_PER_SPLIT;
-    splits = splits < 1 ? 1 : (splits > a.S ? a.S : splits);
-    long per = (total + splits - 1) / splits;
-    long k0 = blockIdx.z * per, k1 = k0 + per < total ? k0 + per : total;
-    if (blockIdx.z >= splits) k1 = k0;
+    long k0, k1, splits;
+    token_slice(a, t, p, nwin, TC_KEYS_PER_SPLIT, &picked, &k0, &k1, &splits);
     int nchunks = (int)((k1 - k0 + TC_KEYS - 1) / TC_KEYS);
 
     // Chunk c's packed rows into raw buffer c % 2 (the addresses of up to TC_SRC_MAX keys

@@ -111,6 +111,24 @@ __device__ __forceinline__ u32 e2m1_pair(u32 w) {
     return ((u << 9) & 0x0e000e00u) | ((u << 12) & 0x80008000u);
 }
 
+// The A fragments of four MMAs from a lane's 16 FP8 bytes of rows g (`wa`) and g + 8 (`wb`):
+// MMA i takes bytes 4i..4i+3 (bf16 against split_act's planes, else f16).
+template <bool EXACT>
+__device__ __forceinline__ void a_frags_f8(uint4 wa, uint4 wb, u32 (*A)[4]) {
+    const u32* ra = &wa.x;
+    const u32* rb = &wb.x;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (EXACT) {
+            e4m3x4_bf16(ra[i], A[i][0], A[i][2]);
+            e4m3x4_bf16(rb[i], A[i][1], A[i][3]);
+        } else {
+            e4m3x4_f16(ra[i], A[i][0], A[i][2]);
+            e4m3x4_f16(rb[i], A[i][1], A[i][3]);
+        }
+    }
+}
+
 __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #if __CUDA_ARCH__ >= 800
     asm volatile(
@@ -199,18 +217,7 @@ __device__ void mma_core_f8(const u8* __restrict__ W, const u8* __restrict__ S, 
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             u32 A[4][4];
-            const u32* ra = &cur[h].x;
-            const u32* rb = &cur[2 + h].x;
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                if (EXACT) {
-                    e4m3x4_bf16(ra[i], A[i][0], A[i][2]);
-                    e4m3x4_bf16(rb[i], A[i][1], A[i][3]);
-                } else {
-                    e4m3x4_f16(ra[i], A[i][0], A[i][2]);
-                    e4m3x4_f16(rb[i], A[i][1], A[i][3]);
-                }
-            }
+            a_frags_f8<EXACT>(cur[h], cur[2 + h], A);
 #pragma unroll
             for (int j = 0; j < RT; j++) {
 #pragma unroll

@@ -197,19 +197,8 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
                     int ra = wr0 + 16 * m + g, rb = ra + 8;
                     uint4 wa = lds128(st + ra * 128 + 16 * swz_w8(ra, 4 * h + t));
                     uint4 wb = lds128(st + rb * 128 + 16 * swz_w8(rb, 4 * h + t));
-                    const u32* pa = &wa.x;
-                    const u32* pb = &wb.x;
                     u32 A[4][4];
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        if (T::EXACT) {
-                            e4m3x4_bf16(pa[i], A[i][0], A[i][2]);
-                            e4m3x4_bf16(pb[i], A[i][1], A[i][3]);
-                        } else {
-                            e4m3x4_f16(pa[i], A[i][0], A[i][2]);
-                            e4m3x4_f16(pb[i], A[i][1], A[i][3]);
-                        }
-                    }
+                    a_frags_f8<T::EXACT>(wa, wb, A);
 #pragma unroll
                     for (int p = 0; p < T::PLANES; p++)
 #pragma unroll
