@@ -179,17 +179,17 @@ unsafe fn rows16_with<L: Lanes, const R: usize>(
             let (w, s) = (w.as_ptr(), &s[..]);
             let kb = k.div_ceil(FP8_WEIGHT_BLOCK);
             let at = |i: usize, kk: usize| w.wrapping_add((j0 + i) * k + kk);
-            rows16_block::<L, R>(
+            let scale = |i: usize, kk: usize| {
+                e8m0(*s.get_unchecked(((j0 + i) / FP8_WEIGHT_BLOCK) * kb + kk / FP8_WEIGHT_BLOCK))
+            };
+            rows16_block::<L, R, true>(
                 k,
                 x,
                 g,
+                (FP8_WEIGHT_BLOCK, 64),
                 at,
-                |i, kk| {
-                    let j = j0 + i;
-                    let sc =
-                        e8m0(*s.get_unchecked((j / FP8_WEIGHT_BLOCK) * kb + kk / FP8_WEIGHT_BLOCK));
-                    L::scale(L::e4m3s(at(i, kk)), sc)
-                },
+                scale,
+                |p| L::e4m3s(p),
                 put,
             )
         }
@@ -197,58 +197,70 @@ unsafe fn rows16_with<L: Lanes, const R: usize>(
             let (w, s) = (w.as_ptr(), &s[..]);
             let kb = k / FP4_WEIGHT_BLOCK;
             let at = |i: usize, kk: usize| w.wrapping_add(((j0 + i) * k + kk) / 2);
-            rows16_block::<L, R>(
+            let scale =
+                |i: usize, kk: usize| e8m0(*s.get_unchecked((j0 + i) * kb + kk / FP4_WEIGHT_BLOCK));
+            rows16_block::<L, R, true>(
                 k,
                 x,
                 g,
+                (FP4_WEIGHT_BLOCK, 128),
                 at,
-                |i, kk| {
-                    let sc = e8m0(*s.get_unchecked((j0 + i) * kb + kk / FP4_WEIGHT_BLOCK));
-                    L::scale(L::e2m1s(at(i, kk)), sc)
-                },
+                scale,
+                |p| L::e2m1s(p),
                 put,
             )
         }
         Storage::Bf16(w) => {
             let w = w.as_ptr();
             let at = |i: usize, kk: usize| w.wrapping_add(((j0 + i) * k + kk) * 2);
-            rows16_block::<L, R>(k, x, g, at, |i, kk| L::bf16s(at(i, kk)), put)
+            rows16_block::<L, R, false>(k, x, g, (k, 32), at, |_, _| 1.0, |p| L::bf16s(p), put)
         }
         Storage::F32(w) => {
             let w = w.as_ptr();
             let at = |i: usize, kk: usize| w.wrapping_add(((j0 + i) * k + kk) * 4);
-            rows16_block::<L, R>(k, x, g, at, |i, kk| L::f32s(at(i, kk)), put)
+            rows16_block::<L, R, false>(k, x, g, (k, 16), at, |_, _| 1.0, |p| L::f32s(p), put)
         }
     }
 }
 
-/// The sixteen lane chains of `g` outputs for `R` activation rows from `x`, `weights(i, kk)`
-/// giving `L::N` decoded weights of output `i` from column `kk` (stored at `at(i, kk)`);
-/// `put(i, r, y)` receives output `i` of row `r`.
+/// The sixteen lane chains of `g` outputs for `R` activation rows from `x`. `decode(p)` gives
+/// `L::N` weights stored from `p = at(i, kk)` (output `i`, column `kk`); with `SCALED`, times
+/// `scale(i, kk)`, looked up once per `blocks.0` columns (the scale block); `blocks.1` weights
+/// make a 64-byte line of a row, prefetched once. `put(i, r, y)` receives output `i` of row `r`.
 #[inline(always)]
 // Loops over constant ranges index the accumulators, so that they unroll into registers.
-#[allow(clippy::needless_range_loop)]
-unsafe fn rows16_block<L: Lanes, const R: usize>(
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+unsafe fn rows16_block<L: Lanes, const R: usize, const SCALED: bool>(
     k: usize,
     x: *const f32,
     g: usize,
+    (block, line): (usize, usize),
     at: impl Fn(usize, usize) -> *const u8,
-    weights: impl Fn(usize, usize) -> L::V,
+    scale: impl Fn(usize, usize) -> f32,
+    decode: impl Fn(*const u8) -> L::V,
     mut put: impl FnMut(usize, usize, f32),
 ) {
     let v = 16 / L::N;
     // acc[r][i][h]: row r, output i, lanes h * N..
     let mut acc = [[[L::zero(); 2]; GROUP]; R];
-    for kk in (0..k).step_by(16) {
-        for h in 0..v {
-            let xs: [L::V; R] = std::array::from_fn(|r| L::load(x.add(r * k + kk + h * L::N)));
-            for i in 0..GROUP {
-                if i < g {
-                    // The next group's rows at the same place, into L2: the stream ahead.
-                    L::prefetch_l2(at(i + GROUP, kk + h * L::N));
-                    let w = weights(i, kk + h * L::N);
-                    for r in 0..R {
-                        acc[r][i][h] = L::fmav(xs[r], w, acc[r][i][h]);
+    for k0 in (0..k).step_by(block) {
+        let sc: [f32; GROUP] =
+            std::array::from_fn(|i| if SCALED && i < g { scale(i, k0) } else { 1.0 });
+        for kk in (k0..(k0 + block).min(k)).step_by(16) {
+            for h in 0..v {
+                let c = kk + h * L::N;
+                let xs: [L::V; R] = std::array::from_fn(|r| L::load(x.add(r * k + c)));
+                for i in 0..GROUP {
+                    if i < g {
+                        // The next group's rows at the same place, into L2: the stream ahead.
+                        if c % line == 0 {
+                            L::prefetch_l2(at(i + GROUP, c));
+                        }
+                        let w = decode(at(i, c));
+                        let w = if SCALED { L::scale(w, sc[i]) } else { w };
+                        for r in 0..R {
+                            acc[r][i][h] = L::fmav(xs[r], w, acc[r][i][h]);
+                        }
                     }
                 }
             }
@@ -471,21 +483,16 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn e4m3s(p: *const u8) -> __m512 {
-            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-            let mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
-            let normal = _mm512_add_epi32(_mm512_slli_epi32::<20>(mag), _mm512_set1_epi32(REBIAS));
-            let sub = _mm512_mul_ps(
-                _mm512_cvtepi32_ps(mag),
-                _mm512_set1_ps(f32::from_bits(TWO_M9)),
-            );
-            let small = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(8));
-            let v = _mm512_mask_blend_epi32(small, normal, _mm512_castps_si512(sub));
-            let v = _mm512_or_si512(
-                v,
-                _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80))),
-            );
-            let nan = _mm512_cmpeq_epu32_mask(mag, _mm512_set1_epi32(0x7f));
-            _mm512_castsi512_ps(_mm512_mask_blend_epi32(nan, v, _mm512_set1_epi32(NAN)))
+            // Each code's bits moved into an f16's, 16-bit lanes (half the width of f32 work):
+            // its value times 2^-8, subnormal codes on f16 subnormals; the conversion to f32
+            // and the multiplication back are exact. NaN codes get an f16 NaN.
+            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+            let mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
+            let sign = _mm256_xor_si256(b, mag);
+            let h = _mm256_or_si256(_mm256_slli_epi16::<7>(mag), _mm256_slli_epi16::<8>(sign));
+            let nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f));
+            let h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7e00)));
+            _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0))
         }
         #[inline(always)]
         unsafe fn e2m1s(p: *const u8) -> __m512 {
