@@ -2,8 +2,8 @@
 // values computed by bf16 MMAs whose every product is exact, then the slices joined by a launch
 // of their own.
 //
-// A block takes one token, 16 heads (the MMA's rows) and a slice of the token's keys, 16 keys a
-// chunk. Key values are e4m3 codes times power-of-two scales (exact in bf16) and f32 RoPE dims;
+// A block takes one token, up to 16 heads (`hpb`: the MMA's 16 rows, those past them zero) and
+// a slice of the token's keys, 16 keys a chunk. Key values are e4m3 codes times power-of-two scales (exact in bf16) and f32 RoPE dims;
 // queries and probabilities are f32. Each f32 operand is split into three bf16 parts that add up
 // to it exactly (split_act's split), so each MMA product is exact in f32 and the sums differ
 // from the CPU's only in their order. The first parts' products go to one accumulator and all
@@ -128,7 +128,7 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     if (nchunks > 0) fetch(0);
     cp_commit();
 
-    // A thread converts four dims (d4) of every rows_per-th row (dh divides 512, so that 128
+    // A thread converts four dims (d4) of rows r0, r0 + rstep, ... (dh divides 512, so that 128
     // threads cover whole rows).
     int per_row = dh / 4, d4 = 4 * (tid % per_row), r0 = tid / per_row, rstep = blockDim.x / per_row;
     // The queries' three planes (zero rows past the block's heads), all loads in flight first.
