@@ -22,14 +22,29 @@ use super::order::blocks;
 use crate::quant::{e8m0, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK};
 use crate::weights::{Matrix, Storage};
 
-/// The SIMD width this CPU gives the chain kernels (0: none).
+/// The SIMD width this CPU gives the kernels (0: none): the widest it has, or, with
+/// `HADAL_CPU_SIMD=avx2` or `scalar`, at most that (to compare the paths on one machine).
 pub fn lanes() -> usize {
+    static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LANES.get_or_init(|| {
+        let cap = match std::env::var("HADAL_CPU_SIMD").as_deref() {
+            Ok("scalar") => 0,
+            Ok("avx2") => 8,
+            _ => 16,
+        };
+        detected().min(cap)
+    })
+}
+
+fn detected() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             return 16;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             return 8;
         }
