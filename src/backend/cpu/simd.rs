@@ -438,13 +438,6 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)))
     }
 
-    // e4m3 codes to f32: a normal code's bits move into an f32 with its exponent re-biased
-    // (+120), a subnormal one is `m * 2^-9`, the sign bit moves to the top, and the two NaN
-    // codes become NaN, as the `E4M3` table has them.
-    const TWO_M9: u32 = 118 << 23;
-    const REBIAS: i32 = 120 << 23;
-    const NAN: i32 = 0x7fc0_0000;
-
     impl Lanes for Avx512 {
         const N: usize = 16;
         const ROWS: usize = 4;
@@ -613,22 +606,14 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn e4m3s(p: *const u8) -> __m256 {
-            // Lanes where the mask is set take the second value.
-            let blend =
-                |k: __m256i, a: __m256, b: __m256| _mm256_blendv_ps(a, b, _mm256_castsi256_ps(k));
-            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-            let mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
-            let normal = _mm256_add_epi32(_mm256_slli_epi32::<20>(mag), _mm256_set1_epi32(REBIAS));
-            let sub = _mm256_mul_ps(
-                _mm256_cvtepi32_ps(mag),
-                _mm256_set1_ps(f32::from_bits(TWO_M9)),
-            );
-            let small = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag);
-            let v = blend(small, _mm256_castsi256_ps(normal), sub);
-            let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));
-            let v = _mm256_or_ps(v, _mm256_castsi256_ps(sign));
-            let nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f));
-            blend(nan, v, _mm256_castsi256_ps(_mm256_set1_epi32(NAN)))
+            // As the AVX-512 path: f16 bits in 16-bit lanes, F16C's exact conversion.
+            let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
+            let mag = _mm_and_si128(b, _mm_set1_epi16(0x7f));
+            let sign = _mm_xor_si128(b, mag);
+            let h = _mm_or_si128(_mm_slli_epi16::<7>(mag), _mm_slli_epi16::<8>(sign));
+            let nan = _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f));
+            let h = _mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7e00)));
+            _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0))
         }
         #[inline(always)]
         unsafe fn e2m1s(p: *const u8) -> __m256 {
@@ -682,7 +667,7 @@ mod x86 {
         tile::<Avx512>(m, n0, x, rows, out)
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn tile_avx2(m: &Matrix, n0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
         tile::<Avx2>(m, n0, x, rows, out)
     }
@@ -692,7 +677,7 @@ mod x86 {
         rows16::<Avx512>(m, j0, x, rows, out)
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows16_avx2(m: &Matrix, j0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
         rows16::<Avx2>(m, j0, x, rows, out)
     }
@@ -729,7 +714,7 @@ mod x86 {
     }
 
     #[cfg(test)]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn avx2_e4m3(p: *const u8) -> __m256 {
         Avx2::e4m3s(p)
     }
