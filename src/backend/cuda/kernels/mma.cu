@@ -569,10 +569,12 @@ struct MmaExpertArgs {
     float limit;
 };
 
-// One expert's rows for the (token, expert) pairs routed to it, in batches of 8 * RT pairs.
-// Grid: x = segment (see moe_sort), y = row blocks as mma_linear's.
-template <int FMT, int RT, bool UP>
+// One expert's rows for the (token, expert) pairs routed to it, in one-row passes of 8 pairs
+// (wider batches take tiles.cu's tiled kernels, with the same bits). Grid: x = segment (see
+// moe_sort), y = row blocks as mma_linear's.
+template <int FMT, bool UP>
 __device__ void mma_experts(const MmaExpertArgs& a) {
+    constexpr int RT = 1;
     __shared__ float part[(UP ? 2 : 1) * 8 * RT * 4 * 32];
     pdl_wait();
     u32 sg = blockIdx.x;
@@ -610,7 +612,7 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
 #pragma unroll
             for (int q = 0; q < 4; q++) { ga[j][q] = 0.0f; ua[j][q] = 0.0f; }
         if (n0 < N) {
-            if constexpr (FMT == FMT_F4 && RT == 1) {
+            if constexpr (FMT == FMT_F4) {
                 extern __shared__ __align__(16) u8 smem[];
                 u8* ring = smem + warp * F4S_STAGES * F4S_STEP * (UP ? 2 : 1);
                 mma_core_f4_stream<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ga, ua,
@@ -638,16 +640,13 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
     }
 }
 
-#define MMA_EXPERTS(NAME, FMT, RT, MINB)                                                           \
-    extern "C" __global__ void __launch_bounds__(256, MINB) mma_experts_up_##NAME##_r##RT(     \
-        MmaExpertArgs a) {                                                                     \
-        mma_experts<FMT, RT, true>(a);                                                         \
+#define MMA_EXPERTS(NAME, FMT)                                                                 \
+    extern "C" __global__ void TWO_BLOCKS mma_experts_up_##NAME##_r1(MmaExpertArgs a) {        \
+        mma_experts<FMT, true>(a);                                                             \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256, MINB) mma_experts_down_##NAME##_r##RT(   \
-        MmaExpertArgs a) {                                                                     \
-        mma_experts<FMT, RT, false>(a);                                                        \
+    extern "C" __global__ void TWO_BLOCKS mma_experts_down_##NAME##_r1(MmaExpertArgs a) {      \
+        mma_experts<FMT, false>(a);                                                            \
     }
 
-// Wider batches of pairs take tiles.cu's tiled kernels.
-MMA_EXPERTS(f8, FMT_F8, 1, 2)
-MMA_EXPERTS(f4, FMT_F4, 1, 2)
+MMA_EXPERTS(f8, FMT_F8)
+MMA_EXPERTS(f4, FMT_F4)
