@@ -70,6 +70,8 @@ pub const NAMES: &[&str] = &[
     "experts_down_f32",
     "moe_combine",
     "quant_act",
+    "rms_norm_quant",
+    "swiglu_quant",
     "mma_linear_f8_r1",
     "mma_linear_f8_r2",
     "mma_linear_f8_r4",
@@ -105,12 +107,18 @@ pub fn source() -> String {
 }
 
 /// Compiler options for compute capability `arch`.
+/// `HADAL_CUDA_FMAD=0` keeps `a * b + c` as two roundings, as the CPU computes it (for
+/// comparing the two platforms' arithmetic; explicit `fmaf` calls stay fused).
 fn options(arch: (i32, i32)) -> Vec<String> {
-    vec![
+    let mut o = vec![
         format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
         "--std=c++17".into(),
         "-lineinfo".into(),
-    ]
+    ];
+    if std::env::var("HADAL_CUDA_FMAD").is_ok_and(|v| v == "0") {
+        o.push("--fmad=false".into());
+    }
+    o
 }
 
 /// FNV-1a, stable across builds (the cache key).

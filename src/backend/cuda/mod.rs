@@ -105,6 +105,24 @@ pub struct Tensor {
     buf: Buf,
     rows: usize,
     cols: usize,
+    /// The values as the tensor-core linears take them, where the kernel that wrote them made
+    /// those too (`rms_norm`); any other write drops them (`written`).
+    quant: Option<Box<Quant>>,
+}
+
+/// quant_act's output of a tensor, in both code orders (FP8 and FP4 kernels').
+struct Quant {
+    q: Buf,
+    q_perm: Buf,
+    s: Buf,
+}
+
+/// Quantized activations: the addresses of the codes and scales, and the buffers where they
+/// were made for this call (else the tensor's `quant` holds them).
+struct Quantized {
+    q: u64,
+    s: u64,
+    _own: Vec<Buf>,
 }
 
 impl Tensor {
@@ -118,6 +136,12 @@ impl Tensor {
     }
     fn len(&self) -> usize {
         self.rows * self.cols
+    }
+    /// The address of a tensor a kernel is about to write: what was derived from its values
+    /// goes.
+    fn written(&mut self) -> u64 {
+        self.quant = None;
+        self.buf.ptr
     }
 }
 
@@ -438,6 +462,10 @@ fn bucket(end: usize) -> usize {
 
 /// Threads of a block that reduces a row of `n` values: about four values each (one round of
 /// loads at decode, where a row is all the work there is), 32 to 1,024.
+/// Threads of a token's block in `hc_mix` and `hc_head` (their stream reductions hold 16 float4
+/// a thread in flight, which 1,024 threads' registers would not allow).
+const HC_THREADS: u32 = 512;
+
 fn row_threads(n: usize) -> u32 {
     n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
 }
@@ -561,6 +589,7 @@ impl Cuda {
             buf: self.gpu.alloc(4 * rows * cols)?,
             rows,
             cols,
+            quant: None,
         })
     }
 
@@ -596,8 +625,17 @@ impl Cuda {
     }
 
     /// `x` as the tensor-core kernels take it: e4m3 codes as f16 and one scale per block of
-    /// 128 (`perm` orders each 8 codes as the FP4 kernels pair them).
-    fn quantize(&self, x: &Tensor, perm: bool) -> Result<(Buf, Buf)> {
+    /// 128 (`perm` orders each 8 codes as the FP4 kernels pair them); made by the kernel that
+    /// wrote `x` where it could (`Tensor::quant`).
+    fn quantize(&self, x: &Tensor, perm: bool) -> Result<Quantized> {
+        if let Some(c) = &x.quant {
+            let q = if perm { &c.q_perm } else { &c.q };
+            return Ok(Quantized {
+                q: q.ptr,
+                s: c.s.ptr,
+                _own: Vec::new(),
+            });
+        }
         if !x.cols.is_multiple_of(128) {
             return Err(Error::Input(format!(
                 "an FP8 activation of width {} (not a multiple of 128)",
@@ -621,7 +659,20 @@ impl Cuda {
                     .push(perm as i32),
             )?;
         }
-        Ok((q, s))
+        Ok(Quantized {
+            q: q.ptr,
+            s: s.ptr,
+            _own: vec![q, s],
+        })
+    }
+
+    /// Room for quant_act's output of `n` values in both orders (`Tensor::quant`).
+    fn quant_buffers(&self, n: usize) -> Result<Quant> {
+        Ok(Quant {
+            q: self.gpu.alloc(2 * n)?,
+            q_perm: self.gpu.alloc(2 * n)?,
+            s: self.gpu.alloc(4 * (n / 128))?,
+        })
     }
 
     /// Whether an FP8/FP4 weight `n x k` goes through the tensor-core kernels.
@@ -663,7 +714,7 @@ impl Cuda {
         if r == 0 {
             return Ok((y, y2));
         }
-        let (q, s) = if exact {
+        let xq = if exact {
             let q = self.gpu.alloc(6 * x.len())?;
             self.launch(
                 "split_act",
@@ -672,10 +723,13 @@ impl Cuda {
                 0,
                 Args::new().push(x.buf.ptr).push(q.ptr).push(x.len() as i64),
             )?;
-            (q, None)
+            Quantized {
+                q: q.ptr,
+                s: 0,
+                _own: vec![q],
+            }
         } else {
-            let (q, s) = self.quantize(x, w.fmt == Format::F4)?;
-            (q, Some(s))
+            self.quantize(x, w.fmt == Format::F4)?
         };
         let n2 = second.map_or(0, |v| v.rows);
         let ks = mma_split(n + n2, k);
@@ -721,8 +775,8 @@ impl Cuda {
             Args::new()
                 .push(w.w.ptr)
                 .push(w.scales())
-                .push(q.ptr)
-                .push(s.as_ref().map_or(0, |s| s.ptr))
+                .push(xq.q)
+                .push(xq.s)
                 .push(y.buf.ptr)
                 .push(n as i32)
                 .push(k as i32)
@@ -1170,6 +1224,7 @@ impl Device for Cuda {
             buf: self.gpu.upload(x)?,
             rows: x.len() / width.max(1),
             cols: width,
+            quant: None,
         })
     }
 
@@ -1264,17 +1319,22 @@ impl Device for Cuda {
 
     fn rms_norm(&self, x: &mut Tensor, w: &Vector, eps: f32) -> Result<()> {
         let rows = x.len() / w.len.max(1);
-        self.launch(
-            "rms_norm",
-            (rows as u32, 1, 1),
-            row_threads(w.len),
-            0,
-            Args::new()
-                .push(x.buf.ptr)
-                .push(w.buf.ptr)
-                .push(w.len as i32)
-                .push(eps),
-        )
+        // Four float4 a thread (ops.cu's NORM_VEC).
+        let threads = row_threads(w.len.div_ceil(4));
+        let mut args = Args::new();
+        args.push(x.written())
+            .push(w.buf.ptr)
+            .push(w.len as i32)
+            .push(eps);
+        // Rows the tensor-core linears can take get their quantized form from the same launch.
+        if !(self.tensor_cores && w.len.is_multiple_of(128) && w.len <= 16 * 1024 && rows > 0) {
+            return self.launch("rms_norm", (rows as u32, 1, 1), threads, 0, &mut args);
+        }
+        let c = self.quant_buffers(x.len())?;
+        args.push(c.q.ptr).push(c.q_perm.ptr).push(c.s.ptr);
+        self.launch("rms_norm_quant", (rows as u32, 1, 1), threads, 0, &mut args)?;
+        x.quant = Some(Box::new(c));
+        Ok(())
     }
 
     fn head_norm_rope(
@@ -1292,7 +1352,7 @@ impl Device for Cuda {
             128,
             0,
             Args::new()
-                .push(q.buf.ptr)
+                .push(q.written())
                 .push(b.tok_pos)
                 .push(rope.table.buf.ptr)
                 .push(heads as i32)
@@ -1317,7 +1377,7 @@ impl Device for Cuda {
             256,
             0,
             Args::new()
-                .push(x.buf.ptr)
+                .push(x.written())
                 .push(b.tok_pos)
                 .push(rope.table.buf.ptr)
                 .push(b.t as i32)
@@ -1347,7 +1407,7 @@ impl Device for Cuda {
             dim as u32,
             (4 * dim) as u32,
             Args::new()
-                .push(q.buf.ptr)
+                .push(q.written())
                 .push(b.tok_pos)
                 .push(rope.table.buf.ptr)
                 .push(heads as i32)
@@ -1363,7 +1423,7 @@ impl Device for Cuda {
             blocks_1d(x.len(), 256),
             256,
             0,
-            Args::new().push(x.buf.ptr).push(x.len() as i64).push(s),
+            Args::new().push(x.written()).push(x.len() as i64).push(s),
         )
     }
 
@@ -1377,7 +1437,7 @@ impl Device for Cuda {
             256,
             0,
             Args::new()
-                .push(x.buf.ptr)
+                .push(x.written())
                 .push(y.buf.ptr)
                 .push(x.len() as i64),
         )
@@ -1398,7 +1458,7 @@ impl Device for Cuda {
             256,
             0,
             Args::new()
-                .push(x.buf.ptr)
+                .push(x.written())
                 .push(e.buf.ptr)
                 .push(b.t as i32)
                 .push(copies as i32)
@@ -1407,7 +1467,29 @@ impl Device for Cuda {
     }
 
     fn swiglu(&self, gate: &Tensor, up: &Tensor, limit: f32) -> Result<Tensor> {
-        let y = self.tensor(gate.rows, gate.cols)?;
+        let mut y = self.tensor(gate.rows, gate.cols)?;
+        // As rms_norm: widths the tensor-core linears take come with their quantized form.
+        if self.tensor_cores && y.cols.is_multiple_of(128) && y.len() > 0 {
+            let c = self.quant_buffers(y.len())?;
+            let nb = y.len() / 128;
+            self.launch(
+                "swiglu_quant",
+                blocks_1d(nb, 8),
+                256,
+                0,
+                Args::new()
+                    .push(gate.buf.ptr)
+                    .push(up.buf.ptr)
+                    .push(y.buf.ptr)
+                    .push(nb as i64)
+                    .push(limit)
+                    .push(c.q.ptr)
+                    .push(c.q_perm.ptr)
+                    .push(c.s.ptr),
+            )?;
+            y.quant = Some(Box::new(c));
+            return Ok(y);
+        }
         self.launch(
             "swiglu",
             blocks_1d(y.len(), 256),
@@ -1465,7 +1547,7 @@ impl Device for Cuda {
         self.launch(
             "hc_mix",
             (t as u32, 1, 1),
-            row_threads(m * d),
+            HC_THREADS,
             0,
             Args::new()
                 .push(mix.buf.ptr)
@@ -1487,13 +1569,19 @@ impl Device for Cuda {
     fn hc_post(&self, hc: &HyperConn<Self>, x: &mut Tensor, a: &Tensor, mix: &Mix) -> Result<()> {
         let (m, d) = (hc.dims.m, hc.dims.d);
         let t = x.len() / (m * d);
+        // hc_post takes four dims a thread for V4's four copies.
+        let threads = if m == 4 && d % 4 == 0 {
+            t * d / 4
+        } else {
+            t * d
+        };
         self.launch(
             "hc_post",
-            blocks_1d(t * d, 256),
+            blocks_1d(threads, 256),
             256,
             0,
             Args::new()
-                .push(x.buf.ptr)
+                .push(x.written())
                 .push(a.buf.ptr)
                 .push(mix.post.buf.ptr)
                 .push(mix.comb.buf.ptr)
@@ -1512,7 +1600,7 @@ impl Device for Cuda {
         self.launch(
             "hc_head",
             (t as u32, 1, 1),
-            row_threads(m * d),
+            HC_THREADS,
             0,
             Args::new()
                 .push(mix.buf.ptr)
@@ -1895,7 +1983,7 @@ impl Device for Cuda {
             // either way.
             let tiled = p >= 32 * segs as usize;
             let perm = set.fmt == Format::F4;
-            let (xq, xs) = self.quantize(y, perm)?;
+            let yq = self.quantize(y, perm)?;
             let mut a = args::MmaExperts {
                 w1: tab(0),
                 s1: tab(1),
@@ -1908,8 +1996,8 @@ impl Device for Cuda {
                 seg_cnt: at(2 * e),
                 nseg: at(3 * e),
                 order: at(3 * e + 1),
-                xq: xq.ptr,
-                xs: xs.ptr,
+                xq: yq.q,
+                xs: yq.s,
                 weights: route.weights.ptr,
                 out: h.buf.ptr,
                 d: d as i32,
@@ -1952,9 +2040,9 @@ impl Device for Cuda {
                 }
             };
             launch(true, &a, f)?;
-            let (hq, hs) = self.quantize(&h, perm)?;
-            a.xq = hq.ptr;
-            a.xs = hs.ptr;
+            let hq = self.quantize(&h, perm)?;
+            a.xq = hq.q;
+            a.xs = hq.s;
             a.out = pairs.buf.ptr;
             a.ks = mma_split(d, f) as i32;
             launch(false, &a, d)?;

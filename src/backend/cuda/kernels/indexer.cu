@@ -25,7 +25,7 @@ struct ScoreArgs {
 // into f16s, times 2^-14; query values divided by a power of two of their block), and the two
 // scales then multiply that partial into the head's f32 total. mma.m16n8k16: A = 16 entries'
 // key codes, B = 8 heads' query codes, C = entries x heads. A lane (g, t) feeds, of each block,
-// the 8 dims at 8t (4 bytes of a row; pairs 0 4, 1 5, 2 6, 3 7 as e2m1_pair decodes them) and
+// the 8 dims at 8t (4 bytes of a row, in the pairs `a_frags_f4` decodes them in) and
 // the queries are staged in that order. Each warp scores 32 entries (two m-tiles) a pass,
 // against every head; a block of 4 warps covers `per_block` entries of one token.
 extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
@@ -65,7 +65,7 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
             int grp = j >> 3, e = j & 7;
             u16 c;
             asm("cvt.rn.f16.f32 %0, %1;" : "=h"(c) : "f"(v[j] / sc));
-            o[8 * grp + (e < 4 ? 2 * e : 2 * e - 7)] = c;
+            o[8 * grp + f4_slot(e)] = c;
         }
     }
     for (int i = threadIdx.x; i < H; i += blockDim.x) wh[i] = i < a.H ? a.w[(long)t * a.H + i] : 0.0f;
@@ -106,10 +106,7 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
             for (int b = 0; b < IKB_MAX; b++) {
                 if (b >= KB) break;
                 u32 x = *(const u32*)(ra + 16 * b + 4 * tq), y = *(const u32*)(rc + 16 * b + 4 * tq);
-                A[m][b][0] = e2m1_pair<0>(x); A[m][b][1] = e2m1_pair<0>(y);
-                A[m][b][2] = e2m1_pair<1>(x); A[m][b][3] = e2m1_pair<1>(y);
-                A[m][b][4] = e2m1_pair<2>(x); A[m][b][5] = e2m1_pair<2>(y);
-                A[m][b][6] = e2m1_pair<3>(x); A[m][b][7] = e2m1_pair<3>(y);
+                a_frags_f4(x, y, A[m][b], A[m][b] + 4);
                 sk[m][0][b] = e8m0(ra[a.row.s_off + b]);
                 sk[m][1][b] = e8m0(rc[a.row.s_off + b]);
             }

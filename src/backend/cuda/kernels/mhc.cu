@@ -4,11 +4,19 @@
 #define HC_MAX 8
 
 // The sum of squares of a token's M*D stream values, over the block (loads issued four at a
-// time, so a thread waits for memory once per four).
+// time, so a thread waits for memory once per four; float4 loads where n % 4 == 0).
 __device__ float stream_ss(const float* xs, int n, float* sh) {
     float ss = 0.0f;
+    if (n % 4 == 0) {
 #pragma unroll 4
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xs[i] * xs[i];
+        for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
+            float4 v = ((const float4*)xs)[i];
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+    } else {
+#pragma unroll 4
+        for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xs[i] * xs[i];
+    }
     return block_sum(ss, sh);
 }
 
@@ -70,6 +78,47 @@ __device__ void sinkhorn_serial(const float* m, float r, const float* scale, con
     for (int k = 0; k < M * M; k++) comb[k] = c[k];
 }
 
+// y = sum_j pre_j X_j over a token's M streams of D values, by threads `i` of `nt`. Four
+// values a thread and stream, every load of a round issued before the sums (y aliases nothing,
+// but the compiler cannot know it); other widths and copies value by value.
+template <int M>
+__device__ void reduce_streams_m(const float* xs, const float* pre, float* y, int D, int i, int nt) {
+    const int U = 4;
+    int D4 = D >> 2;
+    const float4* x4 = (const float4*)xs;
+    float4* y4 = (float4*)y;
+    for (int d0 = i; d0 < D4; d0 += U * nt) {
+        float4 v[U][M];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int j = 0; j < M; j++)
+                v[u][j] = d0 + u * nt < D4 ? x4[j * D4 + d0 + u * nt] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (d0 + u * nt >= D4) break;
+            float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+            for (int j = 0; j < M; j++) {
+                o.x += pre[j] * v[u][j].x;
+                o.y += pre[j] * v[u][j].y;
+                o.z += pre[j] * v[u][j].z;
+                o.w += pre[j] * v[u][j].w;
+            }
+            y4[d0 + u * nt] = o;
+        }
+    }
+}
+
+__device__ void reduce_streams(const float* xs, const float* pre, float* y, int M, int D, int i, int nt) {
+    if (M == 4 && D % 4 == 0) return reduce_streams_m<4>(xs, pre, y, D, i, nt);
+    for (int d = i; d < D; d += nt) {
+        float v = 0.0f;
+        for (int j = 0; j < M; j++) v += pre[j] * xs[j * D + d];
+        y[d] = v;
+    }
+}
+
 // One block a token: y = sum_j pre_j X_j; post and comb for hc_post.
 extern "C" __global__ void hc_mix(const float* mix, const float* x, const float* base,
                                   const float* scale, float* y, float* post, float* comb, int M,
@@ -92,19 +141,46 @@ extern "C" __global__ void hc_mix(const float* mix, const float* x, const float*
         sinkhorn_serial(m, r, scale, base, comb + (long)t * M * M, M, iters, hc_eps);
     }
     __syncthreads();
-#pragma unroll 4
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < M; j++) acc += pre[j] * xs[j * D + d];
-        y[(long)t * D + d] = acc;
+    reduce_streams(xs, pre, y + (long)t * D, M, D, threadIdx.x, blockDim.x);
+}
+
+// X'_k = post_k a + sum_j comb[j][k] X_j, in place: one thread a token and dim, or, for four
+// copies and D % 4 == 0 (the host launches a quarter of the threads then), four dims.
+template <int M>
+__device__ void hc_post_m(float* x, const float* a, const float* post, const float* comb, long i, int D) {
+    int D4 = D >> 2;
+    long t = i / D4;
+    int d = i % D4;
+    float4* xs = (float4*)(x + t * M * D);
+    float4 v[M];
+#pragma unroll
+    for (int j = 0; j < M; j++) v[j] = xs[j * D4 + d];
+    const float* c = comb + t * M * M;
+    float4 av = ((const float4*)a)[i];
+#pragma unroll
+    for (int k = 0; k < M; k++) {
+        float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int j = 0; j < M; j++) {
+            float cj = c[j * M + k];
+            s.x += cj * v[j].x;
+            s.y += cj * v[j].y;
+            s.z += cj * v[j].z;
+            s.w += cj * v[j].w;
+        }
+        float p = post[t * M + k];
+        xs[k * D4 + d] = make_float4(p * av.x + s.x, p * av.y + s.y, p * av.z + s.z, p * av.w + s.w);
     }
 }
 
-// X'_k = post_k a + sum_j comb[j][k] X_j, in place (one thread a token and dim).
 extern "C" __global__ void hc_post(float* x, const float* a, const float* post, const float* comb,
                                    int T, int M, int D) {
     pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (M == 4 && D % 4 == 0) {
+        if (i < (long)T * (D >> 2)) hc_post_m<4>(x, a, post, comb, i, D);
+        return;
+    }
     if (i >= (long)T * D) return;
     long t = i / D;
     int d = i % D;
@@ -132,12 +208,7 @@ extern "C" __global__ void hc_head(const float* mix, const float* x, const float
     if ((int)threadIdx.x < M)
         pre[threadIdx.x] = sigmoidf(mix[(long)t * M + threadIdx.x] * r * scale + base[threadIdx.x]) + hc_eps;
     __syncthreads();
-#pragma unroll 4
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < M; j++) acc += pre[j] * xs[j * D + d];
-        y[(long)t * D + d] = acc;
-    }
+    reduce_streams(xs, pre, y + (long)t * D, M, D, threadIdx.x, blockDim.x);
 }
 
 struct HcPreArgs {
@@ -171,23 +242,23 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
     int K = M * D, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float* xs = a.x + (long)t * K;
     int k = s * 1024 + 4 * threadIdx.x;
-    float4 xv = k < K ? *(const float4*)(xs + k) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    float acc[n + 1];
+    // Every row's four weights in flight at once, before the kernel waits for its input.
+    float4 w[n];
 #pragma unroll
-    for (int j = 0; j < n; j++) acc[j] = 0.0f;
-    if (k < K) {
-        // Every row's four weights in flight at once.
-        float4 w[n];
-#pragma unroll
-        for (int j = 0; j < n; j++) {
+    for (int j = 0; j < n; j++) {
+        w[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (k < K) {
             const float* p = a.fn + (long)j * K + k;
             asm volatile("ld.global.nc.v4.f32 {%0,%1,%2,%3}, [%4];"
                          : "=f"(w[j].x), "=f"(w[j].y), "=f"(w[j].z), "=f"(w[j].w)
                          : "l"(p));
         }
-#pragma unroll
-        for (int j = 0; j < n; j++) acc[j] = w[j].x * xv.x + w[j].y * xv.y + w[j].z * xv.z + w[j].w * xv.w;
     }
+    pdl_wait();
+    float4 xv = k < K ? *(const float4*)(xs + k) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float acc[n + 1];
+#pragma unroll
+    for (int j = 0; j < n; j++) acc[j] = w[j].x * xv.x + w[j].y * xv.y + w[j].z * xv.z + w[j].w * xv.w;
     acc[n] = xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
 #pragma unroll
     for (int j = 0; j <= n; j++) {
@@ -227,14 +298,9 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
         if (M * M <= 32) sinkhorn_lanes(mix, r, a.scale, a.base, a.comb + (long)t * M * M, M, a.iters, a.hc_eps);
         else if (lane == 0) sinkhorn_serial(mix, r, a.scale, a.base, a.comb + (long)t * M * M, M, a.iters, a.hc_eps);
     } else {
-        for (int d = threadIdx.x - 32; d < D; d += blockDim.x - 32) {
-            float v = 0.0f;
-            for (int j = 0; j < M; j++) v += pre[j] * xs[j * D + d];
-            a.y[(long)t * D + d] = v;
-        }
+        reduce_streams(xs, pre, a.y + (long)t * D, M, D, threadIdx.x - 32, blockDim.x - 32);
     }
     if (threadIdx.x == 0) a.done[t] = 0;
 }
 
-extern "C" __global__ void __launch_bounds__(256) hc_pre_m4(HcPreArgs a) {
-    pdl_wait(); hc_pre_m<4>(a); }
+extern "C" __global__ void __launch_bounds__(256) hc_pre_m4(HcPreArgs a) { hc_pre_m<4>(a); }

@@ -14,27 +14,79 @@
 // 2t and 2t+1. Within an MMA the k order is free, so each lane feeds the k's its own loads
 // hold, and the activation's k's are placed to match.
 
+// Where code e of a group of 8 goes in the activations of FP4 products: the order 0 2 1 3 4 6 5
+// 7, the pairs `a_frags_f4` decodes weights in.
+__device__ __forceinline__ int f4_slot(int e) { return (e & 4) | ((e & 1) << 1) | ((e >> 1) & 1); }
+
+// One lane's share of quant_act: values 4 lane .. 4 lane + 3 of a block of 128, whose warp
+// holds the block; codes to `o` (the block's 128, in `f4_slot` order with `perm`), the scale
+// returned.
+__device__ __forceinline__ float quant_block(float4 v, u16* o, bool perm, u16* o_perm = 0) {
+    int lane = threadIdx.x & 31;
+    float am = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    float sc = fp8_scale(warp_max(am));
+    // A power of two's reciprocal is exact: c * inv has c / sc's bits.
+    float inv = 1.0f / sc;
+    float c[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float code = round_e4m3(fminf(fmaxf(c[i] * inv, -FP8_MAX), FP8_MAX));
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(code));
+        int e = 4 * (lane & 1) + i, g = 8 * (lane >> 1);
+        o[g + (perm ? f4_slot(e) : e)] = h;
+        if (o_perm) o_perm[g + f4_slot(e)] = h;
+    }
+    return sc;
+}
+
 // Activations as the MMA kernels take them: the e4m3 codes of each block of 128 as f16, and
-// the block's scale. With `perm`, each group of 8 codes is stored in the order 0 4 1 5 2 6 3 7,
-// the pairing the FP4 kernels decode weights in. One warp a block.
+// the block's scale. With `perm`, each group of 8 codes is stored in `f4_slot` order. One warp a
+// block.
 extern "C" __global__ void quant_act(const float* x, u16* q, float* s, int nblocks, int perm) {
     pdl_wait();
     int b = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (b >= nblocks) return;
-    float4 v = ((const float4*)(x + (long)b * 128))[lane];
-    float am = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-    float sc = fp8_scale(warp_max(am));
-    float c[4] = {v.x, v.y, v.z, v.w};
-    u16* o = q + (long)b * 128 + 8 * (lane >> 1);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float code = round_e4m3(fminf(fmaxf(c[i] / sc, -FP8_MAX), FP8_MAX));
-        u16 h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(code));
-        int e = 4 * (lane & 1) + i;
-        o[perm ? (e < 4 ? 2 * e : 2 * e - 7) : e] = h;
-    }
+    float sc = quant_block(((const float4*)(x + (long)b * 128))[lane], q + (long)b * 128, perm);
     if (lane == 0) s[b] = sc;
+}
+
+// rms_norm (ops.cu) of rows with d % 128 == 0 that also writes quant_act's output of the
+// normed row, in both orders (`q` and `qp`): its linears then need no launch of their own.
+// With blockDim a multiple of 32, a warp's 32 float4 of one u are one block of 128.
+extern "C" __global__ void rms_norm_quant(float* x, const float* __restrict__ w, int d, float eps,
+                                          u16* q, u16* qp, float* s) {
+    __shared__ float sh[32];
+    float* r = x + (long)blockIdx.x * d;
+    float4 g[NORM_VEC], v[NORM_VEC];
+    norm_weights(w, d, g);
+    pdl_wait();
+    norm_vec(r, g, d, eps, v, sh);
+#pragma unroll
+    for (int u = 0; u < NORM_VEC; u++) {
+        int i = threadIdx.x + u * blockDim.x;
+        if (i >= (d >> 2)) break;
+        ((float4*)r)[i] = v[u];
+        long b = ((long)blockIdx.x * d >> 7) + (i >> 5);
+        float sc = quant_block(v[u], q + 128 * b, false, qp + 128 * b);
+        if ((threadIdx.x & 31) == 0) s[b] = sc;
+    }
+}
+
+// swiglu (ops.cu) of a tensor whose width is a multiple of 128, with quant_act's output of the
+// result in both orders, as rms_norm_quant. One warp a block of 128.
+extern "C" __global__ void swiglu_quant(const float* g, const float* u, float* out, long nblocks,
+                                        float limit, u16* q, u16* qp, float* s) {
+    pdl_wait();
+    long b = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (b >= nblocks) return;
+    long i = 32 * b + (threadIdx.x & 31);
+    float4 gv = ((const float4*)g)[i], uv = ((const float4*)u)[i];
+    float4 y = make_float4(swiglu1(gv.x, uv.x, limit), swiglu1(gv.y, uv.y, limit),
+                           swiglu1(gv.z, uv.z, limit), swiglu1(gv.w, uv.w, limit));
+    ((float4*)out)[i] = y;
+    float sc = quant_block(y, q + 128 * b, false, qp + 128 * b);
+    if ((threadIdx.x & 31) == 0) s[b] = sc;
 }
 
 // Activations as the exact FP8 kernels take them (weights against unrounded values, as `wo_a`):
@@ -103,12 +155,34 @@ __device__ __forceinline__ void e4m3x4_bf16(u32 w, u32& lo, u32& hi) {
     hi = __byte_perm(f2, f3, 0x7632);
 }
 
-// e2m1 nibbles i and i+4 of `w` as an f16x2 holding each value times 2^-14 (low half nibble i):
-// the nibble's exponent and mantissa bits land on the f16's, its sign on the sign.
-template <int I>
-__device__ __forceinline__ u32 e2m1_pair(u32 w) {
-    u32 u = w >> (4 * I);
-    return ((u << 9) & 0x0e000e00u) | ((u << 12) & 0x80008000u);
+// The A fragments of a scale block's two MMAs (32 k) from a lane's 4 bytes of rows g (`x`) and
+// g + 8 (`y`), 8 e2m1 codes each. A code becomes an f16's high byte, its sign on bit 15 and its
+// exponent and mantissa on bits 11..9 (the value times 2^-14): the even and the odd codes are
+// first moved into one byte each, then two bytes at a time into place. MMA 0 takes codes
+// (0, 2) and (1, 3), MMA 1 (4, 6) and (5, 7): quant_act's `perm` order.
+__device__ __forceinline__ void e2m1x8(u32 w, u32* p) {
+    u32 ev = ((w << 1) & 0x0e0e0e0eu) | ((w << 4) & 0x80808080u);  // codes 0 2 4 6
+    u32 od = ((w >> 3) & 0x0e0e0e0eu) | (w & 0x80808080u);         // codes 1 3 5 7
+    p[0] = __byte_perm(ev, 0, 0x1404);
+    p[1] = __byte_perm(od, 0, 0x1404);
+    p[2] = __byte_perm(ev, 0, 0x3424);
+    p[3] = __byte_perm(od, 0, 0x3424);
+}
+
+__device__ __forceinline__ void a_frags_f4(u32 x, u32 y, u32* A0, u32* A1) {
+    u32 px[4], py[4];
+    e2m1x8(x, px);
+    e2m1x8(y, py);
+    A0[0] = px[0]; A0[1] = py[0]; A0[2] = px[1]; A0[3] = py[1];
+    A1[0] = px[2]; A1[1] = py[2]; A1[2] = px[3]; A1[3] = py[3];
+}
+
+// Scale byte `b` of `w` (UE8M0) times 2^14, the e2m1 codes' offset: e8m0() * 2^14 with the
+// exponent added in the bits (2^-127 is then normal; from 2^114 on it is infinite; 255 is NaN).
+__device__ __forceinline__ float f4_scale(u32 w, int b) {
+    u32 e = __byte_perm(w, 0, 0x4440 + b);
+    u32 bits = ((e < 241u ? e : 241u) + 14) << 23;
+    return __int_as_float(e == 255 ? 0x7fc00000u : bits);
 }
 
 // The A fragments of four MMAs from a lane's 16 FP8 bytes of rows g (`wa`) and g + 8 (`wb`):
@@ -258,7 +332,7 @@ __device__ void mma_core_f8(const u8* __restrict__ W, const u8* __restrict__ S, 
 
 // The same for FP4 weights (1 x 32 scales, packed low nibble first): per 128 k each lane loads
 // 4 bytes of rows g and g+8 in each of the four scale blocks, whose two MMAs sum before the
-// row's scale applies; the activation comes in the 0 4 1 5 2 6 3 7 order (quant_act's `perm`).
+// row's scale applies; the activation comes in quant_act's `perm` order.
 template <int RT>
 __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, int N, int K,
                             int n0, const u16* __restrict__ xq, const float* __restrict__ xs,
@@ -300,11 +374,9 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
 #pragma unroll
         for (int b = 0; b < 4; b++) {
             u32 x = cur[b], y = cur[4 + b];
-            u32 A0[4] = {e2m1_pair<0>(x), e2m1_pair<0>(y), e2m1_pair<1>(x), e2m1_pair<1>(y)};
-            u32 A1[4] = {e2m1_pair<2>(x), e2m1_pair<2>(y), e2m1_pair<3>(x), e2m1_pair<3>(y)};
-            // The rows' scales of this block, times 2^14 for the codes' offset.
-            float fa = e8m0((cur[8] >> (8 * b)) & 0xff) * 16384.0f;
-            float fb = e8m0((cur[9] >> (8 * b)) & 0xff) * 16384.0f;
+            u32 A0[4], A1[4];
+            a_frags_f4(x, y, A0, A1);
+            float fa = f4_scale(cur[8], b), fb = f4_scale(cur[9], b);
 #pragma unroll
             for (int j = 0; j < RT; j++) {
                 uint4 xv = make_uint4(0, 0, 0, 0);
@@ -328,18 +400,25 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return a;
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+// The copies take a shared-memory address (`smem_addr`), so that loops compute it once.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 #endif
 }
 
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 4 : 0));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
 #endif
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    cp_async16(smem_addr(dst), src, valid);
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    cp_async4(smem_addr(dst), src, valid);
 }
 
 __device__ __forceinline__ void cp_commit() {
@@ -372,30 +451,29 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
                                    const float* __restrict__ xs, const LaneRows<1>& rows, int kb,
                                    int ke, float (*tot)[4], float (*tot2)[4], u8* ring) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    long half = K >> 1, kq = K >> 5;
+    int half = K >> 1, kq = K >> 5;
     const int NW = DUAL ? 2 : 1, STRIDE = F4S_STEP * NW;
-    auto issue = [&](int k, u8* st) {
+    // What a lane copies a step, of each weight: 16 bytes of rows g and g + 8 (offsets within
+    // the matrix, which for one expert stays below 4 GiB) and, lanes 0-15, row `lane`'s scale
+    // byte word. Rows past N are clamped (the copy then reads nothing: size 0).
+    bool va = n0 + g < N, vb = n0 + g + 8 < N, sv = n0 + lane < N;
+    u32 wo = (u32)(va ? n0 + g : N - 1) * (u32)half + 16 * t, wob = vb ? 8 * half : 0;
+    u32 so = (u32)(sv ? n0 + lane : N - 1) * (u32)kq;
+    u32 base = smem_addr(ring), wd = base + g * F4S_ROW + 16 * t, sd = base + 16 * F4S_ROW + 4 * lane;
+    auto issue = [&](int k, int stage) {
+        u32 at = stage * STRIDE;
 #pragma unroll
         for (int w = 0; w < NW; w++) {
-            const u8* wm = w ? W2 : W;
-            const u8* sm = w ? S2 : S;
-            u8* d = st + w * F4S_STEP;
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                int p = lane + 32 * u, row = p >> 2, c = p & 3;
-                bool v = n0 + row < N;
-                cp_async16(d + row * F4S_ROW + 16 * c, v ? wm + (long)(n0 + row) * half + (k >> 1) + 16 * c : wm, v);
-            }
-            if (lane < 16) {
-                bool v = n0 + lane < N;
-                cp_async4(d + 16 * F4S_ROW + 4 * lane, v ? sm + (long)(n0 + lane) * kq + (k >> 5) : sm, v);
-            }
+            const u8* wm = (w ? W2 : W) + (k >> 1) + wo;
+            cp_async16(wd + at + w * F4S_STEP, wm, va);
+            cp_async16(wd + at + w * F4S_STEP + 8 * F4S_ROW, wm + wob, vb);
+            if (lane < 16) cp_async4(sd + at + w * F4S_STEP, (w ? S2 : S) + (k >> 5) + so, sv);
         }
     };
     int steps = (ke - kb) >> 7;
 #pragma unroll
     for (int s = 0; s < F4S_STAGES - 1; s++) {
-        if (s < steps) issue(kb + 128 * s, ring + s * STRIDE);
+        if (s < steps) issue(kb + 128 * s, s);
         cp_commit();
     }
     pdl_wait();
@@ -403,7 +481,7 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
         cp_wait<F4S_STAGES - 2>();
         __syncwarp();
         int nx = i + F4S_STAGES - 1;
-        if (nx < steps) issue(kb + 128 * nx, ring + (nx % F4S_STAGES) * STRIDE);
+        if (nx < steps) issue(kb + 128 * nx, nx % F4S_STAGES);
         cp_commit();
         const u8* st = ring + (i % F4S_STAGES) * STRIDE;
         int k = kb + 128 * i;
@@ -424,10 +502,9 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
                 float(*acc)[4] = w ? tot2 : tot;
                 u32 x = *(const u32*)(d + g * F4S_ROW + 16 * b + 4 * t);
                 u32 y = *(const u32*)(d + (g + 8) * F4S_ROW + 16 * b + 4 * t);
-                u32 A0[4] = {e2m1_pair<0>(x), e2m1_pair<0>(y), e2m1_pair<1>(x), e2m1_pair<1>(y)};
-                u32 A1[4] = {e2m1_pair<2>(x), e2m1_pair<2>(y), e2m1_pair<3>(x), e2m1_pair<3>(y)};
-                float fa = e8m0((sa[w] >> (8 * b)) & 0xff) * 16384.0f;
-                float fb = e8m0((sb[w] >> (8 * b)) & 0xff) * 16384.0f;
+                u32 A0[4], A1[4];
+                a_frags_f4(x, y, A0, A1);
+                float fa = f4_scale(sa[w], b), fb = f4_scale(sb[w], b);
                 float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 mma16816(c, A0[0], A0[1], A0[2], A0[3], xv.x, xv.y);
                 mma16816(c, A1[0], A1[1], A1[2], A1[3], xv.z, xv.w);

@@ -1,10 +1,56 @@
 // Norms, rotations, element-wise operations and the embedding.
 
-// x = w * (x * rsqrt(mean(x^2) + eps)) on each row of width d (one block a row).
-extern "C" __global__ void rms_norm(float* x, const float* w, int d, float eps) {
-    pdl_wait();
+// x = w * (x * rsqrt(mean(x^2) + eps)) on each row of width d (one block a row). A thread
+// holds up to NORM_VEC float4 of the row in registers between the sum and the scaling (rows
+// with d % 4 != 0 or wider than 4 * NORM_VEC * blockDim take the scalar loops).
+#define NORM_VEC 4
+
+__device__ __forceinline__ bool norm_vec_fits(int d) { return (d & 3) == 0 && (d >> 2) <= NORM_VEC * (int)blockDim.x; }
+
+// The vector path: the weights' float4 i = threadIdx.x + u * blockDim.x, loaded before the
+// kernel waits for its input (no kernel writes weights).
+__device__ __forceinline__ void norm_weights(const float* __restrict__ w, int d, float4* g) {
+#pragma unroll
+    for (int u = 0; u < NORM_VEC; u++) {
+        int i = threadIdx.x + u * blockDim.x;
+        g[u] = i < (d >> 2) ? ((const float4*)w)[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
+// Then the row's float4 i in v[u] (zero past the row), normed in place.
+__device__ void norm_vec(const float* r, const float4* g, int d, float eps, float4* v, float* sh) {
+    int n4 = d >> 2;
+    float ss = 0.0f;
+#pragma unroll
+    for (int u = 0; u < NORM_VEC; u++) {
+        int i = threadIdx.x + u * blockDim.x;
+        v[u] = i < n4 ? ((const float4*)r)[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+    }
+    ss = block_sum(ss, sh);
+    float inv = 1.0f / sqrtf(ss / (float)d + eps);
+#pragma unroll
+    for (int u = 0; u < NORM_VEC; u++)
+        v[u] = make_float4(g[u].x * (v[u].x * inv), g[u].y * (v[u].y * inv), g[u].z * (v[u].z * inv),
+                           g[u].w * (v[u].w * inv));
+}
+
+extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int d, float eps) {
     __shared__ float sh[32];
     float* r = x + (long)blockIdx.x * d;
+    if (norm_vec_fits(d)) {
+        float4 g[NORM_VEC], v[NORM_VEC];
+        norm_weights(w, d, g);
+        pdl_wait();
+        norm_vec(r, g, d, eps, v, sh);
+#pragma unroll
+        for (int u = 0; u < NORM_VEC; u++) {
+            int i = threadIdx.x + u * blockDim.x;
+            if (i < (d >> 2)) ((float4*)r)[i] = v[u];
+        }
+        return;
+    }
+    pdl_wait();
     float ss = 0.0f;
 #pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];

@@ -74,11 +74,12 @@ __device__ float block_max(float v, float* sh) {
 // 2^e for e in the normal range.
 __device__ __forceinline__ float pow2i(int e) { return __int_as_float((e + 127) << 23); }
 
-// A UE8M0 scale byte.
+// A UE8M0 scale byte (selects, not branches: it sits in the linears' inner loops).
 __device__ __forceinline__ float e8m0(u32 u) {
-    if (u == 0) return __int_as_float(0x00400000);  // 2^-127
-    if (u == 255) return __int_as_float(0x7fc00000);
-    return __int_as_float(u << 23);
+    u32 b = u << 23;
+    b = u == 0 ? 0x00400000u : b;  // 2^-127
+    b = u == 255 ? 0x7fc00000u : b;
+    return __int_as_float(b);
 }
 
 // An e4m3 byte (the NaN codes 0x7f/0xff excepted): its bits moved into an f32's exponent and
@@ -104,13 +105,14 @@ __device__ __forceinline__ float pow2_ceil(float x) {
     return pow2i(e);
 }
 
-// Nearest e4m3 value, ties to even; x within [-448, 448].
+// Nearest e4m3 value, ties to even; x within [-448, 448]. (x / q as x times 2^-e': the same
+// bits, a power of two's reciprocal being exact, without a division.)
 __device__ __forceinline__ float round_e4m3(float x) {
     float a = fabsf(x);
     if (a == 0.0f) return x;
     int e = exponent_of(a);
-    float q = pow2i((e < -6 ? -6 : e) - 3);
-    return rintf(x / q) * q;
+    e = (e < -6 ? -6 : e) - 3;
+    return rintf(x * pow2i(-e)) * pow2i(e);
 }
 
 // Nearest e2m1 value, ties to even; x within [-6, 6].
@@ -118,8 +120,8 @@ __device__ __forceinline__ float round_e2m1(float x) {
     float a = fabsf(x);
     if (a == 0.0f) return x;
     int e = exponent_of(a);
-    float q = pow2i((e < 0 ? 0 : e) - 1);
-    return rintf(x / q) * q;
+    e = (e < 0 ? 0 : e) - 1;
+    return rintf(x * pow2i(-e)) * pow2i(e);
 }
 
 // The e4m3 byte of an exactly representable value (the output of round_e4m3).

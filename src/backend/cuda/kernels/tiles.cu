@@ -148,10 +148,10 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
                     int ra = wr0 + 16 * m + g, rb = ra + 8;
                     u32 x = lds32(st + ra * 64 + 16 * swz_w4(ra, b) + 4 * t);
                     u32 y = lds32(st + rb * 64 + 16 * swz_w4(rb, b) + 4 * t);
-                    u32 A0[4] = {e2m1_pair<0>(x), e2m1_pair<0>(y), e2m1_pair<1>(x), e2m1_pair<1>(y)};
-                    u32 A1[4] = {e2m1_pair<2>(x), e2m1_pair<2>(y), e2m1_pair<3>(x), e2m1_pair<3>(y)};
-                    float fa = e8m0((lds32(st + T::W_BYTES + 4 * ra) >> (8 * b)) & 0xff) * 16384.0f;
-                    float fb = e8m0((lds32(st + T::W_BYTES + 4 * rb) >> (8 * b)) & 0xff) * 16384.0f;
+                    u32 A0[4], A1[4];
+                    a_frags_f4(x, y, A0, A1);
+                    float fa = f4_scale(lds32(st + T::W_BYTES + 4 * ra), b);
+                    float fb = f4_scale(lds32(st + T::W_BYTES + 4 * rb), b);
 #pragma unroll
                     for (int j = 0; j < NT; j++) {
                         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
