@@ -70,7 +70,6 @@ pub const NAMES: &[&str] = &[
     "experts_down_f32",
     "moe_combine",
     "quant_act",
-    "rms_norm_quant",
     "swiglu_quant",
     "mma_linear_f8_r1",
     "mma_linear_f8_r2",

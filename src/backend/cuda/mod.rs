@@ -1321,19 +1321,31 @@ impl Device for Cuda {
         let rows = x.len() / w.len.max(1);
         // Four float4 a thread (ops.cu's NORM_VEC).
         let threads = row_threads(w.len.div_ceil(4));
-        let mut args = Args::new();
-        args.push(x.written())
-            .push(w.buf.ptr)
-            .push(w.len as i32)
-            .push(eps);
         // Rows the tensor-core linears can take get their quantized form from the same launch.
-        if !(self.tensor_cores && w.len.is_multiple_of(128) && w.len <= 16 * 1024 && rows > 0) {
-            return self.launch("rms_norm", (rows as u32, 1, 1), threads, 0, &mut args);
-        }
-        let c = self.quant_buffers(x.len())?;
-        args.push(c.q.ptr).push(c.q_perm.ptr).push(c.s.ptr);
-        self.launch("rms_norm_quant", (rows as u32, 1, 1), threads, 0, &mut args)?;
-        x.quant = Some(Box::new(c));
+        let quant =
+            if self.tensor_cores && w.len.is_multiple_of(128) && w.len <= 16 * 1024 && rows > 0 {
+                Some(Box::new(self.quant_buffers(x.len())?))
+            } else {
+                None
+            };
+        let (q, q_perm, s) = quant
+            .as_ref()
+            .map_or((0, 0, 0), |c| (c.q.ptr, c.q_perm.ptr, c.s.ptr));
+        self.launch(
+            "rms_norm",
+            (rows as u32, 1, 1),
+            threads,
+            0,
+            Args::new()
+                .push(x.written())
+                .push(w.buf.ptr)
+                .push(w.len as i32)
+                .push(eps)
+                .push(q)
+                .push(q_perm)
+                .push(s),
+        )?;
+        x.quant = quant;
         Ok(())
     }
 

@@ -35,7 +35,37 @@ __device__ void norm_vec(const float* r, const float4* g, int d, float eps, floa
                            g[u].w * (v[u].w * inv));
 }
 
-extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int d, float eps) {
+// Where code e of a group of 8 goes in the activations of FP4 products: the order 0 2 1 3 4 6 5
+// 7, the pairs `a_frags_f4` decodes weights in.
+__device__ __forceinline__ int f4_slot(int e) { return (e & 4) | ((e & 1) << 1) | ((e >> 1) & 1); }
+
+// One lane's share of quant_act: values 4 lane .. 4 lane + 3 of a block of 128, whose warp
+// holds the block; codes to `o` (the block's 128, in `f4_slot` order with `perm`), the scale
+// returned.
+__device__ __forceinline__ float quant_block(float4 v, u16* o, bool perm, u16* o_perm = 0) {
+    int lane = threadIdx.x & 31;
+    float am = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    float sc = fp8_scale(warp_max(am));
+    // A power of two's reciprocal is exact: c * inv has c / sc's bits.
+    float inv = 1.0f / sc;
+    float c[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float code = round_e4m3(fminf(fmaxf(c[i] * inv, -FP8_MAX), FP8_MAX));
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(code));
+        int e = 4 * (lane & 1) + i, g = 8 * (lane >> 1);
+        o[g + (perm ? f4_slot(e) : e)] = h;
+        if (o_perm) o_perm[g + f4_slot(e)] = h;
+    }
+    return sc;
+}
+
+// With `q` (rows of d % 128 == 0 on the vector path), also quant_act's output of the normed
+// row, in both orders (`q` and `qp`, scales `s`): its linears then need no launch of their own.
+// With blockDim a multiple of 32, a warp's 32 float4 of one u are one block of 128.
+extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int d, float eps, u16* q,
+                                    u16* qp, float* s) {
     __shared__ float sh[32];
     float* r = x + (long)blockIdx.x * d;
     if (norm_vec_fits(d)) {
@@ -46,7 +76,12 @@ extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int d
 #pragma unroll
         for (int u = 0; u < NORM_VEC; u++) {
             int i = threadIdx.x + u * blockDim.x;
-            if (i < (d >> 2)) ((float4*)r)[i] = v[u];
+            if (i >= (d >> 2)) break;
+            ((float4*)r)[i] = v[u];
+            if (!q) continue;
+            long b = ((long)blockIdx.x * d >> 7) + (i >> 5);
+            float sc = quant_block(v[u], q + 128 * b, false, qp + 128 * b);
+            if ((threadIdx.x & 31) == 0) s[b] = sc;
         }
         return;
     }
