@@ -460,12 +460,12 @@ fn bucket(end: usize) -> usize {
     end.next_multiple_of(1 << g)
 }
 
-/// Threads of a block that reduces a row of `n` values: about four values each (one round of
-/// loads at decode, where a row is all the work there is), 32 to 1,024.
 /// Threads of a token's block in `hc_mix` and `hc_head` (their stream reductions hold 16 float4
 /// a thread in flight, which 1,024 threads' registers would not allow).
 const HC_THREADS: u32 = 512;
 
+/// Threads of a block that reduces a row of `n` values: about four values each (one round of
+/// loads at decode, where a row is all the work there is), 32 to 1,024.
 fn row_threads(n: usize) -> u32 {
     n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
 }
