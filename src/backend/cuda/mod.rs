@@ -122,7 +122,7 @@ struct Quant {
 struct Quantized {
     q: u64,
     s: u64,
-    _own: Vec<Buf>,
+    _own: [Option<Buf>; 2],
 }
 
 impl Tensor {
@@ -633,7 +633,7 @@ impl Cuda {
             return Ok(Quantized {
                 q: q.ptr,
                 s: c.s.ptr,
-                _own: Vec::new(),
+                _own: [None, None],
             });
         }
         if !x.cols.is_multiple_of(128) {
@@ -662,7 +662,7 @@ impl Cuda {
         Ok(Quantized {
             q: q.ptr,
             s: s.ptr,
-            _own: vec![q, s],
+            _own: [Some(q), Some(s)],
         })
     }
 
@@ -726,7 +726,7 @@ impl Cuda {
             Quantized {
                 q: q.ptr,
                 s: 0,
-                _own: vec![q],
+                _own: [Some(q), None],
             }
         } else {
             self.quantize(x, w.fmt == Format::F4)?

@@ -482,6 +482,18 @@ __device__ __forceinline__ void mma_core(const u8* W, const u8* S, int N, int K,
     else mma_core_f4<RT>(W, S, N, K, n0, xq, xs, rows, kb, ke, tot);
 }
 
+// Grid y = 1 of a linear: a second weight of the same input and shape class (W2, its N2 rows
+// to Y2).
+__device__ __forceinline__ void second_weight(const u8*& W, const u8*& S, float*& Y, int& N, int& ldy,
+                                              const u8* W2, const u8* S2, float* Y2, int N2) {
+    if (blockIdx.y != 1) return;
+    W = W2;
+    S = S2;
+    Y = Y2;
+    N = N2;
+    ldy = N2;
+}
+
 // Adds the KS warps' partials of each tile in k order (warp = tile * KS + ks); the first warp
 // of each tile ends with the sums. `part` holds 8 warps x RT x 4 x 32 floats.
 template <int RT>
@@ -512,14 +524,7 @@ template <int FMT, int RT>
 __device__ void mma_linear(const u8* W, const u8* S, const u16* xq, const float* xs, float* Y,
                            int N, int K, int R, int ldq, int ldy, int group_rows, int KS,
                            const u8* W2, const u8* S2, float* Y2, int N2) {
-    // Grid y = 1: a second weight of the same input and shape class (W2, its N2 rows to Y2).
-    if (blockIdx.y == 1) {
-        W = W2;
-        S = S2;
-        Y = Y2;
-        N = N2;
-        ldy = N2;
-    }
+    second_weight(W, S, Y, N, ldy, W2, S2, Y2, N2);
     long pstride = (long)R * ldq;
     __shared__ float part[8 * RT * 4 * 32];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;

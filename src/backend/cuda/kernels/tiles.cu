@@ -258,6 +258,22 @@ __device__ __forceinline__ u32 dynamic_smem() {
     return v;
 }
 
+// The outputs a warp (wn, wm) holds in `run` after tile_product: f(weight row, activation row,
+// index into run), the rows counted from the block's first.
+template <int FMT, int WN, class F>
+__device__ __forceinline__ void tile_outputs(int wn, int wm, F f) {
+    using T = Tile<FMT, WN>;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int m = 0; m < T::MT; m++)
+#pragma unroll
+        for (int j = 0; j < T::NT; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+                f(64 * wn + 16 * m + g + (q >= 2 ? 8 : 0), wm * T::WM + 8 * j + 2 * t + (q & 1),
+                  (((warp * T::MT + m) * T::NT + j) * 4 + q) * 32 + lane);
+}
+
 // Y = X W^T as mma_linear computes it, for R > 64 rows. Grid: x = tiles of BN weight rows, y =
 // the weight (two where a second one shares the input: W2, N2 rows to Y2), z = tiles of BM
 // rows. Groups (wo_a) need group_rows to be a multiple of BN.
@@ -269,13 +285,7 @@ __device__ void tile_linear(const u8* W, const u8* S, const u16* xq, const float
     extern __shared__ __align__(16) u8 smem[];
     if (dynamic_smem() < T::SMEM) __trap();
     pdl_wait();
-    if (blockIdx.y == 1) {
-        W = W2;
-        S = S2;
-        Y = Y2;
-        N = N2;
-        ldy = N2;
-    }
+    second_weight(W, S, Y, N, ldy, W2, S2, Y2, N2);
     int n0 = blockIdx.x * T::BN, r0 = blockIdx.z * T::BM;
     if (n0 >= N) return;
     float* run = (float*)(smem + T::STAGES * T::STAGE);
@@ -286,19 +296,11 @@ __device__ void tile_linear(const u8* W, const u8* S, const u16* xq, const float
     if (threadIdx.x == 0) sl = {{W, W}, {S, S}, {n0, n0 + 64}};
     __syncthreads();
     tile_product<FMT, 2>(sl, N, K, KS, xq, xs, (long)R * ldq, arow, run, smem);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int wn = warp / 4, wm = warp % 4;
-#pragma unroll
-    for (int m = 0; m < T::MT; m++)
-#pragma unroll
-        for (int j = 0; j < T::NT; j++)
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                int n = n0 + 64 * wn + 16 * m + g + (q >= 2 ? 8 : 0);
-                int r = r0 + wm * T::WM + 8 * j + 2 * t + (q & 1);
-                if (n < N && r < R)
-                    Y[(long)r * ldy + n] = run[(((warp * T::MT + m) * T::NT + j) * 4 + q) * 32 + lane];
-            }
+    int warp = threadIdx.x >> 5;
+    tile_outputs<FMT, 2>(warp / 4, warp % 4, [&](int dn, int dr, int idx) {
+        int n = n0 + dn, r = r0 + dr;
+        if (n < N && r < R) Y[(long)r * ldy + n] = run[idx];
+    });
 }
 
 #define TILE_LINEAR(NAME, FMT)                                                                    \
@@ -341,8 +343,7 @@ __device__ void tile_experts(const MmaExpertArgs& a) {
     } else if (threadIdx.x == 0) {
         sl = {{W1, W1, W1, W1}, {S1, S1, S1, S1}, {n0, n0 + 64, n0 + 128, n0 + 192}};
     }
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int wn = warp / 2, wm = warp % 2;
+    int warp = threadIdx.x >> 5, wn = warp / 2, wm = warp % 2;
     for (u32 c0 = 0; c0 < cnt; c0 += T::BM) {
         for (int i = threadIdx.x; i < T::BM; i += 256) {
             int p = c0 + i < cnt ? (int)a.order[off + c0 + i] : -1;
@@ -354,19 +355,12 @@ __device__ void tile_experts(const MmaExpertArgs& a) {
         __syncthreads();
         if (!UP || wn < 2) {
             const float* up = run + (UP ? 4 * T::MT * T::NT * 4 * 32 : 0);  // w3's warps' sums
-#pragma unroll
-            for (int m = 0; m < T::MT; m++)
-#pragma unroll
-                for (int j = 0; j < T::NT; j++)
-#pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        int n = n0 + 64 * wn + 16 * m + g + (q >= 2 ? 8 : 0);
-                        int p = pair[wm * T::WM + 8 * j + 2 * t + (q & 1)];
-                        int idx = (((warp * T::MT + m) * T::NT + j) * 4 + q) * 32 + lane;
-                        if (n >= N || p < 0) continue;
-                        if (UP) a.out[(long)p * N + n] = swiglu1(run[idx], up[idx], a.limit) * a.weights[p];
-                        else a.out[(long)p * N + n] = run[idx];
-                    }
+            tile_outputs<FMT, 4>(wn, wm, [&](int dn, int dr, int idx) {
+                int n = n0 + dn, p = pair[dr];
+                if (n >= N || p < 0) return;
+                if (UP) a.out[(long)p * N + n] = swiglu1(run[idx], up[idx], a.limit) * a.weights[p];
+                else a.out[(long)p * N + n] = run[idx];
+            });
         }
         __syncthreads();
     }
