@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::order::{dot_in, Numerics, Order};
-use super::simd;
+use super::{dpbf16, simd};
 use crate::quant::{
     bf16, e8m0, QuantAct, ACT_BLOCK, E2M1, E4M3, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK,
 };
@@ -108,6 +108,11 @@ pub fn linear(m: &Matrix, x: &[f32], num: Numerics) -> Vec<f32> {
         Storage::F8 { .. } | Storage::F4 { .. } => {
             let k = m.cols;
             let a = QuantAct::new(x, k);
+            if num.product(a.rows, k) == Order::Lanes16 {
+                if let Some(y) = dpbf16::product(m, &a, 0..m.rows) {
+                    return y;
+                }
+            }
             let xd: Vec<f32> =
                 a.q.iter()
                     .enumerate()

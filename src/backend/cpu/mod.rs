@@ -2,6 +2,7 @@
 //! reference platform's float32 order of operations ([`order`]).
 
 mod attention;
+mod dpbf16;
 mod linear;
 mod mhc;
 mod moe;

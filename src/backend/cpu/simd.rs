@@ -131,34 +131,43 @@ fn product16_in(
     rows: usize,
     range: std::ops::Range<usize>,
 ) -> Vec<f32> {
-    let n = range.len();
-    let k = m.cols;
-    // `t[j * rows + r]`: output j of row r, GROUP outputs a task.
+    by_groups(rows, range.len(), m.cols, |g, out| {
+        let j0 = range.start + g * GROUP;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `lanes()` saw the features each kernel is compiled for.
+        unsafe {
+            if l == 16 {
+                x86::rows16_avx512(m, j0, x, rows, out);
+            } else {
+                x86::rows16_avx2(m, j0, x, rows, out);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (l, j0, out);
+    })
+}
+
+/// The `rows x n` outputs (row-major) of `k`-wide products, [`GROUP`] outputs a task:
+/// `kernel(g, out)` writes outputs `g * GROUP..` (as many as `out` holds) of every row into
+/// `out[i * rows + r]`.
+pub(super) fn by_groups(
+    rows: usize,
+    n: usize,
+    k: usize,
+    kernel: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut t = vec![0f32; n * rows];
     let min_len = (65_536 / (GROUP * k * rows.max(1)).max(1)).max(1);
     t.par_chunks_mut(GROUP * rows)
         .enumerate()
         .with_min_len(min_len)
-        .for_each(|(g, out)| {
-            let j0 = range.start + g * GROUP;
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `lanes()` saw the features each kernel is compiled for.
-            unsafe {
-                if l == 16 {
-                    x86::rows16_avx512(m, j0, x, rows, out);
-                } else {
-                    x86::rows16_avx2(m, j0, x, rows, out);
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (l, j0, out);
-        });
+        .for_each(|(g, out)| kernel(g, out));
     super::linear::row_major(t, rows, n)
 }
 
 /// Outputs a [`product16`] kernel call computes together: their chains are independent, so the
 /// core's multiply-add units stay busy (one output's lanes would wait on each other).
-const GROUP: usize = 4;
+pub(super) const GROUP: usize = 4;
 
 /// Outputs `j0..` (as many as `out` holds rows for, up to [`GROUP`]) against every activation
 /// row, each summed on sixteen lanes, into `out[i * rows + r]`.
@@ -289,7 +298,7 @@ unsafe fn rows16_block<L: Lanes, const R: usize, const SCALED: bool>(
 }
 
 /// What one SIMD width provides to the kernels.
-trait Lanes {
+pub(super) trait Lanes {
     const N: usize;
     /// Activation rows [`rows16`] keeps accumulators for at once (its registers' worth).
     const ROWS: usize;
@@ -421,7 +430,7 @@ unsafe fn tile_with<L: Lanes>(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{rows16, tile, Lanes};
