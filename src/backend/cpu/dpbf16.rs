@@ -49,7 +49,7 @@ pub fn product(m: &Matrix, a: &QuantAct, range: std::ops::Range<usize>) -> Optio
     const _: () = assert!(ACT_BLOCK == 128 && FP8_WEIGHT_BLOCK == 128 && FP4_WEIGHT_BLOCK == 32);
     let k = m.cols;
     let fp = matches!(m.storage, Storage::F8 { .. } | Storage::F4 { .. });
-    if !available() || !fp || k % 128 != 0 || a.cols != k || range.end > m.rows {
+    if !available() || !fp || !k.is_multiple_of(128) || a.cols != k || range.end > m.rows {
         return None;
     }
     let x = Acts::new(a)?;
@@ -176,7 +176,7 @@ mod x86 {
 
     use super::super::simd::x86::Avx512;
     use super::super::simd::{Lanes, GROUP};
-    use super::{column, fp4_block_fits, fp8_block_fits, Acts};
+    use super::{column, fp8_block_fits, Acts};
     use crate::quant::{E2M1, E4M3};
     use crate::weights::{Matrix, Storage};
 
