@@ -77,6 +77,9 @@ pub struct DecodeResult {
     pub bandwidth_ratio: f64,
     /// Milliseconds per layer by kind (mean over layers of that kind).
     pub ms_per_layer: BTreeMap<String, f64>,
+    /// Milliseconds of a step spent on routed experts kept in host memory beside the device
+    /// (copies included; `--experts-on`), 0 where there are none.
+    pub host_experts_ms: f64,
     /// The rest of a step (embedding, head, sampling).
     pub other_ms: f64,
     /// A step's milliseconds with every layer of the full model.
@@ -392,12 +395,14 @@ pub fn run(
                 toks = step(backend, &mut states, &toks)?;
                 tick(1);
             }
-            let t = Instant::now();
+            let (t, host) = (Instant::now(), backend.host_expert_secs());
             for _ in 0..opts.decode_tokens {
                 toks = step(backend, &mut states, &toks)?;
                 tick(1);
             }
-            let step_secs = t.elapsed().as_secs_f64() / opts.decode_tokens.max(1) as f64;
+            let steps = opts.decode_tokens.max(1) as f64;
+            let step_secs = t.elapsed().as_secs_f64() / steps;
+            let host_secs = (backend.host_expert_secs() - host) / steps;
             // One step waiting for each block, for the time by layer kind ...
             let t = Instant::now();
             let inputs_toks: Vec<[u32; 1]> = toks.iter().map(|&x| [x]).collect();
@@ -438,6 +443,7 @@ pub fn run(
                 weight_gb_s: gb_s,
                 bandwidth_ratio: gb_s * 1e9 / bandwidth,
                 ms_per_layer: table,
+                host_experts_ms: 1e3 * host_secs,
                 other_ms: 1e3 * rest,
                 projected_step_ms: 1e3 * projected_step,
                 projected_tokens_per_s: batch as f64 / projected_step,
@@ -512,6 +518,16 @@ impl Report {
                 d.projected_tokens_per_s,
                 kinds(&d.ms_per_layer)
             );
+            if d.host_experts_ms > 0.0 {
+                let _ = writeln!(
+                    s,
+                    "{:>15} routed experts in host memory (CPU, copies included): {:.3} ms of the step's {:.3} ({:.1}%), the device the rest",
+                    "",
+                    d.host_experts_ms,
+                    d.step_ms,
+                    100.0 * d.host_experts_ms / d.step_ms
+                );
+            }
         }
         for k in &self.skipped {
             let _ = writeln!(

@@ -32,6 +32,25 @@ use indicatif::{ProgressBar, ProgressStyle};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Where the routed experts run beside a GPU: gpu, cpu (all in host memory, computed by
+    /// the CPU: for a GPU too small for them), or N, the experts of the last N main layers.
+    #[arg(long, global = true, default_value = "gpu", value_parser = parse_experts_on)]
+    experts_on: usize,
+}
+
+impl Cli {
+    /// The command's device, if it takes one.
+    fn device_mut(&mut self) -> Option<&mut DeviceSpec> {
+        match &mut self.cmd {
+            Cmd::Score { device, .. }
+            | Cmd::Demo { device, .. }
+            | Cmd::Generate { device, .. }
+            | Cmd::Chat { device, .. }
+            | Cmd::Serve { device, .. }
+            | Cmd::Bench { device, .. } => Some(device),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -443,6 +462,11 @@ fn bar(template: &str) -> ProgressBar {
     let b = ProgressBar::new(0);
     b.set_style(ProgressStyle::with_template(template).expect("valid template"));
     b
+}
+
+/// Parses `--experts-on`.
+fn parse_experts_on(s: &str) -> Result<usize, String> {
+    DeviceSpec::parse_experts_on(s).map_err(|e| e.to_string())
 }
 
 /// Parses `--device`.
@@ -1256,7 +1280,11 @@ fn score_cmd(
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    let experts_on = cli.experts_on;
+    if let Some(d) = cli.device_mut() {
+        *d = d.with_host_experts(experts_on);
+    }
     let r = match &cli.cmd {
         Cmd::Inspect {
             model,

@@ -1217,10 +1217,10 @@ fn attention_and_moe_alone_match_the_cpu() {
     }
     let chunks = [1usize, 3, 60, 5, 128, 2, 37, 64];
     let cfg = small();
-    components_alone(&cfg, both(&cfg, 23), 300, &chunks, true);
+    components_alone(&cfg, &both(&cfg, 23), 300, &chunks, true);
     let cfg = flash_blocks(256, 16);
     let ck = || hadal::demo::synthetic_checkpoint(&cfg, 31);
-    components_alone(&cfg, both_with(&cfg, &ck), 160, &chunks, true);
+    components_alone(&cfg, &both_with(&cfg, &ck), 160, &chunks, true);
     // Hundreds of rows per expert (the wide expert kernels, several batches of rows each), on
     // the tensor-core kernels and on the CUDA-core ones.
     let mut v: serde_json::Value = serde_json::to_value(flash_blocks(8, 64)).unwrap();
@@ -1229,8 +1229,39 @@ fn attention_and_moe_alone_match_the_cpu() {
     let ck = || hadal::demo::synthetic_checkpoint(&cfg, 5);
     let mut pair = both_with(&cfg, &ck);
     pair.1.dev.tensor_cores = false;
-    components_alone(&cfg, pair, 520, &[512, 1], false);
-    components_alone(&cfg, both_with(&cfg, &ck), 520, &[512, 1], false);
+    components_alone(&cfg, &pair, 520, &[512, 1], false);
+    components_alone(&cfg, &both_with(&cfg, &ck), 520, &[512, 1], false);
+}
+
+/// Routed experts left in host memory (`--experts-on 1`: the last main layer's): that layer's
+/// MoE sums them on the CPU from the GPU's hidden rows and routing, the others on the GPU, and
+/// every block's attention and MoE still match the CPU's on the same inputs.
+#[test]
+fn routed_experts_in_host_memory_match_the_cpu() {
+    if gpu("routed_experts_in_host_memory_match_the_cpu").is_none() {
+        return;
+    }
+    let cfg = flash_blocks(8, 64);
+    let ck = || hadal::demo::synthetic_checkpoint(&cfg, 41);
+    let cuda = Cuda::new(0).unwrap().with_host_experts(1);
+    let layers = cfg.num_hidden_layers;
+    let placed: Vec<bool> = (0..layers)
+        .map(|l| cuda.experts_on_host(l, layers))
+        .collect();
+    assert_eq!(placed, [false, false, true]);
+    assert!(!cuda.graphs.load(std::sync::atomic::Ordering::Relaxed));
+    let cpu_model = Model::from_checkpoint(&Cpu::default(), cfg.clone(), ck(), &|_, _| {}).unwrap();
+    let gpu_model = Model::from_checkpoint(&cuda, cfg.clone(), ck(), &|_, _| {}).unwrap();
+    let (cpu, gpu) = (
+        Runner::new(Cpu::default(), cpu_model),
+        Runner::new(cuda, gpu_model),
+    );
+    let pair = (cpu, gpu);
+    components_alone(&cfg, &pair, 160, &[1, 3, 60, 5, 64], true);
+    assert!(
+        pair.1.dev.host_expert_secs() > 0.0,
+        "the host's experts ran"
+    );
 }
 
 /// Attention alone and the MoE alone, fed the same random inputs on both devices, per position.
@@ -1239,7 +1270,7 @@ fn attention_and_moe_alone_match_the_cpu() {
 /// two devices (as it does for two CPU orders), and a different pick moves a row by 1e-3 or more.
 fn components_alone(
     cfg: &Config,
-    (cpu, gpu): (CpuBackend, CudaBackend),
+    (cpu, gpu): &(CpuBackend, CudaBackend),
     n: usize,
     chunks: &[usize],
     attention: bool,

@@ -45,10 +45,18 @@ fn dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-a"))
 }
 
+/// `HADAL_DEVICE` (default cpu), with the routed experts where `HADAL_EXPERTS_ON` puts them
+/// (`gpu`, `cpu` or a number of layers, as `--experts-on`).
 fn device() -> DeviceSpec {
-    std::env::var("HADAL_DEVICE")
+    let spec = std::env::var("HADAL_DEVICE")
         .map(|d| DeviceSpec::parse(&d).expect("HADAL_DEVICE"))
-        .unwrap_or(DeviceSpec::Cpu)
+        .unwrap_or(DeviceSpec::Cpu);
+    match std::env::var("HADAL_EXPERTS_ON") {
+        Ok(e) => {
+            spec.with_host_experts(DeviceSpec::parse_experts_on(&e).expect("HADAL_EXPERTS_ON"))
+        }
+        Err(_) => spec,
+    }
 }
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
@@ -66,8 +74,8 @@ fn fixture() -> Option<&'static Fixture> {
     F.get_or_init(|| {
         let dir = dir();
         let spec = device();
-        if let DeviceSpec::Cuda(n) = spec {
-            if hadal::backend::cuda::device_count() <= n {
+        if let DeviceSpec::Cuda { ordinal, .. } = spec {
+            if hadal::backend::cuda::device_count() <= ordinal {
                 eprintln!("skipped: HADAL_DEVICE={spec} but no such CUDA device is present");
                 return None;
             }

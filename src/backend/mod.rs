@@ -80,6 +80,22 @@ pub trait Device: Sized + Send + Sync + 'static {
 
     /// Takes a weight matrix into the device's layout.
     fn weight(&self, m: Matrix) -> Result<Self::Weight>;
+    /// Whether this device leaves the routed experts of block `block` (of `blocks` main
+    /// blocks; MTP blocks come after them) in host memory and computes them there
+    /// (`--experts-on`).
+    fn experts_on_host(&self, block: usize, blocks: usize) -> bool {
+        let _ = (block, blocks);
+        false
+    }
+    /// Keeps a weight matrix in host memory, for the routed experts computed there.
+    fn host_weight(&self, m: Matrix) -> Result<Self::Weight> {
+        self.weight(m)
+    }
+    /// Seconds spent so far computing routed experts in host memory beside the device (see
+    /// [`Device::experts_on_host`]); 0 where all are on the device.
+    fn host_expert_secs(&self) -> f64 {
+        0.0
+    }
     /// Takes a parameter vector.
     fn vector(&self, v: &[f32]) -> Result<Self::Vector>;
     /// Takes an integer table.
@@ -529,6 +545,10 @@ pub trait Backend: Send + Sync {
     fn traced_experts(&self) -> Vec<usize>;
     /// See [`Device::bandwidth`].
     fn bandwidth(&self) -> Result<f64>;
+    /// See [`Device::host_expert_secs`].
+    fn host_expert_secs(&self) -> f64 {
+        0.0
+    }
 }
 
 /// Rows in a final stream.
@@ -544,17 +564,58 @@ pub fn hidden_rows(h: &Hidden, width: usize) -> usize {
 pub enum DeviceSpec {
     /// The host's cores.
     Cpu,
-    /// CUDA device N.
-    Cuda(usize),
+    /// CUDA device N, the routed experts of its last `host_experts` main layers in host memory
+    /// and computed by the CPU (`--experts-on`).
+    Cuda {
+        /// Which GPU.
+        ordinal: usize,
+        /// Main layers whose routed experts stay on the host (the last ones).
+        host_experts: usize,
+    },
 }
 
 impl DeviceSpec {
     /// The GPU when one is present, else the CPU.
     pub fn auto() -> Self {
         if cuda::device_count() > 0 {
-            DeviceSpec::Cuda(0)
+            DeviceSpec::cuda(0)
         } else {
             DeviceSpec::Cpu
+        }
+    }
+
+    /// GPU `ordinal` with every weight on it.
+    pub fn cuda(ordinal: usize) -> Self {
+        DeviceSpec::Cuda {
+            ordinal,
+            host_experts: 0,
+        }
+    }
+
+    /// The same device with the routed experts of `layers` main layers (the last ones) in host
+    /// memory, computed by the CPU (a GPU only; on the CPU everything is there already).
+    pub fn with_host_experts(self, layers: usize) -> Self {
+        match self {
+            DeviceSpec::Cuda { ordinal, .. } => DeviceSpec::Cuda {
+                ordinal,
+                host_experts: layers,
+            },
+            DeviceSpec::Cpu => DeviceSpec::Cpu,
+        }
+    }
+
+    /// Parses where routed experts run beside a GPU (`--experts-on`): `gpu` (all on the GPU),
+    /// `cpu` (all in host memory, computed by the CPU), or `N`, the last N main layers'
+    /// experts on the CPU. Returns the number of layers.
+    pub fn parse_experts_on(s: &str) -> Result<usize> {
+        match s {
+            "gpu" => Ok(0),
+            "cpu" => Ok(usize::MAX),
+            _ => s.parse().map_err(|_| {
+                Error::Input(format!(
+                    "--experts-on {s:?}: expected gpu, cpu or a number of layers"
+                ))
+            }),
         }
     }
 
@@ -563,11 +624,11 @@ impl DeviceSpec {
         match s {
             "auto" => Ok(Self::auto()),
             "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            "cuda" | "gpu" => Ok(DeviceSpec::cuda(0)),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
-                .map(DeviceSpec::Cuda)
+                .map(DeviceSpec::cuda)
                 .ok_or_else(|| {
                     Error::Input(format!("device {s:?}: expected cpu, cuda, cuda:N or auto"))
                 }),
@@ -579,7 +640,7 @@ impl std::fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DeviceSpec::Cpu => write!(f, "cpu"),
-            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Cuda { ordinal, .. } => write!(f, "cuda:{ordinal}"),
         }
     }
 }
@@ -628,6 +689,14 @@ pub fn open_checkpoint(
     }
     match spec {
         DeviceSpec::Cpu => load(cpu::Cpu::default(), cfg, ck, progress),
-        DeviceSpec::Cuda(n) => load(cuda::Cuda::new(n)?, cfg, ck, progress),
+        DeviceSpec::Cuda {
+            ordinal,
+            host_experts,
+        } => load(
+            cuda::Cuda::new(ordinal)?.with_host_experts(host_experts),
+            cfg,
+            ck,
+            progress,
+        ),
     }
 }

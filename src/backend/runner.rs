@@ -185,7 +185,13 @@ impl<D: Device> Backend for Runner<D> {
     }
 
     fn weight_bytes(&self) -> u64 {
-        self.model.by_format.iter().map(|x| x.1).sum()
+        // Bytes on the device: routed experts left in host memory are not.
+        self.model
+            .by_format
+            .iter()
+            .filter(|(k, _)| !k.starts_with("host "))
+            .map(|x| x.1)
+            .sum()
     }
 
     fn fingerprint(&self) -> crate::checkpoint::Fingerprint {
@@ -363,5 +369,9 @@ impl<D: Device> Backend for Runner<D> {
 
     fn bandwidth(&self) -> Result<f64> {
         self.dev.bandwidth()
+    }
+
+    fn host_expert_secs(&self) -> f64 {
+        self.dev.host_expert_secs()
     }
 }

@@ -38,6 +38,7 @@ impl<D: Device> Block<D> {
                 l,
                 &format!("{prefix}.ffn"),
                 cfg,
+                index,
                 index < cfg.num_hash_layers,
             )?,
             attn_norm: l.vector(&format!("{prefix}.attn_norm.weight"), &[d])?,

@@ -67,6 +67,31 @@ impl<'a, D: Device> Loader<'a, D> {
         self.put(m)
     }
 
+    /// A routed expert's matrix of block `block` (of `blocks` main ones), on the device or in
+    /// host memory as the device places it ([`Device::experts_on_host`]), counted (as `host
+    /// FP4` and so on where it stays on the host).
+    pub fn routed_matrix(
+        &mut self,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+        block: usize,
+        blocks: usize,
+    ) -> Result<D::Weight> {
+        if !self.dev.experts_on_host(block, blocks) {
+            return self.matrix(prefix, rows, cols);
+        }
+        let m = Matrix::load(&mut self.ck, prefix, rows, cols)?;
+        let key = match m.format() {
+            "FP8" => "host FP8",
+            "FP4" => "host FP4",
+            "BF16" => "host BF16",
+            _ => "host F32",
+        };
+        *self.tally.entry(key).or_default() += m.bytes() as u64;
+        self.dev.host_weight(m)
+    }
+
     /// A matrix on the device, counted.
     pub fn put(&mut self, m: Matrix) -> Result<D::Weight> {
         *self.tally.entry(m.format()).or_default() += m.bytes() as u64;

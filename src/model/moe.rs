@@ -22,11 +22,26 @@ pub struct Expert<D: Device> {
 }
 
 impl<D: Device> Expert<D> {
-    fn load(l: &mut Loader<D>, prefix: &str, d: usize, f: usize) -> Result<Self> {
+    /// Loads `{prefix}.w1`, `.w2`, `.w3`; a routed expert's (`routed`: its block and the
+    /// number of main blocks) as the device places those.
+    fn load(
+        l: &mut Loader<D>,
+        prefix: &str,
+        d: usize,
+        f: usize,
+        routed: Option<(usize, usize)>,
+    ) -> Result<Self> {
+        let mut m = |name: &str, rows: usize, cols: usize| {
+            let name = format!("{prefix}.{name}");
+            match routed {
+                Some((block, blocks)) => l.routed_matrix(&name, rows, cols, block, blocks),
+                None => l.matrix(&name, rows, cols),
+            }
+        };
         Ok(Expert {
-            w1: l.matrix(&format!("{prefix}.w1"), f, d)?,
-            w2: l.matrix(&format!("{prefix}.w2"), d, f)?,
-            w3: l.matrix(&format!("{prefix}.w3"), f, d)?,
+            w1: m("w1", f, d)?,
+            w2: m("w2", d, f)?,
+            w3: m("w3", f, d)?,
         })
     }
 
@@ -75,9 +90,15 @@ pub struct Moe<D: Device> {
 }
 
 impl<D: Device> Moe<D> {
-    /// Loads `{prefix}.gate`, `.experts.*`, `.shared_experts` of a block that routes by hash
-    /// when `hash`.
-    pub fn load(l: &mut Loader<D>, prefix: &str, cfg: &Config, hash: bool) -> Result<Self> {
+    /// Loads `{prefix}.gate`, `.experts.*`, `.shared_experts` of block `block` (MTP blocks
+    /// after the main ones), which routes by hash when `hash`.
+    pub fn load(
+        l: &mut Loader<D>,
+        prefix: &str,
+        cfg: &Config,
+        block: usize,
+        hash: bool,
+    ) -> Result<Self> {
         let (d, f, e, k) = (
             cfg.hidden_size,
             cfg.moe_intermediate_size,
@@ -101,14 +122,17 @@ impl<D: Device> Moe<D> {
         };
         let gate = l.matrix(&format!("{prefix}.gate"), e, d)?;
         let experts = (0..e)
-            .map(|i| Expert::load(l, &format!("{prefix}.experts.{i}"), d, f))
+            .map(|i| {
+                let routed = Some((block, cfg.num_hidden_layers));
+                Expert::load(l, &format!("{prefix}.experts.{i}"), d, f, routed)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Moe {
             gate,
             routing,
             set: l.dev.expert_set(&experts)?,
             experts,
-            shared: Expert::load(l, &format!("{prefix}.shared_experts"), d, f)?,
+            shared: Expert::load(l, &format!("{prefix}.shared_experts"), d, f, None)?,
             topk: k,
             scale: cfg.routed_scaling_factor as f32,
             func: cfg.scoring_func,

@@ -17,6 +17,13 @@ for l in sys.stdin:
     if m.get("executable") and m.get("target", {}).get("kind") == ["test"]: print(m["executable"])')
   cp "$exe" "$out/bin/$t"
 done
+# The library's unit tests (the CPU kernels' checks, e.g. on the GPU machine's own CPU).
+exe=$(cargo test --release --locked --no-run --lib --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("executable") and m.get("target", {}).get("kind") == ["lib"]: print(m["executable"])')
+cp "$exe" "$out/bin/unit"
 strip "$out"/bin/*
 tar -C "$out" -cJf "$out/bin.tar.xz" bin
 rm -rf "$out/bin"

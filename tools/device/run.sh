@@ -2,10 +2,14 @@
 # Runs on the GPU machine, over what tools/device/build.sh packed into .device/ (carry it):
 #
 #   tools/device/run.sh tests    GPU kernel tests against the CPU, golden checks on the GPU
+#   tools/device/run.sh split    golden checks on the GPU with the routed experts on the CPU
 #   tools/device/run.sh serve    the demo on the GPU, tests/openai_client.py against serve
 #   tools/device/run.sh score    V4-Flash-shaped synthetic layers scored on the GPU (compare
 #                                with the CPU's run: tools/device/compare.py)
 #   tools/device/run.sh bench ARGS...   hadal bench --device cuda ARGS (a report per call)
+#   tools/device/run.sh cpu ARGS...   the CPU kernels' unit tests on this machine's CPU, then
+#                                hadal bench --device cpu ARGS, the f32 kernels
+#                                (HADAL_CPU_SIMD=avx512) and the default alternating, twice
 #   tools/device/run.sh kernels NAME ARGS...   the same bench under Nsight Compute, steps run
 #                                plainly (not replayed): each kernel's time, summed by name,
 #                                in $OUT/NAME.txt (tools/device/kernels.py)
@@ -70,6 +74,11 @@ while true; do
       step tests "$B/cuda" --test-threads=1 --nocapture
       HADAL_DEVICE=cuda HADAL_GOLDEN_VERBOSE=1 HADAL_GOLDEN_DIR=$PWD/tests/fixtures/tiny-a step golden "$B/golden" --test-threads=1 --nocapture
       ;;
+    split)
+      # The golden checks with every routed expert in host memory, computed by the CPU.
+      HADAL_DEVICE=cuda HADAL_EXPERTS_ON=cpu HADAL_GOLDEN_VERBOSE=1 HADAL_GOLDEN_DIR=$PWD/tests/fixtures/tiny-a \
+        step split "$B/golden" --test-threads=1 --nocapture
+      ;;
     serve)
       step serve serve_test
       ;;
@@ -81,6 +90,15 @@ while true; do
       args=()
       while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
       step bench "$B/hadal" bench --device cuda "${args[@]}"
+      ;;
+    cpu)
+      args=()
+      while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+      step cpu lscpu
+      step cpu "$B/unit" backend::cpu
+      for simd in avx512 default avx512 default; do
+        step cpu env HADAL_CPU_SIMD=$simd "$B/hadal" bench --device cpu "${args[@]}"
+      done
       ;;
     kernels)
       name=$1
@@ -116,5 +134,5 @@ while true; do
   mode=$1
   shift
 done
-grep -hE "test result|panicked|FAILED|check [0-9]|skipped|error" "$OUT"/tests.log "$OUT"/golden.log 2>/dev/null | tail -n 60
-tail -n 30 "$OUT"/bench.log "$OUT"/serve.log "$OUT"/score.log 2>/dev/null
+grep -hE "test result|panicked|FAILED|check [0-9]|skipped|error" "$OUT"/tests.log "$OUT"/golden.log "$OUT"/split.log 2>/dev/null | tail -n 60
+tail -n 30 "$OUT"/bench.log "$OUT"/serve.log "$OUT"/score.log "$OUT"/cpu.log 2>/dev/null

@@ -13,6 +13,7 @@ mod topk;
 
 pub use linear::{decode_row, linear, linear_plain, linear_plain_rows};
 pub use mhc::sinkhorn;
+pub use moe::routed_experts;
 pub use order::Numerics;
 pub use topk::top_k;
 

@@ -70,10 +70,22 @@ fn expert(e: &Expert<Cpu>, x: &[f32], weights: &[f32], limit: f32, num: Numerics
 /// The sum of each token's routed experts, added in ascending expert order as the reference
 /// accumulates them.
 pub fn experts(m: &Moe<Cpu>, route: &(Vec<usize>, Vec<f32>), y: &[f32], num: Numerics) -> Vec<f32> {
-    let (ids, ws) = route;
-    let (d, k) = (m.hidden, m.topk);
+    routed_experts(&m.experts, m.limit, m.topk, (&route.0, &route.1), y, num)
+}
+
+/// [`experts`] from the experts themselves, their SwiGLU clamp `limit`, `k` experts a token,
+/// and each token's expert ids and weights (`T x k`) for the `T x D` rows `y`.
+pub fn routed_experts(
+    experts: &[Expert<Cpu>],
+    limit: f32,
+    k: usize,
+    (ids, ws): (&[usize], &[f32]),
+    y: &[f32],
+    num: Numerics,
+) -> Vec<f32> {
+    let d = experts.first().map_or(0, |e| e.w2.rows);
     let mut out = vec![0f32; y.len()];
-    let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); m.experts.len()];
+    let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts.len()];
     for (i, (&e, &w)) in ids.iter().zip(ws).enumerate() {
         by_expert[e].push((i / k, w));
     }
@@ -87,7 +99,7 @@ pub fn experts(m: &Moe<Cpu>, route: &(Vec<usize>, Vec<f32>), y: &[f32], num: Num
             .copied()
             .collect();
         let w: Vec<f32> = rows.iter().map(|&(_, w)| w).collect();
-        let r = expert(&m.experts[e], &x, &w, m.limit, num);
+        let r = expert(&experts[e], &x, &w, limit, num);
         for (&(t, _), rr) in rows.iter().zip(r.chunks(d)) {
             for (o, v) in out[t * d..(t + 1) * d].iter_mut().zip(rr) {
                 *o += v;
@@ -159,7 +171,7 @@ mod tests {
         }
         let dev = Cpu::default();
         let mut l = Loader::new(&dev, Checkpoint::from_tensors(t));
-        let m = Moe::load(&mut l, "m", &cfg, hash).unwrap();
+        let m = Moe::load(&mut l, "m", &cfg, 0, hash).unwrap();
         l.ck.finish().unwrap();
         m
     }

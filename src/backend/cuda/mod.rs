@@ -11,13 +11,14 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gpu::{Args, Buf, Gpu, Graph};
 pub use state::{CudaMark, CudaSeq};
 use state::{Layout, Pool, SeqDesc};
 
+use crate::backend::cpu::Cpu;
 use crate::backend::{Device, Draw, Drawn, Hidden, Runner, Seq, Which};
 use crate::config::{Config, ScoringFunc};
 use crate::error::{Error, Result};
@@ -86,6 +87,8 @@ pub struct Weight {
     pub fmt: Format,
     w: Buf,
     s: Option<Buf>,
+    /// The matrix itself, for a routed expert computed in host memory (`w` is then empty).
+    host: Option<Matrix>,
 }
 
 impl Weight {
@@ -170,6 +173,8 @@ pub struct ExpertSet {
     /// `w1, s1, w3, s3, w2, s2` addresses, `E` each.
     tables: Buf,
     count: usize,
+    /// The experts in host memory, where the CPU computes them.
+    host: Option<Vec<Expert<Cpu>>>,
 }
 
 /// One forward call on the GPU: the batch's tokens, positions and sequences in GPU memory.
@@ -414,6 +419,10 @@ pub struct Cuda {
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
     recordings: Mutex<Recordings>,
     counters: Mutex<Counters>,
+    /// Main layers (the last ones) whose routed experts stay in host memory.
+    host_experts: usize,
+    /// Nanoseconds spent computing those.
+    host_expert_ns: AtomicU64,
 }
 
 /// Counters by which the blocks of a launch find the last of them to finish (which then joins
@@ -546,8 +555,54 @@ impl Cuda {
                 buf: gpu.zeros(4 * Counters::INITIAL)?,
                 retired: Vec::new(),
             }),
+            host_experts: 0,
+            host_expert_ns: AtomicU64::new(0),
             gpu,
         })
+    }
+
+    /// Leaves the routed experts of the last `layers` main layers in host memory, computed
+    /// there by the CPU: the hidden rows and the routing go to the host and the experts' sum
+    /// comes back. Such a step cannot be recorded as a CUDA graph (the host computes inside
+    /// it), so graphs are off.
+    pub fn with_host_experts(self, layers: usize) -> Self {
+        if layers > 0 {
+            self.graphs.store(false, Ordering::Relaxed);
+        }
+        Cuda {
+            host_experts: layers,
+            ..self
+        }
+    }
+
+    /// The routed experts of a block kept in host memory: the batch's hidden rows and routing
+    /// copied to the host, the experts summed there as the CPU backend sums them, the result
+    /// copied back.
+    fn host_experts(
+        &self,
+        moe: &Moe<Self>,
+        experts: &[Expert<Cpu>],
+        route: &Route,
+        y: &Tensor,
+    ) -> Result<Tensor> {
+        let t = std::time::Instant::now();
+        let p = route.t * moe.topk;
+        let x = self.download(y)?;
+        let ids: Vec<u32> = self.gpu.read(route.ids.ptr, p)?;
+        let weights: Vec<f32> = self.gpu.read(route.weights.ptr, p)?;
+        let ids: Vec<usize> = ids.into_iter().map(|i| i as usize).collect();
+        let out = crate::backend::cpu::routed_experts(
+            experts,
+            moe.limit,
+            moe.topk,
+            (&ids, &weights),
+            &x,
+            crate::backend::cpu::Numerics::BatchInvariant,
+        );
+        let out = self.upload(&out, moe.hidden)?;
+        let ns = t.elapsed().as_nanos() as u64;
+        self.host_expert_ns.fetch_add(ns, Ordering::Relaxed);
+        Ok(out)
     }
 
     /// `n` zeroed u32 counters (see [`Counters`]), valid for the next launch.
@@ -978,7 +1033,37 @@ impl Device for Cuda {
             fmt,
             w: upload_bytes(&self.gpu, w)?,
             s: s.map(|s| upload_bytes(&self.gpu, s)).transpose()?,
+            host: None,
         })
+    }
+
+    fn experts_on_host(&self, block: usize, blocks: usize) -> bool {
+        block < blocks && block + self.host_experts >= blocks
+    }
+
+    fn host_weight(&self, m: Matrix) -> Result<Weight> {
+        let fmt = match m.storage {
+            Storage::F8 { .. } => Format::F8,
+            Storage::F4 { .. } => Format::F4,
+            Storage::Bf16(_) => Format::Bf16,
+            Storage::F32(_) => Format::F32,
+        };
+        // Synthetic weights are made now, not in the first step that reads them.
+        if let Storage::F8 { w, s } | Storage::F4 { w, s } = &m.storage {
+            let _ = (&w[..], &s[..]);
+        }
+        Ok(Weight {
+            rows: m.rows,
+            cols: m.cols,
+            fmt,
+            w: self.gpu.alloc(0)?,
+            s: None,
+            host: Some(m),
+        })
+    }
+
+    fn host_expert_secs(&self) -> f64 {
+        self.host_expert_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
     fn vector(&self, v: &[f32]) -> Result<Vector> {
@@ -995,6 +1080,27 @@ impl Device for Cuda {
     fn expert_set(&self, experts: &[Expert<Self>]) -> Result<ExpertSet> {
         let fmt = experts.first().map_or(Format::F4, |e| e.w1.fmt);
         let e = experts.len();
+        if experts.first().is_some_and(|x| x.w1.host.is_some()) {
+            let host = experts
+                .iter()
+                .map(|x| match (&x.w1.host, &x.w2.host, &x.w3.host) {
+                    (Some(w1), Some(w2), Some(w3)) => Ok(Expert {
+                        w1: w1.clone(),
+                        w2: w2.clone(),
+                        w3: w3.clone(),
+                    }),
+                    _ => Err(Error::Device(
+                        "a block's routed experts are split between host and GPU".into(),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(ExpertSet {
+                fmt,
+                tables: self.gpu.alloc(0)?,
+                count: e,
+                host: Some(host),
+            });
+        }
         let mut t = vec![0u64; 6 * e];
         for (i, x) in experts.iter().enumerate() {
             if [&x.w1, &x.w2, &x.w3].iter().any(|w| w.fmt != fmt) {
@@ -1011,6 +1117,7 @@ impl Device for Cuda {
             fmt,
             tables: self.gpu.upload(&t)?,
             count: e,
+            host: None,
         })
     }
 
@@ -1960,6 +2067,9 @@ impl Device for Cuda {
 
     fn experts(&self, moe: &Moe<Self>, route: &Route, y: &Tensor) -> Result<Tensor> {
         let set = &moe.set;
+        if let Some(host) = &set.host {
+            return self.host_experts(moe, host, route, y);
+        }
         let (e, k, d, f) = (set.count, moe.topk, moe.hidden, moe.inter);
         let p = route.t * k;
         let out = self.tensor(route.t, d)?;
