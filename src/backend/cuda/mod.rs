@@ -1038,7 +1038,7 @@ impl Device for Cuda {
     }
 
     fn experts_on_host(&self, block: usize, blocks: usize) -> bool {
-        block < blocks && block + self.host_experts >= blocks
+        block < blocks && blocks - block <= self.host_experts
     }
 
     fn host_weight(&self, m: Matrix) -> Result<Weight> {
