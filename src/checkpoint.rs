@@ -469,6 +469,13 @@ impl Checkpoint {
         Fingerprint(h.finalize().into())
     }
 
+    /// Each tensor not yet taken, with its bytes (nothing is read or generated).
+    pub fn sizes(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| (name.as_str(), t.data.len() as u64))
+    }
+
     /// Names of the tensors not yet taken.
     pub fn names(&self) -> Vec<String> {
         self.tensors.keys().cloned().collect()

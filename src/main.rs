@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use hadal::backend::cpu::{Cpu, Numerics};
-use hadal::backend::{Backend, DeviceSpec, LoadReport, Runner};
+use hadal::backend::{Backend, DeviceSpec, ExpertsOn, LoadReport, Runner};
 use hadal::chat::parse::{parse, Delta, StreamParser};
 use hadal::chat::request::conversation;
 use hadal::chat::{encode, Effort, Options, ThinkingMode};
@@ -32,10 +32,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-    /// Where the routed experts run beside a GPU: gpu, cpu (all in host memory, computed by
-    /// the CPU: for a GPU too small for them), or N, the experts of the last N main layers.
-    #[arg(long, global = true, default_value = "gpu", value_parser = parse_experts_on)]
-    experts_on: usize,
+    /// Where the routed experts run beside a GPU: auto (on the GPU, but for as many layers'
+    /// as it cannot hold: those stay in host memory, computed by the CPU), gpu, cpu (all in
+    /// host memory), or N, the experts of the last N main layers.
+    #[arg(long, global = true, default_value = "auto", value_parser = parse_experts_on)]
+    experts_on: ExpertsOn,
 }
 
 impl Cli {
@@ -465,7 +466,7 @@ fn bar(template: &str) -> ProgressBar {
 }
 
 /// Parses `--experts-on`.
-fn parse_experts_on(s: &str) -> Result<usize, String> {
+fn parse_experts_on(s: &str) -> Result<ExpertsOn, String> {
     DeviceSpec::parse_experts_on(s).map_err(|e| e.to_string())
 }
 
@@ -1283,7 +1284,7 @@ fn main() -> ExitCode {
     let mut cli = Cli::parse();
     let experts_on = cli.experts_on;
     if let Some(d) = cli.device_mut() {
-        *d = d.with_host_experts(experts_on);
+        *d = d.with_experts(experts_on);
     }
     let r = match &cli.cmd {
         Cmd::Inspect {

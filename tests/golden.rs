@@ -46,15 +46,13 @@ fn dir() -> PathBuf {
 }
 
 /// `HADAL_DEVICE` (default cpu), with the routed experts where `HADAL_EXPERTS_ON` puts them
-/// (`gpu`, `cpu` or a number of layers, as `--experts-on`).
+/// (as `--experts-on`).
 fn device() -> DeviceSpec {
     let spec = std::env::var("HADAL_DEVICE")
         .map(|d| DeviceSpec::parse(&d).expect("HADAL_DEVICE"))
         .unwrap_or(DeviceSpec::Cpu);
     match std::env::var("HADAL_EXPERTS_ON") {
-        Ok(e) => {
-            spec.with_host_experts(DeviceSpec::parse_experts_on(&e).expect("HADAL_EXPERTS_ON"))
-        }
+        Ok(e) => spec.with_experts(DeviceSpec::parse_experts_on(&e).expect("HADAL_EXPERTS_ON")),
         Err(_) => spec,
     }
 }

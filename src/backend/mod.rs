@@ -564,14 +564,24 @@ pub fn hidden_rows(h: &Hidden, width: usize) -> usize {
 pub enum DeviceSpec {
     /// The host's cores.
     Cpu,
-    /// CUDA device N, the routed experts of its last `host_experts` main layers in host memory
-    /// and computed by the CPU (`--experts-on`).
+    /// CUDA device N, some routed experts perhaps in host memory and computed by the CPU
+    /// (`--experts-on`).
     Cuda {
         /// Which GPU.
         ordinal: usize,
-        /// Main layers whose routed experts stay on the host (the last ones).
-        host_experts: usize,
+        /// Which layers' routed experts stay on the host.
+        experts: ExpertsOn,
     },
+}
+
+/// Where routed experts run beside a GPU (`--experts-on`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertsOn {
+    /// The routed experts of the last N main layers stay in host memory, computed by the CPU
+    /// (0: none, `usize::MAX`: all).
+    Layers(usize),
+    /// As few layers' as leave the rest of the weights room on the GPU.
+    Fit,
 }
 
 impl DeviceSpec {
@@ -584,36 +594,34 @@ impl DeviceSpec {
         }
     }
 
-    /// GPU `ordinal` with every weight on it.
+    /// GPU `ordinal`, routed experts left on the host only where the GPU cannot hold them.
     pub fn cuda(ordinal: usize) -> Self {
         DeviceSpec::Cuda {
             ordinal,
-            host_experts: 0,
+            experts: ExpertsOn::Fit,
         }
     }
 
-    /// The same device with the routed experts of `layers` main layers (the last ones) in host
-    /// memory, computed by the CPU (a GPU only; on the CPU everything is there already).
-    pub fn with_host_experts(self, layers: usize) -> Self {
+    /// The same device with the routed experts placed by `experts` (a GPU only; on the CPU
+    /// everything is in host memory already).
+    pub fn with_experts(self, experts: ExpertsOn) -> Self {
         match self {
-            DeviceSpec::Cuda { ordinal, .. } => DeviceSpec::Cuda {
-                ordinal,
-                host_experts: layers,
-            },
+            DeviceSpec::Cuda { ordinal, .. } => DeviceSpec::Cuda { ordinal, experts },
             DeviceSpec::Cpu => DeviceSpec::Cpu,
         }
     }
 
-    /// Parses where routed experts run beside a GPU (`--experts-on`): `gpu` (all on the GPU),
-    /// `cpu` (all in host memory, computed by the CPU), or `N`, the last N main layers'
-    /// experts on the CPU. Returns the number of layers.
-    pub fn parse_experts_on(s: &str) -> Result<usize> {
+    /// Parses where routed experts run beside a GPU (`--experts-on`): `auto` (on the GPU, but
+    /// for as many layers' as it cannot hold), `gpu` (all on the GPU), `cpu` (all in host
+    /// memory, computed by the CPU), or `N`, the last N main layers' on the CPU.
+    pub fn parse_experts_on(s: &str) -> Result<ExpertsOn> {
         match s {
-            "gpu" => Ok(0),
-            "cpu" => Ok(usize::MAX),
-            _ => s.parse().map_err(|_| {
+            "auto" => Ok(ExpertsOn::Fit),
+            "gpu" => Ok(ExpertsOn::Layers(0)),
+            "cpu" => Ok(ExpertsOn::Layers(usize::MAX)),
+            _ => s.parse().map(ExpertsOn::Layers).map_err(|_| {
                 Error::Input(format!(
-                    "--experts-on {s:?}: expected gpu, cpu or a number of layers"
+                    "--experts-on {s:?}: expected auto, gpu, cpu or a number of layers"
                 ))
             }),
         }
@@ -689,14 +697,13 @@ pub fn open_checkpoint(
     }
     match spec {
         DeviceSpec::Cpu => load(cpu::Cpu::default(), cfg, ck, progress),
-        DeviceSpec::Cuda {
-            ordinal,
-            host_experts,
-        } => load(
-            cuda::Cuda::new(ordinal)?.with_host_experts(host_experts),
-            cfg,
-            ck,
-            progress,
-        ),
+        DeviceSpec::Cuda { ordinal, experts } => {
+            let dev = cuda::Cuda::new(ordinal)?;
+            let layers = match experts {
+                ExpertsOn::Layers(n) => n,
+                ExpertsOn::Fit => dev.layers_to_leave(&cfg, &ck)?,
+            };
+            load(dev.with_host_experts(layers), cfg, ck, progress)
+        }
     }
 }

@@ -405,6 +405,32 @@ fn reserve() -> usize {
         .unwrap_or(2 << 30)
 }
 
+/// GPU memory `--experts-on auto` leaves free beyond the state pool's reserve, for activations
+/// (a prefill chunk's) and the first decode states.
+const WORK_BYTES: u64 = 6 << 30;
+
+/// The main layer a routed expert's tensor belongs to (`layers.{i}.ffn.experts.*`).
+fn expert_layer(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("layers.")?;
+    let (i, rest) = rest.split_once('.')?;
+    rest.starts_with("ffn.experts.").then(|| i.parse().ok())?
+}
+
+/// The fewest last layers whose routed experts (`experts[i]` bytes for layer `i`) must leave
+/// `total` bytes of weights for the rest to fit `budget`; `None` if all of them do not suffice.
+fn layers_to_leave(total: u64, experts: &[u64], budget: u64) -> Option<usize> {
+    let mut on_gpu = total;
+    for n in 0..=experts.len() {
+        if on_gpu <= budget {
+            return Some(n);
+        }
+        if n < experts.len() {
+            on_gpu -= experts[experts.len() - 1 - n];
+        }
+    }
+    None
+}
+
 /// A CUDA device.
 pub struct Cuda {
     /// The GPU.
@@ -573,6 +599,49 @@ impl Cuda {
             host_experts: layers,
             ..self
         }
+    }
+
+    /// How many main layers' routed experts (the last ones) must stay in host memory for the
+    /// rest of `ck`'s weights to fit this GPU's free memory, less the state pool's reserve and
+    /// [`WORK_BYTES`] for activations and decode states (`--experts-on auto`).
+    pub fn layers_to_leave(
+        &self,
+        cfg: &Config,
+        ck: &crate::checkpoint::Checkpoint,
+    ) -> Result<usize> {
+        let (free, _) = self.gpu.memory()?;
+        let budget = (free as u64).saturating_sub(reserve() as u64 + WORK_BYTES);
+        let blocks = cfg.num_hidden_layers;
+        let (mut total, mut experts) = (0u64, vec![0u64; blocks]);
+        for (name, bytes) in ck.sizes() {
+            total += bytes;
+            if let Some(i) = expert_layer(name).filter(|&i| i < blocks) {
+                experts[i] += bytes;
+            }
+        }
+        let gib = |b: u64| crate::inspect::bytes(b);
+        let Some(n) = layers_to_leave(total, &experts, budget) else {
+            let rest = total - experts.iter().sum::<u64>();
+            return Err(Error::OutOfMemory(format!(
+                "{}: the weights other than routed experts take {}, more than the {} free \
+                 less {} kept for activations and states",
+                self.name(),
+                gib(rest),
+                gib(free as u64),
+                gib(free as u64 - budget)
+            )));
+        };
+        if n > 0 {
+            eprintln!(
+                "hadal: {} has {} free for {} of weights: the routed experts of the last {n} of \
+                 {blocks} layers ({}) stay in host memory, computed by the CPU",
+                self.name(),
+                gib(free as u64),
+                gib(total),
+                gib(experts[blocks - n..].iter().sum())
+            );
+        }
+        Ok(n)
     }
 
     /// The routed experts of a block kept in host memory: the batch's hidden rows and routing
@@ -2319,4 +2388,24 @@ fn upload_bytes(gpu: &Gpu, b: &crate::checkpoint::Bytes) -> Result<Buf> {
             .push(f.span.max(1) as i32),
     )?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn experts_leave_for_the_host_from_the_last_layer() {
+        assert_eq!(expert_layer("layers.12.ffn.experts.255.w1.scale"), Some(12));
+        assert_eq!(expert_layer("layers.12.ffn.shared_experts.w1.weight"), None);
+        assert_eq!(expert_layer("mtp.0.ffn.experts.3.w1.weight"), None);
+        assert_eq!(expert_layer("layers.x.ffn.experts.3.w1.weight"), None);
+        // 100 bytes of weights, 20 a layer in routed experts over 4 layers.
+        let experts = [20, 20, 20, 20];
+        assert_eq!(layers_to_leave(100, &experts, 100), Some(0));
+        assert_eq!(layers_to_leave(100, &experts, 99), Some(1));
+        assert_eq!(layers_to_leave(100, &experts, 60), Some(2));
+        assert_eq!(layers_to_leave(100, &experts, 20), Some(4));
+        assert_eq!(layers_to_leave(100, &experts, 19), None);
+    }
 }
