@@ -130,6 +130,16 @@ impl Bytes {
         }
     }
 
+    /// Its length (synthetic bytes are not made for it: `[u8]::len` through `Deref` would).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Wraps owned bytes.
     pub fn owned(v: Vec<u8>) -> Self {
         let len = v.len();

@@ -125,6 +125,19 @@ impl Matrix {
         }
     }
 
+    /// Makes synthetic bytes (a checkpoint generated in place) exist in host memory; others
+    /// are there (or mapped) already.
+    pub fn materialize(&self) {
+        match &self.storage {
+            Storage::F8 { w, s } | Storage::F4 { w, s } => {
+                let _ = (&w[..], &s[..]);
+            }
+            Storage::Bf16(w) | Storage::F32(w) => {
+                let _ = &w[..];
+            }
+        }
+    }
+
     /// Decodes row `r` to f32 (scales applied).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         crate::backend::cpu::decode_row(self, r, out);

@@ -144,6 +144,8 @@ impl Device for Cpu {
     }
 
     fn weight(&self, m: Matrix) -> Result<Matrix> {
+        // Synthetic weights are made now, not in the step that first reads them.
+        m.materialize();
         Ok(m)
     }
     fn vector(&self, v: &[f32]) -> Result<Vec<f32>> {

@@ -1118,9 +1118,7 @@ impl Device for Cuda {
             Storage::F32(_) => Format::F32,
         };
         // Synthetic weights are made now, not in the first step that reads them.
-        if let Storage::F8 { w, s } | Storage::F4 { w, s } = &m.storage {
-            let _ = (&w[..], &s[..]);
-        }
+        m.materialize();
         Ok(Weight {
             rows: m.rows,
             cols: m.cols,
