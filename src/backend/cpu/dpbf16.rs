@@ -472,12 +472,7 @@ mod tests {
             return;
         }
         let mut seed = 5u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 32) as u32
-        };
+        let mut next = || lcg(&mut seed);
         for _ in 0..20_000 {
             // bf16 values of exponents 2^-27..2^12, and an accumulator 2^-27..2^12.
             let mut v = || f32::from_bits((next() & 0x807f_0000) | ((100 + next() % 40) << 23));
@@ -503,17 +498,16 @@ mod tests {
         _mm512_cvtss_f32(_mm512_dpbf16_ps(_mm512_set1_ps(acc), pack(x), pack(w)))
     }
 
+    /// The next 32 bits of a linear congruential sequence.
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 32) as u32
+    }
+
     fn bytes(n: usize, seed: &mut u64, f: impl Fn(u8) -> u8) -> Bytes {
-        Bytes::owned(
-            (0..n)
-                .map(|_| {
-                    *seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    f((*seed >> 33) as u8)
-                })
-                .collect(),
-        )
+        Bytes::owned((0..n).map(|_| f((lcg(seed) >> 1) as u8)).collect())
     }
 
     /// FP8 and FP4 weights, scales inside and outside the range the bf16 sums take (those
