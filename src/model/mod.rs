@@ -67,20 +67,9 @@ impl<'a, D: Device> Loader<'a, D> {
         self.put(m)
     }
 
-    /// A routed expert's matrix of block `block` (of `blocks` main ones), on the device or in
-    /// host memory as the device places it ([`Device::experts_on_host`]), counted (as `host
-    /// FP4` and so on where it stays on the host).
-    pub fn routed_matrix(
-        &mut self,
-        prefix: &str,
-        rows: usize,
-        cols: usize,
-        block: usize,
-        blocks: usize,
-    ) -> Result<D::Weight> {
-        if !self.dev.experts_on_host(block, blocks) {
-            return self.matrix(prefix, rows, cols);
-        }
+    /// A matrix kept in host memory (routed experts the device leaves there,
+    /// [`Device::experts_on_host`]), counted as `host FP4` and so on.
+    pub fn host_matrix(&mut self, prefix: &str, rows: usize, cols: usize) -> Result<D::Weight> {
         let m = Matrix::load(&mut self.ck, prefix, rows, cols)?;
         let key = match m.format() {
             "FP8" => "host FP8",

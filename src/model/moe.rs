@@ -22,20 +22,14 @@ pub struct Expert<D: Device> {
 }
 
 impl<D: Device> Expert<D> {
-    /// Loads `{prefix}.w1`, `.w2`, `.w3`; a routed expert's (`routed`: its block and the
-    /// number of main blocks) as the device places those.
-    fn load(
-        l: &mut Loader<D>,
-        prefix: &str,
-        d: usize,
-        f: usize,
-        routed: Option<(usize, usize)>,
-    ) -> Result<Self> {
+    /// Loads `{prefix}.w1`, `.w2`, `.w3`, kept in host memory where `host`.
+    fn load(l: &mut Loader<D>, prefix: &str, d: usize, f: usize, host: bool) -> Result<Self> {
         let mut m = |name: &str, rows: usize, cols: usize| {
             let name = format!("{prefix}.{name}");
-            match routed {
-                Some((block, blocks)) => l.routed_matrix(&name, rows, cols, block, blocks),
-                None => l.matrix(&name, rows, cols),
+            if host {
+                l.host_matrix(&name, rows, cols)
+            } else {
+                l.matrix(&name, rows, cols)
             }
         };
         Ok(Expert {
@@ -121,18 +115,16 @@ impl<D: Device> Moe<D> {
             Routing::Score(l.vector(&format!("{prefix}.gate.bias"), &[e])?)
         };
         let gate = l.matrix(&format!("{prefix}.gate"), e, d)?;
+        let host = l.dev.experts_on_host(block, cfg.num_hidden_layers);
         let experts = (0..e)
-            .map(|i| {
-                let routed = Some((block, cfg.num_hidden_layers));
-                Expert::load(l, &format!("{prefix}.experts.{i}"), d, f, routed)
-            })
+            .map(|i| Expert::load(l, &format!("{prefix}.experts.{i}"), d, f, host))
             .collect::<Result<Vec<_>>>()?;
         Ok(Moe {
             gate,
             routing,
             set: l.dev.expert_set(&experts)?,
             experts,
-            shared: Expert::load(l, &format!("{prefix}.shared_experts"), d, f, None)?,
+            shared: Expert::load(l, &format!("{prefix}.shared_experts"), d, f, false)?,
             topk: k,
             scale: cfg.routed_scaling_factor as f32,
             func: cfg.scoring_func,
