@@ -122,11 +122,15 @@ while true; do
       HADAL_CUDA_GRAPHS=0 step "$name" timeout 240 /usr/local/cuda/bin/ncu --clock-control none \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
         --section WarpStateStats --section LaunchStats --section InstructionStats \
+        $([ "${SASS:-0}" = 1 ] && echo --section SourceCounters --section WarpStateStats) \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         --kernel-name-base function \
         --kernel-name "regex:$regex" --launch-skip "$skip" --launch-count "$count" \
         -o /tmp/$name -f "$B/hadal" bench --device cuda "${args[@]}"
       /usr/local/cuda/bin/ncu -i /tmp/$name.ncu-rep --page details > "$OUT/$name.txt" 2>> "$OUT/$name.log"
+      # SASS=1: every instruction's executions and stall samples too (tools/device/sass.py).
+      [ "${SASS:-0}" = 1 ] && /usr/local/cuda/bin/ncu -i /tmp/$name.ncu-rep --page source --csv \
+        --print-source sass > "$OUT/$name.sass.csv" 2>> "$OUT/$name.log"
       ;;
     *) log "unknown mode $mode"; exit 2 ;;
   esac

@@ -1892,10 +1892,11 @@ impl Device for Cuda {
             });
         }
         let scores = self.tensor(b.t, nmax)?;
-        // About four blocks an SM in all, each scoring a multiple of 128 entries (4 warps x 32);
-        // an entry's score does not depend on the block that computes it.
+        // Three blocks an SM in all (as many as its registers hold: 152 a thread), so that a
+        // long row is one wave; each scores a multiple of 128 entries (4 warps x 32). An
+        // entry's score does not depend on the block that computes it.
         let sms = self.gpu.sms as usize;
-        let per_block = nmax.div_ceil((4 * sms / b.t).max(1)).next_multiple_of(128);
+        let per_block = nmax.div_ceil((3 * sms / b.t).max(1)).next_multiple_of(128);
         let a = args::Score {
             q: q.buf.ptr,
             w: w.buf.ptr,
@@ -1971,9 +1972,11 @@ impl Device for Cuda {
         let keys = b.max_end.min(w) + comp_keys;
         let mma = self.tensor_cores && dh % 64 == 0 && 512 % dh == 0 && row.nope % 16 == 0;
         let (s, hg, threads, smem) = if mma {
-            let s = keys.div_ceil(32).clamp(1, 128);
+            // At most 64 slices: past 2,048 keys, longer slices rather than more blocks
+            // (a layer's blocks then fit the SMs at once, and the join reads less).
+            let s = keys.div_ceil(32).clamp(1, 64);
             let mut hg = 16;
-            while hg > 4 && b.t * h.div_ceil(hg) * s < 2 * self.gpu.sms as usize {
+            while hg > 4 && b.t * h.div_ceil(hg) * s < self.gpu.sms as usize {
                 hg /= 2;
             }
             (

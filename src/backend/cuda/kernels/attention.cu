@@ -92,7 +92,9 @@ __device__ void token_slice(const AttnArgs& a, int t, long p, int nwin, int per_
     long total = nwin + ncomp;
     long n = (total + per_split - 1) / per_split;
     n = n < 1 ? 1 : (n > a.S ? a.S : n);
-    long per = (total + n - 1) / n;
+    // Whole chunks of 16 keys a slice (a chunk costs the same however few keys it holds).
+    long per = ((total + n - 1) / n + 15) & ~15l;
+    n = total > per ? (total + per - 1) / per : 1;
     *k0 = blockIdx.z * per;
     *k1 = *k0 + per < total ? *k0 + per : total;
     if (blockIdx.z >= n) *k1 = *k0;

@@ -109,6 +109,11 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     token_slice(a, t, p, nwin, TC_KEYS_PER_SPLIT, &picked, &k0, &k1, &splits);
     int nchunks = (int)((k1 - k0 + TC_KEYS - 1) / TC_KEYS);
 
+    // The block's threads walk rows of 16-byte pieces (raw key rows), of the non-RoPE dims'
+    // groups of four and of the RoPE dims' (converting keys): one item a thread, the next
+    // a block's width on, so that every thread has as much to do.
+    int cpr = rb / 16, nq = nope / 16, rq = (dh - nope) / 4;
+    WalkStep cpw = walk_step(cpr), nqw = walk_step(nq), rqw = walk_step(rq);
     // Chunk c's packed rows into raw buffer c % 2 (the addresses of up to TC_SRC_MAX keys
     // looked up together, one a thread).
     auto fetch = [&](int c) {
@@ -118,18 +123,17 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
             if (kb + tid < k1 && tid < TC_SRC_MAX) src[tid] = key_src(a, s, p, nwin, kb + tid, t);
             __syncthreads();
         }
-        int nk = (int)(k1 - kb < TC_KEYS ? k1 - kb : TC_KEYS), cpr = rb / 16;
+        int nk = (int)(k1 - kb < TC_KEYS ? k1 - kb : TC_KEYS), sb = (int)((kb - k0) % TC_SRC_MAX);
         u8* dst = smem + L.raw + (c & 1) * TC_KEYS * rb;
-        for (int i = tid; i < nk * cpr; i += blockDim.x) {
-            int kk = i / cpr, ch = i % cpr;
-            cp_async16(dst + kk * rb + 16 * ch, src[(kb - k0 + kk) % TC_SRC_MAX] + 16 * ch, true);
-        }
+        Walk w = walk_start(cpr);
+        for (; w.row < nk; walk_next(w, cpw))
+            cp_async16(dst + w.row * rb + 16 * w.col, src[sb + w.row] + 16 * w.col, true);
     };
     if (nchunks > 0) fetch(0);
     cp_commit();
 
-    // A thread converts four dims (d4) of rows r0, r0 + rstep, ... (dh divides 512, so that 128
-    // threads cover whole rows).
+    // A thread splits four dims (d4) of the query rows r0, r0 + rstep, ... (dh divides 512, so
+    // that 128 threads cover whole rows).
     int per_row = dh / 4, d4 = 4 * (tid % per_row), r0 = tid / per_row, rstep = blockDim.x / per_row;
     // The queries' three planes (zero rows past the block's heads), all loads in flight first.
     {
@@ -156,7 +160,9 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
         }
     }
 
+    // The warp's dims [d0w, d0w + dq): its non-RoPE ones end at dn, in its tile jn of 8.
     int dq = dh / 4, d0w = warp * dq, nto = dq / 8;
+    int dn = d0w + dq < nope ? d0w + dq : (nope > d0w ? nope : d0w), jn = (dn - d0w) / 8;
     float oh[TC_NT_MAX][4], ol[TC_NT_MAX][4];
 #pragma unroll
     for (int j = 0; j < TC_NT_MAX; j++)
@@ -174,65 +180,84 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
         __syncthreads();
         if (c + 1 < nchunks) fetch(c + 1);
         cp_commit();
-        // The chunk's keys as bf16 parts, four dims a thread at a time; rows past nk zero.
+        // The chunk's keys as bf16 parts: 16 non-RoPE dims (one scale block's) or 4 RoPE dims
+        // an item; rows past nk zero.
         const u8* raw = smem + L.raw + (c & 1) * TC_KEYS * rb;
-        if (d4 < nope) {
-            for (int kk = r0; kk < TC_KEYS; kk += rstep) {
-                uint2 o = make_uint2(0, 0);
-                if (kk < nk) {
-                    const u8* r = raw + kk * rb;
-                    float sc = e8m0(r[a.row.s_off + d4 / 64]);
+        for (Walk w = walk_start(nq); w.row < TC_KEYS; walk_next(w, nqw)) {
+            int kk = w.row, d = 16 * w.col;
+            u32 o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (kk < nk) {
+                const u8* r = raw + kk * rb;
+                float sc = e8m0(r[a.row.s_off + d / 64]);
+                uint4 q4 = *(const uint4*)(r + d);
+                u32 cw[4] = {q4.x, q4.y, q4.z, q4.w};
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
                     u32 lo, hi;
-                    e4m3x4_f16(*(const u32*)(r + d4), lo, hi);
+                    e4m3x4_f16(cw[i], lo, hi);
                     // Each value exact in bf16: its upper half.
-                    o.x = __byte_perm(__float_as_uint(f16_lo(lo) * sc), __float_as_uint(f16_hi(lo) * sc), 0x7632);
-                    o.y = __byte_perm(__float_as_uint(f16_lo(hi) * sc), __float_as_uint(f16_hi(hi) * sc), 0x7632);
+                    o[2 * i] = __byte_perm(__float_as_uint(f16_lo(lo) * sc), __float_as_uint(f16_hi(lo) * sc), 0x7632);
+                    o[2 * i + 1] = __byte_perm(__float_as_uint(f16_lo(hi) * sc), __float_as_uint(f16_hi(hi) * sc), 0x7632);
                 }
-                *(uint2*)(smem + L.k + 2 * (kk * L.P + d4)) = o;
             }
-        } else {
-            for (int kk = r0; kk < TC_KEYS; kk += rstep) {
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (kk < nk) v = *(const float4*)(raw + kk * rb + a.row.r_off + 4 * (d4 - nope));
-                float f[4] = {v.x, v.y, v.z, v.w};
-                u16 pp[4][3];
+            uint4* dst = (uint4*)(smem + L.k + 2 * (kk * L.P + d));
+            dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+            dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+        }
+        for (Walk w = walk_start(rq); w.row < TC_KEYS; walk_next(w, rqw)) {
+            int kk = w.row, d4 = nope + 4 * w.col;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (kk < nk) v = *(const float4*)(raw + kk * rb + a.row.r_off + 4 * (d4 - nope));
+            float f[4] = {v.x, v.y, v.z, v.w};
+            u16 pp[4][3];
 #pragma unroll
-                for (int j = 0; j < 4; j++) split3(f[j], pp[j]);
-                *(uint2*)(smem + L.k + 2 * (kk * L.P + d4)) = make_uint2(pack2(pp[0][0], pp[1][0]), pack2(pp[2][0], pp[3][0]));
+            for (int j = 0; j < 4; j++) split3(f[j], pp[j]);
+            *(uint2*)(smem + L.k + 2 * (kk * L.P + d4)) = make_uint2(pack2(pp[0][0], pp[1][0]), pack2(pp[2][0], pp[3][0]));
 #pragma unroll
-                for (int j = 1; j < 3; j++)
-                    *(uint2*)(smem + L.kr + 2 * (((j - 1) * TC_KEYS + kk) * L.RP + d4 - nope)) =
-                        make_uint2(pack2(pp[0][j], pp[1][j]), pack2(pp[2][j], pp[3][j]));
-            }
+            for (int j = 1; j < 3; j++)
+                *(uint2*)(smem + L.kr + 2 * (((j - 1) * TC_KEYS + kk) * L.RP + d4 - nope)) =
+                    make_uint2(pack2(pp[0][j], pp[1][j]), pack2(pp[2][j], pp[3][j]));
         }
         __syncthreads();
 
-        // The warp's share of the 16 x 16 scores: its quarter of the dims, 16 at a time.
-        float sh[2][4], sl[2][4];
+        // The warp's share of the 16 x 16 scores: its quarter of the dims, 16 at a time, the
+        // non-RoPE dims (keys exact in one plane) apart from the RoPE dims (three). The query
+        // parts' products go to accumulators of their own (no MMA waits for another's sum).
+        float sh[2][4], s1[2][4], s2[2][4];
 #pragma unroll
         for (int n = 0; n < 2; n++)
 #pragma unroll
-            for (int c = 0; c < 4; c++) sh[n][c] = sl[n][c] = 0.0f;
-        for (int d = d0w; d < d0w + dq; d += 16) {
+            for (int c = 0; c < 4; c++) sh[n][c] = s1[n][c] = s2[n][c] = 0.0f;
+        int key = (lane & 7) + ((lane >> 4) << 3), col = ((lane >> 3) & 1) * 8;
+        for (int d = d0w; d < dn; d += 16) {
+            u32 A[3][4], B[4];
+#pragma unroll
+            for (int j = 0; j < 3; j++)
+                ldsm_x4(A[j], smem + L.q + 2 * ((j * TC_HEADS + (lane & 15)) * L.P + d + (lane >> 4) * 8));
+            ldsm_x4(B, smem + L.k + 2 * (key * L.P + d + col));
+#pragma unroll
+            for (int n = 0; n < 2; n++) {
+                mma16816_bf16(sh[n], A[0][0], A[0][1], A[0][2], A[0][3], B[2 * n], B[2 * n + 1]);
+                mma16816_bf16(s1[n], A[1][0], A[1][1], A[1][2], A[1][3], B[2 * n], B[2 * n + 1]);
+                mma16816_bf16(s2[n], A[2][0], A[2][1], A[2][2], A[2][3], B[2 * n], B[2 * n + 1]);
+            }
+        }
+        for (int d = dn > d0w ? dn : d0w; d < d0w + dq; d += 16) {
             u32 A[3][4], B[3][4];
 #pragma unroll
             for (int j = 0; j < 3; j++)
                 ldsm_x4(A[j], smem + L.q + 2 * ((j * TC_HEADS + (lane & 15)) * L.P + d + (lane >> 4) * 8));
-            int key = (lane & 7) + ((lane >> 4) << 3), col = ((lane >> 3) & 1) * 8;
             ldsm_x4(B[0], smem + L.k + 2 * (key * L.P + d + col));
-            bool rope = d >= nope;
-            if (rope)
 #pragma unroll
-                for (int j = 1; j < 3; j++)
-                    ldsm_x4(B[j], smem + L.kr + 2 * (((j - 1) * TC_KEYS + key) * L.RP + d - nope + col));
+            for (int j = 1; j < 3; j++)
+                ldsm_x4(B[j], smem + L.kr + 2 * (((j - 1) * TC_KEYS + key) * L.RP + d - nope + col));
 #pragma unroll
             for (int n = 0; n < 2; n++)
 #pragma unroll
                 for (int qp = 0; qp < 3; qp++)
 #pragma unroll
                     for (int kp = 0; kp < 3; kp++) {
-                        if (kp > 0 && !rope) continue;
-                        float* c = qp == 0 && kp == 0 ? sh[n] : sl[n];
+                        float* c = qp == 0 && kp == 0 ? sh[n] : (qp == 2 ? s2[n] : s1[n]);
                         mma16816_bf16(c, A[qp][0], A[qp][1], A[qp][2], A[qp][3], B[kp][2 * n], B[kp][2 * n + 1]);
                     }
         }
@@ -241,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
         for (int n = 0; n < 2; n++)
 #pragma unroll
             for (int c = 0; c < 4; c++)
-                part[(warp * TC_HEADS + g + 8 * (c >> 1)) * TC_KEYS + 8 * n + 2 * tq + (c & 1)] = sh[n][c] + sl[n][c];
+                part[(warp * TC_HEADS + g + 8 * (c >> 1)) * TC_KEYS + 8 * n + 2 * tq + (c & 1)] = sh[n][c] + (s1[n][c] + s2[n][c]);
         __syncthreads();
 
         // Every warp: the scores in the same C layout, the running max and sum, and the
@@ -288,27 +313,41 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
 #pragma unroll
             for (int j = 0; j < 3; j++) P[j][i] = pack2(x[j], y[j]);
         }
+        // Once the running max settles (most chunks of a long list), every alpha is 1.
+        if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f))
+#pragma unroll
+            for (int j = 0; j < TC_NT_MAX; j++) {
+                if (j >= nto) break;
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    oh[j][c] *= alpha[c >> 1];
+                    ol[j][c] *= alpha[c >> 1];
+                }
+            }
+        // The weighted values of the warp's non-RoPE dims (tiles below jn), then of its RoPE dims.
+#pragma unroll
+        for (int j = 0; j < TC_NT_MAX; j++) {
+            if (j >= jn) break;
+            u32 B[2];
+            ldsm_x2_trans(B, smem + L.k + 2 * ((lane & 15) * L.P + d0w + 8 * j));
+            mma16816_bf16(oh[j], P[0][0], P[0][1], P[0][2], P[0][3], B[0], B[1]);
+            mma16816_bf16(ol[j], P[1][0], P[1][1], P[1][2], P[1][3], B[0], B[1]);
+            mma16816_bf16(ol[j], P[2][0], P[2][1], P[2][2], P[2][3], B[0], B[1]);
+        }
 #pragma unroll
         for (int j = 0; j < TC_NT_MAX; j++) {
             if (j >= nto) break;
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                oh[j][c] *= alpha[c >> 1];
-                ol[j][c] *= alpha[c >> 1];
-            }
+            if (j < jn) continue;
             int d = d0w + 8 * j;
-            bool rope = d >= nope;
             u32 B[3][2];
             ldsm_x2_trans(B[0], smem + L.k + 2 * ((lane & 15) * L.P + d));
-            if (rope)
 #pragma unroll
-                for (int kp = 1; kp < 3; kp++)
-                    ldsm_x2_trans(B[kp], smem + L.kr + 2 * (((kp - 1) * TC_KEYS + (lane & 15)) * L.RP + d - nope));
+            for (int kp = 1; kp < 3; kp++)
+                ldsm_x2_trans(B[kp], smem + L.kr + 2 * (((kp - 1) * TC_KEYS + (lane & 15)) * L.RP + d - nope));
 #pragma unroll
             for (int pp = 0; pp < 3; pp++)
 #pragma unroll
                 for (int kp = 0; kp < 3; kp++) {
-                    if (kp > 0 && !rope) continue;
                     float* c = pp == 0 && kp == 0 ? oh[j] : ol[j];
                     mma16816_bf16(c, P[pp][0], P[pp][1], P[pp][2], P[pp][3], B[kp][0], B[kp][1]);
                 }

@@ -66,7 +66,8 @@ extern "C" __global__ void compress_emit(const u32* jobs, const SeqDesc* descs, 
         float* h = v;
         float p = (float)(b * a.c);
         float ang = p * a.freqs[j];
-        float cs = cosf(ang), sn = sinf(ang);
+        float cs, sn;
+        rope_sincos(ang, &sn, &cs);
         float* pr = h + a.d - 2 * a.half + 2 * j;
         float x0 = pr[0], x1 = pr[1];
         pr[0] = x0 * cs - x1 * sn;

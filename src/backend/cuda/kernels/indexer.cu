@@ -58,13 +58,15 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
 #pragma unroll
         for (int j = 0; j < 32; j++) am = fmaxf(am, fabsf(v[j]));
         float sc = am > 0.0f ? pow2i(exponent_of(am)) : 1.0f;
+        // A power of two's reciprocal is exact (2^-127 too, a subnormal), so v * inv is v / sc.
+        float inv = 1.0f / sc;
         qs[h * IKB_MAX + b] = sc * 16384.0f;
         u16* o = (u16*)(q16 + h * QROW(dim)) + 32 * b;
 #pragma unroll
         for (int j = 0; j < 32; j++) {
             int grp = j >> 3, e = j & 7;
             u16 c;
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(c) : "f"(v[j] / sc));
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(c) : "f"(v[j] * inv));
             o[8 * grp + f4_slot(e)] = c;
         }
     }
@@ -342,7 +344,6 @@ extern "C" __global__ void __launch_bounds__(256) topk_count(TopkArgs a) {
 extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
     pdl_wait();
     __shared__ u32 scan[256];
-    __shared__ u32 base[2];
     int t = blockIdx.x;
     long n = (a.tok_pos[t] + 1) / a.ratio;
     int* out = a.picks + (long)t * a.k;
@@ -352,19 +353,22 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
         return;
     }
     u32 prefix = a.state[4 * t], need = a.state[4 * t + 2];
-    if (threadIdx.x == 0) {
-        u32 at = 0, eqb = 0;
-        const u32* c = a.counts + 2l * t * gridDim.y;
-        for (u32 y = 0; y < blockIdx.y; y++) {
-            u32 e = c[2 * y + 1];
-            u32 take = eqb >= need ? 0 : (need - eqb < e ? need - eqb : e);
-            at += c[2 * y] + take;
-            eqb += e;
+    // What the blocks before this one write: their keys above the k-th and the ties they take
+    // (the lowest indices first: block y takes min(e_y, need - ties before y)), by block scans.
+    u32 at = 0, eqb = 0;
+    const u32* c = a.counts + 2l * t * gridDim.y;
+    for (u32 y0 = 0; y0 < blockIdx.y; y0 += blockDim.x) {
+        u32 y = y0 + threadIdx.x, g = 0, e = 0, te, tg;
+        if (y < blockIdx.y) {
+            g = c[2 * y];
+            e = c[2 * y + 1];
         }
-        base[0] = at;
-        base[1] = eqb;
+        u32 before = eqb + block_scan(e, scan, &te);
+        u32 take = before >= need ? 0 : (need - before < e ? need - before : e);
+        block_scan(g + take, scan, &tg);
+        at += tg;
+        eqb += te;
     }
-    __syncthreads();
     const float* row = a.scores + (long)t * a.nmax;
     long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
     long len = hi > lo ? hi - lo : 0;
@@ -377,9 +381,9 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
         eq += u == prefix;
     }
     u32 total;
-    u32 eqb = base[1] + block_scan(eq, scan, &total);
+    eqb += block_scan(eq, scan, &total);
     u32 take = eqb >= need ? 0 : (need - eqb < eq ? need - eqb : eq);
-    u32 at = base[0] + block_scan(gt + take, scan, &total);
+    at += block_scan(gt + take, scan, &total);
     for (long i = i0; i < i1; i++) {
         u32 u = fkey(row[i]);
         if (u > prefix || (u == prefix && take > 0)) {

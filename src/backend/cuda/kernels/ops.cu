@@ -98,8 +98,8 @@ extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int d
 // Rotates pair i of the last 2 * half dims of a head at position p.
 __device__ __forceinline__ void rotate(float* h, int dh, int half, int i, float p, const float* freqs,
                                        int inverse) {
-    float a = p * freqs[i];
-    float c = cosf(a), s = sinf(a);
+    float a = p * freqs[i], c, s;
+    rope_sincos(a, &s, &c);
     float* pr = h + dh - 2 * half + 2 * i;
     float x0 = pr[0], x1 = pr[1];
     if (inverse) {

@@ -71,6 +71,46 @@ __device__ float block_max(float v, float* sh) {
     return r;
 }
 
+// A block's threads walking the items of a rows x cols grid, row by row: thread i takes item
+// i, then every blockDim.x-th, its row and column carried along without a division a step.
+struct WalkStep {
+    int cols, rows, extra;  // a step of blockDim.x items: whole rows, then columns
+};
+struct Walk {
+    int row, col;
+};
+__device__ __forceinline__ WalkStep walk_step(int cols) {
+    WalkStep s;
+    s.cols = cols;
+    s.rows = cols > 0 ? (int)blockDim.x / cols : 1 << 30;
+    s.extra = cols > 0 ? (int)blockDim.x % cols : 0;
+    return s;
+}
+__device__ __forceinline__ Walk walk_start(int cols) {
+    Walk w;
+    w.row = cols > 0 ? (int)threadIdx.x / cols : 1 << 30;
+    w.col = cols > 0 ? (int)threadIdx.x % cols : 0;
+    return w;
+}
+__device__ __forceinline__ void walk_next(Walk& w, WalkStep s) {
+    w.row += s.rows;
+    w.col += s.extra;
+    if (w.col >= s.cols) {
+        w.col -= s.cols;
+        w.row++;
+    }
+}
+
+// sin and cos of an f32 angle, rounded from double precision: the C library's correctly
+// rounded `sinf`/`cosf` (the CPU's) bar a rare double rounding, and at long contexts (angles up
+// to 1e6 rad) faster than sinf's slow argument reduction.
+__device__ __forceinline__ void rope_sincos(float a, float* s, float* c) {
+    double sd, cd;
+    sincos((double)a, &sd, &cd);
+    *s = (float)sd;
+    *c = (float)cd;
+}
+
 // 2^e for e in the normal range.
 __device__ __forceinline__ float pow2i(int e) { return __int_as_float((e + 127) << 23); }
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Summarises `ncu --page source --print-source sass --csv` (run.sh's SASS=1 profiles): the
+instructions most warp-stall samples landed on, with their main stall reasons and executions,
+and the executions by opcode.
+
+    python3 tools/device/sass.py NAME.sass.csv [TOP]
+"""
+import csv
+import sys
+from collections import Counter
+
+path = sys.argv[1]
+top = int(sys.argv[2]) if len(sys.argv) > 2 else 40
+with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+head = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
+cols = rows[head]
+ix = {c: i for i, c in enumerate(cols)}
+stalls = [c for c in cols if c.startswith("stall_") and "Not Issued" not in c]
+insts = []
+for n, r in enumerate(rows[head + 1:]):
+    if len(r) < len(cols):
+        continue
+    num = lambda c: float(r[ix[c]] or 0) if r[ix[c]] not in ("-", "") else 0.0
+    reasons = sorted(((num(s), s[6:]) for s in stalls), reverse=True)[:3]
+    insts.append((n, r[ix["Source"]].strip(), num("Warp Stall Sampling (All Samples)"),
+                  num("Instructions Executed"), reasons))
+samples = sum(i[2] for i in insts) or 1
+executed = sum(i[3] for i in insts) or 1
+print(f"{len(insts)} instructions, {samples:.0f} samples, {executed:.0f} warp instructions executed")
+print("\nby opcode (executions):")
+ops = Counter()
+for _, src, _, ex, _ in insts:
+    ops[src.split()[0] if not src.startswith("@") else src.split()[1]] += ex
+for op, ex in ops.most_common(20):
+    print(f"  {op:14s} {ex:12.0f} {100 * ex / executed:5.1f}%")
+print(f"\ntop {top} by samples (line, samples %, executions, reasons):")
+for n, src, s, ex, rs in sorted(insts, key=lambda i: -i[2])[:top]:
+    why = ", ".join(f"{name} {v:.0f}" for v, name in rs if v > 0)
+    print(f"  {n:5d} {100 * s / samples:5.1f}% {ex:10.0f}  {src[:60]:60s} {why}")
