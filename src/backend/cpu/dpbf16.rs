@@ -24,19 +24,15 @@ use crate::weights::{Matrix, Storage};
 
 /// Whether this CPU has the instructions (AVX-512 BW, VBMI and BF16) and [`super::simd`] runs
 /// on AVX-512 (`HADAL_CPU_SIMD=avx512` keeps the f32 kernels, to compare the two).
+#[cfg(target_arch = "x86_64")]
 pub fn available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::simd::lanes() == 16
-                && std::env::var("HADAL_CPU_SIMD").as_deref() != Ok("avx512")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vbmi")
-                && std::arch::is_x86_feature_detected!("avx512bf16")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        super::simd::lanes() == 16
+            && std::env::var("HADAL_CPU_SIMD").as_deref() != Ok("avx512")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vbmi")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
     })
 }
 

@@ -13,8 +13,9 @@
 //! output's weight row streams through registers with no transpose ([`product16`]), at the
 //! memory's pace.
 //!
-//! AVX-512 (16 lanes) and AVX2 (8 lanes) are chosen at run time; elsewhere, and for widths they
-//! do not take, [`super::linear`]'s scalar loops run.
+//! AVX-512 (16 lanes) and AVX2 (8 lanes) are chosen at run time, NEON (8 lanes in two
+//! vectors) runs on every aarch64 CPU; elsewhere, and for widths they do not take,
+//! [`super::linear`]'s scalar loops run.
 
 use rayon::prelude::*;
 
@@ -23,13 +24,14 @@ use crate::quant::{e8m0, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK};
 use crate::weights::{Matrix, Storage};
 
 /// The SIMD width this CPU gives the kernels (0: none): the widest it has, or, with
-/// `HADAL_CPU_SIMD=avx2` or `scalar`, at most that (to compare the paths on one machine).
+/// `HADAL_CPU_SIMD=avx2` (`neon`) or `scalar`, at most that (to compare the paths on one
+/// machine).
 pub fn lanes() -> usize {
     static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *LANES.get_or_init(|| {
         let cap = match std::env::var("HADAL_CPU_SIMD").as_deref() {
             Ok("scalar") => 0,
-            Ok("avx2") => 8,
+            Ok("avx2" | "neon") => 8,
             _ => 16,
         };
         detected().min(cap)
@@ -48,6 +50,10 @@ fn detected() -> usize {
         {
             return 8;
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("neon") {
+        return 8;
     }
     0
 }
@@ -71,7 +77,7 @@ pub fn product(
     product_in(lanes(), m, x, rows, range)
 }
 
-/// [`product`] on `l` lanes (16: AVX-512, 8: AVX2), which the CPU must have.
+/// [`product`] on `l` lanes (16: AVX-512, 8: AVX2 or NEON), which the CPU must have.
 fn product_in(
     l: usize,
     m: &Matrix,
@@ -99,7 +105,12 @@ fn product_in(
                     x86::tile_avx2(m, n0, x, rows, out);
                 }
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `lanes()` saw NEON.
+            unsafe {
+                neon::tile_neon(m, n0, x, rows, out)
+            };
+            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
             let _ = (n0, out);
         });
     let mut y = vec![0f32; rows * n];
@@ -123,7 +134,7 @@ pub fn product16(m: &Matrix, x: &[f32], rows: usize, range: std::ops::Range<usiz
     product16_in(lanes(), m, x, rows, range)
 }
 
-/// [`product16`] on `l` lanes (16: AVX-512, 8: AVX2), which the CPU must have.
+/// [`product16`] on `l` lanes (16: AVX-512, 8: AVX2 or NEON), which the CPU must have.
 fn product16_in(
     l: usize,
     m: &Matrix,
@@ -142,7 +153,13 @@ fn product16_in(
                 x86::rows16_avx2(m, j0, x, rows, out);
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `lanes()` saw NEON.
+        unsafe {
+            let _ = l;
+            neon::rows16_neon(m, j0, x, rows, out)
+        };
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let _ = (l, j0, out);
     })
 }
@@ -428,6 +445,9 @@ unsafe fn tile_with<L: Lanes>(
         }
     }
 }
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
@@ -736,11 +756,15 @@ mod tests {
     use crate::checkpoint::Bytes;
     use crate::quant::E4M3;
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[test]
     fn e4m3_decodes_as_the_table() {
         let codes: [u8; 256] = std::array::from_fn(|i| i as u8);
-        for got in x86::decode_all(&codes) {
+        #[cfg(target_arch = "x86_64")]
+        let paths = x86::decode_all(&codes);
+        #[cfg(target_arch = "aarch64")]
+        let paths = vec![neon::decode_all(&codes)];
+        for got in paths {
             for (c, (g, w)) in got.iter().zip(E4M3.iter()).enumerate() {
                 assert!(
                     g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
@@ -794,7 +818,7 @@ mod tests {
     fn rows_sum_as_the_scalar_lanes() {
         let widths: Vec<usize> = [16, 8].into_iter().filter(|&l| l <= lanes()).collect();
         if widths.is_empty() {
-            eprintln!("rows_sum_as_the_scalar_lanes: skipped (no AVX2 or AVX-512)");
+            eprintln!("rows_sum_as_the_scalar_lanes: skipped (no AVX2, AVX-512 or NEON)");
             return;
         }
         let mut seed = 11u64;
@@ -829,7 +853,7 @@ mod tests {
     fn tiles_sum_as_the_scalar_chain() {
         let widths: Vec<usize> = [16, 8].into_iter().filter(|&l| l <= lanes()).collect();
         if widths.is_empty() {
-            eprintln!("tiles_sum_as_the_scalar_chain: skipped (no AVX2 or AVX-512)");
+            eprintln!("tiles_sum_as_the_scalar_chain: skipped (no AVX2, AVX-512 or NEON)");
             return;
         }
         let mut seed = 7u64;

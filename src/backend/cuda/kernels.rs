@@ -176,6 +176,8 @@ fn compile_with(arch: (i32, i32), extra: &[String]) -> Result<(Vec<u8>, String)>
         let compiled = cudarc::nvrtc::result::compile_program(prog, &opts);
         let log = cudarc::nvrtc::result::get_program_log(prog)
             .map(|l| {
+                // `c_char` is i8 on x86_64 and u8 on aarch64.
+                #[allow(clippy::unnecessary_cast)]
                 let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
                 String::from_utf8_lossy(&bytes)
                     .trim_end_matches('\0')
