@@ -1180,6 +1180,40 @@ fn flash_blocks(experts: usize, topk: usize) -> Config {
     Config::from_json(&v.to_string()).unwrap()
 }
 
+/// mHC's pre step with the sublayer's RMS norm (and the norm's quantized rows) in its own
+/// launch gives the two launches' bits: V4-Flash-shaped blocks score the same logits both ways,
+/// prefilling and decoding.
+#[test]
+fn mhc_pre_with_its_norm_gives_the_two_launches_bits() {
+    if gpu("mhc_pre_with_its_norm_gives_the_two_launches_bits").is_none() {
+        return;
+    }
+    let cfg = flash_blocks(8, 64);
+    let seqs: Vec<Vec<u32>> = (0..2)
+        .map(|s| {
+            (0..40)
+                .map(|i| ((i * 37 + s * 101) % 1000) as u32)
+                .collect()
+        })
+        .collect();
+    let logits = |fuse: bool| {
+        let mut dev = Cuda::new(0).unwrap();
+        dev.fuse_norms = fuse;
+        let ck = hadal::demo::synthetic_checkpoint(&cfg, 43);
+        let m = Model::from_checkpoint(&dev, cfg.clone(), ck, &|_, _| {}).unwrap();
+        hadal::score::score(&Runner::new(dev, m), &seqs, &[24], false)
+            .unwrap()
+            .logits
+    };
+    let (a, b) = (logits(true), logits(false));
+    assert_eq!(a.len(), b.len());
+    let first = a
+        .iter()
+        .zip(&b)
+        .position(|(x, y)| x.to_bits() != y.to_bits());
+    assert_eq!(first, None, "first logit that differs");
+}
+
 #[test]
 fn synthetic_weights_are_the_same_bytes_on_both_devices() {
     let Some(cuda) = gpu("synthetic_weights_are_the_same_bytes_on_both_devices") else {

@@ -241,6 +241,19 @@ pub trait Device: Sized + Send + Sync + 'static {
     /// The mHC mix before a sublayer: the sublayer's input (before its norm) and the weights
     /// [`Device::hc_post`] needs.
     fn hc_pre(&self, hc: &HyperConn<Self>, x: &Self::Tensor) -> Result<(Self::Tensor, Self::Mix)>;
+    /// [`Device::hc_pre`], then [`Device::rms_norm`] of the sublayer's input by `w` (a device
+    /// may do both in one pass).
+    fn hc_pre_norm(
+        &self,
+        hc: &HyperConn<Self>,
+        x: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Mix)> {
+        let (mut y, mix) = self.hc_pre(hc, x)?;
+        self.rms_norm(&mut y, w, eps)?;
+        Ok((y, mix))
+    }
     /// The mHC mix after a sublayer: `X'_k = post_k a + sum_j comb[j][k] X_j`, in place.
     fn hc_post(
         &self,

@@ -58,13 +58,11 @@ impl<D: Device> Block<D> {
         slot: usize,
         x: &mut D::Tensor,
     ) -> Result<()> {
-        let (mut y, mix) = dev.hc_pre(&self.hc_attn, x)?;
-        dev.rms_norm(&mut y, &self.attn_norm, self.eps)?;
+        let (y, mix) = dev.hc_pre_norm(&self.hc_attn, x, &self.attn_norm, self.eps)?;
         let a = self.attn.forward(dev, b, slot, &y)?;
         dev.hc_post(&self.hc_attn, x, &a, &mix)?;
 
-        let (mut y, mix) = dev.hc_pre(&self.hc_ffn, x)?;
-        dev.rms_norm(&mut y, &self.ffn_norm, self.eps)?;
+        let (y, mix) = dev.hc_pre_norm(&self.hc_ffn, x, &self.ffn_norm, self.eps)?;
         let f = self.ffn.forward(dev, b, &y)?;
         dev.hc_post(&self.hc_ffn, x, &f, &mix)
     }

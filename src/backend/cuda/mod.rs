@@ -305,6 +305,11 @@ mod args {
         pub iters: i32,
         pub hc_eps: f32,
         pub norm_eps: f32,
+        pub rms_w: u64,
+        pub q: u64,
+        pub qp: u64,
+        pub s: u64,
+        pub rms_eps: f32,
     }
 
     #[repr(C)]
@@ -441,6 +446,9 @@ pub struct Cuda {
     /// Whether decode steps are recorded once per shape and replayed as CUDA graphs (unless
     /// `HADAL_CUDA_GRAPHS=0`).
     pub graphs: AtomicBool,
+    /// Whether mHC's pre step norms the sublayer's input in its own launch (the same bits as
+    /// the norm's own launch; off to compare the two).
+    pub fuse_norms: bool,
     pool: Arc<Pool>,
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
     recordings: Mutex<Recordings>,
@@ -573,6 +581,7 @@ impl Cuda {
         let graphs = !std::env::var("HADAL_CUDA_GRAPHS").is_ok_and(|v| v == "0");
         Ok(Cuda {
             tensor_cores: gpu.arch >= (8, 0) && !simt,
+            fuse_norms: true,
             graphs: AtomicBool::new(graphs),
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
             layouts: Mutex::new(HashMap::new()),
@@ -1061,6 +1070,90 @@ impl Cuda {
         self.select_top(&s, pos.ptr, 1, k, &picks)?;
         let v: Vec<i32> = self.gpu.read(picks.ptr, t * k)?;
         Ok(v.chunks(k.max(1)).map(|c| c.to_vec()).collect())
+    }
+
+    /// [`Device::hc_pre`], and with `norm` (V4's four copies), the RMS norm of the sublayer's
+    /// input by its weights too, with the quantized rows `rms_norm` would write; the flag says
+    /// whether the norm was applied.
+    fn hc_pre_with(
+        &self,
+        hc: &HyperConn<Self>,
+        x: &Tensor,
+        norm: Option<(&Vector, f32)>,
+    ) -> Result<(Tensor, Mix, bool)> {
+        let (m, d) = (hc.dims.m, hc.dims.d);
+        Self::check_hc(m)?;
+        let t = x.len() / (m * d);
+        let mut y = self.tensor(t, d)?;
+        let post = self.tensor(t, m)?;
+        let comb = self.tensor(t, m * m)?;
+        // Four copies (V4's) in one launch (`hc_pre_m4`); others as the mixes' product, then
+        // the rest.
+        if m == 4 && d.is_multiple_of(4) && hc.fn_.fmt == Format::F32 && t > 0 {
+            let quant = match norm {
+                Some(_) if self.tensor_cores && d.is_multiple_of(128) => {
+                    Some(Box::new(self.quant_buffers(t * d)?))
+                }
+                _ => None,
+            };
+            let (q, qp, s) = quant
+                .as_ref()
+                .map_or((0, 0, 0), |c| (c.q.ptr, c.q_perm.ptr, c.s.ptr));
+            let splits = (m * d).div_ceil(1024);
+            let n = (2 + m) * m;
+            let part = self.gpu.alloc(4 * t * splits * (n + 1))?;
+            let done = self.counters(t)?;
+            let a = args::HcPre {
+                fn_: hc.fn_.w.ptr,
+                x: x.buf.ptr,
+                base: hc.base.buf.ptr,
+                scale: hc.scale.buf.ptr,
+                y: y.buf.ptr,
+                post: post.buf.ptr,
+                comb: comb.buf.ptr,
+                part: part.ptr,
+                done,
+                d: d as i32,
+                iters: hc.dims.iters as i32,
+                hc_eps: hc.dims.hc_eps,
+                norm_eps: hc.dims.norm_eps,
+                rms_w: norm.map_or(0, |(w, _)| w.buf.ptr),
+                q,
+                qp,
+                s,
+                rms_eps: norm.map_or(0.0, |(_, e)| e),
+            };
+            self.launch(
+                "hc_pre_m4",
+                (t as u32, splits as u32, 1),
+                256,
+                0,
+                Args::new().push(a),
+            )?;
+            y.quant = quant;
+            return Ok((y, Mix { post, comb }, norm.is_some()));
+        }
+        let mix = self.matmul(&hc.fn_, x, 1)?;
+        self.launch(
+            "hc_mix",
+            (t as u32, 1, 1),
+            HC_THREADS,
+            0,
+            Args::new()
+                .push(mix.buf.ptr)
+                .push(x.buf.ptr)
+                .push(hc.base.buf.ptr)
+                .push(hc.scale.buf.ptr)
+                .push(y.buf.ptr)
+                .push(post.buf.ptr)
+                .push(comb.buf.ptr)
+                .push(m as i32)
+                .push(d as i32)
+                .push(hc.dims.iters as i32)
+                .push(hc.dims.hc_eps)
+                .push(hc.dims.norm_eps),
+        )?;
+        Ok((y, Mix { post, comb }, false))
     }
 
     fn check_hc(m: usize) -> Result<()> {
@@ -1692,64 +1785,25 @@ impl Device for Cuda {
     }
 
     fn hc_pre(&self, hc: &HyperConn<Self>, x: &Tensor) -> Result<(Tensor, Mix)> {
-        let (m, d) = (hc.dims.m, hc.dims.d);
-        Self::check_hc(m)?;
-        let t = x.len() / (m * d);
-        let y = self.tensor(t, d)?;
-        let post = self.tensor(t, m)?;
-        let comb = self.tensor(t, m * m)?;
-        // Four copies (V4's) in one launch (`hc_pre_m4`); others as the mixes' product, then
-        // the rest.
-        if m == 4 && d.is_multiple_of(4) && hc.fn_.fmt == Format::F32 && t > 0 {
-            let splits = (m * d).div_ceil(1024);
-            let n = (2 + m) * m;
-            let part = self.gpu.alloc(4 * t * splits * (n + 1))?;
-            let done = self.counters(t)?;
-            let a = args::HcPre {
-                fn_: hc.fn_.w.ptr,
-                x: x.buf.ptr,
-                base: hc.base.buf.ptr,
-                scale: hc.scale.buf.ptr,
-                y: y.buf.ptr,
-                post: post.buf.ptr,
-                comb: comb.buf.ptr,
-                part: part.ptr,
-                done,
-                d: d as i32,
-                iters: hc.dims.iters as i32,
-                hc_eps: hc.dims.hc_eps,
-                norm_eps: hc.dims.norm_eps,
-            };
-            self.launch(
-                "hc_pre_m4",
-                (t as u32, splits as u32, 1),
-                256,
-                0,
-                Args::new().push(a),
-            )?;
-            return Ok((y, Mix { post, comb }));
+        let (y, mix, _) = self.hc_pre_with(hc, x, None)?;
+        Ok((y, mix))
+    }
+
+    fn hc_pre_norm(
+        &self,
+        hc: &HyperConn<Self>,
+        x: &Tensor,
+        w: &Vector,
+        eps: f32,
+    ) -> Result<(Tensor, Mix)> {
+        // `hc_pre_m4`'s last block norms y with its 256 threads where `rms_norm` would take as
+        // many (rows of up to 4,096: four float4 a thread), so with the same sums.
+        let fuse = self.fuse_norms && w.len == hc.dims.d && row_threads(w.len.div_ceil(4)) == 256;
+        let (mut y, mix, normed) = self.hc_pre_with(hc, x, fuse.then_some((w, eps)))?;
+        if !normed {
+            self.rms_norm(&mut y, w, eps)?;
         }
-        let mix = self.matmul(&hc.fn_, x, 1)?;
-        self.launch(
-            "hc_mix",
-            (t as u32, 1, 1),
-            HC_THREADS,
-            0,
-            Args::new()
-                .push(mix.buf.ptr)
-                .push(x.buf.ptr)
-                .push(hc.base.buf.ptr)
-                .push(hc.scale.buf.ptr)
-                .push(y.buf.ptr)
-                .push(post.buf.ptr)
-                .push(comb.buf.ptr)
-                .push(m as i32)
-                .push(d as i32)
-                .push(hc.dims.iters as i32)
-                .push(hc.dims.hc_eps)
-                .push(hc.dims.norm_eps),
-        )?;
-        Ok((y, Mix { post, comb }))
+        Ok((y, mix))
     }
 
     fn hc_post(&self, hc: &HyperConn<Self>, x: &mut Tensor, a: &Tensor, mix: &Mix) -> Result<()> {

@@ -109,9 +109,9 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     token_slice(a, t, p, nwin, TC_KEYS_PER_SPLIT, &picked, &k0, &k1, &splits);
     int nchunks = (int)((k1 - k0 + TC_KEYS - 1) / TC_KEYS);
 
-    // The block's threads walk rows of 16-byte pieces (raw key rows), of the non-RoPE dims'
-    // groups of four and of the RoPE dims' (converting keys): one item a thread, the next
-    // a block's width on, so that every thread has as much to do.
+    // The block's threads walk the chunk's keys by items, one a thread and the next a block's
+    // width on, so that every thread has as much to do: 16-byte pieces of the raw rows
+    // (copying), groups of 16 non-RoPE dims and of 4 RoPE dims (converting).
     int cpr = rb / 16, nq = nope / 16, rq = (dh - nope) / 4;
     WalkStep cpw = walk_step(cpr), nqw = walk_step(nq), rqw = walk_step(rq);
     // Chunk c's packed rows into raw buffer c % 2 (the addresses of up to TC_SRC_MAX keys
@@ -242,7 +242,7 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
                 mma16816_bf16(s2[n], A[2][0], A[2][1], A[2][2], A[2][3], B[2 * n], B[2 * n + 1]);
             }
         }
-        for (int d = dn > d0w ? dn : d0w; d < d0w + dq; d += 16) {
+        for (int d = dn; d < d0w + dq; d += 16) {
             u32 A[3][4], B[3][4];
 #pragma unroll
             for (int j = 0; j < 3; j++)

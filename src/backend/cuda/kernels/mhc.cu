@@ -223,13 +223,20 @@ struct HcPreArgs {
     u32* done;          // [T] blocks finished (zero; the last block resets it)
     int D, iters;
     float hc_eps, norm_eps;
+    // The sublayer's RMS norm of y, or null: its weights, eps and quant_act's output (rms_norm).
+    const float* rms_w;
+    u16* q;
+    u16* qp;
+    float* s;
+    float rms_eps;
 };
 
 // The whole mHC pre step: the mixes fn @ x, the stream's RMS, the gates, Sinkhorn and the
 // reduction, in one launch. Block (t, s) takes 1,024 of the token's M*D values (four a thread):
 // its slice of every mix and of the sum of squares goes to `part`; the token's last block to
 // finish adds the S partials in order, then warp 0 runs Sinkhorn while the others reduce the
-// streams. The sums' order depends on the shape alone. M copies (a template: the mixes stay
+// streams. The sums' order depends on the shape alone. With `rms_w`, the block then norms y as
+// rms_norm does with as many threads (one launch fewer). M copies (a template: the mixes stay
 // in registers); the host takes the two-kernel path for other M.
 template <int M>
 __device__ void hc_pre_m(const HcPreArgs& a) {
@@ -237,6 +244,7 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
     __shared__ float red[8][n + 1];
     __shared__ float mix[n + 1];
     __shared__ float pre[M];
+    __shared__ float sh[32];
     __shared__ int last;
     int t = blockIdx.x, s = blockIdx.y, S = gridDim.y, D = a.D;
     int K = M * D, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -301,6 +309,12 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
         reduce_streams(xs, pre, a.y + (long)t * D, M, D, threadIdx.x - 32, blockDim.x - 32);
     }
     if (threadIdx.x == 0) a.done[t] = 0;
+    if (a.rms_w) {
+        __syncthreads();
+        float4 g[NORM_VEC];
+        norm_weights(a.rms_w, D, g);
+        norm_row(a.y + (long)t * D, g, D, a.rms_eps, t, a.q, a.qp, a.s, sh);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256) hc_pre_m4(HcPreArgs a) { hc_pre_m<4>(a); }

@@ -64,25 +64,32 @@ __device__ __forceinline__ float quant_block(float4 v, u16* o, bool perm, u16* o
 // With `q` (rows of d % 128 == 0 on the vector path), also quant_act's output of the normed
 // row, in both orders (`q` and `qp`, scales `s`): its linears then need no launch of their own.
 // With blockDim a multiple of 32, a warp's 32 float4 of one u are one block of 128.
+// The vector path of row `row` (`r`, normed in place), with quant_act's output as above.
+__device__ void norm_row(float* r, const float4* g, int d, float eps, long row, u16* q, u16* qp,
+                         float* s, float* sh) {
+    float4 v[NORM_VEC];
+    norm_vec(r, g, d, eps, v, sh);
+#pragma unroll
+    for (int u = 0; u < NORM_VEC; u++) {
+        int i = threadIdx.x + u * blockDim.x;
+        if (i >= (d >> 2)) break;
+        ((float4*)r)[i] = v[u];
+        if (!q) continue;
+        long b = (row * d >> 7) + (i >> 5);
+        float sc = quant_block(v[u], q + 128 * b, false, qp + 128 * b);
+        if ((threadIdx.x & 31) == 0) s[b] = sc;
+    }
+}
+
 extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int d, float eps, u16* q,
                                     u16* qp, float* s) {
     __shared__ float sh[32];
     float* r = x + (long)blockIdx.x * d;
     if (norm_vec_fits(d)) {
-        float4 g[NORM_VEC], v[NORM_VEC];
+        float4 g[NORM_VEC];
         norm_weights(w, d, g);
         pdl_wait();
-        norm_vec(r, g, d, eps, v, sh);
-#pragma unroll
-        for (int u = 0; u < NORM_VEC; u++) {
-            int i = threadIdx.x + u * blockDim.x;
-            if (i >= (d >> 2)) break;
-            ((float4*)r)[i] = v[u];
-            if (!q) continue;
-            long b = ((long)blockIdx.x * d >> 7) + (i >> 5);
-            float sc = quant_block(v[u], q + 128 * b, false, qp + 128 * b);
-            if ((threadIdx.x & 31) == 0) s[b] = sc;
-        }
+        norm_row(r, g, d, eps, blockIdx.x, q, qp, s, sh);
         return;
     }
     pdl_wait();
