@@ -16,7 +16,9 @@
 #   tools/device/run.sh profile NAME REGEX SKIP COUNT ARGS...   Nsight Compute's detailed
 #                                sections (throughput, memory, occupancy, stall reasons) for
 #                                COUNT launches of kernels matching REGEX after SKIP of them,
-#                                in $OUT/NAME.txt
+#                                in $OUT/NAME.txt; with SASS=1 also every instruction's
+#                                executions and stall samples, $OUT/NAME.sass.csv (summarised
+#                                by tools/device/sass.py)
 #
 # Several modes may follow each other in one call (separated by `--`). Logs and results go to
 # $OUT; summary.txt says what ran, how it ended and how long it took.
