@@ -308,12 +308,14 @@ pub trait Device: Sized + Send + Sync + 'static {
         b: &Self::Batch<'_>,
         logits: Self::Tensor,
     ) -> Result<Self::Route>;
-    /// The sum of each token's routed experts (SwiGLU, routing weight before `w2`).
+    /// The sum of each token's routed experts (SwiGLU, routing weight before `w2`), then plus
+    /// `shared` (the shared expert's output), added last.
     fn experts(
         &self,
         moe: &Moe<Self>,
         route: &Self::Route,
         y: &Self::Tensor,
+        shared: &Self::Tensor,
     ) -> Result<Self::Tensor>;
 
     /// Waits for the work queued so far (timing).

@@ -142,9 +142,7 @@ impl<D: Device> Moe<D> {
         if let Some(t) = self.trace.lock().expect("trace lock").as_mut() {
             *t = dev.distinct_experts(&route)?;
         }
-        let mut out = dev.experts(self, &route, y)?;
         let shared = self.shared.forward(dev, y, self.limit)?;
-        dev.add(&mut out, &shared)?;
-        Ok(out)
+        dev.experts(self, &route, y, &shared)
     }
 }

@@ -2189,15 +2189,29 @@ impl Device for Cuda {
         })
     }
 
-    fn experts(&self, moe: &Moe<Self>, route: &Route, y: &Tensor) -> Result<Tensor> {
+    fn experts(
+        &self,
+        moe: &Moe<Self>,
+        route: &Route,
+        y: &Tensor,
+        shared: &Tensor,
+    ) -> Result<Tensor> {
         let set = &moe.set;
-        if let Some(host) = &set.host {
-            return self.host_experts(moe, host, route, y);
-        }
         let (e, k, d, f) = (set.count, moe.topk, moe.hidden, moe.inter);
         let p = route.t * k;
+        if shared.len() != route.t * d {
+            return Err(Error::Input(
+                "a shared expert output of another size".into(),
+            ));
+        }
+        if let Some(host) = &set.host {
+            let mut out = self.host_experts(moe, host, route, y)?;
+            self.add(&mut out, shared)?;
+            return Ok(out);
+        }
         let out = self.tensor(route.t, d)?;
         if p == 0 {
+            // No tokens.
             return Ok(out);
         }
         // seg_expert, seg_off, seg_cnt (E each), nseg, order (P).
@@ -2341,6 +2355,7 @@ impl Device for Cuda {
                 Args::new().push(a),
             )?;
         }
+        // The pairs' rows summed in order, then the shared expert's added (as `add` would).
         self.launch(
             "moe_combine",
             blocks_1d(route.t * d, 256),
@@ -2348,6 +2363,7 @@ impl Device for Cuda {
             0,
             Args::new()
                 .push(pairs.buf.ptr)
+                .push(shared.buf.ptr)
                 .push(out.buf.ptr)
                 .push(route.t as i32)
                 .push(k as i32)
