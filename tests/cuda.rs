@@ -5,6 +5,7 @@
 //! differ only in the order of sums (relative error ~1e-6); an FP8 rounding or a top-k choice
 //! flipped by such an ulp changes a value, so whole blocks are held to check 2's bounds.
 
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use hadal::backend::cpu::{Cpu, CpuBackend};
@@ -1356,18 +1357,24 @@ fn components_alone(
             });
             // The first row alone (the one-row kernels) gets the bits it got in the wide batch
             // (the tiled kernels).
+            // So it does whatever number of warps share a tile of the one-row expert passes.
             if pos == 0 && len > 1 && gpu.dev.tensor_cores {
                 let y0 = gpu.dev.upload(&ys[..d], d).unwrap();
-                let mut dummy = gpu.new_layer_state(layer).unwrap();
-                let m0 = on_device(&gpu.dev, &mut dummy, &t[..1], |b| {
-                    gpu.dev
-                        .download(&bg.ffn.forward(&gpu.dev, b, &y0).unwrap())
-                        .unwrap()
-                });
-                assert!(
-                    m0 == mg[..d],
-                    "D = {d}, layer {layer}: the MoE's first row changed with its batch"
-                );
+                for w in [0, 1, 2, 4, 8] {
+                    gpu.dev.expert_warps.store(w, Ordering::Relaxed);
+                    let mut dummy = gpu.new_layer_state(layer).unwrap();
+                    let m0 = on_device(&gpu.dev, &mut dummy, &t[..1], |b| {
+                        gpu.dev
+                            .download(&bg.ffn.forward(&gpu.dev, b, &y0).unwrap())
+                            .unwrap()
+                    });
+                    assert!(
+                        m0 == mg[..d],
+                        "D = {d}, layer {layer}, {w} warps a tile (0: chosen): the MoE's first \
+                         row changed with its batch"
+                    );
+                }
+                gpu.dev.expert_warps.store(0, Ordering::Relaxed);
             }
             moe_errs.extend(rel(&mg, &mc, d));
             for (i, e) in rel(&mg, &mc, d).iter().enumerate() {

@@ -11,7 +11,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gpu::{Args, Buf, Gpu, Graph};
@@ -373,6 +373,7 @@ mod args {
         pub f: i32,
         pub k: i32,
         pub ks: i32,
+        pub w: i32,
         pub limit: f32,
     }
 
@@ -449,6 +450,10 @@ pub struct Cuda {
     /// Whether mHC's pre step norms the sublayer's input in its own launch (the same bits as
     /// the norm's own launch; off to compare the two).
     pub fuse_norms: bool,
+    /// Warps sharing a tile in the one-row expert passes, where not 0 (else chosen to fill
+    /// the GPU: `expert_warps`); rounded down to a divisor of the tile's slices. For tests: the
+    /// bits do not depend on it.
+    pub expert_warps: AtomicUsize,
     pool: Arc<Pool>,
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
     recordings: Mutex<Recordings>,
@@ -540,6 +545,18 @@ fn mma_split(n: usize, k: usize) -> usize {
     ks
 }
 
+/// Warps sharing a tile of 16 rows in the one-row expert passes (`mma_experts`): the most,
+/// up to the `ks` slices of k, that keep all `tiles` resident at once (16 warps an SM), so that
+/// no tile waits for a second wave; one where tiles alone fill the GPU. The bits do not depend
+/// on it.
+fn expert_warps(tiles: usize, ks: usize, sms: u32) -> i32 {
+    let mut w = 1;
+    while w < ks && tiles * 2 * w <= 16 * sms as usize {
+        w *= 2;
+    }
+    w as i32
+}
+
 /// Activation rows from which a tensor-core product takes the tiled kernels (`tiles.cu`), whose
 /// bits are the row-pass kernels' own: below it, one or two passes over the weights cost less
 /// than staging tiles.
@@ -582,6 +599,7 @@ impl Cuda {
         Ok(Cuda {
             tensor_cores: gpu.arch >= (8, 0) && !simt,
             fuse_norms: true,
+            expert_warps: AtomicUsize::new(0),
             graphs: AtomicBool::new(graphs),
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
             layouts: Mutex::new(HashMap::new()),
@@ -2264,21 +2282,37 @@ impl Device for Cuda {
                 f: f as i32,
                 k: k as i32,
                 ks: mma_split(f, d) as i32,
+                w: 1,
                 limit: moe.limit,
             };
-            // One-row FP4 passes stream their weights through shared memory: per warp, four
-            // steps of 16 rows (80 bytes a row and 64 of scales) of each weight
-            // (`mma_core_f4_stream`).
-            let ring = |weights: u32| {
-                if set.fmt == Format::F4 {
-                    8 * 4 * (16 * 80 + 64) * weights
+            // One-row passes: a block a tile of 16 rows, its `w` warps walking the tile's `ks`
+            // slices of k. FP4 weights stream through shared memory: per warp, four steps of 16
+            // rows (80 bytes a row and 64 of scales) of each weight (`mma_core_f4_stream`); the
+            // slices of warps 1.. wait there too.
+            let one_row = |a: &mut args::MmaExperts, rows: usize, weights: u32| {
+                a.w = match self.expert_warps.load(Ordering::Relaxed) {
+                    0 => expert_warps(
+                        segs as usize * rows.div_ceil(16),
+                        a.ks as usize,
+                        self.gpu.sms,
+                    ),
+                    w => (1 << w.min(a.ks as usize).ilog2()) as i32,
+                };
+                let ring = if set.fmt == Format::F4 {
+                    4 * (16 * 80 + 64) * weights
                 } else {
                     0
-                }
+                };
+                let part = if a.w > 1 {
+                    weights * a.ks as u32 * 512
+                } else {
+                    0
+                };
+                (32 * a.w as u32, a.w as u32 * ring + part)
             };
             // Tiled: up takes 128 rows of w1 and of w3 a block, down 256 rows of w2.
             let tile = tile_shape(set.fmt, false, 4);
-            let launch = |up: bool, a: &args::MmaExperts, rows: usize| {
+            let launch = |up: bool, a: &mut args::MmaExperts, rows: usize| {
                 let dir = if up { "up" } else { "down" };
                 if tiled {
                     let per = if up { tile.rows_w / 2 } else { tile.rows_w };
@@ -2290,22 +2324,23 @@ impl Device for Cuda {
                         Args::new().push(*a),
                     )
                 } else {
+                    let (threads, smem) = one_row(a, rows, 1 + up as u32);
                     self.launch(
                         &format!("mma_experts_{dir}_{sfx}_r1"),
-                        (segs, rows.div_ceil(16 * 8 / a.ks as usize) as u32, 1),
-                        256,
-                        ring(1 + up as u32),
+                        (segs, rows.div_ceil(16) as u32, 1),
+                        threads,
+                        smem,
                         Args::new().push(*a),
                     )
                 }
             };
-            launch(true, &a, f)?;
+            launch(true, &mut a, f)?;
             let hq = self.quantize(&h, perm)?;
             a.xq = hq.q;
             a.xs = hq.s;
             a.out = pairs.buf.ptr;
             a.ks = mma_split(d, f) as i32;
-            launch(false, &a, d)?;
+            launch(false, &mut a, d)?;
         } else {
             let x = if set.fmt.quantized() {
                 self.fake_quant(y)?

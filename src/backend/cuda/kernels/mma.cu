@@ -396,12 +396,15 @@ __device__ __forceinline__ void cp_wait() {
 #define F4S_STEP (16 * F4S_ROW + 64)
 
 // The bits are mma_core_f4's: the same lanes hold the same codes, summed in the same order.
-template <bool DUAL>
+// The range [kb, ke) is walked in slices of `slice_steps` steps of 128 k: after each,
+// `on_slice(i)` takes slice i's sums from `tot` (and `tot2`) and leaves them zero.
+template <bool DUAL, typename OnSlice>
 __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restrict__ S,
                                    const u8* __restrict__ W2, const u8* __restrict__ S2, int N,
                                    int K, int n0, const u16* __restrict__ xq,
                                    const float* __restrict__ xs, const LaneRows<1>& rows, int kb,
-                                   int ke, float (*tot)[4], float (*tot2)[4], u8* ring) {
+                                   int ke, int slice_steps, float (*tot)[4], float (*tot2)[4],
+                                   u8* ring, OnSlice on_slice) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int half = K >> 1, kq = K >> 5;
     const int NW = DUAL ? 2 : 1, STRIDE = F4S_STEP * NW;
@@ -429,7 +432,7 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
         cp_commit();
     }
     pdl_wait();
-    for (int i = 0; i < steps; i++) {
+    for (int i = 0, left = slice_steps; i < steps; i++) {
         cp_wait<F4S_STAGES - 2>();
         __syncwarp();
         int nx = i + F4S_STAGES - 1;
@@ -465,6 +468,10 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
                 acc[0][2] = fmaf(c[2], fb * x0, acc[0][2]);
                 acc[0][3] = fmaf(c[3], fb * x1, acc[0][3]);
             }
+        }
+        if (--left == 0) {
+            on_slice(i / slice_steps);
+            left = slice_steps;
         }
     }
     cp_wait<0>();
@@ -599,78 +606,94 @@ struct MmaExpertArgs {
     const u16* xq; const float* xs;  // quant_act of the tokens [T, D] (up) or of h [P, F] (down)
     const float* weights;            // [P] routing weights
     float* out;                      // [P, F] SwiGLU outputs times weights (up), [P, D] (down)
-    int D, F, k, KS;
+    int D, F, k, KS, W;
     float limit;
 };
 
 // One expert's rows for the (token, expert) pairs routed to it, in one-row passes of 8 pairs
 // (wider batches take tiles.cu's tiled kernels, with the same bits). Grid: x = segment (see
-// moe_sort), y = row blocks as mma_linear's.
+// moe_sort), y = tiles of 16 rows; W warps a block share the tile's KS slices of k (W divides
+// KS), each walking KS / W of them in turn. Every slice's sums stay apart until they are added
+// in slice order, as mma_linear's KS warps' are (reduce_splits): the bits do not depend on W,
+// which the host picks to fill the GPU (fewer warps, longer walks, when tiles are many).
+// Dynamic shared memory: each warp's ring (FP4), then the slices of warps 1.. (`part`).
 template <int FMT, bool UP>
 __device__ void mma_experts(const MmaExpertArgs& a) {
-    constexpr int RT = 1;
-    __shared__ float part[(UP ? 2 : 1) * 8 * RT * 4 * 32];
+    extern __shared__ __align__(16) u8 smem[];
+    const int NW = UP ? 2 : 1;
     pdl_wait();
     u32 sg = blockIdx.x;
     if (sg >= *a.nseg) return;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     u32 e = a.seg_expert[sg], off = a.seg_off[sg], cnt = a.seg_cnt[sg];
-    int N = UP ? a.F : a.D, K = UP ? a.D : a.F, KS = a.KS;
-    int tpb = 8 / KS;
-    int n0 = (blockIdx.y * tpb + warp / KS) * 16, ks = warp % KS;
-    int kslice = K / KS, kb = ks * kslice;
+    int N = UP ? a.F : a.D, K = UP ? a.D : a.F, KS = a.KS, per = KS / a.W;
+    int n0 = blockIdx.y * 16, kslice = K / KS, kb = warp * per * kslice, ke = kb + per * kslice;
     long lds = K >> 7;
     const u8* W1 = (const u8*)(UP ? a.w1[e] : a.w2[e]);
     const u8* S1 = (const u8*)(UP ? a.s1[e] : a.s2[e]);
     const u8* W3 = (const u8*)(UP ? a.w3[e] : 0);
     const u8* S3 = (const u8*)(UP ? a.s3[e] : 0);
-    for (u32 c = 0; c < cnt; c += 8 * RT) {
-        LaneRows<RT> rows;
-        int pc0[RT], pc1[RT];
+    u8* ring = smem + warp * (FMT == FMT_F4 ? F4S_STAGES * F4S_STEP * NW : 0);
+    float* part = (float*)(smem + (FMT == FMT_F4 ? a.W * F4S_STAGES * F4S_STEP * NW : 0));
+    for (u32 c = 0; c < cnt; c += 8) {
+        LaneRows<1> rows;
+        u32 iq = c + g, i0 = c + 2 * t, i1 = i0 + 1;
+        long pq = iq < cnt ? (long)a.order[off + iq] : -1;
+        int pc0 = i0 < cnt ? (int)a.order[off + i0] : -1;
+        int pc1 = i1 < cnt ? (int)a.order[off + i1] : -1;
+        long rq = pq < 0 ? -1 : UP ? pq / a.k : pq;
+        long r0 = pc0 < 0 ? -1 : UP ? pc0 / a.k : pc0;
+        long r1 = pc1 < 0 ? -1 : UP ? pc1 / a.k : pc1;
+        rows.q[0] = rq < 0 ? -1 : (int)(rq * K);
+        rows.s0[0] = r0 < 0 ? -1 : (int)(r0 * lds);
+        rows.s1[0] = r1 < 0 ? -1 : (int)(r1 * lds);
+        float acc[NW][1][4], run[NW][4];
 #pragma unroll
-        for (int j = 0; j < RT; j++) {
-            u32 iq = c + 8 * j + g, i0 = c + 8 * j + 2 * t, i1 = i0 + 1;
-            long pq = iq < cnt ? (long)a.order[off + iq] : -1;
-            pc0[j] = i0 < cnt ? (int)a.order[off + i0] : -1;
-            pc1[j] = i1 < cnt ? (int)a.order[off + i1] : -1;
-            long rq = pq < 0 ? -1 : UP ? pq / a.k : pq;
-            long r0 = pc0[j] < 0 ? -1 : UP ? pc0[j] / a.k : pc0[j];
-            long r1 = pc1[j] < 0 ? -1 : UP ? pc1[j] / a.k : pc1[j];
-            rows.q[j] = rq < 0 ? -1 : (int)(rq * K);
-            rows.s0[j] = r0 < 0 ? -1 : (int)(r0 * lds);
-            rows.s1[j] = r1 < 0 ? -1 : (int)(r1 * lds);
-        }
-        float ga[RT][4], ua[RT][4];
+        for (int w = 0; w < NW; w++)
 #pragma unroll
-        for (int j = 0; j < RT; j++)
+            for (int q = 0; q < 4; q++) acc[w][0][q] = run[w][q] = 0.0f;
+        // Warp 0 adds its slices as they finish; the others leave theirs in `part`.
+        auto on_slice = [&](int i) {
 #pragma unroll
-            for (int q = 0; q < 4; q++) { ga[j][q] = 0.0f; ua[j][q] = 0.0f; }
+            for (int w = 0; w < NW; w++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    if (warp == 0) run[w][q] = i == 0 ? acc[w][0][q] : run[w][q] + acc[w][0][q];
+                    else part[((w * KS + warp * per + i - per) * 4 + q) * 32 + lane] = acc[w][0][q];
+                    acc[w][0][q] = 0.0f;
+                }
+        };
         if (n0 < N) {
             if constexpr (FMT == FMT_F4) {
-                extern __shared__ __align__(16) u8 smem[];
-                u8* ring = smem + warp * F4S_STAGES * F4S_STEP * (UP ? 2 : 1);
-                mma_core_f4_stream<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ga, ua,
-                                       ring);
+                mma_core_f4_stream<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, rows, kb, ke, kslice >> 7, acc[0],
+                                       acc[NW - 1], ring, on_slice);
             } else {
-                mma_core<FMT, RT>(W1, S1, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ga);
-                if (UP) mma_core<FMT, RT>(W3, S3, N, K, n0, a.xq, a.xs, rows, kb, kb + kslice, ua);
+                for (int i = 0; i < per; i++) {
+                    int k0 = kb + i * kslice;
+                    mma_core<FMT, 1>(W1, S1, N, K, n0, a.xq, a.xs, rows, k0, k0 + kslice, acc[0]);
+                    if (UP) mma_core<FMT, 1>(W3, S3, N, K, n0, a.xq, a.xs, rows, k0, k0 + kslice, acc[NW - 1]);
+                    on_slice(i);
+                }
             }
         }
-        reduce_splits<RT>(ga, part, KS);
-        if (UP) reduce_splits<RT>(ua, part + 8 * RT * 4 * 32, KS);
-        if (ks != 0 || n0 >= N) continue;
-        int na = n0 + g, nb = n0 + g + 8;
+        __syncthreads();
+        if (warp == 0 && n0 < N) {
+            for (int sl = per; sl < KS; sl++)
 #pragma unroll
-        for (int j = 0; j < RT; j++) {
+                for (int w = 0; w < NW; w++)
+#pragma unroll
+                    for (int q = 0; q < 4; q++) run[w][q] += part[((w * KS + sl - per) * 4 + q) * 32 + lane];
+            int na = n0 + g, nb = n0 + g + 8;
 #pragma unroll
             for (int q = 0; q < 4; q++) {
-                int p = (q & 1) ? pc1[j] : pc0[j];
+                int p = (q & 1) ? pc1 : pc0;
                 int n = q < 2 ? na : nb;
                 if (p < 0 || n >= N) continue;
-                if (UP) a.out[(long)p * N + n] = swiglu1(ga[j][q], ua[j][q], a.limit) * a.weights[p];
-                else a.out[(long)p * N + n] = ga[j][q];
+                if (UP) a.out[(long)p * N + n] = swiglu1(run[0][q], run[NW - 1][q], a.limit) * a.weights[p];
+                else a.out[(long)p * N + n] = run[0][q];
             }
         }
+        __syncthreads();
     }
 }
 
