@@ -59,19 +59,31 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
     int tid = threadIdx.x;
     long chunk = (V + blockDim.x - 1) / blockDim.x;
     long i0 = tid * chunk, i1 = i0 + chunk < V ? i0 + chunk : V;
+    float lse_part;
 
+    // The best logit and the log-sum-exp in one pass over the row, threads reading it strided
+    // (coalesced): each keeps its own maximum and the sum of exponentials below it (rescaled
+    // when the maximum moves), the block then joins them.
     float m;
     int best;
     {
-        float v = NEG_INF;
+        float v = NEG_INF, part = 0.0f;
         int vi = 0x7fffffff;
-        for (long i = i0; i < i1; i++)
-            if (l[i] > v) { v = l[i]; vi = (int)i; }
+        for (int i = tid; i < V; i += blockDim.x) {
+            float x = l[i];
+            if (x > v) {
+                part = part * expf(v - x) + 1.0f;
+                v = x;
+                vi = i;
+            } else if (v > NEG_INF) {
+                part += expf(x - v);
+            }
+        }
         block_argmax(v, vi, bv, bi, &m, &best);
+        part = v == NEG_INF ? 0.0f : part * expf(v - m);
+        lse_part = part;
     }
-    float part = 0.0f;
-    for (long i = i0; i < i1; i++) part += expf(l[i] - m);
-    float lse = m + logf(block_sumf(part, sh));
+    float lse = m + logf(block_sumf(lse_part, sh));
 
     int token = best;
     u32 accepted = 0;
