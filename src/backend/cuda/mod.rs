@@ -2296,7 +2296,7 @@ impl Device for Cuda {
                         a.ks as usize,
                         self.gpu.sms,
                     ),
-                    w => (1 << w.min(a.ks as usize).ilog2()) as i32,
+                    w => 1 << w.min(a.ks as usize).ilog2(),
                 };
                 let ring = if set.fmt == Format::F4 {
                     4 * (16 * 80 + 64) * weights
