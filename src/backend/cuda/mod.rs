@@ -2020,14 +2020,24 @@ impl Device for Cuda {
             )));
         }
         let bl = b.layout.blocks[slot].clone();
-        let kvr = self.copy(kv)?;
+        if kv.rows != b.t || kv.cols != dh {
+            return Err(Error::Input(format!(
+                "{} x {} keys and values for {} tokens of {dh} dims",
+                kv.rows, kv.cols, b.t
+            )));
+        }
+        let kvr = self.tensor(b.t, dh)?;
         let packed = self.gpu.alloc(b.t * row.size())?;
         self.launch(
             "kv_pack",
             (b.t as u32, 1, 1),
             256,
             (4 * dh) as u32,
-            Args::new().push(kvr.buf.ptr).push(packed.ptr).push(row),
+            Args::new()
+                .push(kv.buf.ptr)
+                .push(kvr.buf.ptr)
+                .push(packed.ptr)
+                .push(row),
         )?;
         let comp_keys = match picks {
             Some(p) => p.k,

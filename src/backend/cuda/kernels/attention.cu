@@ -1,15 +1,15 @@
 // Sparse attention over the sliding window, the compressed entries and the sink, one shared KV
 // head for every query head.
 
-// Rounds the non-RoPE dims of each KV row to FP8 (block 64, in place) and packs the row in the
-// state's layout (one block a token).
-extern "C" __global__ void kv_pack(float* kv, u8* packed, RowFmt f) {
+// Each KV row with its non-RoPE dims rounded to FP8 (block 64) into `rounded`, and packed in
+// the state's layout (one block a token).
+extern "C" __global__ void kv_pack(const float* kv, float* rounded, u8* packed, RowFmt f) {
     pdl_wait();
     extern __shared__ float v[];
-    float* x = kv + (long)blockIdx.x * f.dim;
+    const float* x = kv + (long)blockIdx.x * f.dim;
     for (int i = threadIdx.x; i < f.dim; i += blockDim.x) v[i] = x[i];
     __syncthreads();
-    encode_row(v, packed + (long)blockIdx.x * f.bytes, f, x);
+    encode_row(v, packed + (long)blockIdx.x * f.bytes, f, rounded + (long)blockIdx.x * f.dim);
 }
 
 // Copies each sequence's last `window` packed rows of the chunk into its window ring.
