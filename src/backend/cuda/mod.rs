@@ -318,6 +318,7 @@ mod args {
         pub scores: u64,
         pub tok_pos: u64,
         pub hist: u64,
+        pub done: u64,
         pub state: u64,
         pub counts: u64,
         pub picks: u64,
@@ -474,8 +475,9 @@ struct Counters {
 }
 
 impl Counters {
-    /// Enough for any decode step's launches, so that one being recorded never grows them.
-    const INITIAL: usize = 1 << 18;
+    /// Enough for any decode step's launches, so that one being recorded never grows them
+    /// (the indexer's histograms of up to 511 tokens a step).
+    const INITIAL: usize = 1 << 20;
 }
 
 /// Recorded decode steps by (tokens, bucket of the longest context), least recently used
@@ -701,7 +703,7 @@ impl Cuda {
         Ok(out)
     }
 
-    /// `n` zeroed u32 counters (see [`Counters`]), valid for the next launch.
+    /// `n` zeroed u32 counters (see [`Counters`]) for the launches queued next.
     fn counters(&self, n: usize) -> Result<u64> {
         let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         if 4 * n > c.buf.bytes {
@@ -1036,15 +1038,16 @@ impl Cuda {
                     .push(picks.ptr),
             );
         }
-        let hist = self.gpu.alloc(4 * 2048 * t)?;
+        // The histograms and the blocks' counters are launch counters (zero, left zero): no
+        // clearing launches.
+        let done = self.counters(t * (1 + 2048))?;
         let state = self.gpu.alloc(16 * t)?;
         let counts = self.gpu.alloc(8 * t * blocks)?;
-        self.gpu.memset(hist.ptr, hist.bytes)?;
-        self.gpu.memset(state.ptr, state.bytes)?;
         let a = args::Topk {
             scores: scores.buf.ptr,
             tok_pos,
-            hist: hist.ptr,
+            hist: done + 4 * t as u64,
+            done,
             state: state.ptr,
             counts: counts.ptr,
             picks: picks.ptr,

@@ -245,14 +245,15 @@ extern "C" __global__ void index_topk(const float* scores, const u32* tok_pos, i
 // The top-k of long rows over many blocks a token. Three passes of `topk_digit` find the k-th
 // largest key 11, 11 and 10 bits at a time: each block counts its slice of the row (the keys
 // that match the digits found so far) into the token's global histogram, and the last block
-// to finish picks the digit, records it in the token's state and clears the histogram.
-// `topk_count` and `topk_write` then emit the picks in index order, the lowest indices among
-// ties, as index_topk does.
+// to finish picks the digit, records it in the token's state and clears the histogram and its
+// counter (which are launch counters: zero before, zero after). `topk_count` and `topk_write`
+// then emit the picks in index order, the lowest indices among ties, as index_topk does.
 struct TopkArgs {
     const float* scores;  // [T, nmax]
     const u32* tok_pos;
-    u32* hist;            // [T, 2048], zero
-    u32* state;           // [T, 4]: prefix, mask, need, blocks done (zero)
+    u32* hist;            // [T, 2048], zero (left zero)
+    u32* done;            // [T] blocks finished, zero (left zero)
+    u32* state;           // [T, 4]: prefix, mask, need (the first pass writes them)
     u32* counts;          // [T, blocks, 2]: keys above the k-th, keys equal to it
     int* picks;           // [T, k]
     int ratio, nmax, k, per_block;
@@ -285,7 +286,7 @@ extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shi
     __threadfence();
     __syncthreads();
     // Blocks past the row's visible entries count nothing but still report in.
-    if (threadIdx.x == 0) last = atomicAdd(&st[3], 1u) == gridDim.y - 1;
+    if (threadIdx.x == 0) last = atomicAdd(&a.done[t], 1u) == gridDim.y - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
@@ -311,7 +312,7 @@ extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shi
     }
     __syncthreads();
     for (int i = threadIdx.x; i < nbins; i += blockDim.x) gh[i] = 0;
-    if (threadIdx.x == 0) st[3] = 0;
+    if (threadIdx.x == 0) a.done[t] = 0;
 }
 
 // Per block: keys above the k-th largest and keys equal to it.
