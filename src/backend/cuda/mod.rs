@@ -2514,6 +2514,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn expert_passes_share_tiles_only_while_all_stay_resident() {
+        // V4-Flash at batch 1 on an H200's 132 SMs: the six experts' 128 tiles of w1 and w3
+        // take two warps each, their 256 tiles of w2 one.
+        assert_eq!(expert_warps(6 * 128, 8, 132), 2);
+        assert_eq!(expert_warps(6 * 256, 4, 132), 1);
+        // A small model's few tiles: a warp a slice of k, never more.
+        assert_eq!(expert_warps(4, 8, 132), 8);
+        assert_eq!(expert_warps(4, 2, 132), 2);
+        assert_eq!(expert_warps(4, 1, 132), 1);
+    }
+
+    #[test]
     fn experts_leave_for_the_host_from_the_last_layer() {
         assert_eq!(expert_layer("layers.12.ffn.experts.255.w1.scale"), Some(12));
         assert_eq!(expert_layer("layers.12.ffn.shared_experts.w1.weight"), None);
