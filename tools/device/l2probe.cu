@@ -1,6 +1,6 @@
-// Does a weight prefetched into L2 ahead of its kernel read faster, and what does the
-// prefetching kernel itself cost? Built and run on the GPU machine:
-//   nvcc -O3 -arch=sm_90a -o /tmp/l2probe tools/device/l2probe.cu && /tmp/l2probe
+// How fast does one launch read a 32 MiB weight: cold, again at once (hot), and after it was
+// prefetched into L2 (and what does the prefetching kernel itself cost)? Built and run on the
+// GPU machine by `tools/device/run.sh probe`.
 #include <cstdio>
 #include <cuda_runtime.h>
 

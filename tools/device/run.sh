@@ -13,6 +13,9 @@
 #   tools/device/run.sh kernels NAME ARGS...   the same bench under Nsight Compute, steps run
 #                                plainly (not replayed): each kernel's time, summed by name,
 #                                in $OUT/NAME.txt (tools/device/kernels.py)
+#   tools/device/run.sh probe    how fast one launch reads 32 MiB, cold, hot and after an L2
+#                                prefetch (tools/device/l2probe.cu, built with the machine's
+#                                nvcc), in $OUT/l2probe.txt
 #   tools/device/run.sh profile NAME REGEX SKIP COUNT ARGS...   Nsight Compute's detailed
 #                                sections (throughput, memory, occupancy, stall reasons) for
 #                                COUNT launches of kernels matching REGEX after SKIP of them,
@@ -115,6 +118,10 @@ while true; do
         > "/tmp/$name.csv" 2>> "$OUT/$name.log"
       python3 tools/device/kernels.py "/tmp/$name.csv" > "$OUT/$name.txt" 2>&1
       head -n 40 "$OUT/$name.txt"
+      ;;
+    probe)
+      step probe /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/l2probe tools/device/l2probe.cu &&
+        step probe sh -c "/tmp/l2probe > $OUT/l2probe.txt"
       ;;
     profile)
       name=$1 regex=$2 skip=$3 count=$4
