@@ -330,6 +330,8 @@ fn index_selection_matches_a_sort() {
     for (nmax, visible, k) in [
         (100_000, vec![100_000, 70_001, 300, 4_097], 512),
         (3_000, vec![3_000, 2_999, 10, 1_024], 512),
+        (8_192, vec![8_192, 8_191, 513, 7_000], 512),
+        (8_193, vec![8_193, 8_000, 512, 9], 512),
         (262_144, vec![262_144], 1024),
     ] {
         for ties in [false, true] {
@@ -1207,6 +1209,41 @@ fn mhc_pre_with_its_norm_gives_the_two_launches_bits() {
             .logits
     };
     let (a, b) = (logits(true), logits(false));
+    assert_eq!(a.len(), b.len());
+    let first = a
+        .iter()
+        .zip(&b)
+        .position(|(x, y)| x.to_bits() != y.to_bits());
+    assert_eq!(first, None, "first logit that differs");
+}
+
+/// The indexer's scores summed in one chain of MMAs where the scales allow give the bits of
+/// each block of 32 dims summed on its own: V4-Flash-shaped blocks over 700 tokens (175 CSA
+/// entries, a top-64 that selects) score the same logits both ways.
+#[test]
+fn index_scores_in_one_chain_give_the_blockwise_bits() {
+    if gpu("index_scores_in_one_chain_give_the_blockwise_bits").is_none() {
+        return;
+    }
+    let cfg = flash_blocks(8, 64);
+    let seqs: Vec<Vec<u32>> = (0..2)
+        .map(|s| {
+            (0..700)
+                .map(|i| ((i * 53 + s * 211) % 1000) as u32)
+                .collect()
+        })
+        .collect();
+    let logits = |blockwise: bool| {
+        let dev = Cuda::new(0).unwrap();
+        dev.index_blockwise
+            .store(blockwise, std::sync::atomic::Ordering::Relaxed);
+        let ck = hadal::demo::synthetic_checkpoint(&cfg, 47);
+        let m = Model::from_checkpoint(&dev, cfg.clone(), ck, &|_, _| {}).unwrap();
+        hadal::score::score(&Runner::new(dev, m), &seqs, &[256], false)
+            .unwrap()
+            .logits
+    };
+    let (a, b) = (logits(false), logits(true));
     assert_eq!(a.len(), b.len());
     let first = a
         .iter()

@@ -3,7 +3,7 @@
 instructions most warp-stall samples landed on, with their main stall reasons and executions,
 and the executions by opcode.
 
-    python3 tools/device/sass.py NAME.sass.csv [TOP]
+    python3 tools/device/sass.py NAME.sass.csv [TOP [BINS]]
 """
 import csv
 import sys
@@ -38,3 +38,14 @@ print(f"\ntop {top} by samples (line, samples %, executions, reasons):")
 for n, src, s, ex, rs in sorted(insts, key=lambda i: -i[2])[:top]:
     why = ", ".join(f"{name} {v:.0f}" for v, name in rs if v > 0)
     print(f"  {n:5d} {100 * s / samples:5.1f}% {ex:10.0f}  {src[:60]:60s} {why}")
+
+# Where the samples fall along the code: bins of consecutive instructions, with the first
+# instruction of each, for telling apart a kernel's phases (staging, main loop, epilogue).
+bins = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+if bins:
+    print(f"\nsamples by runs of {bins} instructions (first line, samples %, executions):")
+    for b in range(0, len(insts), bins):
+        run = insts[b:b + bins]
+        s = sum(i[2] for i in run)
+        if s:
+            print(f"  {run[0][0]:6d}  {100 * s / samples:5.1f}%  {sum(i[3] for i in run):10.0f}  {run[0][1][:50]}")

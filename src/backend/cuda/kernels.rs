@@ -53,6 +53,7 @@ pub const NAMES: &[&str] = &[
     "attend",
     "attend_mma",
     "attend_join",
+    "index_stage",
     "index_scores",
     "index_topk",
     "topk_digit",

@@ -279,12 +279,13 @@ mod args {
         pub tok_pos: u64,
         pub descs: u64,
         pub scores: u64,
+        pub img: u64,
         pub h: i32,
         pub dim: i32,
         pub ratio: i32,
         pub nmax: i32,
         pub per_block: i32,
-        pub pad: i32,
+        pub blockwise: i32,
         pub table: i64,
         pub row: RowFormat,
     }
@@ -455,6 +456,10 @@ pub struct Cuda {
     /// the GPU: `expert_warps`); rounded down to a divisor of the tile's slices. For tests: the
     /// bits do not depend on it.
     pub expert_warps: AtomicUsize,
+    /// Whether the indexer sums each block of 32 dims on its own in every pass (else in one
+    /// chain of MMAs where the scales allow: `index_scores`). For tests: the bits do not
+    /// depend on it.
+    pub index_blockwise: AtomicBool,
     pool: Arc<Pool>,
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
     recordings: Mutex<Recordings>,
@@ -602,6 +607,7 @@ impl Cuda {
             tensor_cores: gpu.arch >= (8, 0) && !simt,
             fuse_norms: true,
             expert_warps: AtomicUsize::new(0),
+            index_blockwise: AtomicBool::new(false),
             graphs: AtomicBool::new(graphs),
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
             layouts: Mutex::new(HashMap::new()),
@@ -1021,9 +1027,8 @@ impl Cuda {
     ) -> Result<()> {
         let (t, nmax) = (scores.rows, scores.cols);
         let sms = self.gpu.sms as usize;
-        let per_block = (nmax * t).div_ceil(2 * sms).next_multiple_of(256).max(1024);
-        let blocks = nmax.div_ceil(per_block);
-        if blocks == 1 {
+        // One block of 1,024 threads holds 8,192 keys in registers (`TOPK1_PER`).
+        if nmax <= 8192 {
             return self.launch(
                 "index_topk",
                 (t as u32, 1, 1),
@@ -1038,6 +1043,8 @@ impl Cuda {
                     .push(picks.ptr),
             );
         }
+        let per_block = (nmax * t).div_ceil(2 * sms).next_multiple_of(256).max(1024);
+        let blocks = nmax.div_ceil(per_block);
         // The histograms and the blocks' counters are launch counters (zero, left zero): no
         // clearing launches.
         let done = self.counters(t * (1 + 2048))?;
@@ -1967,7 +1974,12 @@ impl Device for Cuda {
             });
         }
         let scores = self.tensor(b.t, nmax)?;
-        // Three blocks an SM in all (as many as its registers hold: 152 a thread), so that a
+        // Each token's staged queries (`index_image`): f16 values in the lanes' order, block
+        // scales, head weights, the span of the scales.
+        let hp = ix.heads.next_multiple_of(8);
+        let image = hp * (2 * ix.dim + 64) + 4 * 4 * hp + 4 * hp + 16;
+        let img = self.gpu.alloc(b.t * image)?;
+        // Three blocks an SM in all (as many as its registers hold: 162 a thread), so that a
         // long row is one wave; each scores a multiple of 128 entries (4 warps x 32). An
         // entry's score does not depend on the block that computes it.
         let sms = self.gpu.sms as usize;
@@ -1979,19 +1991,26 @@ impl Device for Cuda {
             tok_pos: b.tok_pos,
             descs: b.descs,
             scores: scores.buf.ptr,
+            img: img.ptr,
             h: ix.heads as i32,
             dim: ix.dim as i32,
             ratio: ratio as i32,
             nmax: nmax as i32,
             per_block: per_block as i32,
-            pad: 0,
+            blockwise: self.index_blockwise.load(Ordering::Relaxed) as i32,
             table: cl.table as i64,
             row: cl.row,
         };
-        // Staged queries (`QROW`, `IKB_MAX`), head weights, 4 warps x 32 rows of 80 bytes
+        self.launch(
+            "index_stage",
+            (b.t as u32, 1, 1),
+            256,
+            0,
+            Args::new().push(a),
+        )?;
+        // The staged queries but their last 16 bytes, 4 warps x 32 rows of 80 bytes
         // (`IROW_PIECES` in indexer.cu).
-        let hp = ix.heads.next_multiple_of(8);
-        let smem = hp * (2 * ix.dim + 64) + 4 * 4 * hp + 4 * hp + 4 * 32 * 80;
+        let smem = image - 16 + 4 * 32 * 80;
         self.launch(
             "index_scores",
             (b.t as u32, nmax.div_ceil(per_block) as u32, 1),

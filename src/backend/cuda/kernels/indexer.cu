@@ -7,7 +7,9 @@ struct ScoreArgs {
     const u32* tok_pos;
     const SeqDesc* descs;
     float* scores;       // [T, nmax]
-    int H, dim, ratio, nmax, per_block, pad;
+    u8* img;             // [T, image]: each token's staged queries (index_stage)
+    int H, dim, ratio, nmax, per_block;
+    int blockwise;       // 1: every pass sums each block of 32 dims on its own (tests)
     long table;
     RowFmt row;
 };
@@ -19,15 +21,116 @@ struct ScoreArgs {
 // Bytes between two heads' staged queries: the dims as f16 plus 64, so that the eight lanes of
 // a quarter warp (two heads, four 16-byte pieces each) reach all 32 banks.
 #define QROW(dim) ((dim) * 2 + 64)
+// How many binades below its row's (or head's) largest a block's scale may lie, keys' and
+// queries' together, for the blocks to be summed in one chain of MMAs (see index_scores).
+#define IFOLD_SPAN 6
+// A query block of zeros: no exponent.
+#define IZERO (-100000)
+
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+// Bytes of a token's staged queries: per head the f16 values in the lanes' order (QROW), each
+// block's scale (IKB_MAX floats) and the head's weight, then 16 bytes holding how far below
+// its head's largest the lowest block's scale lies (at most 0). index_scores copies it to shared memory
+// as it is.
+__host__ __device__ __forceinline__ int index_image(int H, int dim) {
+    return H * QROW(dim) + 4 * H * IKB_MAX + 4 * H + 16;
+}
+
+// Stages each token's queries for index_scores (one block a token): each (head, block)'s
+// exponent 2^floor(log2 max|v|), each head's largest and how far below it the others lie, then
+// the values over a power of two, exact in f16: the head's largest where every block lies
+// within IFOLD_SPAN binades of its head's largest, else the block's own.
+extern "C" __global__ void index_stage(ScoreArgs a) {
+    pdl_wait();
+    __shared__ int qe[128 * IKB_MAX], qtop[128];
+    __shared__ int q_span;
+    int t = blockIdx.x;
+    int H = (a.H + 7) & ~7, dim = a.dim, KB = dim >> 5;
+    u8* q16 = a.img + (long)t * index_image(H, dim);
+    float* qs = (float*)(q16 + H * QROW(dim));
+    float* wh = qs + H * IKB_MAX;
+    if (threadIdx.x == 0) q_span = 0;
+    for (int i = threadIdx.x; i < H * KB; i += blockDim.x) {
+        int h = i / KB, b = i % KB;
+        float am = 0.0f;
+        if (h < a.H) {
+            const float4* src = (const float4*)(a.q + ((long)t * a.H + h) * dim + 32 * b);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float4 f = src[j];
+                am = fmaxf(am, fmaxf(fmaxf(fabsf(f.x), fabsf(f.y)), fmaxf(fabsf(f.z), fabsf(f.w))));
+            }
+        }
+        qe[h * IKB_MAX + b] = am > 0.0f ? exponent_of(am) : IZERO;
+    }
+    __syncthreads();
+    for (int h = threadIdx.x; h < H; h += blockDim.x) {
+        int top = IZERO, low = 0;
+        for (int b = 0; b < KB; b++) top = max(top, qe[h * IKB_MAX + b]);
+        if (top == IZERO) top = 0;
+        for (int b = 0; b < KB; b++)
+            if (qe[h * IKB_MAX + b] != IZERO) low = min(low, qe[h * IKB_MAX + b] - top);
+        atomicMin(&q_span, low);
+        qtop[h] = top;
+        wh[h] = h < a.H ? a.w[(long)t * a.H + h] * pow2i(top) : 0.0f;
+    }
+    __syncthreads();
+    bool fold = q_span >= -IFOLD_SPAN;
+    for (int i = threadIdx.x; i < H * KB; i += blockDim.x) {
+        int h = i / KB, b = i % KB;
+        float v[32];
+        const float4* src = (const float4*)(a.q + ((long)t * a.H + h) * dim + 32 * b);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float4 f = h < a.H ? src[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[4 * j] = f.x; v[4 * j + 1] = f.y; v[4 * j + 2] = f.z; v[4 * j + 3] = f.w;
+        }
+        float am = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 32; j++) am = fmaxf(am, fabsf(v[j]));
+        int top = qtop[h], e = am > 0.0f ? exponent_of(am) : top;
+        int by = fold ? top : e;
+        // A power of two's reciprocal is exact (2^-127 too, a subnormal), so v * inv is v / 2^by.
+        float inv = 1.0f / pow2i(by);
+        qs[h * IKB_MAX + b] = pow2i(by - top) * 16384.0f;
+        uint4* o = (uint4*)(q16 + h * QROW(dim) + 64 * b);
+#pragma unroll
+        for (int grp = 0; grp < 4; grp++) {
+            u16 c[8];
+#pragma unroll
+            for (int el = 0; el < 8; el++)
+                asm("cvt.rn.f16.f32 %0, %1;" : "=h"(c[f4_slot(el)]) : "f"(v[8 * grp + el] * inv));
+            o[grp] = make_uint4(c[0] | (u32)c[1] << 16, c[2] | (u32)c[3] << 16, c[4] | (u32)c[5] << 16,
+                                c[6] | (u32)c[7] << 16);
+        }
+    }
+    if (threadIdx.x == 0) *(int*)(wh + H) = q_span;
+}
 
 // Scores on tensor cores. A query value is an e2m1 code times its block's power-of-two scale,
-// a key the same: each block of 32 dims sums exact products of f16 codes (key codes shifted
-// into f16s, times 2^-14; query values divided by a power of two of their block), and the two
-// scales then multiply that partial into the head's f32 total. mma.m16n8k16: A = 16 entries'
-// key codes, B = 8 heads' query codes, C = entries x heads. A lane (g, t) feeds, of each block,
-// the 8 dims at 8t (4 bytes of a row, in the pairs `a_frags_f4` decodes them in) and
+// a key the same. mma.m16n8k16: A = 16 entries' key codes (shifted into f16s, times 2^-14), B =
+// 8 heads' query values over a power of two, C = entries x heads. A lane (g, t) feeds, of each
+// block, the 8 dims at 8t (4 bytes of a row, in the pairs `a_frags_f4` decodes them in) and
 // the queries are staged in that order. Each warp scores 32 entries (two m-tiles) a pass,
 // against every head; a block of 4 warps covers `per_block` entries of one token.
+//
+// Every product is exact, and so is each block's sum of 32 (they fit an f32's significand).
+// Where a row's block scales and a head's lie within IFOLD_SPAN binades of their largest, the
+// relative scales go into the operands (keys' by an exact f16 multiplication, queries' when
+// staged): the whole dot product is then summed by the MMAs (even and odd blocks in two chains,
+// added at the end), exact too, since every partial sum
+// is a multiple of the smallest product's unit and below 2^21 of them (128 products of at most
+// 12 units of the largest blocks, 2^-4 of which the smallest unit is, times 2^-IFOLD_SPAN).
+// Elsewhere each block's sum is scaled into the head's total by its own two scales, in block
+// order, whose sum is then the same exact value where it fits and correctly rounded where not.
+// Totals are in units of the row's largest key scale times the head's largest query scale;
+// those multiply the head weights (the query's, exact: powers of two) and the entry's score at
+// the end, which ReLU and the weighted sum commute with exactly.
 extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
     pdl_wait();
     extern __shared__ __align__(16) u8 smem[];
@@ -43,37 +146,9 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
     long n = (a.tok_pos[t] + 1) / a.ratio;
     long e_lo = (long)blockIdx.y * a.per_block;
     long e_hi = e_lo + a.per_block < a.nmax ? e_lo + a.per_block : a.nmax;
-    // Queries: each (head, block) divided by 2^floor(log2 max|v|), exact in f16, stored in the
-    // lanes' order.
-    for (int i = threadIdx.x; i < H * KB; i += blockDim.x) {
-        int h = i / KB, b = i % KB;
-        float v[32];
-        const float4* src = (const float4*)(a.q + ((long)t * a.H + h) * dim + 32 * b);
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            float4 f = h < a.H ? src[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            v[4 * j] = f.x; v[4 * j + 1] = f.y; v[4 * j + 2] = f.z; v[4 * j + 3] = f.w;
-        }
-        float am = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 32; j++) am = fmaxf(am, fabsf(v[j]));
-        float sc = am > 0.0f ? pow2i(exponent_of(am)) : 1.0f;
-        // A power of two's reciprocal is exact (2^-127 too, a subnormal), so v * inv is v / sc.
-        float inv = 1.0f / sc;
-        qs[h * IKB_MAX + b] = sc * 16384.0f;
-        u16* o = (u16*)(q16 + h * QROW(dim)) + 32 * b;
-#pragma unroll
-        for (int j = 0; j < 32; j++) {
-            int grp = j >> 3, e = j & 7;
-            u16 c;
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(c) : "f"(v[j] * inv));
-            o[8 * grp + f4_slot(e)] = c;
-        }
-    }
-    for (int i = threadIdx.x; i < H; i += blockDim.x) wh[i] = i < a.H ? a.w[(long)t * a.H + i] : 0.0f;
-    __syncthreads();
     // A warp's passes: 32 entries each, interleaved with the other warps'. Rows of the next
-    // pass are loaded while this one multiplies.
+    // pass are loaded while this one multiplies (a ring of three passes in shared memory,
+    // copied asynchronously, measured slower: 33.6 -> 36.2 us at 1M).
     uint4 next[IROW_PIECES];
     auto fetch = [&](long e0) {
 #pragma unroll
@@ -87,6 +162,21 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
     };
     long e0 = e_lo + 32 * warp;
     if (e0 < e_hi) fetch(e0);
+    // The token's staged queries, all loads in flight at once (and the first rows').
+    const uint4* img = (const uint4*)(a.img + (long)t * index_image(H, dim));
+    int pieces_img = (index_image(H, dim) - 16) >> 4;
+    for (int i0 = threadIdx.x; i0 < pieces_img; i0 += 8 * blockDim.x) {
+        uint4 v[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (i0 + j * (int)blockDim.x < pieces_img) v[j] = img[i0 + j * blockDim.x];
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (i0 + j * (int)blockDim.x < pieces_img) ((uint4*)smem)[i0 + j * blockDim.x] = v[j];
+    }
+    int q_span = ((const int*)img)[4 * pieces_img];
+    bool fold = q_span >= -IFOLD_SPAN;
+    __syncthreads();
     for (; e0 < e_hi; e0 += 128) {
         __syncwarp();
 #pragma unroll
@@ -97,48 +187,109 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
         __syncwarp();
         if (e0 + 128 < e_hi) fetch(e0 + 128);
         const u8* rw = (const u8*)mine;
-        // A fragments of both m-tiles, every block; the keys' scales of rows g and g + 8.
+        // A fragments of both m-tiles, every block (even registers row g, odd row g + 8); each
+        // row's largest key scale and its blocks' relative to it.
         u32 A[2][IKB_MAX][8];
-        float sk[2][2][IKB_MAX];
+        float sk[2][2][IKB_MAX], top[2][2];
+        bool near = true;
 #pragma unroll
         for (int m = 0; m < 2; m++) {
-            const u8* ra = rw + (16 * m + g) * rb;
-            const u8* rc = rw + (16 * m + g + 8) * rb;
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const u8* sc = rw + (16 * m + g + 8 * r) * rb + a.row.s_off;
+                int e[IKB_MAX], hi = 0, lo = 0;
+#pragma unroll
+                for (int b = 0; b < IKB_MAX; b++) e[b] = b < KB ? sc[b] : 0;
+#pragma unroll
+                for (int b = 0; b < IKB_MAX; b++) hi = b < KB ? max(hi, e[b]) : hi;
+#pragma unroll
+                for (int b = 0; b < IKB_MAX; b++) {
+                    if (b < KB) lo = min(lo, e[b] - hi);
+                    // 2^(e - hi), flushed to zero below 2^-126 (the scales 126 binades apart).
+                    sk[m][r][b] = __int_as_float(max(127 + e[b] - hi, 0) << 23);
+                }
+                top[m][r] = e8m0(hi);
+                near = near && lo + q_span >= -IFOLD_SPAN;
+            }
 #pragma unroll
             for (int b = 0; b < IKB_MAX; b++) {
                 if (b >= KB) break;
+                const u8* ra = rw + (16 * m + g) * rb;
+                const u8* rc = rw + (16 * m + g + 8) * rb;
                 u32 x = *(const u32*)(ra + 16 * b + 4 * tq), y = *(const u32*)(rc + 16 * b + 4 * tq);
                 a_frags_f4(x, y, A[m][b], A[m][b] + 4);
-                sk[m][0][b] = e8m0(ra[a.row.s_off + b]);
-                sk[m][1][b] = e8m0(rc[a.row.s_off + b]);
             }
         }
         float sc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-        for (int h0 = 0; h0 < H; h0 += 8) {
-            float tot[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-            const u8* qb = q16 + (h0 + g) * QROW(dim) + 16 * tq;
-            const float* q0 = qs + (h0 + 2 * tq) * IKB_MAX;
+        if (fold && !a.blockwise && __all_sync(0xffffffffu, near)) {
+            // Codes times 2^14 (undoing the shift) times the block's relative scale: exact, the
+            // products at least 2^-9.
 #pragma unroll
-            for (int b = 0; b < IKB_MAX; b++) {
-                if (b >= KB) break;
-                uint4 B = *(const uint4*)(qb + 64 * b);
-                float s0 = q0[b], s1 = q0[IKB_MAX + b];
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+                for (int b = 0; b < IKB_MAX; b++) {
+                    if (b >= KB) break;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        float f = sk[m][i & 1][b];
+                        u32 h = (u32)((__float_as_int(f) >> 23) - 127 + 29) << 10;
+                        A[m][b][i] = hmul2(A[m][b][i], h | (h << 16));
+                    }
+                }
+#pragma unroll 2
+            for (int h0 = 0; h0 < H; h0 += 8) {
+                const u8* qb = q16 + (h0 + g) * QROW(dim) + 16 * tq;
+                // Even and odd blocks in chains of their own (half the latency), added at the end:
+                // exact too.
+                float c[2][2][4] = {};
+#pragma unroll
+                for (int b = 0; b < IKB_MAX; b++) {
+                    if (b >= KB) break;
+                    uint4 B = *(const uint4*)(qb + 64 * b);
+#pragma unroll
+                    for (int m = 0; m < 2; m++) {
+                        float* cm = c[m][b & 1];
+                        mma16816(cm, A[m][b][0], A[m][b][1], A[m][b][2], A[m][b][3], B.x, B.y);
+                        mma16816(cm, A[m][b][4], A[m][b][5], A[m][b][6], A[m][b][7], B.z, B.w);
+                    }
+                }
+                float w0 = wh[h0 + 2 * tq], w1 = wh[h0 + 2 * tq + 1];
 #pragma unroll
                 for (int m = 0; m < 2; m++) {
-                    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    mma16816(c, A[m][b][0], A[m][b][1], A[m][b][2], A[m][b][3], B.x, B.y);
-                    mma16816(c, A[m][b][4], A[m][b][5], A[m][b][6], A[m][b][7], B.z, B.w);
-                    tot[m][0] = fmaf(c[0], sk[m][0][b] * s0, tot[m][0]);
-                    tot[m][1] = fmaf(c[1], sk[m][0][b] * s1, tot[m][1]);
-                    tot[m][2] = fmaf(c[2], sk[m][1][b] * s0, tot[m][2]);
-                    tot[m][3] = fmaf(c[3], sk[m][1][b] * s1, tot[m][3]);
+                    float d[4];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) d[j] = c[m][0][j] + c[m][1][j];
+                    sc[m][0] += fmaxf(d[0], 0.0f) * w0 + fmaxf(d[1], 0.0f) * w1;
+                    sc[m][1] += fmaxf(d[2], 0.0f) * w0 + fmaxf(d[3], 0.0f) * w1;
                 }
             }
-            float w0 = wh[h0 + 2 * tq], w1 = wh[h0 + 2 * tq + 1];
+        } else {
+            for (int h0 = 0; h0 < H; h0 += 8) {
+                float tot[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                const u8* qb = q16 + (h0 + g) * QROW(dim) + 16 * tq;
+                const float* q0 = qs + (h0 + 2 * tq) * IKB_MAX;
 #pragma unroll
-            for (int m = 0; m < 2; m++) {
-                sc[m][0] += fmaxf(tot[m][0], 0.0f) * w0 + fmaxf(tot[m][1], 0.0f) * w1;
-                sc[m][1] += fmaxf(tot[m][2], 0.0f) * w0 + fmaxf(tot[m][3], 0.0f) * w1;
+                for (int b = 0; b < IKB_MAX; b++) {
+                    if (b >= KB) break;
+                    uint4 B = *(const uint4*)(qb + 64 * b);
+                    float s0 = q0[b], s1 = q0[IKB_MAX + b];
+#pragma unroll
+                    for (int m = 0; m < 2; m++) {
+                        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        mma16816(c, A[m][b][0], A[m][b][1], A[m][b][2], A[m][b][3], B.x, B.y);
+                        mma16816(c, A[m][b][4], A[m][b][5], A[m][b][6], A[m][b][7], B.z, B.w);
+                        tot[m][0] = fmaf(c[0], sk[m][0][b] * s0, tot[m][0]);
+                        tot[m][1] = fmaf(c[1], sk[m][0][b] * s1, tot[m][1]);
+                        tot[m][2] = fmaf(c[2], sk[m][1][b] * s0, tot[m][2]);
+                        tot[m][3] = fmaf(c[3], sk[m][1][b] * s1, tot[m][3]);
+                    }
+                }
+                float w0 = wh[h0 + 2 * tq], w1 = wh[h0 + 2 * tq + 1];
+#pragma unroll
+                for (int m = 0; m < 2; m++) {
+                    sc[m][0] += fmaxf(tot[m][0], 0.0f) * w0 + fmaxf(tot[m][1], 0.0f) * w1;
+                    sc[m][1] += fmaxf(tot[m][2], 0.0f) * w0 + fmaxf(tot[m][3], 0.0f) * w1;
+                }
             }
         }
 #pragma unroll
@@ -149,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
                 v += __shfl_xor_sync(0xffffffffu, v, 1);
                 v += __shfl_xor_sync(0xffffffffu, v, 2);
                 long e = e0 + 16 * m + 8 * r + g;
-                if (tq == 0 && e < e_hi) a.scores[(long)t * a.nmax + e] = e < n ? v : NEG_INF;
+                if (tq == 0 && e < e_hi) a.scores[(long)t * a.nmax + e] = e < n ? v * top[m][r] : NEG_INF;
             }
     }
 }
@@ -177,13 +328,86 @@ __device__ u32 block_scan(u32 v, u32* sh, u32* total) {
     return incl - v;
 }
 
+// Warp 0 of the block finds, counting a 256-bin histogram's bins from the top, the bin in
+// which the count reaches `need`: sel[0] = the bin, sel[1] = how many of its keys are needed
+// (bin 0 and what is left where the bins hold fewer). Each lane sums 8 bins, a warp scan adds
+// the lanes' sums: a thread walking 256 bins one shared-memory latency after another had taken
+// some 3 us a pass.
+__device__ void pick_bin(const u32* hist, u32 need, u32* sel) {
+    int lane = threadIdx.x & 31;
+    if (threadIdx.x >= 32) return;
+    u32 h[8], c = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        h[j] = hist[255 - 8 * lane - j];
+        c += h[j];
+    }
+    u32 cum = c;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+        u32 y = __shfl_up_sync(0xffffffffu, cum, o);
+        if (lane >= o) cum += y;
+    }
+    u32 above = cum - c;
+    if ((above < need && need <= cum) || (lane == 31 && cum < need)) {
+        int j = 0;
+        for (; j < 7; j++) {
+            if (above + h[j] >= need) break;
+            above += h[j];
+        }
+        sel[0] = 255 - 8 * lane - j;
+        sel[1] = need - above;
+    }
+}
+
+// Exclusive prefix sums over the block (1024 threads at most) of two values a thread; `sh` holds
+// 64 words.
+__device__ void block_scan2(u32& a, u32& b, u32* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    u32 ia = a, ib = b;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+        u32 ya = __shfl_up_sync(0xffffffffu, ia, o), yb = __shfl_up_sync(0xffffffffu, ib, o);
+        if (lane >= o) {
+            ia += ya;
+            ib += yb;
+        }
+    }
+    __syncthreads();
+    if (lane == 31) {
+        sh[w] = ia;
+        sh[32 + w] = ib;
+    }
+    __syncthreads();
+    if (w == 0) {
+        u32 sa = lane < nw ? sh[lane] : 0, sb = lane < nw ? sh[32 + lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o *= 2) {
+            u32 ya = __shfl_up_sync(0xffffffffu, sa, o), yb = __shfl_up_sync(0xffffffffu, sb, o);
+            if (lane >= o) {
+                sa += ya;
+                sb += yb;
+            }
+        }
+        sh[lane] = sa;
+        sh[32 + lane] = sb;
+    }
+    __syncthreads();
+    a = ia - a + (w > 0 ? sh[w - 1] : 0);
+    b = ib - b + (w > 0 ? sh[31 + w] : 0);
+}
+
+// Entries a thread of `index_topk` holds: rows of up to 8,192 entries take one block.
+#define TOPK1_PER 8
+
 // The k largest of each row's first n scores (n = visible entries of the token; the lowest
-// indices among ties), written in index order to picks[t][0..], the rest -1 (one block a row).
-extern "C" __global__ void index_topk(const float* scores, const u32* tok_pos, int ratio, int nmax,
-                                      int k, int* picks) {
+// indices among ties), written in index order to picks[t][0..], the rest -1: one block of 1,024
+// threads a row, each holding 8 consecutive keys in registers through four passes of 8 bits.
+extern "C" __global__ void __launch_bounds__(1024) index_topk(const float* scores, const u32* tok_pos,
+                                                              int ratio, int nmax, int k, int* picks) {
     pdl_wait();
     __shared__ u32 hist[256];
-    __shared__ u32 scan[1024];
+    __shared__ u32 sh[64];
     __shared__ u32 sel[2];
     int t = blockIdx.x;
     long n = (tok_pos[t] + 1) / ratio;
@@ -193,51 +417,40 @@ extern "C" __global__ void index_topk(const float* scores, const u32* tok_pos, i
         for (int i = threadIdx.x; i < k; i += blockDim.x) out[i] = i < n ? i : -1;
         return;
     }
+    long i0 = (long)threadIdx.x * TOPK1_PER;
+    u32 u[TOPK1_PER];
+#pragma unroll
+    for (int j = 0; j < TOPK1_PER; j++) u[j] = i0 + j < n ? fkey(row[i0 + j]) : 0;
     u32 prefix = 0, mask = 0, need = k;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        if (threadIdx.x < 256) hist[threadIdx.x] = 0;
         __syncthreads();
-#pragma unroll 8
-        for (long i = threadIdx.x; i < n; i += blockDim.x) {
-            u32 u = fkey(row[i]);
-            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1u);
-        }
+#pragma unroll
+        for (int j = 0; j < TOPK1_PER; j++)
+            if (i0 + j < n && (u[j] & mask) == prefix) atomicAdd(&hist[(u[j] >> shift) & 255], 1u);
         __syncthreads();
-        if (threadIdx.x == 0) {
-            u32 above = 0;
-            int bin = 255;
-            for (; bin > 0; bin--) {
-                if (above + hist[bin] >= need) break;
-                above += hist[bin];
-            }
-            sel[0] = bin;
-            sel[1] = need - above;
-        }
+        pick_bin(hist, need, sel);
         __syncthreads();
         prefix |= sel[0] << shift;
         mask |= 255u << shift;
         need = sel[1];
-        __syncthreads();
     }
-    // `prefix` is the k-th largest key; `need` elements equal to it are taken, lowest first.
-    long chunk = (n + blockDim.x - 1) / blockDim.x;
-    long i0 = threadIdx.x * chunk, i1 = i0 + chunk < n ? i0 + chunk : n;
+    // `prefix` is the k-th largest key; `need` entries equal to it are taken, lowest first.
     u32 gt = 0, eq = 0;
-#pragma unroll 8
-    for (long i = i0; i < i1; i++) {
-        u32 u = fkey(row[i]);
-        gt += u > prefix;
-        eq += u == prefix;
+#pragma unroll
+    for (int j = 0; j < TOPK1_PER; j++) {
+        gt += i0 + j < n && u[j] > prefix;
+        eq += i0 + j < n && u[j] == prefix;
     }
-    u32 total;
-    u32 eq_before = block_scan(eq, scan, &total);
-    u32 take = eq_before >= need ? 0 : (need - eq_before < eq ? need - eq_before : eq);
-    u32 at = block_scan(gt + take, scan, &total);
-    for (long i = i0; i < i1; i++) {
-        u32 u = fkey(row[i]);
-        if (u > prefix || (u == prefix && take > 0)) {
-            if (u == prefix) take--;
-            out[at++] = (int)i;
+    u32 gt_before = gt, eq_before = eq;
+    block_scan2(gt_before, eq_before, sh);
+    u32 tied = eq_before < need ? eq_before : need, take = need - tied < eq ? need - tied : eq;
+    u32 at = gt_before + tied;
+#pragma unroll
+    for (int j = 0; j < TOPK1_PER; j++) {
+        if (i0 + j < n && (u[j] > prefix || (u[j] == prefix && take > 0))) {
+            if (u[j] == prefix) take--;
+            out[at++] = (int)(i0 + j);
         }
     }
 }
@@ -381,10 +594,12 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
         gt += u > prefix;
         eq += u == prefix;
     }
-    u32 total;
-    eqb += block_scan(eq, scan, &total);
-    u32 take = eqb >= need ? 0 : (need - eqb < eq ? need - eqb : eq);
-    at += block_scan(gt + take, scan, &total);
+    u32 gt_before = gt, eq_before = eq;
+    block_scan2(gt_before, eq_before, scan);
+    // Ties go lowest first: of those before this thread's, the blocks before took `prior`.
+    u32 prior = eqb < need ? eqb : need, tied = eqb + eq_before < need ? eqb + eq_before : need;
+    u32 take = need - tied < eq ? need - tied : eq;
+    at += gt_before + tied - prior;
     for (long i = i0; i < i1; i++) {
         u32 u = fkey(row[i]);
         if (u > prefix || (u == prefix && take > 0)) {

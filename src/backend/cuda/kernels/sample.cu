@@ -41,6 +41,20 @@ __device__ void block_argmax(float v, int i, float* bv, int* bi, float* ov, int*
 
 __device__ float block_sumf(float v, float* sh) { return block_sum(v, sh); }
 
+// Calls f(i, l[i]) for i in [i0, i1) in order, loading 16 values before using them: a pass
+// whose loads came one memory latency after another took some 60 us over a row of 129,280.
+template <class F>
+__device__ __forceinline__ void each(const float* l, long i0, long i1, F f) {
+    for (long b = i0; b < i1; b += 16) {
+        float x[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++) x[j] = b + j < i1 ? l[b + j] : 0.0f;
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            if (b + j < i1) f(b + j, x[j]);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logits, int V,
                                                                const SampleParams* params,
                                                                SampleOut* outs) {
@@ -69,14 +83,25 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
     {
         float v = NEG_INF, part = 0.0f;
         int vi = 0x7fffffff;
-        for (int i = tid; i < V; i += blockDim.x) {
-            float x = l[i];
-            if (x > v) {
-                part = part * expf(v - x) + 1.0f;
-                v = x;
-                vi = i;
-            } else if (v > NEG_INF) {
-                part += expf(x - v);
+        for (int i0 = tid; i0 < V; i0 += 8 * blockDim.x) {
+            float xs[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int i = i0 + j * blockDim.x;
+                xs[j] = i < V ? l[i] : NEG_INF;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int i = i0 + j * blockDim.x;
+                float x = xs[j];
+                if (i >= V) break;
+                if (x > v) {
+                    part = part * expf(v - x) + 1.0f;
+                    v = x;
+                    vi = i;
+                } else if (v > NEG_INF) {
+                    part += expf(x - v);
+                }
             }
         }
         block_argmax(v, vi, bv, bi, &m, &best);
@@ -96,21 +121,12 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
             for (int shift = 24; shift >= 0; shift -= 8) {
                 for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
                 __syncthreads();
-                for (long i = i0; i < i1; i++) {
-                    u32 u = fkey(l[i]);
+                each(l, i0, i1, [&](long, float x) {
+                    u32 u = fkey(x);
                     if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1u);
-                }
+                });
                 __syncthreads();
-                if (tid == 0) {
-                    u32 above = 0;
-                    int bin = 255;
-                    for (; bin > 0; bin--) {
-                        if (above + hist[bin] >= need) break;
-                        above += hist[bin];
-                    }
-                    sel[0] = bin;
-                    sel[1] = need - above;
-                }
+                pick_bin(hist, need, sel);
                 __syncthreads();
                 prefix |= sel[0] << shift;
                 mask |= 255u << shift;
@@ -122,21 +138,20 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
         }
         // This thread's share of the ties kept.
         u32 eq = 0;
-        for (long i = i0; i < i1; i++) eq += fkey(l[i]) == tau;
+        each(l, i0, i1, [&](long, float x) { eq += fkey(x) == tau; });
         u32 total;
         u32 eq_before = block_scan(eq, scan, &total);
         u32 my_eq = take_eq == 0xffffffffu ? eq
                     : (eq_before >= take_eq ? 0 : (take_eq - eq_before < eq ? take_eq - eq_before : eq));
-#define KEPT_K(i, seen) (fkey(l[i]) > tau || (fkey(l[i]) == tau && (seen) < my_eq))
+#define KEPT_K(x, seen) (fkey(x) > tau || (fkey(x) == tau && (seen) < my_eq))
         // Mass of the top-k set, then the nucleus threshold by bisection over keys.
         float zk = 0.0f;
         {
             u32 seen = 0;
-            for (long i = i0; i < i1; i++) {
-                bool e = fkey(l[i]) == tau;
-                if (KEPT_K(i, seen)) zk += expf((l[i] - m) * inv_t);
-                seen += e;
-            }
+            each(l, i0, i1, [&](long, float x) {
+                if (KEPT_K(x, seen)) zk += expf((x - m) * inv_t);
+                seen += fkey(x) == tau;
+            });
         }
         zk = block_sumf(zk, sh);
         u32 tp = 0;
@@ -147,30 +162,28 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
                 u32 mid = lo + (hi - lo + 1) / 2;
                 float mass = 0.0f;
                 u32 seen = 0;
-                for (long i = i0; i < i1; i++) {
-                    bool e = fkey(l[i]) == tau;
-                    if (KEPT_K(i, seen) && fkey(l[i]) >= mid) mass += expf((l[i] - m) * inv_t);
-                    seen += e;
-                }
+                each(l, i0, i1, [&](long, float x) {
+                    if (KEPT_K(x, seen) && fkey(x) >= mid) mass += expf((x - m) * inv_t);
+                    seen += fkey(x) == tau;
+                });
                 mass = block_sumf(mass, sh);
                 if (mass >= target) lo = mid; else hi = mid - 1;
             }
             tp = lo;
         }
         // The kept set: top-k, nucleus, and min-p (z >= min_p, the top token's z being 1).
-#define KEPT(i, seen) (KEPT_K(i, seen) && fkey(l[i]) >= tp && expf((l[i] - m) * inv_t) >= P.min_p)
+#define KEPT(x, seen) (KEPT_K(x, seen) && fkey(x) >= tp && expf((x - m) * inv_t) >= P.min_p)
         float z = 0.0f, zd = 0.0f;
         {
             u32 seen = 0;
-            for (long i = i0; i < i1; i++) {
-                bool e = fkey(l[i]) == tau;
-                if (KEPT(i, seen)) {
-                    float zi = expf((l[i] - m) * inv_t);
+            each(l, i0, i1, [&](long i, float x) {
+                if (KEPT(x, seen)) {
+                    float zi = expf((x - m) * inv_t);
                     z += zi;
                     if (i == P.draft) zd = zi;
                 }
-                seen += e;
-            }
+                seen += fkey(x) == tau;
+            });
         }
         z = block_sumf(z, sh);
         zd = block_sumf(zd, sh);
@@ -192,11 +205,10 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
             float mine = 0.0f;
             {
                 u32 seen = 0;
-                for (long i = i0; i < i1; i++) {
-                    bool e = fkey(l[i]) == tau;
-                    if (KEPT(i, seen) && i != exclude) mine += expf((l[i] - m) * inv_t);
-                    seen += e;
-                }
+                each(l, i0, i1, [&](long i, float x) {
+                    if (KEPT(x, seen) && i != exclude) mine += expf((x - m) * inv_t);
+                    seen += fkey(x) == tau;
+                });
             }
             fscan[tid] = mine;
             __syncthreads();
@@ -214,10 +226,11 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
                 u32 seen = 0;
                 int last = -1;
                 for (long i = i0; i < i1; i++) {
-                    bool e = fkey(l[i]) == tau;
-                    if (KEPT(i, seen) && i != exclude) {
+                    float x = l[i];
+                    bool e = fkey(x) == tau;
+                    if (KEPT(x, seen) && i != exclude) {
                         last = (int)i;
-                        run += expf((l[i] - m) * inv_t);
+                        run += expf((x - m) * inv_t);
                         if (draw < run) break;
                     }
                     seen += e;
@@ -229,11 +242,10 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
             if (found < 0) {
                 int lastk = -1;
                 u32 seen = 0;
-                for (long i = i0; i < i1; i++) {
-                    bool e = fkey(l[i]) == tau;
-                    if (KEPT(i, seen) && i != exclude) lastk = (int)i;
-                    seen += e;
-                }
+                each(l, i0, i1, [&](long i, float x) {
+                    if (KEPT(x, seen) && i != exclude) lastk = (int)i;
+                    seen += fkey(x) == tau;
+                });
                 float v;
                 int vi;
                 block_argmax(lastk >= 0 ? (float)lastk : NEG_INF, lastk, bv, bi, &v, &vi);
@@ -249,11 +261,13 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
     for (u32 j = 0; j < nt; j++) {
         float v = NEG_INF;
         int vi = 0x7fffffff;
-        for (long i = i0; i < i1; i++) {
-            bool taken = false;
-            for (u32 q = 0; q < j; q++) taken |= out->top_ids[q] == (u32)i;
-            if (!taken && l[i] > v) { v = l[i]; vi = (int)i; }
-        }
+        each(l, i0, i1, [&](long i, float x) {
+            if (x > v) {
+                bool taken = false;
+                for (u32 q = 0; q < j; q++) taken |= out->top_ids[q] == (u32)i;
+                if (!taken) { v = x; vi = (int)i; }
+            }
+        });
         float bvv;
         int bii;
         block_argmax(v, vi, bv, bi, &bvv, &bii);
