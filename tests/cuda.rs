@@ -1191,30 +1191,12 @@ fn mhc_pre_with_its_norm_gives_the_two_launches_bits() {
     if gpu("mhc_pre_with_its_norm_gives_the_two_launches_bits").is_none() {
         return;
     }
-    let cfg = flash_blocks(8, 64);
-    let seqs: Vec<Vec<u32>> = (0..2)
-        .map(|s| {
-            (0..40)
-                .map(|i| ((i * 37 + s * 101) % 1000) as u32)
-                .collect()
-        })
-        .collect();
     let logits = |fuse: bool| {
         let mut dev = Cuda::new(0).unwrap();
         dev.fuse_norms = fuse;
-        let ck = hadal::demo::synthetic_checkpoint(&cfg, 43);
-        let m = Model::from_checkpoint(&dev, cfg.clone(), ck, &|_, _| {}).unwrap();
-        hadal::score::score(&Runner::new(dev, m), &seqs, &[24], false)
-            .unwrap()
-            .logits
+        flash_logits(dev, 43, &flash_prompts(40, 37, 101), 24)
     };
-    let (a, b) = (logits(true), logits(false));
-    assert_eq!(a.len(), b.len());
-    let first = a
-        .iter()
-        .zip(&b)
-        .position(|(x, y)| x.to_bits() != y.to_bits());
-    assert_eq!(first, None, "first logit that differs");
+    assert_eq!(first_difference(&logits(true), &logits(false)), None);
 }
 
 /// The indexer's scores summed in one chain of MMAs where the scales allow give the bits of
@@ -1225,31 +1207,43 @@ fn index_scores_in_one_chain_give_the_blockwise_bits() {
     if gpu("index_scores_in_one_chain_give_the_blockwise_bits").is_none() {
         return;
     }
-    let cfg = flash_blocks(8, 64);
-    let seqs: Vec<Vec<u32>> = (0..2)
-        .map(|s| {
-            (0..700)
-                .map(|i| ((i * 53 + s * 211) % 1000) as u32)
-                .collect()
-        })
-        .collect();
     let logits = |blockwise: bool| {
         let dev = Cuda::new(0).unwrap();
         dev.index_blockwise
             .store(blockwise, std::sync::atomic::Ordering::Relaxed);
-        let ck = hadal::demo::synthetic_checkpoint(&cfg, 47);
-        let m = Model::from_checkpoint(&dev, cfg.clone(), ck, &|_, _| {}).unwrap();
-        hadal::score::score(&Runner::new(dev, m), &seqs, &[256], false)
-            .unwrap()
-            .logits
+        flash_logits(dev, 47, &flash_prompts(700, 53, 211), 256)
     };
-    let (a, b) = (logits(false), logits(true));
+    assert_eq!(first_difference(&logits(false), &logits(true)), None);
+}
+
+/// Two prompts of `n` tokens below 1,000: token i of prompt s is `(i * mul + s * add) % 1000`.
+fn flash_prompts(n: usize, mul: usize, add: usize) -> Vec<Vec<u32>> {
+    (0..2)
+        .map(|s| {
+            (0..n)
+                .map(|i| ((i * mul + s * add) % 1000) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// The logits of `flash_blocks(8, 64)` with synthetic weights of `seed` on `dev`, the prompts
+/// prefilled in chunks of `chunk`.
+fn flash_logits(dev: Cuda, seed: u64, seqs: &[Vec<u32>], chunk: usize) -> Vec<f32> {
+    let cfg = flash_blocks(8, 64);
+    let ck = hadal::demo::synthetic_checkpoint(&cfg, seed);
+    let m = Model::from_checkpoint(&dev, cfg, ck, &|_, _| {}).unwrap();
+    hadal::score::score(&Runner::new(dev, m), seqs, &[chunk], false)
+        .unwrap()
+        .logits
+}
+
+/// Where two runs' logits first differ in their bits.
+fn first_difference(a: &[f32], b: &[f32]) -> Option<usize> {
     assert_eq!(a.len(), b.len());
-    let first = a
-        .iter()
-        .zip(&b)
-        .position(|(x, y)| x.to_bits() != y.to_bits());
-    assert_eq!(first, None, "first logit that differs");
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x.to_bits() != y.to_bits())
 }
 
 #[test]

@@ -360,19 +360,25 @@ __device__ void pick_bin(const u32* hist, u32 need, u32* sel) {
     }
 }
 
+// Inclusive prefix sums over the warp of two values a lane.
+__device__ __forceinline__ void warp_scan2(u32& a, u32& b) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+        u32 ya = __shfl_up_sync(0xffffffffu, a, o), yb = __shfl_up_sync(0xffffffffu, b, o);
+        if (lane >= o) {
+            a += ya;
+            b += yb;
+        }
+    }
+}
+
 // Exclusive prefix sums over the block (1024 threads at most) of two values a thread; `sh` holds
 // 64 words.
 __device__ void block_scan2(u32& a, u32& b, u32* sh) {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     u32 ia = a, ib = b;
-#pragma unroll
-    for (int o = 1; o < 32; o *= 2) {
-        u32 ya = __shfl_up_sync(0xffffffffu, ia, o), yb = __shfl_up_sync(0xffffffffu, ib, o);
-        if (lane >= o) {
-            ia += ya;
-            ib += yb;
-        }
-    }
+    warp_scan2(ia, ib);
     __syncthreads();
     if (lane == 31) {
         sh[w] = ia;
@@ -381,14 +387,7 @@ __device__ void block_scan2(u32& a, u32& b, u32* sh) {
     __syncthreads();
     if (w == 0) {
         u32 sa = lane < nw ? sh[lane] : 0, sb = lane < nw ? sh[32 + lane] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o *= 2) {
-            u32 ya = __shfl_up_sync(0xffffffffu, sa, o), yb = __shfl_up_sync(0xffffffffu, sb, o);
-            if (lane >= o) {
-                sa += ya;
-                sb += yb;
-            }
-        }
+        warp_scan2(sa, sb);
         sh[lane] = sa;
         sh[32 + lane] = sb;
     }
