@@ -312,7 +312,8 @@ fn grouped_output_projection_matches_the_cpu() {
 
 /// The indexer's selection against a sort: rows long enough to be split over many blocks and
 /// short ones in one, rows shorter than k, distinct scores and scores with many ties (the
-/// lowest indices win), a row of negative scores.
+/// lowest indices win), a row of negative scores; many rows of over 8,192 entries (as in a
+/// long prefill), one block a row.
 #[test]
 fn index_selection_matches_a_sort() {
     let Some(dev) = gpu("index_selection_matches_a_sort") else {
@@ -333,6 +334,8 @@ fn index_selection_matches_a_sort() {
         (8_192, vec![8_192, 8_191, 513, 7_000], 512),
         (8_193, vec![8_193, 8_000, 512, 9], 512),
         (262_144, vec![262_144], 1024),
+        // Many tokens: the digit passes' one block a row.
+        (9_000, (0..1_500).map(|i| 513 + i * 5).collect(), 512),
     ] {
         for ties in [false, true] {
             let mut scores = Vec::with_capacity(nmax * visible.len());

@@ -1,6 +1,7 @@
-// Sampling on the GPU: one block (1024 threads) a row of logits; only the token, its
-// log-probability and the requested alternatives go back to the host. The random draws come from
-// the host's seeded generator, so a seed reproduces a completion.
+// Sampling on the GPU: one block (1024 threads) a row of logits, after blocks that split its
+// first pass; only the token, its log-probability and the requested alternatives go back to the
+// host. The random draws come from the host's seeded generator, so a seed reproduces a
+// completion.
 
 struct SampleParams {
     float temperature, top_p, min_p;
@@ -55,9 +56,20 @@ __device__ __forceinline__ void each(const float* l, long i0, long i1, F f) {
     }
 }
 
+// A block's share of a row's first pass: its best logit (the lowest index among equals) and
+// the sum of exponentials below it.
+struct RowPart {
+    float best, sum;
+    int at, pad;
+};
+
+// Blocks (grid y) split each row's first pass, the best logit and the log-sum-exp; the last of
+// a row's blocks to finish (`done`, launch counters: zero, left zero) joins their parts in
+// block order and samples the row alone.
 extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logits, int V,
                                                                const SampleParams* params,
-                                                               SampleOut* outs) {
+                                                               SampleOut* outs, RowPart* parts,
+                                                               u32* done) {
     pdl_wait();
     __shared__ float sh[32];
     __shared__ float bv[32];
@@ -67,34 +79,32 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
     __shared__ float fscan[1024];
     __shared__ u32 sel[2];
     __shared__ int found;
+    __shared__ int last;
+    __shared__ RowPart joined;
     const float* l = logits + (long)blockIdx.x * V;
-    SampleParams P = params[blockIdx.x];
-    SampleOut* out = outs + blockIdx.x;
     int tid = threadIdx.x;
     long chunk = (V + blockDim.x - 1) / blockDim.x;
     long i0 = tid * chunk, i1 = i0 + chunk < V ? i0 + chunk : V;
-    float lse_part;
 
-    // The best logit and the log-sum-exp in one pass over the row, threads reading it strided
-    // (coalesced): each keeps its own maximum and the sum of exponentials below it (rescaled
-    // when the maximum moves), the block then joins them.
-    float m;
-    int best;
+    // The best logit and the log-sum-exp in one pass over the block's part of the row, threads
+    // reading it strided (coalesced): each keeps its own maximum and the sum of exponentials
+    // below it (rescaled when the maximum moves), the block then joins them.
     {
+        int S = gridDim.y, per = (V + S - 1) / S, b0 = blockIdx.y * per, b1 = min(b0 + per, V);
         float v = NEG_INF, part = 0.0f;
         int vi = 0x7fffffff;
-        for (int i0 = tid; i0 < V; i0 += 8 * blockDim.x) {
+        for (int j0 = b0 + tid; j0 < b1; j0 += 8 * blockDim.x) {
             float xs[8];
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                int i = i0 + j * blockDim.x;
-                xs[j] = i < V ? l[i] : NEG_INF;
+                int i = j0 + j * blockDim.x;
+                xs[j] = i < b1 ? l[i] : NEG_INF;
             }
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                int i = i0 + j * blockDim.x;
+                int i = j0 + j * blockDim.x;
                 float x = xs[j];
-                if (i >= V) break;
+                if (i >= b1) break;
                 if (x > v) {
                     part = part * expf(v - x) + 1.0f;
                     v = x;
@@ -104,11 +114,41 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
                 }
             }
         }
-        block_argmax(v, vi, bv, bi, &m, &best);
+        float m;
+        int at;
+        block_argmax(v, vi, bv, bi, &m, &at);
         part = v == NEG_INF ? 0.0f : part * expf(v - m);
-        lse_part = part;
+        float sum = block_sumf(part, sh);
+        if (tid == 0) {
+            parts[(long)blockIdx.x * S + blockIdx.y] = RowPart{m, sum, at, 0};
+            __threadfence();
+            last = atomicAdd(&done[blockIdx.x], 1u) == (u32)S - 1;
+        }
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        if (tid == 0) {
+            const volatile RowPart* p = parts + (long)blockIdx.x * S;
+            float bm = NEG_INF;
+            int ba = 0x7fffffff;
+            for (int y = 0; y < S; y++)
+                if (p[y].best > bm || (p[y].best == bm && p[y].at < ba)) {
+                    bm = p[y].best;
+                    ba = p[y].at;
+                }
+            float z = 0.0f;
+            for (int y = 0; y < S; y++)
+                if (p[y].best > NEG_INF) z += p[y].sum * expf(p[y].best - bm);
+            joined = RowPart{bm, z, ba, 0};
+            done[blockIdx.x] = 0;
+        }
+        __syncthreads();
     }
-    float lse = m + logf(block_sumf(lse_part, sh));
+    SampleParams P = params[blockIdx.x];
+    SampleOut* out = outs + blockIdx.x;
+    float m = joined.best;
+    int best = joined.at;
+    float lse = m + logf(joined.sum);
 
     int token = best;
     u32 accepted = 0;
