@@ -1202,12 +1202,12 @@ fn mhc_pre_with_its_norm_gives_the_two_launches_bits() {
     assert_eq!(first_difference(&logits(true), &logits(false)), None);
 }
 
-/// The indexer's scores summed in one chain of MMAs where the scales allow give the bits of
+/// The indexer's scores summed by the MMAs across blocks where the scales allow give the bits of
 /// each block of 32 dims summed on its own: V4-Flash-shaped blocks over 700 tokens (175 CSA
 /// entries, a top-64 that selects) score the same logits both ways.
 #[test]
-fn index_scores_in_one_chain_give_the_blockwise_bits() {
-    if gpu("index_scores_in_one_chain_give_the_blockwise_bits").is_none() {
+fn chained_index_scores_give_the_blockwise_bits() {
+    if gpu("chained_index_scores_give_the_blockwise_bits").is_none() {
         return;
     }
     let logits = |blockwise: bool| {

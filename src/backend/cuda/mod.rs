@@ -456,8 +456,8 @@ pub struct Cuda {
     /// the GPU: `expert_warps`); rounded down to a divisor of the tile's slices. For tests: the
     /// bits do not depend on it.
     pub expert_warps: AtomicUsize,
-    /// Whether the indexer sums each block of 32 dims on its own in every pass (else in one
-    /// chain of MMAs where the scales allow: `index_scores`). For tests: the bits do not
+    /// Whether the indexer sums each block of 32 dims on its own in every pass (else the MMAs
+    /// sum across blocks where the scales allow: `index_scores`). For tests: the bits do not
     /// depend on it.
     pub index_blockwise: AtomicBool,
     pool: Arc<Pool>,
@@ -1979,7 +1979,7 @@ impl Device for Cuda {
         let hp = ix.heads.next_multiple_of(8);
         let image = hp * (2 * ix.dim + 64) + 4 * 4 * hp + 4 * hp + 16;
         let img = self.gpu.alloc(b.t * image)?;
-        // Three blocks an SM in all (as many as its registers hold: 162 a thread), so that a
+        // Three blocks an SM in all (as many as its registers hold: 154 a thread), so that a
         // long row is one wave; each scores a multiple of 128 entries (4 warps x 32). An
         // entry's score does not depend on the block that computes it.
         let sms = self.gpu.sms as usize;

@@ -22,7 +22,7 @@ struct ScoreArgs {
 // a quarter warp (two heads, four 16-byte pieces each) reach all 32 banks.
 #define QROW(dim) ((dim) * 2 + 64)
 // How many binades below its row's (or head's) largest a block's scale may lie, keys' and
-// queries' together, for the blocks to be summed in one chain of MMAs (see index_scores).
+// queries' together, for the blocks to be summed by the MMAs together (see index_scores).
 #define IFOLD_SPAN 6
 // A query block of zeros: no exponent.
 #define IZERO (-100000)
@@ -35,8 +35,8 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
 
 // Bytes of a token's staged queries: per head the f16 values in the lanes' order (QROW), each
 // block's scale (IKB_MAX floats) and the head's weight, then 16 bytes holding how far below
-// its head's largest the lowest block's scale lies (at most 0). index_scores copies it to shared memory
-// as it is.
+// its head's largest the lowest block's scale lies (at most 0). index_scores copies the rest
+// to shared memory as it is.
 __host__ __device__ __forceinline__ int index_image(int H, int dim) {
     return H * QROW(dim) + 4 * H * IKB_MAX + 4 * H + 16;
 }
@@ -123,9 +123,9 @@ extern "C" __global__ void index_stage(ScoreArgs a) {
 // Where a row's block scales and a head's lie within IFOLD_SPAN binades of their largest, the
 // relative scales go into the operands (keys' by an exact f16 multiplication, queries' when
 // staged): the whole dot product is then summed by the MMAs (even and odd blocks in two chains,
-// added at the end), exact too, since every partial sum
-// is a multiple of the smallest product's unit and below 2^21 of them (128 products of at most
-// 12 units of the largest blocks, 2^-4 of which the smallest unit is, times 2^-IFOLD_SPAN).
+// added at the end), exact too, since every partial sum is a multiple of the smallest
+// product's unit and below 2^21 of them (128 products of at most 12 units of the largest
+// blocks, 2^-4 of which the smallest unit is, times 2^-IFOLD_SPAN).
 // Elsewhere each block's sum is scaled into the head's total by its own two scales, in block
 // order, whose sum is then the same exact value where it fits and correctly rounded where not.
 // Totals are in units of the row's largest key scale times the head's largest query scale;
