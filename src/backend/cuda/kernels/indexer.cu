@@ -90,12 +90,11 @@ extern "C" __global__ void index_stage(ScoreArgs a) {
             float4 f = h < a.H ? src[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             v[4 * j] = f.x; v[4 * j + 1] = f.y; v[4 * j + 2] = f.z; v[4 * j + 3] = f.w;
         }
-        float am = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 32; j++) am = fmaxf(am, fabsf(v[j]));
-        int top = qtop[h], e = am > 0.0f ? exponent_of(am) : top;
+        // The block's exponent as the first loop found it (a block of zeros takes the head's).
+        int top = qtop[h], e = qe[h * IKB_MAX + b] == IZERO ? top : qe[h * IKB_MAX + b];
         int by = fold ? top : e;
-        // A power of two's reciprocal is exact (2^-127 too, a subnormal), so v * inv is v / 2^by.
+        // A power of two's reciprocal is exact (for normal values' exponents), so v * inv is
+        // v / 2^by.
         float inv = 1.0f / pow2i(by);
         qs[h * IKB_MAX + b] = pow2i(by - top) * 16384.0f;
         uint4* o = (uint4*)(q16 + h * QROW(dim) + 64 * b);
