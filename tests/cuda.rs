@@ -337,12 +337,14 @@ fn index_selection_matches_a_sort() {
         // Many tokens: the digit passes' one block a row.
         (9_000, (0..1_500).map(|i| 513 + i * 5).collect(), 512),
     ] {
-        for ties in [false, true] {
+        // Scores as drawn, or rounded to steps of 1/8 or 1: ties, and at 262,144 entries a
+        // quarter of the row tied for the top (more candidates than `topk_finish` gathers).
+        for ties in [None, Some(8.0f32), Some(1.0)] {
             let mut scores = Vec::with_capacity(nmax * visible.len());
             for t in 0..visible.len() {
                 scores.extend((0..nmax).map(|_| {
                     let v = r.f();
-                    let v = if ties { (v * 8.0).round() / 8.0 } else { v };
+                    let v = ties.map_or(v, |s| (v * s).round() / s);
                     if t == 3 {
                         -v.abs() - 1.0
                     } else {
@@ -356,7 +358,7 @@ fn index_selection_matches_a_sort() {
                 assert_eq!(
                     got[t],
                     expect(row, n, k),
-                    "row {t} of {nmax} ({n} visible, k {k}, ties {ties})"
+                    "row {t} of {nmax} ({n} visible, k {k}, ties {ties:?})"
                 );
             }
         }

@@ -310,23 +310,6 @@ __device__ __forceinline__ u32 fkey(float x) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// Exclusive prefix sum over the block (blockDim.x <= 1024) of one value per thread.
-__device__ u32 block_scan(u32 v, u32* sh, u32* total) {
-    int i = threadIdx.x;
-    sh[i] = v;
-    __syncthreads();
-    for (int o = 1; o < (int)blockDim.x; o *= 2) {
-        u32 x = i >= o ? sh[i - o] : 0;
-        __syncthreads();
-        sh[i] += x;
-        __syncthreads();
-    }
-    u32 incl = sh[i];
-    *total = sh[blockDim.x - 1];
-    __syncthreads();
-    return incl - v;
-}
-
 // Warp 0 of the block finds, counting a 256-bin histogram's bins from the top, the bin in
 // which the count reaches `need`: sel[0] = the bin, sel[1] = how many of its keys are needed
 // (bin 0 and what is left where the bins hold fewer). Each lane sums 8 bins, a warp scan adds
@@ -393,6 +376,15 @@ __device__ void block_scan2(u32& a, u32& b, u32* sh) {
     __syncthreads();
     a = ia - a + (w > 0 ? sh[w - 1] : 0);
     b = ib - b + (w > 0 ? sh[31 + w] : 0);
+}
+
+// Exclusive prefix sum over the block (1024 threads at most) of one value a thread, and the
+// block's total; `sh` holds 64 words.
+__device__ u32 block_scan(u32 v, u32* sh, u32* total) {
+    u32 x = v, zero = 0;
+    block_scan2(x, zero, sh);
+    *total = sh[((blockDim.x + 31) >> 5) - 1];
+    return x;
 }
 
 // Entries a thread of `index_topk` holds: rows of up to 8,192 entries take one block.
@@ -470,29 +462,58 @@ struct TopkArgs {
     int ratio, nmax, k, per_block;
 };
 
+// The bin, counting nb bins from the top, in which the count reaches `need`, by the whole
+// block: each thread sums nb / blockDim.x of them (at most 8, fetched by bin(i) all at once,
+// with i counted from the top), one block scan places them. The thread whose bins hold the
+// need-th key writes sel[0] = the bin, sel[1] = how many of its keys are needed. `sh`: 64 words.
+template <typename Bin>
+__device__ void pick_digit(Bin bin, int nb, u32 need, u32* sh, u32* sel) {
+    int per = nb / blockDim.x;
+    u32 hb[8], c = 0, total;
+#pragma unroll
+    for (int j = 0; j < 8; j++) hb[j] = j < per ? bin(threadIdx.x * per + j) : 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) c += hb[j];
+    u32 above = block_scan(c, sh, &total);
+    if (above < need && need <= above + c) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            if (above + hb[j] >= need) {
+                sel[0] = nb - 1 - (threadIdx.x * per + j);
+                sel[1] = need - above;
+                break;
+            }
+            above += hb[j];
+        }
+    }
+}
+
+// One digit of the k-th largest key, bits [shift, shift + bits), among the keys that match the
+// digits found before (none for the first).
 extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shift, int bits) {
     pdl_wait();
     __shared__ u32 lh[2048];
-    __shared__ u32 scan[256];
+    __shared__ u32 sh[64];
+    __shared__ u32 sel[2];
     __shared__ int last;
-    int t = blockIdx.x, nbins = 1 << bits;
+    int t = blockIdx.x, nb = 1 << bits;
     long n = (a.tok_pos[t] + 1) / a.ratio;
     if (n <= a.k) return;
     u32* st = a.state + 4 * t;
     bool first = shift + bits == 32;
     u32 prefix = first ? 0 : st[0], mask = first ? 0 : st[1];
-    for (int i = threadIdx.x; i < nbins; i += blockDim.x) lh[i] = 0;
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) lh[i] = 0;
     __syncthreads();
     const float* row = a.scores + (long)t * a.nmax;
     long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
 #pragma unroll 4
     for (long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
         u32 u = fkey(row[i]);
-        if ((u & mask) == prefix) atomicAdd(&lh[(u >> shift) & (nbins - 1)], 1u);
+        if ((u & mask) == prefix) atomicAdd(&lh[(u >> shift) & (nb - 1)], 1u);
     }
     __syncthreads();
     u32* gh = a.hist + 2048l * t;
-    for (int i = threadIdx.x; i < nbins; i += blockDim.x)
+    for (int i = threadIdx.x; i < nb; i += blockDim.x)
         if (lh[i]) atomicAdd(&gh[i], lh[i]);
     __threadfence();
     __syncthreads();
@@ -501,29 +522,17 @@ extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shi
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // Thread i holds bins counted from the top, nbins / 256 of them.
-    int per = nbins / blockDim.x;
-    u32 need = first ? (u32)a.k : st[2];
-    u32 c = 0;
-    for (int j = 0; j < per; j++) c += ((volatile u32*)gh)[nbins - 1 - (threadIdx.x * per + j)];
-    u32 total;
-    u32 above = block_scan(c, scan, &total);
-    if (above < need && need <= above + c) {
-        for (int j = 0; j < per; j++) {
-            int bin = nbins - 1 - (threadIdx.x * per + j);
-            u32 h = ((volatile u32*)gh)[bin];
-            if (above + h >= need) {
-                st[0] = prefix | ((u32)bin << shift);
-                st[1] = mask | ((u32)(nbins - 1) << shift);
-                st[2] = need - above;
-                break;
-            }
-            above += h;
-        }
-    }
+    // The other blocks' counts are in L2 (their atomics): read past L1. Every block has read
+    // the state by now.
+    pick_digit([&](int i) { return __ldcg(gh + nb - 1 - i); }, nb, first ? (u32)a.k : st[2], sh, sel);
     __syncthreads();
-    for (int i = threadIdx.x; i < nbins; i += blockDim.x) gh[i] = 0;
-    if (threadIdx.x == 0) a.done[t] = 0;
+    if (threadIdx.x == 0) {
+        st[0] = prefix | (sel[0] << shift);
+        st[1] = mask | ((u32)(nb - 1) << shift);
+        st[2] = sel[1];
+        a.done[t] = 0;
+    }
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) gh[i] = 0;
 }
 
 // Per block: keys above the k-th largest and keys equal to it.

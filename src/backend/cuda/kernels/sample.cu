@@ -75,7 +75,7 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
     __shared__ float bv[32];
     __shared__ int bi[32];
     __shared__ u32 hist[256];
-    __shared__ u32 scan[1024];
+    __shared__ u32 scan[64];
     __shared__ float fscan[1024];
     __shared__ u32 sel[2];
     __shared__ int found;
