@@ -230,7 +230,7 @@ unsafe fn rows16_with<L: Lanes, const R: usize>(
                 (FP8_WEIGHT_BLOCK, 64),
                 at,
                 scale,
-                |p| [L::e4m3s(p), second::<L>(p, 1, |q| L::e4m3s(q))],
+                |p| L::e4m3x16(p),
                 put,
             )
         }
@@ -254,24 +254,30 @@ unsafe fn rows16_with<L: Lanes, const R: usize>(
         Storage::Bf16(w) => {
             let w = w.as_ptr();
             let at = |i: usize, kk: usize| w.wrapping_add(((j0 + i) * k + kk) * 2);
-            let decode = |p| [L::bf16s(p), second::<L>(p, 2, |q| L::bf16s(q))];
+            let decode = |p: *const u8| {
+                [
+                    L::bf16s(p),
+                    second::<L>(p.wrapping_add(16), |q| L::bf16s(q)),
+                ]
+            };
             rows16_block::<L, R, false>(k, x, g, (k, 32), at, |_, _| 1.0, decode, put)
         }
         Storage::F32(w) => {
             let w = w.as_ptr();
             let at = |i: usize, kk: usize| w.wrapping_add(((j0 + i) * k + kk) * 4);
-            let decode = |p| [L::f32s(p), second::<L>(p, 4, |q| L::f32s(q))];
+            let decode =
+                |p: *const u8| [L::f32s(p), second::<L>(p.wrapping_add(32), |q| L::f32s(q))];
             rows16_block::<L, R, false>(k, x, g, (k, 16), at, |_, _| 1.0, decode, put)
         }
     }
 }
 
-/// The second vector of sixteen weights stored from `p`, `bytes` each, where a vector holds
-/// eight (zero where it holds sixteen: not used).
+/// `f(p)`, the second vector of sixteen weights (at `p`), where a vector holds eight; zero
+/// where it holds sixteen (not used).
 #[inline(always)]
-unsafe fn second<L: Lanes>(p: *const u8, bytes: usize, f: impl Fn(*const u8) -> L::V) -> L::V {
+unsafe fn second<L: Lanes + ?Sized>(p: *const u8, f: impl Fn(*const u8) -> L::V) -> L::V {
     if L::N == 8 {
-        f(p.wrapping_add(8 * bytes))
+        f(p)
     } else {
         L::zero()
     }
@@ -371,15 +377,21 @@ pub(super) trait Lanes {
     unsafe fn e4m3s(p: *const u8) -> Self::V;
     /// e2m1 codes, two a byte (low nibble first), unscaled.
     unsafe fn e2m1s(p: *const u8) -> Self::V;
-    /// Sixteen e2m1 codes from `p` in `16 / N` vectors (the second zero where one holds them).
+    /// Sixteen e4m3 codes from `p` in `16 / N` vectors (the second zero where one holds them).
+    #[inline(always)]
+    unsafe fn e4m3x16(p: *const u8) -> [Self::V; 2] {
+        [
+            Self::e4m3s(p),
+            second::<Self>(p.wrapping_add(8), |q| Self::e4m3s(q)),
+        ]
+    }
+    /// Sixteen e2m1 codes from `p`, as [`Lanes::e4m3x16`] gives e4m3 codes.
     #[inline(always)]
     unsafe fn e2m1x16(p: *const u8) -> [Self::V; 2] {
-        let rest = if Self::N == 8 {
-            Self::e2m1s(p.wrapping_add(4))
-        } else {
-            Self::zero()
-        };
-        [Self::e2m1s(p), rest]
+        [
+            Self::e2m1s(p),
+            second::<Self>(p.wrapping_add(4), |q| Self::e2m1s(q)),
+        ]
     }
     /// Rows become columns (`v` holds `N` vectors).
     unsafe fn transpose(v: &mut [Self::V]);
@@ -711,6 +723,22 @@ pub(super) mod x86 {
             let mag = _mm256_permutevar8x32_ps(lut, idx);
             let sign = _mm256_slli_epi32::<28>(_mm256_and_si256(idx, _mm256_set1_epi32(8)));
             _mm256_or_ps(mag, _mm256_castsi256_ps(sign))
+        }
+        #[inline(always)]
+        unsafe fn e4m3x16(p: *const u8) -> [__m256; 2] {
+            // `e4m3s` on sixteen 16-bit lanes at once: one load, one widening, the bit
+            // operations once for both halves (16 instructions against 26).
+            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+            let mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
+            let sign = _mm256_xor_si256(b, mag);
+            let h = _mm256_or_si256(_mm256_slli_epi16::<7>(mag), _mm256_slli_epi16::<8>(sign));
+            let nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f));
+            let h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7e00)));
+            let k = _mm256_set1_ps(256.0);
+            [
+                _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), k),
+                _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)), k),
+            ]
         }
         #[inline(always)]
         unsafe fn e2m1x16(p: *const u8) -> [__m256; 2] {
