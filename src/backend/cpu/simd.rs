@@ -527,6 +527,20 @@ pub(super) mod x86 {
         (h, l)
     };
 
+    /// Sixteen e4m3 codes from `p` as f16 bits in 16-bit lanes (half the width of f32 work):
+    /// each code's bits moved into an f16's, its value times 2^-8, subnormal codes on f16
+    /// subnormals; the conversion to f32 and the multiplication back by 256 are exact. NaN
+    /// codes get an f16 NaN.
+    #[inline(always)]
+    unsafe fn e4m3_f16(p: *const u8) -> __m256i {
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+        let mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
+        let sign = _mm256_xor_si256(b, mag);
+        let h = _mm256_or_si256(_mm256_slli_epi16::<7>(mag), _mm256_slli_epi16::<8>(sign));
+        let nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f));
+        _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7e00)))
+    }
+
     /// `(q0 + q1) + (q2 + q3)`.
     #[inline(always)]
     unsafe fn join4(q: __m128) -> f32 {
@@ -588,16 +602,7 @@ pub(super) mod x86 {
         }
         #[inline(always)]
         unsafe fn e4m3s(p: *const u8) -> __m512 {
-            // Each code's bits moved into an f16's, 16-bit lanes (half the width of f32 work):
-            // its value times 2^-8, subnormal codes on f16 subnormals; the conversion to f32
-            // and the multiplication back are exact. NaN codes get an f16 NaN.
-            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
-            let mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
-            let sign = _mm256_xor_si256(b, mag);
-            let h = _mm256_or_si256(_mm256_slli_epi16::<7>(mag), _mm256_slli_epi16::<8>(sign));
-            let nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f));
-            let h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7e00)));
-            _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0))
+            _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(p)), _mm512_set1_ps(256.0))
         }
         #[inline(always)]
         unsafe fn e2m1s(p: *const u8) -> __m512 {
@@ -726,14 +731,9 @@ pub(super) mod x86 {
         }
         #[inline(always)]
         unsafe fn e4m3x16(p: *const u8) -> [__m256; 2] {
-            // `e4m3s` on sixteen 16-bit lanes at once: one load, one widening, the bit
-            // operations once for both halves (16 instructions against 26).
-            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
-            let mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
-            let sign = _mm256_xor_si256(b, mag);
-            let h = _mm256_or_si256(_mm256_slli_epi16::<7>(mag), _mm256_slli_epi16::<8>(sign));
-            let nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f));
-            let h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7e00)));
+            // As AVX-512 does, the second half converted apart: one load, one widening, the
+            // bit operations once for both halves (16 instructions against 26).
+            let h = e4m3_f16(p);
             let k = _mm256_set1_ps(256.0);
             [
                 _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), k),
