@@ -338,7 +338,7 @@ fn index_selection_matches_a_sort() {
         (9_000, (0..1_500).map(|i| 513 + i * 5).collect(), 512),
     ] {
         // Scores as drawn, or rounded to steps of 1/8 or 1: ties, and at 262,144 entries a
-        // quarter of the row tied for the top (more candidates than `topk_finish` gathers).
+        // quarter of the row tied for the top (every digit pass counting them all).
         for ties in [None, Some(8.0f32), Some(1.0)] {
             let mut scores = Vec::with_capacity(nmax * visible.len());
             for t in 0..visible.len() {
