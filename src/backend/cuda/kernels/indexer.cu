@@ -462,58 +462,31 @@ struct TopkArgs {
     int ratio, nmax, k, per_block;
 };
 
-// The bin, counting nb bins from the top, in which the count reaches `need`, by the whole
-// block: each thread sums nb / blockDim.x of them (at most 8, fetched by bin(i) all at once,
-// with i counted from the top), one block scan places them. The thread whose bins hold the
-// need-th key writes sel[0] = the bin, sel[1] = how many of its keys are needed. `sh`: 64 words.
-template <typename Bin>
-__device__ void pick_digit(Bin bin, int nb, u32 need, u32* sh, u32* sel) {
-    int per = nb / blockDim.x;
-    u32 hb[8], c = 0, total;
-#pragma unroll
-    for (int j = 0; j < 8; j++) hb[j] = j < per ? bin(threadIdx.x * per + j) : 0;
-#pragma unroll
-    for (int j = 0; j < 8; j++) c += hb[j];
-    u32 above = block_scan(c, sh, &total);
-    if (above < need && need <= above + c) {
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            if (above + hb[j] >= need) {
-                sel[0] = nb - 1 - (threadIdx.x * per + j);
-                sel[1] = need - above;
-                break;
-            }
-            above += hb[j];
-        }
-    }
-}
-
 // One digit of the k-th largest key, bits [shift, shift + bits), among the keys that match the
 // digits found before (none for the first).
 extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shift, int bits) {
     pdl_wait();
     __shared__ u32 lh[2048];
-    __shared__ u32 sh[64];
-    __shared__ u32 sel[2];
+    __shared__ u32 scan[64];
     __shared__ int last;
-    int t = blockIdx.x, nb = 1 << bits;
+    int t = blockIdx.x, nbins = 1 << bits;
     long n = (a.tok_pos[t] + 1) / a.ratio;
     if (n <= a.k) return;
     u32* st = a.state + 4 * t;
     bool first = shift + bits == 32;
     u32 prefix = first ? 0 : st[0], mask = first ? 0 : st[1];
-    for (int i = threadIdx.x; i < nb; i += blockDim.x) lh[i] = 0;
+    for (int i = threadIdx.x; i < nbins; i += blockDim.x) lh[i] = 0;
     __syncthreads();
     const float* row = a.scores + (long)t * a.nmax;
     long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
 #pragma unroll 4
     for (long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
         u32 u = fkey(row[i]);
-        if ((u & mask) == prefix) atomicAdd(&lh[(u >> shift) & (nb - 1)], 1u);
+        if ((u & mask) == prefix) atomicAdd(&lh[(u >> shift) & (nbins - 1)], 1u);
     }
     __syncthreads();
     u32* gh = a.hist + 2048l * t;
-    for (int i = threadIdx.x; i < nb; i += blockDim.x)
+    for (int i = threadIdx.x; i < nbins; i += blockDim.x)
         if (lh[i]) atomicAdd(&gh[i], lh[i]);
     __threadfence();
     __syncthreads();
@@ -522,17 +495,33 @@ extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shi
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // The other blocks' counts are in L2 (their atomics): read past L1. Every block has read
-    // the state by now.
-    pick_digit([&](int i) { return __ldcg(gh + nb - 1 - i); }, nb, first ? (u32)a.k : st[2], sh, sel);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        st[0] = prefix | (sel[0] << shift);
-        st[1] = mask | ((u32)(nb - 1) << shift);
-        st[2] = sel[1];
-        a.done[t] = 0;
+    // Thread i holds bins counted from the top, nbins / 256 of them (at most 8), loaded at once
+    // past L1 (the other blocks' counts are in L2): the thread that finds the digit walks them
+    // in registers (reloading each had cost it one L2 round trip after another).
+    int per = nbins / blockDim.x;
+    u32 need = first ? (u32)a.k : st[2];
+    u32 hb[8], c = 0, total;
+#pragma unroll
+    for (int j = 0; j < 8; j++) hb[j] = j < per ? __ldcg(gh + nbins - 1 - (threadIdx.x * per + j)) : 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) c += hb[j];
+    u32 above = block_scan(c, scan, &total);
+    if (above < need && need <= above + c) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int bin = nbins - 1 - (threadIdx.x * per + j);
+            if (above + hb[j] >= need) {
+                st[0] = prefix | ((u32)bin << shift);
+                st[1] = mask | ((u32)(nbins - 1) << shift);
+                st[2] = need - above;
+                break;
+            }
+            above += hb[j];
+        }
     }
-    for (int i = threadIdx.x; i < nb; i += blockDim.x) gh[i] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < nbins; i += blockDim.x) gh[i] = 0;
+    if (threadIdx.x == 0) a.done[t] = 0;
 }
 
 // Per block: keys above the k-th largest and keys equal to it.
