@@ -19,16 +19,18 @@
 #define TC_KEYS_PER_SPLIT 32
 #define TC_NT_MAX 16  // 8-dim MMA tiles of a warp's quarter of 512 dims
 
-__device__ __forceinline__ void ldsm_x4(u32* r, const void* p) {
+// Shared-memory addresses as 32-bit offsets: generic pointers cost a 64-bit address computation
+// (and its conversion) per load, more instructions than the attention's MMAs in its inner loops.
+__device__ __forceinline__ void ldsm_x4(u32* r, u32 p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(p));
 }
 
-__device__ __forceinline__ void ldsm_x2_trans(u32* r, const void* p) {
+__device__ __forceinline__ void ldsm_x2_trans(u32* r, u32 p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
                  : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem_addr(p)));
+                 : "r"(p));
 }
 
 __device__ __forceinline__ u16 bf16_rn(float x) {
@@ -98,6 +100,7 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ const u8* src[TC_SRC_MAX];
     __shared__ int picked;
+    const u32 sm = smem_addr(smem);
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
     int t = a.t0 + blockIdx.x, h0 = blockIdx.y * a.hpb, dh = a.dh, nope = a.row.nope;
     int rb = a.row.bytes;
@@ -124,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
             __syncthreads();
         }
         int nk = (int)(k1 - kb < TC_KEYS ? k1 - kb : TC_KEYS), sb = (int)((kb - k0) % TC_SRC_MAX);
-        u8* dst = smem + L.raw + (c & 1) * TC_KEYS * rb;
+        u32 dst = sm + L.raw + (c & 1) * TC_KEYS * rb;
         Walk w = walk_start(cpr);
         for (; w.row < nk; walk_next(w, cpw))
             cp_async16(dst + w.row * rb + 16 * w.col, src[sb + w.row] + 16 * w.col, true);
@@ -233,8 +236,8 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
             u32 A[3][4], B[4];
 #pragma unroll
             for (int j = 0; j < 3; j++)
-                ldsm_x4(A[j], smem + L.q + 2 * ((j * TC_HEADS + (lane & 15)) * L.P + d + (lane >> 4) * 8));
-            ldsm_x4(B, smem + L.k + 2 * (key * L.P + d + col));
+                ldsm_x4(A[j], sm + L.q + 2 * ((j * TC_HEADS + (lane & 15)) * L.P + d + (lane >> 4) * 8));
+            ldsm_x4(B, sm + L.k + 2 * (key * L.P + d + col));
 #pragma unroll
             for (int n = 0; n < 2; n++) {
                 mma16816_bf16(sh[n], A[0][0], A[0][1], A[0][2], A[0][3], B[2 * n], B[2 * n + 1]);
@@ -246,11 +249,11 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
             u32 A[3][4], B[3][4];
 #pragma unroll
             for (int j = 0; j < 3; j++)
-                ldsm_x4(A[j], smem + L.q + 2 * ((j * TC_HEADS + (lane & 15)) * L.P + d + (lane >> 4) * 8));
-            ldsm_x4(B[0], smem + L.k + 2 * (key * L.P + d + col));
+                ldsm_x4(A[j], sm + L.q + 2 * ((j * TC_HEADS + (lane & 15)) * L.P + d + (lane >> 4) * 8));
+            ldsm_x4(B[0], sm + L.k + 2 * (key * L.P + d + col));
 #pragma unroll
             for (int j = 1; j < 3; j++)
-                ldsm_x4(B[j], smem + L.kr + 2 * (((j - 1) * TC_KEYS + key) * L.RP + d - nope + col));
+                ldsm_x4(B[j], sm + L.kr + 2 * (((j - 1) * TC_KEYS + key) * L.RP + d - nope + col));
 #pragma unroll
             for (int n = 0; n < 2; n++)
 #pragma unroll
@@ -329,7 +332,7 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
         for (int j = 0; j < TC_NT_MAX; j++) {
             if (j >= jn) break;
             u32 B[2];
-            ldsm_x2_trans(B, smem + L.k + 2 * ((lane & 15) * L.P + d0w + 8 * j));
+            ldsm_x2_trans(B, sm + L.k + 2 * ((lane & 15) * L.P + d0w + 8 * j));
             mma16816_bf16(oh[j], P[0][0], P[0][1], P[0][2], P[0][3], B[0], B[1]);
             mma16816_bf16(ol[j], P[1][0], P[1][1], P[1][2], P[1][3], B[0], B[1]);
             mma16816_bf16(ol[j], P[2][0], P[2][1], P[2][2], P[2][3], B[0], B[1]);
@@ -340,10 +343,10 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
             if (j < jn) continue;
             int d = d0w + 8 * j;
             u32 B[3][2];
-            ldsm_x2_trans(B[0], smem + L.k + 2 * ((lane & 15) * L.P + d));
+            ldsm_x2_trans(B[0], sm + L.k + 2 * ((lane & 15) * L.P + d));
 #pragma unroll
             for (int kp = 1; kp < 3; kp++)
-                ldsm_x2_trans(B[kp], smem + L.kr + 2 * (((kp - 1) * TC_KEYS + (lane & 15)) * L.RP + d - nope));
+                ldsm_x2_trans(B[kp], sm + L.kr + 2 * (((kp - 1) * TC_KEYS + (lane & 15)) * L.RP + d - nope));
 #pragma unroll
             for (int pp = 0; pp < 3; pp++)
 #pragma unroll

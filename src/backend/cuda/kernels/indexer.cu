@@ -121,8 +121,8 @@ extern "C" __global__ void index_stage(ScoreArgs a) {
 // Every product is exact, and so is each block's sum of 32 (they fit an f32's significand).
 // Where a row's block scales and a head's lie within IFOLD_SPAN binades of their largest, the
 // relative scales go into the operands (keys' by an exact f16 multiplication, queries' when
-// staged): the whole dot product is then summed by the MMAs (even and odd blocks in two chains,
-// added at the end), exact too, since every partial sum is a multiple of the smallest
+// staged): the whole dot product is then summed by the MMAs (one chain a tile), exact too,
+// in any order, since every partial sum is a multiple of the smallest
 // product's unit and below 2^21 of them (128 products of at most 12 units of the largest
 // blocks, 2^-4 of which the smallest unit is, times 2^-IFOLD_SPAN).
 // Elsewhere each block's sum is scaled into the head's total by its own two scales, in block
@@ -130,12 +130,15 @@ extern "C" __global__ void index_stage(ScoreArgs a) {
 // Totals are in units of the row's largest key scale times the head's largest query scale;
 // those multiply the head weights (the query's, exact: powers of two) and the entry's score at
 // the end, which ReLU and the weighted sum commute with exactly.
-extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
-    pdl_wait();
-    extern __shared__ __align__(16) u8 smem[];
+//
+// KB, the scale blocks of a row, is a template constant: with a run-time count, every block's
+// loop ended in a branch, which kept the next block's loads and MMAs from being scheduled
+// among the current ones.
+template <int KB>
+__device__ __forceinline__ void index_scores_kb(const ScoreArgs& a, u8* smem) {
     int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
     // Heads in whole n-tiles of 8; the padding heads score zero with weight zero.
-    int H = (a.H + 7) & ~7, dim = a.dim, KB = dim >> 5, rb = a.row.bytes, pieces = rb >> 4;
+    int H = (a.H + 7) & ~7, dim = KB * 32, rb = a.row.bytes, pieces = rb >> 4;
     u8* q16 = smem;                                   // [H][QROW] f16 codes
     float* qs = (float*)(smem + H * QROW(dim));       // [H][KB] scale of each staged block
     float* wh = qs + H * IKB_MAX;                     // [H]
@@ -238,16 +241,15 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
 #pragma unroll 2
             for (int h0 = 0; h0 < H; h0 += 8) {
                 const u8* qb = q16 + (h0 + g) * QROW(dim) + 16 * tq;
-                // Even and odd blocks in chains of their own (half the latency), added at the end:
-                // exact too.
-                float c[2][2][4] = {};
+                // One chain a tile (exact in any order).
+                float c[2][4] = {};
 #pragma unroll
                 for (int b = 0; b < IKB_MAX; b++) {
                     if (b >= KB) break;
                     uint4 B = *(const uint4*)(qb + 64 * b);
 #pragma unroll
                     for (int m = 0; m < 2; m++) {
-                        float* cm = c[m][b & 1];
+                        float* cm = c[m];
                         mma16816(cm, A[m][b][0], A[m][b][1], A[m][b][2], A[m][b][3], B.x, B.y);
                         mma16816(cm, A[m][b][4], A[m][b][5], A[m][b][6], A[m][b][7], B.z, B.w);
                     }
@@ -257,7 +259,7 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
                 for (int m = 0; m < 2; m++) {
                     float d[4];
 #pragma unroll
-                    for (int j = 0; j < 4; j++) d[j] = c[m][0][j] + c[m][1][j];
+                    for (int j = 0; j < 4; j++) d[j] = c[m][j];
                     sc[m][0] += fmaxf(d[0], 0.0f) * w0 + fmaxf(d[1], 0.0f) * w1;
                     sc[m][1] += fmaxf(d[2], 0.0f) * w0 + fmaxf(d[3], 0.0f) * w1;
                 }
@@ -301,6 +303,17 @@ extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
                 long e = e0 + 16 * m + 8 * r + g;
                 if (tq == 0 && e < e_hi) a.scores[(long)t * a.nmax + e] = e < n ? v * top[m][r] : NEG_INF;
             }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
+    pdl_wait();
+    extern __shared__ __align__(16) u8 smem[];
+    switch (a.dim >> 5) {
+    case 1: index_scores_kb<1>(a, smem); break;
+    case 2: index_scores_kb<2>(a, smem); break;
+    case 3: index_scores_kb<3>(a, smem); break;
+    default: index_scores_kb<4>(a, smem); break;
     }
 }
 
