@@ -4,7 +4,7 @@
 //! this tells the formats' kernels apart.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use hadal::backend::cpu::{linear, Numerics};
+use hadal::backend::cpu::{linear, tiled, Numerics};
 use hadal::checkpoint::Bytes;
 use hadal::weights::{Matrix, Storage};
 
@@ -52,8 +52,17 @@ fn products(c: &mut Criterion) {
         ("fp8", "shared expert w1", 2048, 4096, 1.0),
         ("fp4", "routed expert w1", 2048, 4096, 0.5),
         ("bf16", "a sixteenth of the head", 8080, 4096, 2.0),
+        // The demo model's head, summed in chain order: rows as stored, and tiled as the CPU
+        // device stores them.
+        ("bf16", "the demo's head", 129280, 256, 2.0),
+        ("tiled", "the demo's head", 129280, 256, 2.0),
     ] {
         let m = matrix(fmt, rows, cols);
+        let m = if fmt == "tiled" {
+            tiled(m, Numerics::BatchInvariant)
+        } else {
+            m
+        };
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();

@@ -29,6 +29,17 @@ pub enum Storage {
     },
     /// BF16 values.
     Bf16(Bytes),
+    /// BF16 values in tiles of `width` rows, each tile stored column by column: row `n`,
+    /// column `c` at `((n / width) * cols + c) * width + n % width`. The CPU's layout for
+    /// products summed in chain order, one output a lane (`Cpu::weight` makes it from `Bf16`):
+    /// a column of a tile's outputs is then one sequential read, where row-major rows had to
+    /// be transposed.
+    Bf16Tiles {
+        /// `rows x cols` values.
+        w: Bytes,
+        /// Rows a tile (a few times the SIMD lanes of the CPU that made it).
+        width: usize,
+    },
     /// F32 values.
     F32(Bytes),
 }
@@ -111,7 +122,7 @@ impl Matrix {
     pub fn bytes(&self) -> usize {
         match &self.storage {
             Storage::F8 { w, s } | Storage::F4 { w, s } => w.len() + s.len(),
-            Storage::Bf16(w) | Storage::F32(w) => w.len(),
+            Storage::Bf16(w) | Storage::Bf16Tiles { w, .. } | Storage::F32(w) => w.len(),
         }
     }
 
@@ -120,7 +131,7 @@ impl Matrix {
         match self.storage {
             Storage::F8 { .. } => "FP8",
             Storage::F4 { .. } => "FP4",
-            Storage::Bf16(_) => "BF16",
+            Storage::Bf16(_) | Storage::Bf16Tiles { .. } => "BF16",
             Storage::F32(_) => "F32",
         }
     }
@@ -132,7 +143,7 @@ impl Matrix {
             Storage::F8 { w, s } | Storage::F4 { w, s } => {
                 let _ = (&w[..], &s[..]);
             }
-            Storage::Bf16(w) | Storage::F32(w) => {
+            Storage::Bf16(w) | Storage::Bf16Tiles { w, .. } | Storage::F32(w) => {
                 let _ = &w[..];
             }
         }

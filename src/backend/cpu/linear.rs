@@ -40,6 +40,13 @@ pub fn decode_row(m: &Matrix, r: usize, out: &mut [f32]) {
                 o.iter_mut().for_each(|v| *v *= sc);
             }
         }
+        Storage::Bf16Tiles { w, width } => {
+            let (l, first) = (*width, (r / width) * k * width + r % width);
+            for (c, o) in out[..k].iter_mut().enumerate() {
+                let i = 2 * (first + c * l);
+                *o = bf16(w[i], w[i + 1]);
+            }
+        }
         Storage::Bf16(w) => {
             for (o, c) in out[..k]
                 .iter_mut()
@@ -120,7 +127,7 @@ pub fn linear(m: &Matrix, x: &[f32], num: Numerics) -> Vec<f32> {
                     .collect();
             linear_plain(m, &xd, num)
         }
-        Storage::Bf16(_) | Storage::F32(_) => linear_plain(m, x, num),
+        Storage::Bf16(_) | Storage::Bf16Tiles { .. } | Storage::F32(_) => linear_plain(m, x, num),
     }
 }
 
@@ -139,10 +146,19 @@ pub fn linear_plain_rows(
     let k = m.cols;
     let rows = x.len() / k;
     let order = num.product(rows, k);
-    if order == Order::Lanes16 && simd::takes16(k) {
+    // Tiled weights are read by the chain order's kernels, from a tile's first row (and one
+    // by one by the scalar loops).
+    let tiled = match m.storage {
+        Storage::Bf16Tiles { width, .. } => Some(width),
+        _ => None,
+    };
+    if order == Order::Lanes16 && simd::takes16(k) && tiled.is_none() {
         return simd::product16(m, x, rows, range);
     }
-    if order == Order::Chain && simd::takes(k) {
+    if order == Order::Chain
+        && simd::takes(k)
+        && tiled.is_none_or(|w| w == simd::tile_width() && range.start.is_multiple_of(w))
+    {
         // Whole tiles on SIMD lanes (the same bits), the rest below.
         let (mut y, done) = simd::product(m, x, rows, range.clone());
         let n = range.len();

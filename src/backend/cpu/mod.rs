@@ -15,6 +15,7 @@ pub use linear::{decode_row, linear, linear_plain, linear_plain_rows};
 pub use mhc::sinkhorn;
 pub use moe::routed_experts;
 pub use order::Numerics;
+pub use simd::tiled;
 pub use topk::top_k;
 
 use std::ops::Range;
@@ -146,7 +147,7 @@ impl Device for Cpu {
     fn weight(&self, m: Matrix) -> Result<Matrix> {
         // Synthetic weights are made now, not in the step that first reads them.
         m.materialize();
-        Ok(m)
+        Ok(simd::tiled(m, self.numerics))
     }
     fn vector(&self, v: &[f32]) -> Result<Vec<f32>> {
         Ok(v.to_vec())

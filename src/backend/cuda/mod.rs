@@ -1216,6 +1216,7 @@ impl Device for Cuda {
             Storage::F4 { w, s } => (Format::F4, w, Some(s)),
             Storage::Bf16(w) => (Format::Bf16, w, None),
             Storage::F32(w) => (Format::F32, w, None),
+            Storage::Bf16Tiles { .. } => return Err(tiles_on_gpu()),
         };
         Ok(Weight {
             rows: m.rows,
@@ -1237,6 +1238,7 @@ impl Device for Cuda {
             Storage::F4 { .. } => Format::F4,
             Storage::Bf16(_) => Format::Bf16,
             Storage::F32(_) => Format::F32,
+            Storage::Bf16Tiles { .. } => return Err(tiles_on_gpu()),
         };
         // Synthetic weights are made now, not in the first step that reads them.
         m.materialize();
@@ -1979,7 +1981,7 @@ impl Device for Cuda {
         let hp = ix.heads.next_multiple_of(8);
         let image = hp * (2 * ix.dim + 64) + 4 * 4 * hp + 4 * hp + 16;
         let img = self.gpu.alloc(b.t * image)?;
-        // Three blocks an SM in all (as many as its registers hold: 154 a thread), so that a
+        // Three blocks an SM in all (as many as its registers hold: 168 a thread), so that a
         // long row is one wave; each scores a multiple of 128 entries (4 warps x 32). An
         // entry's score does not depend on the block that computes it.
         let sms = self.gpu.sms as usize;
@@ -2511,6 +2513,12 @@ impl Device for Cuda {
             })
             .collect())
     }
+}
+
+/// A matrix in the CPU's tiled BF16 layout reached the GPU (the loader gives every device the
+/// checkpoint's layout; only `Cpu::weight` tiles).
+fn tiles_on_gpu() -> Error {
+    Error::Device("a BF16 matrix in the CPU's tiled layout cannot be uploaded".into())
 }
 
 /// Bytes of a checkpoint tensor in GPU memory; synthetic ones are generated there.
