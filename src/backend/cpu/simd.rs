@@ -694,7 +694,12 @@ pub(super) mod x86 {
     /// codes get an f16 NaN.
     #[inline(always)]
     unsafe fn e4m3_f16(p: *const u8) -> __m256i {
-        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+        e4m3_f16_lanes(_mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i)))
+    }
+
+    /// [`e4m3_f16`] of codes already widened to 16-bit lanes.
+    #[inline(always)]
+    unsafe fn e4m3_f16_lanes(b: __m256i) -> __m256i {
         let mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
         let sign = _mm256_xor_si256(b, mag);
         let h = _mm256_or_si256(_mm256_slli_epi16::<7>(mag), _mm256_slli_epi16::<8>(sign));
@@ -869,13 +874,10 @@ pub(super) mod x86 {
         }
         #[inline(always)]
         unsafe fn e4m3s(p: *const u8) -> __m256 {
-            // As the AVX-512 path: f16 bits in 16-bit lanes, F16C's exact conversion.
-            let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
-            let mag = _mm_and_si128(b, _mm_set1_epi16(0x7f));
-            let sign = _mm_xor_si128(b, mag);
-            let h = _mm_or_si128(_mm_slli_epi16::<7>(mag), _mm_slli_epi16::<8>(sign));
-            let nan = _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f));
-            let h = _mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7e00)));
+            // As the AVX-512 path: f16 bits in 16-bit lanes, F16C's exact conversion (eight
+            // codes read, the upper lanes zero).
+            let b = _mm256_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
+            let h = _mm256_castsi256_si128(e4m3_f16_lanes(b));
             _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0))
         }
         #[inline(always)]
