@@ -313,7 +313,7 @@ fn grouped_output_projection_matches_the_cpu() {
 /// The indexer's selection against a sort: rows long enough to be split over many blocks and
 /// short ones in one, rows shorter than k, distinct scores and scores with many ties (the
 /// lowest indices win), a row of negative scores; many rows of over 8,192 entries (as in a
-/// long prefill), one block a row.
+/// long prefill), one block a row. Long rows both in five launches and in one (`topk_rows`).
 #[test]
 fn index_selection_matches_a_sort() {
     let Some(dev) = gpu("index_selection_matches_a_sort") else {
@@ -352,14 +352,18 @@ fn index_selection_matches_a_sort() {
                     }
                 }));
             }
-            let got = dev.top_k_rows(&scores, &visible, k).unwrap();
-            for (t, &n) in visible.iter().enumerate() {
-                let row = &scores[t * nmax..(t + 1) * nmax];
-                assert_eq!(
-                    got[t],
-                    expect(row, n, k),
-                    "row {t} of {nmax} ({n} visible, k {k}, ties {ties:?})"
-                );
+            // Both ways of splitting long rows: five launches, and one whose blocks wait.
+            for rows in [false, true] {
+                dev.topk_rows.store(rows, Ordering::Relaxed);
+                let got = dev.top_k_rows(&scores, &visible, k).unwrap();
+                for (t, &n) in visible.iter().enumerate() {
+                    let row = &scores[t * nmax..(t + 1) * nmax];
+                    assert_eq!(
+                        got[t],
+                        expect(row, n, k),
+                        "row {t} of {nmax} ({n} visible, k {k}, ties {ties:?}, one launch {rows})"
+                    );
+                }
             }
         }
     }

@@ -444,13 +444,48 @@ impl Gpu {
         smem: u32,
         args: &mut Args,
     ) -> Result<()> {
+        self.launch_with(name, grid, block, smem, args, false)
+    }
+
+    /// How many blocks of `block` threads of kernel `name` (no dynamic shared memory) one
+    /// multiprocessor holds at once.
+    pub fn resident_blocks(&self, name: &str, block: u32) -> Result<u32> {
+        self.func(name)?
+            .occupancy_max_active_blocks_per_multiprocessor(block, 0, None)
+            .map_err(|e| driver_err(&format!("kernel {name}: occupancy"), e))
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))
+    }
+
+    /// Launches `name` with all its blocks resident at once (the driver refuses a grid that
+    /// cannot be), for kernels whose blocks wait for each other.
+    pub fn launch_cooperative(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &mut Args,
+    ) -> Result<()> {
+        self.launch_with(name, grid, block, 0, args, true)
+    }
+
+    fn launch_with(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &mut Args,
+        cooperative: bool,
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        let f = self
-            .funcs
-            .get(name)
-            .ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))?;
+        let f = self.func(name)?;
         if smem > 48 * 1024 {
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -468,13 +503,23 @@ impl Gpu {
         // Every kernel waits for the work before it (`pdl_wait` in prelude.cuh), so it may be
         // launched while that work runs: its launch and the first loads of its weights overlap
         // the kernel before it.
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value: sys::CUlaunchAttributeValue {
-                programmaticStreamSerializationAllowed: 1,
-            },
-        };
+        let mut attrs = Vec::with_capacity(2);
+        if self.overlap {
+            attrs.push(sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue {
+                    programmaticStreamSerializationAllowed: 1,
+                },
+            });
+        }
+        if cooperative {
+            attrs.push(sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue { cooperative: 1 },
+            });
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -484,8 +529,8 @@ impl Gpu {
             blockDimZ: 1,
             sharedMemBytes: smem,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(self.overlap),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: attrs.len() as u32,
         };
         // SAFETY: the arguments match the kernel's declaration (each launch site mirrors it) and
         // every address they carry is live until the stream reaches the kernel.

@@ -460,6 +460,10 @@ pub struct Cuda {
     /// sum across blocks where the scales allow: `index_scores`). For tests: the bits do not
     /// depend on it.
     pub index_blockwise: AtomicBool,
+    /// Whether the top-k of long rows runs as one launch whose blocks wait for each other
+    /// (`topk_rows`; `HADAL_CUDA_TOPK=rows`) instead of five launches. Not yet the default:
+    /// written without a GPU at hand (2026-12-01, sixth session), it has not run on one.
+    pub topk_rows: AtomicBool,
     pool: Arc<Pool>,
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
     recordings: Mutex<Recordings>,
@@ -608,6 +612,7 @@ impl Cuda {
             fuse_norms: true,
             expert_warps: AtomicUsize::new(0),
             index_blockwise: AtomicBool::new(false),
+            topk_rows: AtomicBool::new(std::env::var("HADAL_CUDA_TOPK").is_ok_and(|v| v == "rows")),
             graphs: AtomicBool::new(graphs),
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
             layouts: Mutex::new(HashMap::new()),
@@ -1016,7 +1021,9 @@ impl Cuda {
 
     /// The `k` largest of each row's first `(tok_pos[t] + 1) / ratio` scores, their indices
     /// in increasing order (the lowest among ties), written to `picks` (`rows x k`, -1 where a
-    /// row has fewer). Long rows are split over many blocks (`topk_digit`), short ones take one.
+    /// row has fewer). Long rows are split over many blocks (`topk_digit`, or with
+    /// `HADAL_CUDA_TOPK=rows` blocks that wait for each other in one launch, `topk_rows`), short
+    /// ones take one.
     fn select_top(
         &self,
         scores: &Tensor,
@@ -1026,7 +1033,7 @@ impl Cuda {
         picks: &Buf,
     ) -> Result<()> {
         let (t, nmax) = (scores.rows, scores.cols);
-        let sms = self.gpu.sms as usize;
+        let sms = self.gpu.sms;
         // One block of 1,024 threads holds 8,192 keys in registers (`TOPK1_PER`).
         if nmax <= 8192 {
             return self.launch(
@@ -1043,26 +1050,56 @@ impl Cuda {
                     .push(picks.ptr),
             );
         }
-        let per_block = (nmax * t).div_ceil(2 * sms).next_multiple_of(256).max(1024);
-        let blocks = nmax.div_ceil(per_block);
         // The histograms and the blocks' counters are launch counters (zero, left zero): no
         // clearing launches.
-        let done = self.counters(t * (1 + 2048))?;
+        let done = self.counters(t * (1 + 3 * 2048))?;
         let state = self.gpu.alloc(16 * t)?;
-        let counts = self.gpu.alloc(8 * t * blocks)?;
-        let a = args::Topk {
+        let mut a = args::Topk {
             scores: scores.buf.ptr,
             tok_pos,
             hist: done + 4 * t as u64,
             done,
             state: state.ptr,
-            counts: counts.ptr,
+            counts: 0,
             picks: picks.ptr,
             ratio: ratio as i32,
             nmax: nmax as i32,
             k: k as i32,
-            per_block: per_block as i32,
+            per_block: 0,
         };
+        if self.topk_rows.load(Ordering::Relaxed) {
+            // A row's blocks wait for each other, so all of the launch's must be resident at
+            // once: at most one block a multiprocessor a row (a barrier's arrivals are an atomic
+            // a block), at least 1,024 keys a block, and one block a row where the rows alone
+            // fill the GPU.
+            let resident = (self.gpu.resident_blocks("topk_rows", 256)? * sms) as usize;
+            let blocks = nmax
+                .div_ceil(1024)
+                .min(sms as usize)
+                .min(resident / t)
+                .max(1);
+            a.per_block = nmax.div_ceil(blocks).next_multiple_of(256) as i32;
+            let blocks = nmax.div_ceil(a.per_block as usize);
+            let counts = self.gpu.alloc(8 * t * blocks)?;
+            a.counts = counts.ptr;
+            let grid = (t as u32, blocks as u32, 1);
+            let mut args = Args::new();
+            args.push(a);
+            return if blocks == 1 {
+                self.launch("topk_rows", grid, 256, 0, &mut args)
+            } else {
+                self.gpu
+                    .launch_cooperative("topk_rows", grid, 256, &mut args)
+            };
+        }
+        let per_block = (nmax * t)
+            .div_ceil(2 * sms as usize)
+            .next_multiple_of(256)
+            .max(1024);
+        let blocks = nmax.div_ceil(per_block);
+        let counts = self.gpu.alloc(8 * t * blocks)?;
+        a.counts = counts.ptr;
+        a.per_block = per_block as i32;
         let grid = (t as u32, blocks as u32, 1);
         for (shift, bits) in [(21i32, 11i32), (10, 11), (0, 10)] {
             self.launch(
