@@ -338,7 +338,7 @@ mod x86 {
             _ => false,
         };
         if !fits {
-            return super::super::simd::x86::rows16_avx512(m, j0, &x.f, rows, out);
+            return super::super::simd::x86::rows16_avx512(m, j0, &x.f, &[], rows, out);
         }
         for r0 in (0..rows).step_by(Avx512::ROWS) {
             let put = |i: usize, r: usize, y: f32| out[i * rows + r0 + r] = y;

@@ -23,20 +23,19 @@ const E2M1_HI: [u8; 16] = [
     0x00, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x80, 0xbf, 0xbf, 0xbf, 0xc0, 0xc0, 0xc0, 0xc0,
 ];
 
-/// Four e4m3 codes (in 32-bit lanes) as f32: each code's bits moved into an f32's exponent and
-/// mantissa give its value times 2^-120 (subnormal codes land on f32 subnormals, which aarch64
-/// keeps), an exact multiplication by 2^120 restores it; the NaN codes become NaN.
+/// What [`e4m3x4`] gives a code's value over: 2^120.
+const E4M3_UNIT: f32 = f32::from_bits(0x7B80_0000);
+
+/// Four e4m3 codes (in 32-bit lanes) as f32, over [`E4M3_UNIT`]: each code's bits moved into an
+/// f32's exponent and mantissa give its value times 2^-120 (subnormal codes land on f32
+/// subnormals, which aarch64 keeps); the NaN codes become NaN.
 #[inline(always)]
 unsafe fn e4m3x4(c: uint32x4_t) -> float32x4_t {
     let mag = vandq_u32(c, vdupq_n_u32(0x7f));
     let sign = vandq_u32(c, vdupq_n_u32(0x80));
     let bits = vorrq_u32(vshlq_n_u32::<20>(mag), vshlq_n_u32::<24>(sign));
-    let v = vmulq_f32(
-        vreinterpretq_f32_u32(bits),
-        vdupq_n_f32(f32::from_bits(0x7B80_0000)),
-    );
     let nan = vceqq_u32(mag, vdupq_n_u32(0x7f));
-    vbslq_f32(nan, vdupq_n_f32(f32::NAN), v)
+    vbslq_f32(nan, vdupq_n_f32(f32::NAN), vreinterpretq_f32_u32(bits))
 }
 
 impl Lanes for Neon {
@@ -89,11 +88,29 @@ impl Lanes for Neon {
     }
     #[inline(always)]
     unsafe fn e4m3s(p: *const u8) -> V8 {
+        // The multiplication by 2^120 is exact.
         let b = vmovl_u8(vld1_u8(p));
+        let u = vdupq_n_f32(E4M3_UNIT);
         V8(
-            e4m3x4(vmovl_u16(vget_low_u16(b))),
-            e4m3x4(vmovl_high_u16(b)),
+            vmulq_f32(e4m3x4(vmovl_u16(vget_low_u16(b))), u),
+            vmulq_f32(e4m3x4(vmovl_high_u16(b)), u),
         )
+    }
+    const E4M3_UNIT: f32 = E4M3_UNIT;
+    #[inline(always)]
+    unsafe fn e4m3x16(p: *const u8) -> [V8; 2] {
+        let b = vld1q_u8(p);
+        let (lo, hi) = (vmovl_u8(vget_low_u8(b)), vmovl_high_u8(b));
+        [
+            V8(
+                e4m3x4(vmovl_u16(vget_low_u16(lo))),
+                e4m3x4(vmovl_high_u16(lo)),
+            ),
+            V8(
+                e4m3x4(vmovl_u16(vget_low_u16(hi))),
+                e4m3x4(vmovl_high_u16(hi)),
+            ),
+        ]
     }
     #[inline(always)]
     unsafe fn e2m1s(p: *const u8) -> V8 {
@@ -156,8 +173,15 @@ pub unsafe fn tile_neon(m: &Matrix, n0: usize, x: &[f32], rows: usize, out: &mut
 }
 
 /// [`rows16`] on NEON.
-pub unsafe fn rows16_neon(m: &Matrix, j0: usize, x: &[f32], rows: usize, out: &mut [f32]) {
-    rows16::<Neon>(m, j0, x, rows, out)
+pub unsafe fn rows16_neon(
+    m: &Matrix,
+    j0: usize,
+    x: &[f32],
+    xb: &[(f32, f32)],
+    rows: usize,
+    out: &mut [f32],
+) {
+    rows16::<Neon>(m, j0, x, xb, rows, out)
 }
 
 /// Every e4m3 code decoded by the NEON path (for the tests).
