@@ -317,19 +317,9 @@ unsafe fn rows16_with<L: Lanes, const R: usize, const G: usize>(
     }
 }
 
-/// `f(p)`, the second vector of sixteen weights (at `p`), where a vector holds eight; zero
-/// where it holds sixteen (not used).
-#[inline(always)]
-unsafe fn second<L: Lanes + ?Sized>(p: *const u8, f: impl Fn(*const u8) -> L::V) -> L::V {
-    if L::N == 8 {
-        f(p)
-    } else {
-        L::zero()
-    }
-}
-
 /// Weight formats of [`rows16_block`] (a constant parameter: the decoding is a function, not a
-/// closure, which would not inherit the kernel's target features, nor always be inlined).
+/// closure, which would not inherit the kernel's target features, nor always be inlined:
+/// every intrinsic in it then became a call).
 const E4M3: u8 = 0;
 const E2M1: u8 = 1;
 const BF16: u8 = 2;
@@ -342,11 +332,11 @@ unsafe fn decode16<L: Lanes, const F: u8>(p: *const u8) -> [L::V; 2] {
     match F {
         E4M3 => L::e4m3x16(p),
         E2M1 => L::e2m1x16(p),
-        BF16 => [
-            L::bf16s(p),
-            second::<L>(p.wrapping_add(16), |q| L::bf16s(q)),
-        ],
-        _ => [L::f32s(p), second::<L>(p.wrapping_add(32), |q| L::f32s(q))],
+        // Where a vector holds sixteen, the second is not used.
+        BF16 if L::N == 8 => [L::bf16s(p), L::bf16s(p.wrapping_add(16))],
+        F32 if L::N == 8 => [L::f32s(p), L::f32s(p.wrapping_add(32))],
+        BF16 => [L::bf16s(p), L::zero()],
+        _ => [L::f32s(p), L::zero()],
     }
 }
 
@@ -482,10 +472,11 @@ pub(super) trait Lanes {
     /// Sixteen e2m1 codes from `p`, as [`Lanes::e4m3x16`] gives e4m3 codes.
     #[inline(always)]
     unsafe fn e2m1x16(p: *const u8) -> [Self::V; 2] {
-        [
-            Self::e2m1s(p),
-            second::<Self>(p.wrapping_add(4), |q| Self::e2m1s(q)),
-        ]
+        if Self::N == 8 {
+            [Self::e2m1s(p), Self::e2m1s(p.wrapping_add(4))]
+        } else {
+            [Self::e2m1s(p), Self::zero()]
+        }
     }
     /// Rows become columns (`v` holds `N` vectors).
     unsafe fn transpose(v: &mut [Self::V]);
