@@ -148,6 +148,14 @@ pub trait Device: Sized + Send + Sync + 'static {
         f(b)
     }
 
+    /// Runs `f`, one call's work as the host drives it. The CPU device runs it on a thread of
+    /// its worker pool, so that each product's parallel loop starts on a worker, which takes its
+    /// share at once, instead of handing the whole loop over and sleeping until it is done;
+    /// other devices run it on the calling thread.
+    fn on_host<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        f()
+    }
+
     /// Wraps a final stream.
     fn hidden(t: Self::Tensor) -> Hidden;
     /// The tensor inside a [`Hidden`], or an error if it lives on another device.

@@ -252,8 +252,10 @@ impl<D: Device> Backend for Runner<D> {
             return Ok(D::hidden(self.dev.upload(&[], self.width())?));
         }
         let l = self.model.cfg.num_hidden_layers;
-        let x = self.run(inputs, l, |b| {
-            self.replayed(b, |b| self.model.forward(&self.dev, b))
+        let x = self.dev.on_host(|| {
+            self.run(inputs, l, |b| {
+                self.replayed(b, |b| self.model.forward(&self.dev, b))
+            })
         })?;
         Ok(D::hidden(x))
     }
@@ -295,7 +297,9 @@ impl<D: Device> Backend for Runner<D> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let l = self.logits_tensor(head, hidden, rows)?;
+        let l = self
+            .dev
+            .on_host(|| self.logits_tensor(head, hidden, rows))?;
         self.dev.download(&l)
     }
 
@@ -316,8 +320,10 @@ impl<D: Device> Backend for Runner<D> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let l = self.logits_tensor(head, hidden, rows)?;
-        self.dev.sample(&l, draws)
+        self.dev.on_host(|| {
+            let l = self.logits_tensor(head, hidden, rows)?;
+            self.dev.sample(&l, draws)
+        })
     }
 
     fn select(&self, parts: &[(&Hidden, Range<usize>)]) -> Result<Hidden> {

@@ -140,6 +140,10 @@ impl Device for Cpu {
     type Route = (Vec<usize>, Vec<f32>);
     type Experts = ();
 
+    fn on_host<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        rayon::scope(|_| f())
+    }
+
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
