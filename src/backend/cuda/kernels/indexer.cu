@@ -563,28 +563,21 @@ extern "C" __global__ void __launch_bounds__(256) topk_count(TopkArgs a) {
     }
 }
 
-// Each block writes its picks after those of the blocks before it, in index order.
-extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
-    pdl_wait();
-    __shared__ u32 scan[256];
-    int t = blockIdx.x;
-    long n = (a.tok_pos[t] + 1) / a.ratio;
+// Block y of row t writes its picks (the keys of entries lo..hi above `prefix`, the k-th
+// largest, and the ties it takes) after those of the blocks before it, in index order, from
+// the blocks' counts (keys above, keys equal) in a.counts. `scan` holds 64 words.
+__device__ void topk_emit(const TopkArgs& a, int t, u32 y, u32 nb, long lo, long hi, u32 prefix,
+                          u32 need, u32* scan) {
     int* out = a.picks + (long)t * a.k;
-    if (n <= a.k) {
-        if (blockIdx.y == 0)
-            for (int i = threadIdx.x; i < a.k; i += blockDim.x) out[i] = i < n ? i : -1;
-        return;
-    }
-    u32 prefix = a.state[4 * t], need = a.state[4 * t + 2];
     // What the blocks before this one write: their keys above the k-th and the ties they take
     // (the lowest indices first: block y takes min(e_y, need - ties before y)), by block scans.
     u32 at = 0, eqb = 0;
-    const u32* c = a.counts + 2l * t * gridDim.y;
-    for (u32 y0 = 0; y0 < blockIdx.y; y0 += blockDim.x) {
-        u32 y = y0 + threadIdx.x, g = 0, e = 0, te, tg;
-        if (y < blockIdx.y) {
-            g = c[2 * y];
-            e = c[2 * y + 1];
+    const u32* c = a.counts + 2l * t * nb;
+    for (u32 y0 = 0; y0 < y; y0 += blockDim.x) {
+        u32 b = y0 + threadIdx.x, g = 0, e = 0, te, tg;
+        if (b < y) {
+            g = __ldcg(c + 2 * b);
+            e = __ldcg(c + 2 * b + 1);
         }
         u32 before = eqb + block_scan(e, scan, &te);
         u32 take = before >= need ? 0 : (need - before < e ? need - before : e);
@@ -593,7 +586,6 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
         eqb += te;
     }
     const float* row = a.scores + (long)t * a.nmax;
-    long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
     long len = hi > lo ? hi - lo : 0;
     long chunk = (len + blockDim.x - 1) / blockDim.x;
     long i0 = lo + threadIdx.x * chunk, i1 = i0 + chunk < hi ? i0 + chunk : hi;
@@ -616,6 +608,22 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
             out[at++] = (int)i;
         }
     }
+}
+
+// Each block writes its picks after those of the blocks before it, in index order.
+extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
+    pdl_wait();
+    __shared__ u32 scan[64];
+    int t = blockIdx.x;
+    long n = (a.tok_pos[t] + 1) / a.ratio;
+    if (n <= a.k) {
+        int* out = a.picks + (long)t * a.k;
+        if (blockIdx.y == 0)
+            for (int i = threadIdx.x; i < a.k; i += blockDim.x) out[i] = i < n ? i : -1;
+        return;
+    }
+    long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
+    topk_emit(a, t, blockIdx.y, gridDim.y, lo, hi, a.state[4 * t], a.state[4 * t + 2], scan);
 }
 
 // The top-k of long rows over many blocks a token, in one launch: a row's blocks, resident
@@ -718,42 +726,5 @@ extern "C" __global__ void __launch_bounds__(256) topk_rows(TopkArgs a) {
     // barrier resets the counter.
     for (long i = y * blockDim.x + threadIdx.x; i < 3 * 2048; i += (long)nb * blockDim.x) gh[i] = 0;
     if (threadIdx.x == 0 && atomicAdd(a.done + t, 1u) == 5 * nb - 1) a.done[t] = 0;
-    // What the blocks before this one write: their keys above the k-th and the ties they take
-    // (the lowest indices first: block y takes min(e_y, need - ties before y)), by block scans.
-    u32 at = 0, eqb = 0;
-    const u32* c = a.counts + 2l * t * nb;
-    for (u32 y0 = 0; y0 < y; y0 += blockDim.x) {
-        u32 b = y0 + threadIdx.x, g = 0, e = 0, te, tg;
-        if (b < y) {
-            g = __ldcg(c + 2 * b);
-            e = __ldcg(c + 2 * b + 1);
-        }
-        u32 before = eqb + block_scan(e, scan, &te);
-        u32 take = before >= need ? 0 : (need - before < e ? need - before : e);
-        block_scan(g + take, scan, &tg);
-        at += tg;
-        eqb += te;
-    }
-    long len = hi > lo ? hi - lo : 0;
-    long chunk = (len + blockDim.x - 1) / blockDim.x;
-    long i0 = lo + threadIdx.x * chunk, i1 = i0 + chunk < hi ? i0 + chunk : hi;
-    u32 tg = 0, te = 0;
-    for (long i = i0; i < i1; i++) {
-        u32 u = fkey(row[i]);
-        tg += u > prefix;
-        te += u == prefix;
-    }
-    u32 gt_before = tg, eq_before = te;
-    block_scan2(gt_before, eq_before, scan);
-    // Ties go lowest first: of those before this thread's, the blocks before took `prior`.
-    u32 prior = eqb < need ? eqb : need, tied = eqb + eq_before < need ? eqb + eq_before : need;
-    u32 take = need - tied < te ? need - tied : te;
-    at += gt_before + tied - prior;
-    for (long i = i0; i < i1; i++) {
-        u32 u = fkey(row[i]);
-        if (u > prefix || (u == prefix && take > 0)) {
-            if (u == prefix) take--;
-            out[at++] = (int)i;
-        }
-    }
+    topk_emit(a, t, y, nb, lo, hi, prefix, need, scan);
 }
