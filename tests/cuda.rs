@@ -313,7 +313,7 @@ fn grouped_output_projection_matches_the_cpu() {
 /// The indexer's selection against a sort: rows long enough to be split over many blocks and
 /// short ones in one, rows shorter than k, distinct scores and scores with many ties (the
 /// lowest indices win), a row of negative scores; many rows of over 8,192 entries (as in a
-/// long prefill), one block a row. Long rows both in five launches and in one (`topk_rows`).
+/// long prefill), one block a row.
 #[test]
 fn index_selection_matches_a_sort() {
     let Some(dev) = gpu("index_selection_matches_a_sort") else {
@@ -352,18 +352,14 @@ fn index_selection_matches_a_sort() {
                     }
                 }));
             }
-            // Both ways of splitting long rows: five launches, and one whose blocks wait.
-            for rows in [false, true] {
-                dev.topk_rows.store(rows, Ordering::Relaxed);
-                let got = dev.top_k_rows(&scores, &visible, k).unwrap();
-                for (t, &n) in visible.iter().enumerate() {
-                    let row = &scores[t * nmax..(t + 1) * nmax];
-                    assert_eq!(
-                        got[t],
-                        expect(row, n, k),
-                        "row {t} of {nmax} ({n} visible, k {k}, ties {ties:?}, one launch {rows})"
-                    );
-                }
+            let got = dev.top_k_rows(&scores, &visible, k).unwrap();
+            for (t, &n) in visible.iter().enumerate() {
+                let row = &scores[t * nmax..(t + 1) * nmax];
+                assert_eq!(
+                    got[t],
+                    expect(row, n, k),
+                    "row {t} of {nmax} ({n} visible, k {k}, ties {ties:?})"
+                );
             }
         }
     }
@@ -1223,6 +1219,23 @@ fn chained_index_scores_give_the_blockwise_bits() {
         flash_logits(dev, 47, &flash_prompts(700, 53, 211), 256)
     };
     assert_eq!(first_difference(&logits(false), &logits(true)), None);
+}
+
+/// Chains run side by side on two streams (`Device::join`) give the bits of one stream: V4-Flash-
+/// shaped blocks over 300 tokens (a top-64 that selects), 256 prefilled in one call and the
+/// rest decoded token by token (recorded steps), score the same logits both ways.
+#[test]
+fn side_by_side_chains_give_one_streams_bits() {
+    if gpu("side_by_side_chains_give_one_streams_bits").is_none() {
+        return;
+    }
+    let logits = |concurrent: bool| {
+        let dev = Cuda::new(0).unwrap();
+        dev.concurrent
+            .store(concurrent, std::sync::atomic::Ordering::Relaxed);
+        flash_logits(dev, 59, &flash_prompts(300, 41, 307), 256)
+    };
+    assert_eq!(first_difference(&logits(true), &logits(false)), None);
 }
 
 /// Two prompts of `n` tokens below 1,000: token i of prompt s is `(i * mul + s * add) % 1000`.

@@ -156,6 +156,21 @@ pub trait Device: Sized + Send + Sync + 'static {
         f()
     }
 
+    /// Queues `a`, then `b`: two chains of work that a device may run at the same time, each
+    /// lent `x` (the batch, say) in turn. Neither may read what the other writes; work queued
+    /// after this call sees both. A GPU runs `b` on a second stream beside `a`, so that one
+    /// chain's small launches run while the other streams its weights; elsewhere one runs
+    /// after the other. Either way each op computes the same bits.
+    fn join<X: ?Sized, A, B>(
+        &self,
+        x: &mut X,
+        a: impl FnOnce(&mut X) -> Result<A>,
+        b: impl FnOnce(&mut X) -> Result<B>,
+    ) -> Result<(A, B)> {
+        let ra = a(x)?;
+        Ok((ra, b(x)?))
+    }
+
     /// Wraps a final stream.
     fn hidden(t: Self::Tensor) -> Hidden;
     /// The tensor inside a [`Hidden`], or an error if it lives on another device.

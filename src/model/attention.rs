@@ -110,18 +110,32 @@ impl<D: Device> Attention<D> {
     ) -> Result<D::Tensor> {
         let (mut qr, mut kv) = dev.linear_pair(&self.wq_a, &self.wkv, y)?;
         dev.rms_norm(&mut qr, &self.q_norm, self.eps)?;
-        let mut q = dev.linear(&self.wq_b, &qr)?;
-        dev.head_norm_rope(&mut q, b, self.heads, &self.rope, self.eps)?;
-        dev.rms_norm(&mut kv, &self.kv_norm, self.eps)?;
-        dev.rope(&mut kv, b, 1, &self.rope, false)?;
-
-        if let Some(c) = &self.compressor {
-            c.forward(dev, b, slot, Which::Attention, y, &self.rope)?;
-        }
-        let picks = match &self.indexer {
-            Some(ix) => Some(ix.forward(dev, b, slot, &qr, y, &self.rope)?),
-            None => None,
+        // The queries (behind `wq_b`, the sublayer's largest weight) and the keys (with the
+        // indexer, where there is one) are independent until the attention itself: a device
+        // may run them side by side. The compressor goes with the shorter chain.
+        let compress = |b: &mut D::Batch<'_>| match &self.compressor {
+            Some(c) => c.forward(dev, b, slot, Which::Attention, y, &self.rope),
+            None => Ok(()),
         };
+        let (q, picks) = dev.join(
+            b,
+            |b| {
+                let mut q = dev.linear(&self.wq_b, &qr)?;
+                dev.head_norm_rope(&mut q, b, self.heads, &self.rope, self.eps)?;
+                if self.indexer.is_some() {
+                    compress(b)?;
+                }
+                Ok(q)
+            },
+            |b| {
+                dev.rms_norm(&mut kv, &self.kv_norm, self.eps)?;
+                dev.rope(&mut kv, b, 1, &self.rope, false)?;
+                match &self.indexer {
+                    Some(ix) => Ok(Some(ix.forward(dev, b, slot, &qr, y, &self.rope)?)),
+                    None => compress(b).map(|()| None),
+                }
+            },
+        )?;
         let mut o = dev.attention(self, b, slot, &q, &kv, picks.as_ref())?;
         dev.rope(&mut o, b, self.heads, &self.rope, true)?;
         let z = dev.grouped_linear(&self.wo_a, &o, self.groups)?;

@@ -137,12 +137,15 @@ impl<D: Device> Moe<D> {
 
     /// The MoE output for the batch's `T x D` normed inputs.
     pub fn forward(&self, dev: &D, b: &D::Batch<'_>, y: &D::Tensor) -> Result<D::Tensor> {
-        let logits = dev.linear_plain(&self.gate, y)?;
-        let route = dev.route(self, b, logits)?;
+        // The router and the shared expert are independent: a device may run them side by side.
+        let (route, shared) = dev.join(
+            &mut (),
+            |_| dev.route(self, b, dev.linear_plain(&self.gate, y)?),
+            |_| self.shared.forward(dev, y, self.limit),
+        )?;
         if let Some(t) = self.trace.lock().expect("trace lock").as_mut() {
             *t = dev.distinct_experts(&route)?;
         }
-        let shared = self.shared.forward(dev, y, self.limit)?;
         dev.experts(self, &route, y, &shared)
     }
 }

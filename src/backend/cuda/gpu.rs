@@ -1,19 +1,21 @@
 //! The GPU under the CUDA device: driver and NVRTC found at run time, the kernels compiled for
 //! the device (and cached on disk), stream-ordered memory, and kernel launches.
 //!
-//! Everything goes through one stream, so the order of launches is the order of the forward pass
-//! and memory freed by a dropped buffer is reused only by work queued after it. The stream can
-//! be recorded as a CUDA graph ([`Gpu::capture`]); while it is, other threads' work on this GPU
-//! waits, so that none of it lands in the recording.
+//! Work goes through one stream, so the order of launches is the order of the forward pass and
+//! memory freed by a dropped buffer is reused only by work queued after it; [`Gpu::join`] lets a
+//! second stream run one chain of work beside another and joins it back before anything else
+//! is queued. The stream can be recorded as a CUDA graph ([`Gpu::capture`]); while it is,
+//! other threads' work on this GPU waits, so that none of it lands in the recording.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::sys::CUresult;
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaFunction, CudaStream};
 
 use super::kernels;
 use crate::error::{Error, Result};
@@ -129,13 +131,68 @@ pub fn device_count() -> usize {
     CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
 }
 
-/// Device memory, freed in stream order when dropped.
+/// Device memory, freed in stream order when dropped: on the stream the dropping thread queues
+/// work on, which has seen every use of it (the buffers of a chain run beside another by
+/// [`Gpu::join`] are dropped inside it, or after it has been joined back).
 pub struct Buf {
-    _slice: CudaSlice<u8>,
+    streams: Arc<Streams>,
     /// Its address.
     pub ptr: u64,
     /// Its size.
     pub bytes: usize,
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        // A failure here has no one to report to; the driver reports a broken context at the
+        // next synchronization.
+        let _ = self.streams.ctx.bind_to_thread();
+        // SAFETY: `ptr` came from `cuMemAllocAsync` and is freed once, after its last use in
+        // the order of the current stream.
+        let _ = unsafe { result::free_async(self.ptr, self.streams.current().cu_stream()) };
+    }
+}
+
+/// The GPU's two streams: `main`, which all work goes through, and `side`, on which
+/// [`Gpu::join`] queues one chain of work beside another.
+struct Streams {
+    ctx: Arc<CudaContext>,
+    main: Arc<CudaStream>,
+    side: Arc<CudaStream>,
+    /// Held by the thread queueing work on `side`.
+    side_lock: Mutex<()>,
+    /// Where `side` starts (recorded on `main`) and where it ends (recorded on `side`).
+    fork: CudaEvent,
+    rejoin: CudaEvent,
+}
+
+thread_local! {
+    /// The [`Streams`] (by address) whose side stream this thread queues work on, or 0.
+    static ON_SIDE: Cell<usize> = const { Cell::new(0) };
+}
+
+impl Streams {
+    fn on_side(&self) -> bool {
+        ON_SIDE.with(|s| s.get()) == self as *const Self as usize
+    }
+
+    /// The stream the calling thread queues work on.
+    fn current(&self) -> &Arc<CudaStream> {
+        if self.on_side() {
+            &self.side
+        } else {
+            &self.main
+        }
+    }
+}
+
+/// Sends the calling thread's work back to the main stream when dropped.
+struct SideGuard;
+
+impl Drop for SideGuard {
+    fn drop(&mut self) {
+        ON_SIDE.with(|s| s.set(0));
+    }
 }
 
 /// Kernel arguments, packed as the driver wants them: one pointer to each value.
@@ -203,8 +260,7 @@ impl Gate {
 pub struct Gpu {
     /// The context.
     pub ctx: Arc<CudaContext>,
-    /// The one stream all work goes through.
-    pub stream: Arc<CudaStream>,
+    streams: Arc<Streams>,
     funcs: HashMap<String, CudaFunction>,
     /// `NVIDIA H200`.
     pub name: String,
@@ -235,13 +291,27 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("opening the device", e))?;
-        // One stream: the order of launches orders everything, so per-buffer events are not
-        // needed. SAFETY: no buffer is shared with another stream. A stream of its own, not the
-        // legacy default one, because only such a stream can be recorded.
+        // The order of launches on a stream orders everything, and `join` orders its two
+        // streams by events, so per-buffer events are not needed. SAFETY: buffers are raw
+        // allocations, never cudarc's slices. Streams of their own, not the legacy default
+        // one, because only such streams can be recorded.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| driver_err("creating a stream", e))?;
+        let stream = || {
+            ctx.new_stream()
+                .map_err(|e| driver_err("creating a stream", e))
+        };
+        let event = || {
+            ctx.new_event(None)
+                .map_err(|e| driver_err("creating an event", e))
+        };
+        let streams = Arc::new(Streams {
+            ctx: ctx.clone(),
+            main: stream()?,
+            side: stream()?,
+            side_lock: Mutex::new(()),
+            fork: event()?,
+            rejoin: event()?,
+        });
         let arch = ctx
             .compute_capability()
             .map_err(|e| driver_err("reading the compute capability", e))?;
@@ -263,7 +333,7 @@ impl Gpu {
         }
         Ok(Arc::new(Gpu {
             ctx,
-            stream,
+            streams,
             funcs,
             name,
             ordinal,
@@ -281,13 +351,15 @@ impl Gpu {
         let _held = self.gate.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gate.owner.store(thread_number(), Ordering::Release);
         let out = (|| {
-            self.stream
+            self.streams
+                .main
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                 .map_err(|e| driver_err("starting a recording", e))?;
             let r = f();
             // The recording ends whatever `f` did, so that the stream runs work again.
             let g = self
-                .stream
+                .streams
+                .main
                 .end_capture(sys::CUgraphInstantiate_flags(0))
                 .map_err(|e| driver_err("recording the work", e));
             let t = r?;
@@ -296,6 +368,58 @@ impl Gpu {
         })();
         self.gate.owner.store(0, Ordering::Release);
         out
+    }
+
+    /// The stream the calling thread queues work on.
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.streams.current()
+    }
+
+    /// Whether the calling thread queues its work on the side stream (inside the second chain
+    /// of a [`Gpu::join`]).
+    pub fn on_side(&self) -> bool {
+        self.streams.on_side()
+    }
+
+    /// Queues `a` on the stream, then `b` on the side stream, which starts where the stream
+    /// stood before `a`; the stream then waits for `b`'s work, so work queued after this call
+    /// follows both. Each is lent `x` in turn. Neither chain may read what the other writes,
+    /// nor wait for the device. Inside another join's second chain, or while another thread
+    /// uses the side stream, both go on the calling thread's stream one after the other.
+    pub fn join<X: ?Sized, A, B>(
+        &self,
+        x: &mut X,
+        a: impl FnOnce(&mut X) -> Result<A>,
+        b: impl FnOnce(&mut X) -> Result<B>,
+    ) -> Result<(A, B)> {
+        let s = &self.streams;
+        let held = if s.on_side() { None } else { s.side_lock.try_lock().ok() };
+        let Some(_held) = held else {
+            let ra = a(x)?;
+            return Ok((ra, b(x)?));
+        };
+        let err = |what: &'static str| move |e| driver_err(what, e);
+        {
+            let _g = self.gate.enter();
+            s.fork.record(&s.main).map_err(err("marking a fork"))?;
+        }
+        // Until the side stream waits at the fork, nothing needs joining back.
+        let ra = a(x)?;
+        let rb = {
+            let _g = self.gate.enter();
+            s.side.wait(&s.fork).map_err(err("waiting at a fork"))?;
+            drop(_g);
+            ON_SIDE.with(|c| c.set(Arc::as_ptr(s) as usize));
+            let _back = SideGuard;
+            b(x)
+        };
+        // Joined back whatever `b` did: a recording ends only with its streams joined.
+        {
+            let _g = self.gate.enter();
+            s.rejoin.record(&s.side).map_err(err("marking a join"))?;
+            s.main.wait(&s.rejoin).map_err(err("waiting at a join"))?;
+        }
+        Ok((ra, rb?))
     }
 
     /// Whether the calling thread is recording a graph.
@@ -313,17 +437,17 @@ impl Gpu {
     /// `bytes` of device memory, contents undefined.
     pub fn alloc(&self, bytes: usize) -> Result<Buf> {
         let _g = self.gate.enter();
+        self.bind()?;
         let n = bytes.max(16).next_multiple_of(16);
         // SAFETY: the contents are written before they are read (or `zeros` clears them).
-        let slice = unsafe { self.stream.alloc::<u8>(n) }.map_err(|e| {
+        let ptr = unsafe { result::malloc_async(self.stream().cu_stream(), n) }.map_err(|e| {
             driver_err(
                 &format!("allocating {}", crate::inspect::bytes(n as u64)),
                 e,
             )
         })?;
-        let (ptr, _) = slice.device_ptr(&self.stream);
         Ok(Buf {
-            _slice: slice,
+            streams: self.streams.clone(),
             ptr,
             bytes,
         })
@@ -353,7 +477,7 @@ impl Gpu {
         let _g = self.gate.enter();
         self.bind()?;
         // SAFETY: the range lies in a live allocation of this context.
-        unsafe { result::memset_d8_async(ptr, value, bytes, self.stream.cu_stream()) }
+        unsafe { result::memset_d8_async(ptr, value, bytes, self.stream().cu_stream()) }
             .map_err(|e| driver_err("setting memory", e))
     }
 
@@ -378,7 +502,7 @@ impl Gpu {
             result::memcpy_htod_async(
                 ptr,
                 std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes),
-                self.stream.cu_stream(),
+                self.stream().cu_stream(),
             )
         }
         .map_err(|e| driver_err("copying to the device", e))
@@ -398,10 +522,10 @@ impl Gpu {
                 out.as_mut_ptr() as *mut u8,
                 n * std::mem::size_of::<T>(),
             );
-            result::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream())
+            result::memcpy_dtoh_async(dst, ptr, self.stream().cu_stream())
                 .map_err(|e| driver_err("copying from the device", e))?;
         }
-        self.stream
+        self.stream()
             .synchronize()
             .map_err(|e| driver_err("running kernels", e))?;
         Ok(out)
@@ -415,14 +539,14 @@ impl Gpu {
         let _g = self.gate.enter();
         self.bind()?;
         // SAFETY: both ranges lie in live allocations.
-        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream().cu_stream()) }
             .map_err(|e| driver_err("copying on the device", e))
     }
 
     /// Waits for all queued work; a kernel's fault surfaces here.
     pub fn sync(&self) -> Result<()> {
         let _g = self.gate.enter();
-        self.stream
+        self.stream()
             .synchronize()
             .map_err(|e| driver_err("running kernels", e))
     }
@@ -443,44 +567,6 @@ impl Gpu {
         block: u32,
         smem: u32,
         args: &mut Args,
-    ) -> Result<()> {
-        self.launch_with(name, grid, block, smem, args, false)
-    }
-
-    /// How many blocks of `block` threads of kernel `name` (no dynamic shared memory) one
-    /// multiprocessor holds at once.
-    pub fn resident_blocks(&self, name: &str, block: u32) -> Result<u32> {
-        self.func(name)?
-            .occupancy_max_active_blocks_per_multiprocessor(block, 0, None)
-            .map_err(|e| driver_err(&format!("kernel {name}: occupancy"), e))
-    }
-
-    fn func(&self, name: &str) -> Result<&CudaFunction> {
-        self.funcs
-            .get(name)
-            .ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))
-    }
-
-    /// Launches `name` with all its blocks resident at once (the driver refuses a grid that
-    /// cannot be), for kernels whose blocks wait for each other.
-    pub fn launch_cooperative(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        args: &mut Args,
-    ) -> Result<()> {
-        self.launch_with(name, grid, block, 0, args, true)
-    }
-
-    fn launch_with(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &mut Args,
-        cooperative: bool,
     ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
@@ -503,7 +589,7 @@ impl Gpu {
         // Every kernel waits for the work before it (`pdl_wait` in prelude.cuh), so it may be
         // launched while that work runs: its launch and the first loads of its weights overlap
         // the kernel before it.
-        let mut attrs = Vec::with_capacity(2);
+        let mut attrs = Vec::with_capacity(1);
         if self.overlap {
             attrs.push(sys::CUlaunchAttribute {
                 id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
@@ -511,13 +597,6 @@ impl Gpu {
                 value: sys::CUlaunchAttributeValue {
                     programmaticStreamSerializationAllowed: 1,
                 },
-            });
-        }
-        if cooperative {
-            attrs.push(sys::CUlaunchAttribute {
-                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE,
-                pad: [0; 4],
-                value: sys::CUlaunchAttributeValue { cooperative: 1 },
             });
         }
         let config = sys::CUlaunchConfig {
@@ -528,7 +607,7 @@ impl Gpu {
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: smem,
-            hStream: self.stream.cu_stream(),
+            hStream: self.stream().cu_stream(),
             attrs: attrs.as_mut_ptr(),
             numAttrs: attrs.len() as u32,
         };
@@ -544,6 +623,12 @@ impl Gpu {
             .result()
         }
         .map_err(|e| driver_err(&format!("launching {name}"), e))
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))
     }
 }
 

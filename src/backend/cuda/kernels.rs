@@ -59,7 +59,6 @@ pub const NAMES: &[&str] = &[
     "topk_digit",
     "topk_count",
     "topk_write",
-    "topk_rows",
     "route",
     "moe_sort",
     "experts_up_f4",

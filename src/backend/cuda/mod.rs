@@ -460,14 +460,14 @@ pub struct Cuda {
     /// sum across blocks where the scales allow: `index_scores`). For tests: the bits do not
     /// depend on it.
     pub index_blockwise: AtomicBool,
-    /// Whether the top-k of long rows runs as one launch whose blocks wait for each other
-    /// (`topk_rows`; `HADAL_CUDA_TOPK=rows`) instead of five launches. Not yet the default:
-    /// written without a GPU at hand (2026-12-01, sixth session), it has not run on one.
-    pub topk_rows: AtomicBool,
     pool: Arc<Pool>,
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
     recordings: Mutex<Recordings>,
-    counters: Mutex<Counters>,
+    /// The main stream's counters and the side stream's.
+    counters: Mutex<[Counters; 2]>,
+    /// Whether independent chains of a forward run side by side on two streams
+    /// ([`Device::join`]; off with `HADAL_CUDA_STREAMS=1`, to compare).
+    pub concurrent: AtomicBool,
     /// Main layers (the last ones) whose routed experts stay in host memory.
     host_experts: usize,
     /// Nanoseconds spent computing those.
@@ -476,7 +476,8 @@ pub struct Cuda {
 
 /// Counters by which the blocks of a launch find the last of them to finish (which then joins
 /// their partial results). Every kernel sets the counters it used back to zero, so they are
-/// zero between launches and need no clearing (one stream orders all launches).
+/// zero between launches and need no clearing: a stream orders its launches, and each stream
+/// has counters of its own ([`Gpu::join`] runs two at once).
 struct Counters {
     buf: Buf,
     /// Smaller buffers replaced by `buf`, kept because recorded graphs may address them.
@@ -612,15 +613,21 @@ impl Cuda {
             fuse_norms: true,
             expert_warps: AtomicUsize::new(0),
             index_blockwise: AtomicBool::new(false),
-            topk_rows: AtomicBool::new(std::env::var("HADAL_CUDA_TOPK").is_ok_and(|v| v == "rows")),
+            concurrent: AtomicBool::new(!std::env::var("HADAL_CUDA_STREAMS").is_ok_and(|v| v == "1")),
             graphs: AtomicBool::new(graphs),
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
             layouts: Mutex::new(HashMap::new()),
             recordings: Mutex::new(Recordings::default()),
-            counters: Mutex::new(Counters {
-                buf: gpu.zeros(4 * Counters::INITIAL)?,
-                retired: Vec::new(),
-            }),
+            counters: Mutex::new([
+                Counters {
+                    buf: gpu.zeros(4 * Counters::INITIAL)?,
+                    retired: Vec::new(),
+                },
+                Counters {
+                    buf: gpu.zeros(4 * Counters::INITIAL)?,
+                    retired: Vec::new(),
+                },
+            ]),
             host_experts: 0,
             host_expert_ns: AtomicU64::new(0),
             gpu,
@@ -716,7 +723,8 @@ impl Cuda {
 
     /// `n` zeroed u32 counters (see [`Counters`]) for the launches queued next.
     fn counters(&self, n: usize) -> Result<u64> {
-        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let c = &mut all[self.gpu.on_side() as usize];
         if 4 * n > c.buf.bytes {
             if self.gpu.capturing() {
                 return Err(Error::Device(format!(
@@ -1021,9 +1029,7 @@ impl Cuda {
 
     /// The `k` largest of each row's first `(tok_pos[t] + 1) / ratio` scores, their indices
     /// in increasing order (the lowest among ties), written to `picks` (`rows x k`, -1 where a
-    /// row has fewer). Long rows are split over many blocks (`topk_digit`, or with
-    /// `HADAL_CUDA_TOPK=rows` blocks that wait for each other in one launch, `topk_rows`), short
-    /// ones take one.
+    /// row has fewer). Long rows are split over many blocks (`topk_digit`), short ones take one.
     fn select_top(
         &self,
         scores: &Tensor,
@@ -1052,54 +1058,27 @@ impl Cuda {
         }
         // The histograms and the blocks' counters are launch counters (zero, left zero): no
         // clearing launches.
-        let done = self.counters(t * (1 + 3 * 2048))?;
+        let done = self.counters(t * (1 + 2048))?;
         let state = self.gpu.alloc(16 * t)?;
-        let mut a = args::Topk {
-            scores: scores.buf.ptr,
-            tok_pos,
-            hist: done + 4 * t as u64,
-            done,
-            state: state.ptr,
-            counts: 0,
-            picks: picks.ptr,
-            ratio: ratio as i32,
-            nmax: nmax as i32,
-            k: k as i32,
-            per_block: 0,
-        };
-        if self.topk_rows.load(Ordering::Relaxed) {
-            // A row's blocks wait for each other, so all of the launch's must be resident at
-            // once: at most one block a multiprocessor a row (a barrier's arrivals are an atomic
-            // a block), at least 1,024 keys a block, and one block a row where the rows alone
-            // fill the GPU.
-            let resident = (self.gpu.resident_blocks("topk_rows", 256)? * sms) as usize;
-            let blocks = nmax
-                .div_ceil(1024)
-                .min(sms as usize)
-                .min(resident / t)
-                .max(1);
-            a.per_block = nmax.div_ceil(blocks).next_multiple_of(256) as i32;
-            let blocks = nmax.div_ceil(a.per_block as usize);
-            let counts = self.gpu.alloc(8 * t * blocks)?;
-            a.counts = counts.ptr;
-            let grid = (t as u32, blocks as u32, 1);
-            let mut args = Args::new();
-            args.push(a);
-            return if blocks == 1 {
-                self.launch("topk_rows", grid, 256, 0, &mut args)
-            } else {
-                self.gpu
-                    .launch_cooperative("topk_rows", grid, 256, &mut args)
-            };
-        }
         let per_block = (nmax * t)
             .div_ceil(2 * sms as usize)
             .next_multiple_of(256)
             .max(1024);
         let blocks = nmax.div_ceil(per_block);
         let counts = self.gpu.alloc(8 * t * blocks)?;
-        a.counts = counts.ptr;
-        a.per_block = per_block as i32;
+        let a = args::Topk {
+            scores: scores.buf.ptr,
+            tok_pos,
+            hist: done + 4 * t as u64,
+            done,
+            state: state.ptr,
+            counts: counts.ptr,
+            picks: picks.ptr,
+            ratio: ratio as i32,
+            nmax: nmax as i32,
+            k: k as i32,
+            per_block: per_block as i32,
+        };
         let grid = (t as u32, blocks as u32, 1);
         for (shift, bits) in [(21i32, 11i32), (10, 11), (0, 10)] {
             self.launch(
@@ -1470,6 +1449,20 @@ impl Device for Cuda {
             t,
             max_end,
         })
+    }
+
+    fn join<X: ?Sized, A, B>(
+        &self,
+        x: &mut X,
+        a: impl FnOnce(&mut X) -> Result<A>,
+        b: impl FnOnce(&mut X) -> Result<B>,
+    ) -> Result<(A, B)> {
+        if self.concurrent.load(Ordering::Relaxed) {
+            self.gpu.join(x, a, b)
+        } else {
+            let ra = a(x)?;
+            Ok((ra, b(x)?))
+        }
     }
 
     fn replay<'a, F>(&self, b: &mut Batch<'a>, width: usize, mut f: F) -> Result<Tensor>

@@ -467,8 +467,8 @@ extern "C" __global__ void __launch_bounds__(1024) index_topk(const float* score
 struct TopkArgs {
     const float* scores;  // [T, nmax]
     const u32* tok_pos;
-    u32* hist;            // [T, 3, 2048], zero (left zero): topk_digit uses the first 2048
-    u32* done;            // [T] blocks finished (topk_rows: its barrier), zero (left zero)
+    u32* hist;            // [T, 2048], zero (left zero)
+    u32* done;            // [T] blocks finished, zero (left zero)
     u32* state;           // [T, 4]: prefix, mask, need (the first pass writes them)
     u32* counts;          // [T, blocks, 2]: keys above the k-th, keys equal to it
     int* picks;           // [T, k]
@@ -498,7 +498,7 @@ extern "C" __global__ void __launch_bounds__(256) topk_digit(TopkArgs a, int shi
         if ((u & mask) == prefix) atomicAdd(&lh[(u >> shift) & (nbins - 1)], 1u);
     }
     __syncthreads();
-    u32* gh = a.hist + 3 * 2048l * t;
+    u32* gh = a.hist + 2048l * t;
     for (int i = threadIdx.x; i < nbins; i += blockDim.x)
         if (lh[i]) atomicAdd(&gh[i], lh[i]);
     __threadfence();
@@ -563,21 +563,28 @@ extern "C" __global__ void __launch_bounds__(256) topk_count(TopkArgs a) {
     }
 }
 
-// Block y of row t writes its picks (the keys of entries lo..hi above `prefix`, the k-th
-// largest, and the ties it takes) after those of the blocks before it, in index order, from
-// the blocks' counts (keys above, keys equal) in a.counts. `scan` holds 64 words.
-__device__ void topk_emit(const TopkArgs& a, int t, u32 y, u32 nb, long lo, long hi, u32 prefix,
-                          u32 need, u32* scan) {
+// Each block writes its picks after those of the blocks before it, in index order.
+extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
+    pdl_wait();
+    __shared__ u32 scan[256];
+    int t = blockIdx.x;
+    long n = (a.tok_pos[t] + 1) / a.ratio;
     int* out = a.picks + (long)t * a.k;
+    if (n <= a.k) {
+        if (blockIdx.y == 0)
+            for (int i = threadIdx.x; i < a.k; i += blockDim.x) out[i] = i < n ? i : -1;
+        return;
+    }
+    u32 prefix = a.state[4 * t], need = a.state[4 * t + 2];
     // What the blocks before this one write: their keys above the k-th and the ties they take
     // (the lowest indices first: block y takes min(e_y, need - ties before y)), by block scans.
     u32 at = 0, eqb = 0;
-    const u32* c = a.counts + 2l * t * nb;
-    for (u32 y0 = 0; y0 < y; y0 += blockDim.x) {
-        u32 b = y0 + threadIdx.x, g = 0, e = 0, te, tg;
-        if (b < y) {
-            g = __ldcg(c + 2 * b);
-            e = __ldcg(c + 2 * b + 1);
+    const u32* c = a.counts + 2l * t * gridDim.y;
+    for (u32 y0 = 0; y0 < blockIdx.y; y0 += blockDim.x) {
+        u32 y = y0 + threadIdx.x, g = 0, e = 0, te, tg;
+        if (y < blockIdx.y) {
+            g = c[2 * y];
+            e = c[2 * y + 1];
         }
         u32 before = eqb + block_scan(e, scan, &te);
         u32 take = before >= need ? 0 : (need - before < e ? need - before : e);
@@ -586,6 +593,7 @@ __device__ void topk_emit(const TopkArgs& a, int t, u32 y, u32 nb, long lo, long
         eqb += te;
     }
     const float* row = a.scores + (long)t * a.nmax;
+    long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
     long len = hi > lo ? hi - lo : 0;
     long chunk = (len + blockDim.x - 1) / blockDim.x;
     long i0 = lo + threadIdx.x * chunk, i1 = i0 + chunk < hi ? i0 + chunk : hi;
@@ -608,123 +616,4 @@ __device__ void topk_emit(const TopkArgs& a, int t, u32 y, u32 nb, long lo, long
             out[at++] = (int)i;
         }
     }
-}
-
-// Each block writes its picks after those of the blocks before it, in index order.
-extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
-    pdl_wait();
-    __shared__ u32 scan[64];
-    int t = blockIdx.x;
-    long n = (a.tok_pos[t] + 1) / a.ratio;
-    if (n <= a.k) {
-        int* out = a.picks + (long)t * a.k;
-        if (blockIdx.y == 0)
-            for (int i = threadIdx.x; i < a.k; i += blockDim.x) out[i] = i < n ? i : -1;
-        return;
-    }
-    long lo = (long)blockIdx.y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
-    topk_emit(a, t, blockIdx.y, gridDim.y, lo, hi, a.state[4 * t], a.state[4 * t + 2], scan);
-}
-
-// The top-k of long rows over many blocks a token, in one launch: a row's blocks, resident
-// together (a cooperative launch), find the k-th largest key 11, 11 and 10 bits at a time. In
-// each pass every block counts the keys of its slice that match the digits found so far into
-// the row's global histogram of that pass, waits for the row's other blocks (`row_barrier`),
-// then reads the whole histogram and picks the same digit as they do (no block has to pass it
-// on, so one barrier a pass). A block's keys above the k-th are those past each pass's digit in
-// its own histograms, its ties the last pass's bin: after a last barrier each block writes its
-// picks after those of the blocks before it, in index order with the lowest indices among ties,
-// as index_topk does. Five launches (a digit pass each, a count, the writes) had each cost their
-// start and their tail (7.8 us a digit pass over 262,144 keys).
-
-// Waits until `target` arrivals (this block's included) have reached the row's counter: all
-// of the row's blocks' global writes before their arrival are then visible to this block.
-__device__ void row_barrier(u32* sync, u32 target) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(sync, 1u);
-        u32 v;
-        while (true) {
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(sync) : "memory");
-            if (v >= target) break;
-            __nanosleep(32);
-        }
-    }
-    __syncthreads();
-}
-
-extern "C" __global__ void __launch_bounds__(256) topk_rows(TopkArgs a) {
-    pdl_wait();
-    __shared__ u32 lh[2048];
-    __shared__ u32 scan[64];
-    __shared__ u32 sel[2];
-    int t = blockIdx.x;
-    u32 nb = gridDim.y, y = blockIdx.y;
-    long n = (a.tok_pos[t] + 1) / a.ratio;
-    int* out = a.picks + (long)t * a.k;
-    if (n <= a.k) {
-        if (y == 0)
-            for (int i = threadIdx.x; i < a.k; i += blockDim.x) out[i] = i < n ? i : -1;
-        return;
-    }
-    const float* row = a.scores + (long)t * a.nmax;
-    long lo = (long)y * a.per_block, hi = lo + a.per_block < n ? lo + a.per_block : n;
-    u32* gh = a.hist + 3 * 2048l * t;
-    u32 prefix = 0, mask = 0, need = a.k, gt = 0, eq = 0;
-    for (int p = 0; p < 3; p++) {
-        int bits = p < 2 ? 11 : 10, shift = p < 2 ? 21 - 11 * p : 0, nbins = 1 << bits;
-        for (int i = threadIdx.x; i < nbins; i += blockDim.x) lh[i] = 0;
-        __syncthreads();
-#pragma unroll 4
-        for (long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-            u32 u = fkey(row[i]);
-            if ((u & mask) == prefix) atomicAdd(&lh[(u >> shift) & (nbins - 1)], 1u);
-        }
-        __syncthreads();
-        u32* h = gh + 2048 * p;
-        for (int i = threadIdx.x; i < nbins; i += blockDim.x)
-            if (lh[i]) atomicAdd(&h[i], lh[i]);
-        row_barrier(a.done + t, (p + 1) * nb);
-        // Thread i holds nbins / 256 bins counted from the top (at most 8), loaded at once
-        // past L1 (the other blocks' counts are in L2).
-        int per = nbins / blockDim.x;
-        u32 hb[8], c = 0, total;
-#pragma unroll
-        for (int j = 0; j < 8; j++) hb[j] = j < per ? __ldcg(h + nbins - 1 - (threadIdx.x * per + j)) : 0;
-#pragma unroll
-        for (int j = 0; j < 8; j++) c += hb[j];
-        u32 above = block_scan(c, scan, &total);
-        if (above < need && need <= above + c) {
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                if (above + hb[j] >= need) {
-                    sel[0] = nbins - 1 - (threadIdx.x * per + j);
-                    sel[1] = need - above;
-                    break;
-                }
-                above += hb[j];
-            }
-        }
-        __syncthreads();
-        u32 d = sel[0], mine = 0;
-        need = sel[1];
-        for (int i = d + 1 + threadIdx.x; i < nbins; i += blockDim.x) mine += lh[i];
-        block_scan(mine, scan, &total);
-        gt += total;
-        if (p == 2) eq = lh[d];
-        prefix |= d << shift;
-        mask |= (u32)(nbins - 1) << shift;
-    }
-    u32* cnt = a.counts + 2 * ((long)t * nb + y);
-    if (threadIdx.x == 0) {
-        cnt[0] = gt;
-        cnt[1] = eq;
-    }
-    row_barrier(a.done + t, 4 * nb);
-    // Every block has read the histograms: each clears a share, and the last block past the
-    // barrier resets the counter.
-    for (long i = y * blockDim.x + threadIdx.x; i < 3 * 2048; i += (long)nb * blockDim.x) gh[i] = 0;
-    if (threadIdx.x == 0 && atomicAdd(a.done + t, 1u) == 5 * nb - 1) a.done[t] = 0;
-    topk_emit(a, t, y, nb, lo, hi, prefix, need, scan);
 }
