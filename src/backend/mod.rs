@@ -331,14 +331,12 @@ pub trait Device: Sized + Send + Sync + 'static {
         b: &Self::Batch<'_>,
         logits: Self::Tensor,
     ) -> Result<Self::Route>;
-    /// The sum of each token's routed experts (SwiGLU, routing weight before `w2`), then plus
-    /// `shared` (the shared expert's output), added last.
+    /// The sum of each token's routed experts (SwiGLU, routing weight before `w2`).
     fn experts(
         &self,
         moe: &Moe<Self>,
         route: &Self::Route,
         y: &Self::Tensor,
-        shared: &Self::Tensor,
     ) -> Result<Self::Tensor>;
 
     /// Waits for the work queued so far (timing).

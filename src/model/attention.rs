@@ -110,35 +110,45 @@ impl<D: Device> Attention<D> {
     ) -> Result<D::Tensor> {
         let (mut qr, mut kv) = dev.linear_pair(&self.wq_a, &self.wkv, y)?;
         dev.rms_norm(&mut qr, &self.q_norm, self.eps)?;
-        // The queries (behind `wq_b`, the sublayer's largest weight) and the keys (with the
-        // indexer, where there is one) are independent until the attention itself: a device
-        // may run them side by side. The compressor goes with the shorter chain.
-        let compress = |b: &mut D::Batch<'_>| match &self.compressor {
-            Some(c) => c.forward(dev, b, slot, Which::Attention, y, &self.rope),
-            None => Ok(()),
-        };
+        // The queries (behind `wq_b`, the sublayer's largest weight), the keys with the
+        // compressor, and the indexer are independent until the attention itself: a device may
+        // run two chains side by side. The indexer, where there is one, is the longest: it runs
+        // beside all the rest; elsewhere the keys run beside the queries.
         let (q, picks) = dev.join(
-            b,
-            |b| {
+            &mut (&mut *b, &mut kv),
+            |(b, kv)| {
                 let mut q = dev.linear(&self.wq_b, &qr)?;
                 dev.head_norm_rope(&mut q, b, self.heads, &self.rope, self.eps)?;
                 if self.indexer.is_some() {
-                    compress(b)?;
+                    self.keys(dev, b, slot, y, kv)?;
                 }
                 Ok(q)
             },
-            |b| {
-                dev.rms_norm(&mut kv, &self.kv_norm, self.eps)?;
-                dev.rope(&mut kv, b, 1, &self.rope, false)?;
-                match &self.indexer {
-                    Some(ix) => Ok(Some(ix.forward(dev, b, slot, &qr, y, &self.rope)?)),
-                    None => compress(b).map(|()| None),
-                }
+            |(b, kv)| match &self.indexer {
+                Some(ix) => Ok(Some(ix.forward(dev, b, slot, &qr, y, &self.rope)?)),
+                None => self.keys(dev, b, slot, y, kv).map(|()| None),
             },
         )?;
         let mut o = dev.attention(self, b, slot, &q, &kv, picks.as_ref())?;
         dev.rope(&mut o, b, self.heads, &self.rope, true)?;
         let z = dev.grouped_linear(&self.wo_a, &o, self.groups)?;
         dev.linear(&self.wo_b, &z)
+    }
+
+    /// The new KV rows normed and rotated, and the compressor fed with the sublayer's input.
+    fn keys(
+        &self,
+        dev: &D,
+        b: &mut D::Batch<'_>,
+        slot: usize,
+        y: &D::Tensor,
+        kv: &mut D::Tensor,
+    ) -> Result<()> {
+        dev.rms_norm(kv, &self.kv_norm, self.eps)?;
+        dev.rope(kv, b, 1, &self.rope, false)?;
+        match &self.compressor {
+            Some(c) => c.forward(dev, b, slot, Which::Attention, y, &self.rope),
+            None => Ok(()),
+        }
     }
 }

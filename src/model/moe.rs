@@ -137,15 +137,22 @@ impl<D: Device> Moe<D> {
 
     /// The MoE output for the batch's `T x D` normed inputs.
     pub fn forward(&self, dev: &D, b: &D::Batch<'_>, y: &D::Tensor) -> Result<D::Tensor> {
-        // The router and the shared expert are independent: a device may run them side by side.
-        let (route, shared) = dev.join(
+        // The routed experts and the shared one are independent until their sum: a device may
+        // run them side by side (beside routed experts in host memory, the shared expert runs
+        // on the GPU while the CPU computes them).
+        let (shared, (route, mut out)) = dev.join(
             &mut (),
-            |_| dev.route(self, b, dev.linear_plain(&self.gate, y)?),
             |_| self.shared.forward(dev, y, self.limit),
+            |_| {
+                let route = dev.route(self, b, dev.linear_plain(&self.gate, y)?)?;
+                let out = dev.experts(self, &route, y)?;
+                Ok((route, out))
+            },
         )?;
         if let Some(t) = self.trace.lock().expect("trace lock").as_mut() {
             *t = dev.distinct_experts(&route)?;
         }
-        dev.experts(self, &route, y, &shared)
+        dev.add(&mut out, &shared)?;
+        Ok(out)
     }
 }

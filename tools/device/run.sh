@@ -13,6 +13,11 @@
 #   tools/device/run.sh kernels NAME ARGS...   the same bench under Nsight Compute, steps run
 #                                plainly (not replayed): each kernel's time, summed by name,
 #                                in $OUT/NAME.txt (tools/device/kernels.py)
+#   tools/device/run.sh timeline NAME ARGS...   the same bench with every kernel traced (start,
+#                                end, stream; replayed steps included) by CUPTI
+#                                (tools/device/ktrace.c) in $OUT/NAME.csv, summarised in $OUT/NAME.txt
+#                                (tools/device/timeline.py: the last step's launches, gaps
+#                                and overlap)
 #   tools/device/run.sh probe    how fast one launch reads 32 MiB, cold, hot and after an L2
 #                                prefetch (tools/device/l2probe.cu, built with the machine's
 #                                nvcc), in $OUT/l2probe.txt
@@ -118,6 +123,22 @@ while true; do
         > "/tmp/$name.csv" 2>> "$OUT/$name.log"
       python3 tools/device/kernels.py "/tmp/$name.csv" > "$OUT/$name.txt" 2>&1
       head -n 40 "$OUT/$name.txt"
+      ;;
+    timeline)
+      name=$1
+      shift
+      args=()
+      while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+      if [ ! -f /tmp/libktrace.so ]; then
+        for v in 13 12 11 10 9; do
+          gcc -O2 -shared -fPIC -DKVER=$v -I/usr/local/cuda/include tools/device/ktrace.c \
+            -L/usr/local/cuda/lib64 -lcupti -o /tmp/libktrace.so 2>> "$OUT/$name.log" && break
+        done
+      fi
+      LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} CUDA_INJECTION64_PATH=/tmp/libktrace.so \
+        KTRACE_OUT="$OUT/$name.csv" step "$name" timeout 200 "$B/hadal" bench --device cuda "${args[@]}" &&
+        python3 tools/device/timeline.py "$OUT/$name.csv" > "$OUT/$name.txt" 2>&1
+      head -n 60 "$OUT/$name.txt"
       ;;
     probe)
       step probe /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/l2probe tools/device/l2probe.cu &&

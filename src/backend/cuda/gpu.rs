@@ -383,9 +383,10 @@ impl Gpu {
 
     /// Queues `a` on the stream, then `b` on the side stream, which starts where the stream
     /// stood before `a`; the stream then waits for `b`'s work, so work queued after this call
-    /// follows both. Each is lent `x` in turn. Neither chain may read what the other writes,
-    /// nor wait for the device. Inside another join's second chain, or while another thread
-    /// uses the side stream, both go on the calling thread's stream one after the other.
+    /// follows both. Each is lent `x` in turn. Neither chain may read what the other writes;
+    /// one that waits for the device (outside a recording) waits for its own stream. Inside
+    /// another join's second chain, or while another thread uses the side stream, both go on
+    /// the calling thread's stream one after the other.
     pub fn join<X: ?Sized, A, B>(
         &self,
         x: &mut X,

@@ -2276,20 +2276,12 @@ impl Device for Cuda {
         moe: &Moe<Self>,
         route: &Route,
         y: &Tensor,
-        shared: &Tensor,
     ) -> Result<Tensor> {
         let set = &moe.set;
         let (e, k, d, f) = (set.count, moe.topk, moe.hidden, moe.inter);
         let p = route.t * k;
-        if shared.len() != route.t * d {
-            return Err(Error::Input(
-                "a shared expert output of another size".into(),
-            ));
-        }
         if let Some(host) = &set.host {
-            let mut out = self.host_experts(moe, host, route, y)?;
-            self.add(&mut out, shared)?;
-            return Ok(out);
+            return self.host_experts(moe, host, route, y);
         }
         let out = self.tensor(route.t, d)?;
         if p == 0 {
@@ -2454,7 +2446,7 @@ impl Device for Cuda {
                 Args::new().push(a),
             )?;
         }
-        // The pairs' rows summed in order, then the shared expert's added (as `add` would).
+        // The pairs' rows summed in order.
         self.launch(
             "moe_combine",
             blocks_1d(route.t * d, 256),
@@ -2462,7 +2454,6 @@ impl Device for Cuda {
             0,
             Args::new()
                 .push(pairs.buf.ptr)
-                .push(shared.buf.ptr)
                 .push(out.buf.ptr)
                 .push(route.t as i32)
                 .push(k as i32)

@@ -105,10 +105,12 @@ extern "C" __global__ void compress_carry(const SeqDesc* descs, CompressArgs a) 
         }
     }
     __syncthreads();
-    for (long i = threadIdx.x; i < (long)a.c * a.width; i += blockDim.x) {
-        long q = k1 * a.c + i / a.width;
+    // The call's positions in the unfinished block (a decode step: its one token), not the
+    // block's c rows (128 for HCA: 65,536 values to skip).
+    long q0 = k1 * a.c > p0 ? k1 * a.c : p0;
+    for (long i = threadIdx.x; i < (p1 - q0) * a.width; i += blockDim.x) {
+        long q = q0 + i / a.width;
         int w = i % a.width;
-        if (q < p0 || q >= p1) continue;
         long t = s.start + (q - p0);
         ((float*)(fixed + a.pend_kv))[(q % a.c) * a.width + w] = a.kv[t * a.width + w];
         ((float*)(fixed + a.pend_score))[(q % a.c) * a.width + w] =

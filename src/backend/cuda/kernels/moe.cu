@@ -219,14 +219,13 @@ EXPERT_KERNELS(f8, FMT_F8)
 EXPERT_KERNELS(bf16, FMT_BF16)
 EXPERT_KERNELS(f32, FMT_F32)
 
-// out[t] = the sum of its k pairs' rows, then plus the shared expert's row.
-extern "C" __global__ void moe_combine(const float* pairs, const float* shared, float* out, int T,
-                                       int k, int D) {
+// out[t] = the sum of its k pairs' rows, in order.
+extern "C" __global__ void moe_combine(const float* pairs, float* out, int T, int k, int D) {
     pdl_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)T * D) return;
     long t = i / D;
     float s = 0.0f;
     for (int j = 0; j < k; j++) s += pairs[(t * k + j) * D + i % D];
-    out[i] = s + shared[i];
+    out[i] = s;
 }
