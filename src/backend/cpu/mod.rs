@@ -431,12 +431,7 @@ impl Device for Cpu {
     fn route(&self, m: &Moe<Self>, b: &Batch<'_>, logits: Vec<f32>) -> Result<Self::Route> {
         Ok(moe::route(m, &b.tokens, logits))
     }
-    fn experts(
-        &self,
-        m: &Moe<Self>,
-        route: &Self::Route,
-        y: &Vec<f32>,
-    ) -> Result<Vec<f32>> {
+    fn experts(&self, m: &Moe<Self>, route: &Self::Route, y: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(moe::experts(m, route, y, self.numerics))
     }
 }

@@ -7,10 +7,10 @@
 //! is queued. The stream can be recorded as a CUDA graph ([`Gpu::capture`]); while it is,
 //! other threads' work on this GPU waits, so that none of it lands in the recording.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
-use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -394,7 +394,11 @@ impl Gpu {
         b: impl FnOnce(&mut X) -> Result<B>,
     ) -> Result<(A, B)> {
         let s = &self.streams;
-        let held = if s.on_side() { None } else { s.side_lock.try_lock().ok() };
+        let held = if s.on_side() {
+            None
+        } else {
+            s.side_lock.try_lock().ok()
+        };
         let Some(_held) = held else {
             let ra = a(x)?;
             return Ok((ra, b(x)?));

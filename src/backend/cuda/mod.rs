@@ -613,7 +613,9 @@ impl Cuda {
             fuse_norms: true,
             expert_warps: AtomicUsize::new(0),
             index_blockwise: AtomicBool::new(false),
-            concurrent: AtomicBool::new(!std::env::var("HADAL_CUDA_STREAMS").is_ok_and(|v| v == "1")),
+            concurrent: AtomicBool::new(
+                !std::env::var("HADAL_CUDA_STREAMS").is_ok_and(|v| v == "1"),
+            ),
             graphs: AtomicBool::new(graphs),
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
             layouts: Mutex::new(HashMap::new()),
@@ -2271,12 +2273,7 @@ impl Device for Cuda {
         })
     }
 
-    fn experts(
-        &self,
-        moe: &Moe<Self>,
-        route: &Route,
-        y: &Tensor,
-    ) -> Result<Tensor> {
+    fn experts(&self, moe: &Moe<Self>, route: &Route, y: &Tensor) -> Result<Tensor> {
         let set = &moe.set;
         let (e, k, d, f) = (set.count, moe.topk, moe.hidden, moe.inter);
         let p = route.t * k;
