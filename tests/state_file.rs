@@ -236,6 +236,22 @@ fn writes_survive_a_killed_writer() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // The kill lands a while after the writer has begun this round's first file (not
+        // after the spawn: on a loaded machine the process alone can take longer to start than
+        // the delays, and the rounds would then kill it before it wrote anything).
+        let (spawned, start) = (std::time::SystemTime::now(), std::time::Instant::now());
+        let writing = || {
+            // Entries may be renamed away while this looks at them.
+            std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| {
+                file::is_temporary(&e.file_name().to_string_lossy())
+                    || e.metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t >= spawned)
+            })
+        };
+        while !writing() && start.elapsed() < std::time::Duration::from_secs(20) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         std::thread::sleep(std::time::Duration::from_millis(5 + round * 37 % 60));
         child.kill().unwrap();
         child.wait().unwrap();

@@ -384,17 +384,18 @@ impl Gpu {
     /// Queues `a` on the stream, then `b` on the side stream, which starts where the stream
     /// stood before `a`; the stream then waits for `b`'s work, so work queued after this call
     /// follows both. Each is lent `x` in turn. Neither chain may read what the other writes;
-    /// one that waits for the device (outside a recording) waits for its own stream. Inside
-    /// another join's second chain, or while another thread uses the side stream, both go on
-    /// the calling thread's stream one after the other.
+    /// one that waits for the device (outside a recording) waits for its own stream. Unless
+    /// `side_by_side`, inside another join's second chain, or while another thread uses the
+    /// side stream, both go on the calling thread's stream one after the other.
     pub fn join<X: ?Sized, A, B>(
         &self,
+        side_by_side: bool,
         x: &mut X,
         a: impl FnOnce(&mut X) -> Result<A>,
         b: impl FnOnce(&mut X) -> Result<B>,
     ) -> Result<(A, B)> {
         let s = &self.streams;
-        let held = if s.on_side() {
+        let held = if !side_by_side || s.on_side() {
             None
         } else {
             s.side_lock.try_lock().ok()

@@ -1459,12 +1459,8 @@ impl Device for Cuda {
         a: impl FnOnce(&mut X) -> Result<A>,
         b: impl FnOnce(&mut X) -> Result<B>,
     ) -> Result<(A, B)> {
-        if self.concurrent.load(Ordering::Relaxed) {
-            self.gpu.join(x, a, b)
-        } else {
-            let ra = a(x)?;
-            Ok((ra, b(x)?))
-        }
+        self.gpu
+            .join(self.concurrent.load(Ordering::Relaxed), x, a, b)
     }
 
     fn replay<'a, F>(&self, b: &mut Batch<'a>, width: usize, mut f: F) -> Result<Tensor>

@@ -1,6 +1,21 @@
 // The router and the routed experts, grouped by expert so that each expert's weights are read
 // once for all the tokens routed to it.
 
+// Biased scores a lane holds in the one-warp selection (up to 256 experts: V4's).
+#define ROUTE_PER 8
+
+// The warp's largest v and its index vi (the lowest index among ties), in every lane.
+__device__ __forceinline__ void warp_argmax(float& v, int& vi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, vi, o);
+        if (v2 > v || (v2 == v && i2 < vi)) {
+            v = v2;
+            vi = i2;
+        }
+    }
+}
+
 // Scores, selection and weights of each token's experts (one block a token).
 // func: 0 sqrt(softplus), 1 sigmoid, 2 softmax.
 extern "C" __global__ void route(const float* logits, const float* bias, const u32* tid2eid,
@@ -36,26 +51,45 @@ extern "C" __global__ void route(const float* logits, const float* bias, const u
     } else {
         for (int e = threadIdx.x; e < E; e += blockDim.x) biased[e] = sc[e] + (bias ? bias[e] : 0.0f);
         __syncthreads();
-        for (int j = 0; j < k; j++) {
-            float v = NEG_INF;
-            int vi = 0x7fffffff;
-            for (int e = threadIdx.x; e < E; e += blockDim.x)
-                if (biased[e] > v) { v = biased[e]; vi = e; }
-            for (int o = 16; o > 0; o >>= 1) {
-                float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-                int i2 = __shfl_xor_sync(0xffffffffu, vi, o);
-                if (v2 > v || (v2 == v && i2 < vi)) { v = v2; vi = i2; }
+        if (E <= 32 * ROUTE_PER) {
+            // One warp, its lanes' biased scores in registers: k rounds of a warp's argmax
+            // (the lowest index among ties), with no block barrier between them.
+            if (threadIdx.x < 32) {
+                int lane = threadIdx.x;
+                float r[ROUTE_PER];
+#pragma unroll
+                for (int i = 0; i < ROUTE_PER; i++) r[i] = lane + 32 * i < E ? biased[lane + 32 * i] : NEG_INF;
+                for (int j = 0; j < k; j++) {
+                    float v = NEG_INF;
+                    int vi = 0x7fffffff;
+#pragma unroll
+                    for (int i = 0; i < ROUTE_PER; i++)
+                        if (r[i] > v) { v = r[i]; vi = lane + 32 * i; }
+                    warp_argmax(v, vi);
+                    if (lane == 0) out[j] = vi;
+#pragma unroll
+                    for (int i = 0; i < ROUTE_PER; i++)
+                        if (lane + 32 * i == vi) r[i] = NEG_INF;
+                }
             }
-            int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-            if (lane == 0) { bv[w] = v; bi[w] = vi; }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                for (int i = 1; i < nw; i++)
-                    if (bv[i] > bv[0] || (bv[i] == bv[0] && bi[i] < bi[0])) { bv[0] = bv[i]; bi[0] = bi[i]; }
-                out[j] = bi[0];
-                biased[bi[0]] = NEG_INF;
+        } else {
+            for (int j = 0; j < k; j++) {
+                float v = NEG_INF;
+                int vi = 0x7fffffff;
+                for (int e = threadIdx.x; e < E; e += blockDim.x)
+                    if (biased[e] > v) { v = biased[e]; vi = e; }
+                warp_argmax(v, vi);
+                int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+                if (lane == 0) { bv[w] = v; bi[w] = vi; }
+                __syncthreads();
+                if (threadIdx.x == 0) {
+                    for (int i = 1; i < nw; i++)
+                        if (bv[i] > bv[0] || (bv[i] == bv[0] && bi[i] < bi[0])) { bv[0] = bv[i]; bi[0] = bi[i]; }
+                    out[j] = bi[0];
+                    biased[bi[0]] = NEG_INF;
+                }
+                __syncthreads();
             }
-            __syncthreads();
         }
     }
     __syncthreads();
