@@ -135,10 +135,14 @@ while true; do
             -L/usr/local/cuda/lib64 -lcupti -o /tmp/libktrace.so 2>> "$OUT/$name.log" && break
         done
       fi
-      LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} CUDA_INJECTION64_PATH=/tmp/libktrace.so \
-        KTRACE_OUT="$OUT/$name.csv" step "$name" timeout 200 "$B/hadal" bench --device cuda "${args[@]}" &&
-        python3 tools/device/timeline.py "$OUT/$name.csv" > "$OUT/$name.txt" 2>&1
-      head -n 60 "$OUT/$name.txt"
+      if [ -f /tmp/libktrace.so ]; then
+        LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} CUDA_INJECTION64_PATH=/tmp/libktrace.so \
+          KTRACE_OUT="$OUT/$name.csv" step "$name" timeout 200 "$B/hadal" bench --device cuda "${args[@]}" &&
+          python3 tools/device/timeline.py "$OUT/$name.csv" > "$OUT/$name.txt" 2>&1
+        head -n 60 "$OUT/$name.txt"
+      else
+        log "$name: the tracer did not build (the compiler's messages are in $name.log)"
+      fi
       ;;
     probe)
       step probe /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/l2probe tools/device/l2probe.cu &&
