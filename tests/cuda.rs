@@ -1196,12 +1196,9 @@ fn mhc_pre_with_its_norm_gives_the_two_launches_bits() {
     if gpu("mhc_pre_with_its_norm_gives_the_two_launches_bits").is_none() {
         return;
     }
-    let logits = |fuse: bool| {
-        let mut dev = Cuda::new(0).unwrap();
-        dev.fuse_norms = fuse;
-        flash_logits(dev, 43, &flash_prompts(40, 37, 101), 24)
-    };
-    assert_eq!(first_difference(&logits(true), &logits(false)), None);
+    let prompts = flash_prompts(40, 37, 101);
+    let differ = first_difference_by(43, &prompts, 24, |dev, fuse| dev.fuse_norms = fuse);
+    assert_eq!(differ, None);
 }
 
 /// The indexer's scores summed by the MMAs across blocks where the scales allow give the bits of
@@ -1212,13 +1209,11 @@ fn chained_index_scores_give_the_blockwise_bits() {
     if gpu("chained_index_scores_give_the_blockwise_bits").is_none() {
         return;
     }
-    let logits = |blockwise: bool| {
-        let dev = Cuda::new(0).unwrap();
-        dev.index_blockwise
-            .store(blockwise, std::sync::atomic::Ordering::Relaxed);
-        flash_logits(dev, 47, &flash_prompts(700, 53, 211), 256)
-    };
-    assert_eq!(first_difference(&logits(false), &logits(true)), None);
+    let prompts = flash_prompts(700, 53, 211);
+    let differ = first_difference_by(47, &prompts, 256, |dev, blockwise| {
+        dev.index_blockwise.store(blockwise, Ordering::Relaxed)
+    });
+    assert_eq!(differ, None);
 }
 
 /// Chains run side by side on two streams (`Device::join`) give the bits of one stream: V4-Flash-
@@ -1229,13 +1224,26 @@ fn side_by_side_chains_give_one_streams_bits() {
     if gpu("side_by_side_chains_give_one_streams_bits").is_none() {
         return;
     }
-    let logits = |concurrent: bool| {
-        let dev = Cuda::new(0).unwrap();
-        dev.concurrent
-            .store(concurrent, std::sync::atomic::Ordering::Relaxed);
-        flash_logits(dev, 59, &flash_prompts(300, 41, 307), 256)
+    let prompts = flash_prompts(300, 41, 307);
+    let differ = first_difference_by(59, &prompts, 256, |dev, concurrent| {
+        dev.concurrent.store(concurrent, Ordering::Relaxed)
+    });
+    assert_eq!(differ, None);
+}
+
+/// Where the logits of `flash_logits` with a switch of the device on and off first differ.
+fn first_difference_by(
+    seed: u64,
+    seqs: &[Vec<u32>],
+    chunk: usize,
+    switch: impl Fn(&mut Cuda, bool),
+) -> Option<usize> {
+    let logits = |on: bool| {
+        let mut dev = Cuda::new(0).unwrap();
+        switch(&mut dev, on);
+        flash_logits(dev, seed, seqs, chunk)
     };
-    assert_eq!(first_difference(&logits(true), &logits(false)), None);
+    first_difference(&logits(true), &logits(false))
 }
 
 /// Two prompts of `n` tokens below 1,000: token i of prompt s is `(i * mul + s * add) % 1000`.
@@ -1249,8 +1257,8 @@ fn flash_prompts(n: usize, mul: usize, add: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// The logits of `flash_blocks(8, 64)` with synthetic weights of `seed` on `dev`, the prompts
-/// prefilled in chunks of `chunk`.
+/// The logits of `flash_blocks(8, 64)` with synthetic weights of `seed` on `dev`: the prompts'
+/// first `chunk` tokens prefilled in one call, the rest decoded one by one.
 fn flash_logits(dev: Cuda, seed: u64, seqs: &[Vec<u32>], chunk: usize) -> Vec<f32> {
     let cfg = flash_blocks(8, 64);
     let ck = hadal::demo::synthetic_checkpoint(&cfg, seed);

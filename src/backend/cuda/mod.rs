@@ -488,6 +488,13 @@ impl Counters {
     /// Enough for any decode step's launches, so that one being recorded never grows them
     /// (the indexer's histograms of up to 511 tokens a step).
     const INITIAL: usize = 1 << 20;
+
+    fn new(gpu: &Gpu) -> Result<Self> {
+        Ok(Counters {
+            buf: gpu.zeros(4 * Self::INITIAL)?,
+            retired: Vec::new(),
+        })
+    }
 }
 
 /// Recorded decode steps by (tokens, bucket of the longest context), least recently used
@@ -620,16 +627,7 @@ impl Cuda {
             pool: Arc::new(Pool::new(Arc::clone(&gpu), reserve(), limit)),
             layouts: Mutex::new(HashMap::new()),
             recordings: Mutex::new(Recordings::default()),
-            counters: Mutex::new([
-                Counters {
-                    buf: gpu.zeros(4 * Counters::INITIAL)?,
-                    retired: Vec::new(),
-                },
-                Counters {
-                    buf: gpu.zeros(4 * Counters::INITIAL)?,
-                    retired: Vec::new(),
-                },
-            ]),
+            counters: Mutex::new([Counters::new(&gpu)?, Counters::new(&gpu)?]),
             host_experts: 0,
             host_expert_ns: AtomicU64::new(0),
             gpu,
