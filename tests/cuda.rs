@@ -1201,6 +1201,97 @@ fn mhc_pre_with_its_norm_gives_the_two_launches_bits() {
     assert_eq!(differ, None);
 }
 
+/// mHC alone against the CPU on random streams: the pre step (with and without the sublayer's
+/// norm) and the post step (of one output and of a sum) at tiny-a's, V4-Flash's and V4-Pro's widths (a cluster of one block,
+/// of 16 blocks of 256 threads, of 16 of 448), 1 to 70 tokens; each row within 2e-5 of the
+/// CPU's, and a token's first row with the same bits whatever the batch.
+#[test]
+fn mhc_matches_the_cpu() {
+    let Some(cuda) = gpu("mhc_matches_the_cpu") else {
+        return;
+    };
+    let cpu = Cpu::default();
+    let mut r = Rand(53);
+    let m = 4;
+    for d in [256, 4096, 7168] {
+        let n = (2 + m) * m;
+        let dims = hadal::model::mhc::HcDims {
+            m,
+            d,
+            iters: 20,
+            hc_eps: 1e-6,
+            norm_eps: 1e-6,
+        };
+        let fn_ = r.vec(n * m * d, 0.05);
+        let (base, scale) = (r.vec(n, 1.0), vec![0.9, 1.1, 0.7]);
+        let norm_w = r.vec(d, 1.5);
+        let host = |cols: usize, v: &[f32]| Matrix {
+            rows: v.len() / cols,
+            cols,
+            storage: Storage::F32(Bytes::owned(
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )),
+        };
+        let hc_cpu = hadal::model::mhc::HyperConn::<Cpu> {
+            dims,
+            fn_: cpu.weight(host(m * d, &fn_)).unwrap(),
+            base: cpu.vector(&base).unwrap(),
+            scale: cpu.vector(&scale).unwrap(),
+        };
+        let hc_gpu = hadal::model::mhc::HyperConn::<Cuda> {
+            dims,
+            fn_: cuda.weight(host(m * d, &fn_)).unwrap(),
+            base: cuda.vector(&base).unwrap(),
+            scale: cuda.vector(&scale).unwrap(),
+        };
+        let (wc, wg) = (cpu.vector(&norm_w).unwrap(), cuda.vector(&norm_w).unwrap());
+        let mut first: [FirstRow; 4] = Default::default();
+        let (x0, a0, s0) = (r.vec(m * d, 2.0), r.vec(d, 1.0), r.vec(d, 1.0));
+        for t in [1usize, 3, 70] {
+            let mut x = r.vec(t * m * d, 2.0);
+            x[..m * d].copy_from_slice(&x0);
+            let mut a = r.vec(t * d, 1.0);
+            a[..d].copy_from_slice(&a0);
+            let mut sh = r.vec(t * d, 1.0);
+            sh[..d].copy_from_slice(&s0);
+            let xg = cuda.upload(&x, m * d).unwrap();
+            let ag = cuda.upload(&a, d).unwrap();
+            let (yc, mc) = cpu.hc_pre(&hc_cpu, &x).unwrap();
+            let (yg, mg) = cuda.hc_pre(&hc_gpu, &xg).unwrap();
+            let (nc, _) = cpu.hc_pre_norm(&hc_cpu, &x, &wc, 1e-6).unwrap();
+            let (ng, _) = cuda.hc_pre_norm(&hc_gpu, &xg, &wg, 1e-6).unwrap();
+            let mut pc = x.clone();
+            cpu.hc_post(&hc_cpu, &mut pc, &a, &mc).unwrap();
+            let mut pg = cuda.copy(&xg).unwrap();
+            cuda.hc_post(&hc_gpu, &mut pg, &ag, &mg).unwrap();
+            let mut sc = x.clone();
+            cpu.hc_post_sum(&hc_cpu, &mut sc, a.clone(), &sh, &mc)
+                .unwrap();
+            let mut sg = cuda.copy(&xg).unwrap();
+            let shg = cuda.upload(&sh, d).unwrap();
+            let ag2 = cuda.copy(&ag).unwrap();
+            cuda.hc_post_sum(&hc_gpu, &mut sg, ag2, &shg, &mg).unwrap();
+            for (i, (what, g, c, w)) in [
+                ("pre", cuda.download(&yg).unwrap(), yc, d),
+                ("pre with the norm", cuda.download(&ng).unwrap(), nc, d),
+                ("post", cuda.download(&pg).unwrap(), pc, m * d),
+                ("post of a sum", cuda.download(&sg).unwrap(), sc, m * d),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let e = worst(&rel(&g, &c, w));
+                eprintln!("D = {d}, {t} tokens, {what}: worst {e:.2e}");
+                assert!(
+                    e <= 2e-5,
+                    "D = {d}, {t} tokens, {what}: {e:.2e} from the CPU"
+                );
+                first[i].check(&x0, g[..w].to_vec(), &format!("D = {d}, {what}"));
+            }
+        }
+    }
+}
+
 /// The indexer's scores summed by the MMAs across blocks where the scales allow give the bits of
 /// each block of 32 dims summed on its own: V4-Flash-shaped blocks over 700 tokens (175 CSA
 /// entries, a top-64 that selects) score the same logits both ways.

@@ -285,6 +285,19 @@ pub trait Device: Sized + Send + Sync + 'static {
         a: &Self::Tensor,
         mix: &Self::Mix,
     ) -> Result<()>;
+    /// [`Device::hc_post`] of a sublayer output that is a sum, `a + b` (the MoE's routed and
+    /// shared experts): a device may add them as it mixes.
+    fn hc_post_sum(
+        &self,
+        hc: &HyperConn<Self>,
+        x: &mut Self::Tensor,
+        mut a: Self::Tensor,
+        b: &Self::Tensor,
+        mix: &Self::Mix,
+    ) -> Result<()> {
+        self.add(&mut a, b)?;
+        self.hc_post(hc, x, &a, mix)
+    }
     /// The stream's final reduction before the head.
     fn hc_head(&self, h: &HcHead<Self>, x: &Self::Tensor) -> Result<Self::Tensor>;
 
@@ -313,8 +326,8 @@ pub trait Device: Sized + Send + Sync + 'static {
     ) -> Result<Self::Picks>;
     /// Attention of each query head over its window, its compressed entries (the `picks` for
     /// CSA, all finished ones for HCA) and the sink; `kv` are the batch's new KV rows (normed
-    /// and rotated), rounded and stored in the window by this call. Returns `T x H x Dh`
-    /// before the inverse rotation.
+    /// and rotated), rounded and stored in the window by this call. Returns `T x H x Dh`,
+    /// each head's output rotated back (the inverse of `a.rope`).
     fn attention(
         &self,
         a: &Attention<Self>,

@@ -129,8 +129,7 @@ impl<D: Device> Attention<D> {
                 None => self.keys(dev, b, slot, y, kv).map(|()| None),
             },
         )?;
-        let mut o = dev.attention(self, b, slot, &q, &kv, picks.as_ref())?;
-        dev.rope(&mut o, b, self.heads, &self.rope, true)?;
+        let o = dev.attention(self, b, slot, &q, &kv, picks.as_ref())?;
         let z = dev.grouped_linear(&self.wo_a, &o, self.groups)?;
         dev.linear(&self.wo_b, &z)
     }

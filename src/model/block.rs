@@ -63,7 +63,7 @@ impl<D: Device> Block<D> {
         dev.hc_post(&self.hc_attn, x, &a, &mix)?;
 
         let (y, mix) = dev.hc_pre_norm(&self.hc_ffn, x, &self.ffn_norm, self.eps)?;
-        let f = self.ffn.forward(dev, b, &y)?;
-        dev.hc_post(&self.hc_ffn, x, &f, &mix)
+        let (routed, shared) = self.ffn.forward_parts(dev, b, &y)?;
+        dev.hc_post_sum(&self.hc_ffn, x, routed, &shared, &mix)
     }
 }

@@ -137,10 +137,22 @@ impl<D: Device> Moe<D> {
 
     /// The MoE output for the batch's `T x D` normed inputs.
     pub fn forward(&self, dev: &D, b: &D::Batch<'_>, y: &D::Tensor) -> Result<D::Tensor> {
+        let (mut routed, shared) = self.forward_parts(dev, b, y)?;
+        dev.add(&mut routed, &shared)?;
+        Ok(routed)
+    }
+
+    /// The MoE output's two terms: the routed experts' sum and the shared expert's.
+    pub fn forward_parts(
+        &self,
+        dev: &D,
+        b: &D::Batch<'_>,
+        y: &D::Tensor,
+    ) -> Result<(D::Tensor, D::Tensor)> {
         // The routed experts and the shared one are independent until their sum: a device may
         // run them side by side (beside routed experts in host memory, the shared expert runs
         // on the GPU while the CPU computes them).
-        let (shared, (route, mut out)) = dev.join(
+        let (shared, (route, out)) = dev.join(
             &mut (),
             |_| self.shared.forward(dev, y, self.limit),
             |_| {
@@ -152,7 +164,6 @@ impl<D: Device> Moe<D> {
         if let Some(t) = self.trace.lock().expect("trace lock").as_mut() {
             *t = dev.distinct_experts(&route)?;
         }
-        dev.add(&mut out, &shared)?;
-        Ok(out)
+        Ok((out, shared))
     }
 }

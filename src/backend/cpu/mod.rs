@@ -415,7 +415,9 @@ impl Device for Cpu {
         kv: &Vec<f32>,
         picks: Option<&Self::Picks>,
     ) -> Result<Vec<f32>> {
-        Ok(attention::attend(a, b, slot, q, kv, picks))
+        let mut o = attention::attend(a, b, slot, q, kv, picks);
+        self.rope(&mut o, b, a.heads, &a.rope, true)?;
+        Ok(o)
     }
     fn bandwidth(&self) -> Result<f64> {
         Ok(stream_bandwidth())

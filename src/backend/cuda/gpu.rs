@@ -273,6 +273,9 @@ pub struct Gpu {
     /// Whether kernels are launched to overlap the one before (programmatic dependent launch:
     /// compute capability 9.0 and later, unless `HADAL_CUDA_PDL=0`).
     pub overlap: bool,
+    /// The scheduling priority of the side stream's launches (the device's greatest; 0 with
+    /// `HADAL_CUDA_PRIORITY=0`).
+    side_priority: i32,
     gate: Gate,
 }
 
@@ -340,6 +343,11 @@ impl Gpu {
             sms,
             arch,
             overlap: arch >= (9, 0) && !std::env::var("HADAL_CUDA_PDL").is_ok_and(|v| v == "0"),
+            side_priority: if std::env::var("HADAL_CUDA_PRIORITY").is_ok_and(|v| v == "0") {
+                0
+            } else {
+                greatest_priority()?
+            },
             gate: Gate::default(),
         }))
     }
@@ -574,6 +582,22 @@ impl Gpu {
         smem: u32,
         args: &mut Args,
     ) -> Result<()> {
+        self.launch_clustered(name, grid, block, smem, 0, args)
+    }
+
+    /// [`Gpu::launch`] in clusters of `cluster` consecutive blocks along x (thread block
+    /// clusters, compute capability 9.0; more than 8 a cluster is allowed on the kernel first;
+    /// 0: no clusters). Kernels that use the cluster's shared memory need the launch to say
+    /// so, even for a cluster of one block.
+    pub fn launch_clustered(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        cluster: u32,
+        args: &mut Args,
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -585,6 +609,13 @@ impl Gpu {
             )
             .map_err(|e| driver_err(&format!("kernel {name}: shared memory"), e))?;
         }
+        if cluster > 8 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )
+            .map_err(|e| driver_err(&format!("kernel {name}: clusters of {cluster}"), e))?;
+        }
         let _g = self.gate.enter();
         self.bind()?;
         let mut params: Vec<*mut c_void> = args
@@ -595,13 +626,38 @@ impl Gpu {
         // Every kernel waits for the work before it (`pdl_wait` in prelude.cuh), so it may be
         // launched while that work runs: its launch and the first loads of its weights overlap
         // the kernel before it.
-        let mut attrs = Vec::with_capacity(1);
+        let mut attrs = Vec::with_capacity(3);
         if self.overlap {
             attrs.push(sys::CUlaunchAttribute {
                 id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
                 pad: [0; 4],
                 value: sys::CUlaunchAttributeValue {
                     programmaticStreamSerializationAllowed: 1,
+                },
+            });
+        }
+        if cluster > 0 {
+            attrs.push(sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue {
+                    clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+                        x: cluster,
+                        y: 1,
+                        z: 1,
+                    },
+                },
+            });
+        }
+        // A side chain's kernels are the short ones (a join's second chain: the keys, the
+        // indexer, the router): their blocks go first when both streams' blocks wait for room,
+        // instead of queueing behind a long linear's whole wave.
+        if self.side_priority != 0 && self.on_side() {
+            attrs.push(sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue {
+                    priority: self.side_priority,
                 },
             });
         }
@@ -636,6 +692,17 @@ impl Gpu {
             .get(name)
             .ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))
     }
+}
+
+/// The greatest scheduling priority of the current context's streams (a negative number; 0
+/// where there are no priorities).
+fn greatest_priority() -> Result<i32> {
+    let (mut least, mut greatest) = (0, 0);
+    // SAFETY: a plain driver query on the bound context.
+    unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }
+        .result()
+        .map_err(|e| driver_err("reading stream priorities", e))?;
+    Ok(greatest)
 }
 
 /// Keeps memory freed by the stream in the device's pool instead of returning it to the driver

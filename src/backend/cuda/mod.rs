@@ -111,6 +111,8 @@ pub struct Tensor {
     /// The values as the tensor-core linears take them, where the kernel that wrote them made
     /// those too (`rms_norm`); any other write drops them (`written`).
     quant: Option<Box<Quant>>,
+    /// The same for the exact products (`split_act`'s three bf16 planes; `attend_join`).
+    planes: Option<Buf>,
 }
 
 /// quant_act's output of a tensor, in both code orders (FP8 and FP4 kernels').
@@ -144,6 +146,7 @@ impl Tensor {
     /// goes.
     fn written(&mut self) -> u64 {
         self.quant = None;
+        self.planes = None;
         self.buf.ptr
     }
 }
@@ -268,6 +271,11 @@ mod args {
         pub row: RowFormat,
         pub packed: u64,
         pub hpb: i32,
+        pub freqs: u64,
+        pub half: i32,
+        pub store: i32,
+        pub planes: u64,
+        pub plane_n: i64,
     }
 
     #[repr(C)]
@@ -300,8 +308,6 @@ mod args {
         pub y: u64,
         pub post: u64,
         pub comb: u64,
-        pub part: u64,
-        pub done: u64,
         pub d: i32,
         pub iters: i32,
         pub hc_eps: f32,
@@ -468,6 +474,7 @@ pub struct Cuda {
     /// Whether independent chains of a forward run side by side on two streams
     /// ([`Device::join`]; off with `HADAL_CUDA_STREAMS=1`, to compare).
     pub concurrent: AtomicBool,
+
     /// Main layers (the last ones) whose routed experts stay in host memory.
     host_experts: usize,
     /// Nanoseconds spent computing those.
@@ -533,6 +540,23 @@ const HC_THREADS: u32 = 512;
 
 /// Threads of a block that reduces a row of `n` values: about four values each (one round of
 /// loads at decode, where a row is all the work there is), 32 to 1,024.
+/// `hc_pre_m4`'s cluster for four copies of `d` dims: (blocks, threads a block), one float4 of
+/// the stream a thread. The fewest blocks (at most 16) that give at most 256 threads, else
+/// up to 512; none where `d` does not split so.
+fn hc_pre_cluster(d: usize) -> Option<(usize, usize)> {
+    let d4 = d / 4;
+    let fits = |c: usize, most: usize| {
+        let threads = 4 * d4 / c;
+        (d.is_multiple_of(4) && d4.is_multiple_of(c))
+            .then_some(threads)
+            .filter(|&n| n.is_multiple_of(32) && (128..=most).contains(&n))
+    };
+    [1, 2, 4, 8, 16]
+        .iter()
+        .find_map(|&c| fits(c, 256).map(|n| (c, n)))
+        .or_else(|| fits(16, 512).map(|n| (16, n)))
+}
+
 fn row_threads(n: usize) -> u32 {
     n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
 }
@@ -762,6 +786,7 @@ impl Cuda {
             rows,
             cols,
             quant: None,
+            planes: None,
         })
     }
 
@@ -886,7 +911,13 @@ impl Cuda {
         if r == 0 {
             return Ok((y, y2));
         }
-        let xq = if exact {
+        let xq = if let (true, Some(p)) = (exact, &x.planes) {
+            Quantized {
+                q: p.ptr,
+                s: 0,
+                _own: [None, None],
+            }
+        } else if exact {
             let q = self.gpu.alloc(6 * x.len())?;
             self.launch(
                 "split_act",
@@ -1116,6 +1147,40 @@ impl Cuda {
         Ok(v.chunks(k.max(1)).map(|c| c.to_vec()).collect())
     }
 
+    /// `hc_post` of `a` (plus `a2`, as `add` would add it).
+    fn post_mix(
+        &self,
+        hc: &HyperConn<Self>,
+        x: &mut Tensor,
+        a: &Tensor,
+        a2: Option<&Tensor>,
+        mix: &Mix,
+    ) -> Result<()> {
+        let (m, d) = (hc.dims.m, hc.dims.d);
+        let t = x.len() / (m * d);
+        // hc_post takes four dims a thread for V4's four copies.
+        let threads = if m == 4 && d % 4 == 0 {
+            t * d / 4
+        } else {
+            t * d
+        };
+        self.launch(
+            "hc_post",
+            blocks_1d(threads, 256),
+            256,
+            0,
+            Args::new()
+                .push(x.written())
+                .push(a.buf.ptr)
+                .push(a2.map_or(0, |t| t.buf.ptr))
+                .push(mix.post.buf.ptr)
+                .push(mix.comb.buf.ptr)
+                .push(t as i32)
+                .push(m as i32)
+                .push(d as i32),
+        )
+    }
+
     /// [`Device::hc_pre`], and with `norm` (V4's four copies), the RMS norm of the sublayer's
     /// input by its weights too, with the quantized rows `rms_norm` would write; the flag says
     /// whether the norm was applied.
@@ -1131,9 +1196,16 @@ impl Cuda {
         let mut y = self.tensor(t, d)?;
         let post = self.tensor(t, m)?;
         let comb = self.tensor(t, m * m)?;
-        // Four copies (V4's) in one launch (`hc_pre_m4`); others as the mixes' product, then
-        // the rest.
-        if m == 4 && d.is_multiple_of(4) && hc.fn_.fmt == Format::F32 && t > 0 {
+        // Four copies (V4's) in one launch of a cluster a token (`hc_pre_m4`, compute capability
+        // 9.0); others as the mixes' product, then the rest.
+        let cluster = (m == 4 && self.gpu.arch >= (9, 0))
+            .then(|| hc_pre_cluster(d))
+            .flatten();
+        if let (Some((c, threads)), Format::F32, true) = (cluster, hc.fn_.fmt, t > 0) {
+            let per = d / 4 / c;
+            // The fused norm stands in for rms_norm's 256 threads and quantizes whole warps'
+            // blocks of 128.
+            let norm = norm.filter(|_| row_threads(d / 4) == 256 && per.is_multiple_of(32));
             let quant = match norm {
                 Some(_) if self.tensor_cores && d.is_multiple_of(128) => {
                     Some(Box::new(self.quant_buffers(t * d)?))
@@ -1143,10 +1215,9 @@ impl Cuda {
             let (q, qp, s) = quant
                 .as_ref()
                 .map_or((0, 0, 0), |c| (c.q.ptr, c.q_perm.ptr, c.s.ptr));
-            let splits = (m * d).div_ceil(1024);
             let n = (2 + m) * m;
-            let part = self.gpu.alloc(4 * t * splits * (n + 1))?;
-            let done = self.counters(t)?;
+            let np = (n + 4) & !3;
+            let smem = 16 * threads + norm.map_or(0, |_| 4 * d) + 4 * c * np;
             let a = args::HcPre {
                 fn_: hc.fn_.w.ptr,
                 x: x.buf.ptr,
@@ -1155,8 +1226,6 @@ impl Cuda {
                 y: y.buf.ptr,
                 post: post.buf.ptr,
                 comb: comb.buf.ptr,
-                part: part.ptr,
-                done,
                 d: d as i32,
                 iters: hc.dims.iters as i32,
                 hc_eps: hc.dims.hc_eps,
@@ -1167,11 +1236,12 @@ impl Cuda {
                 s,
                 rms_eps: norm.map_or(0.0, |(_, e)| e),
             };
-            self.launch(
+            self.gpu.launch_clustered(
                 "hc_pre_m4",
-                (t as u32, splits as u32, 1),
-                256,
-                0,
+                (c as u32, t as u32, 1),
+                threads as u32,
+                smem as u32,
+                c as u32,
                 Args::new().push(a),
             )?;
             y.quant = quant;
@@ -1548,6 +1618,7 @@ impl Device for Cuda {
             rows: x.len() / width.max(1),
             cols: width,
             quant: None,
+            planes: None,
         })
     }
 
@@ -1852,8 +1923,8 @@ impl Device for Cuda {
         w: &Vector,
         eps: f32,
     ) -> Result<(Tensor, Mix)> {
-        // `hc_pre_m4`'s last block norms y with its 256 threads where `rms_norm` would take as
-        // many (rows of up to 4,096: four float4 a thread), so with the same sums.
+        // `hc_pre_m4` norms y with the sums of `rms_norm`'s 256 threads where `rms_norm` would
+        // take as many (rows of 3,073 to 4,096: four float4 a thread).
         let fuse = self.fuse_norms && w.len == hc.dims.d && row_threads(w.len.div_ceil(4)) == 256;
         let (mut y, mix, normed) = self.hc_pre_with(hc, x, fuse.then_some((w, eps)))?;
         if !normed {
@@ -1863,28 +1934,21 @@ impl Device for Cuda {
     }
 
     fn hc_post(&self, hc: &HyperConn<Self>, x: &mut Tensor, a: &Tensor, mix: &Mix) -> Result<()> {
-        let (m, d) = (hc.dims.m, hc.dims.d);
-        let t = x.len() / (m * d);
-        // hc_post takes four dims a thread for V4's four copies.
-        let threads = if m == 4 && d % 4 == 0 {
-            t * d / 4
-        } else {
-            t * d
-        };
-        self.launch(
-            "hc_post",
-            blocks_1d(threads, 256),
-            256,
-            0,
-            Args::new()
-                .push(x.written())
-                .push(a.buf.ptr)
-                .push(mix.post.buf.ptr)
-                .push(mix.comb.buf.ptr)
-                .push(t as i32)
-                .push(m as i32)
-                .push(d as i32),
-        )
+        self.post_mix(hc, x, a, None, mix)
+    }
+
+    fn hc_post_sum(
+        &self,
+        hc: &HyperConn<Self>,
+        x: &mut Tensor,
+        a: Tensor,
+        b: &Tensor,
+        mix: &Mix,
+    ) -> Result<()> {
+        if a.len() != b.len() {
+            return Err(Error::Input("adding tensors of other sizes".into()));
+        }
+        self.post_mix(hc, x, &a, Some(b), mix)
     }
 
     fn hc_head(&self, h: &HcHead<Self>, x: &Tensor) -> Result<Tensor> {
@@ -2125,7 +2189,17 @@ impl Device for Cuda {
         };
         let groups = h.div_ceil(hg);
         let chunk = ((256usize << 20) / (4 * h * s * dh)).clamp(1, b.t);
-        let out = self.tensor(b.t, h * dh)?;
+        let mut out = self.tensor(b.t, h * dh)?;
+        // The tensor-core path's join also rotates the heads back, splits them into the output
+        // projection's planes and, with every token in one launch, stores the window rows.
+        let half = a.rope.table.len;
+        let fused = mma && 2 * half <= dh && (dh - 2 * half).is_multiple_of(4);
+        let store = fused && chunk == b.t;
+        let planes = if fused {
+            Some(self.gpu.alloc(6 * b.t * h * dh)?)
+        } else {
+            None
+        };
         let om = self.tensor(chunk * h, s)?;
         let ol = self.tensor(chunk * h, s)?;
         let oo = self.tensor(chunk * h * s, dh)?;
@@ -2155,6 +2229,11 @@ impl Device for Cuda {
             row,
             packed: packed.ptr,
             hpb: hg as i32,
+            freqs: if fused { a.rope.table.buf.ptr } else { 0 },
+            half: half as i32,
+            store: store as i32,
+            planes: planes.as_ref().map_or(0, |p| p.ptr),
+            plane_n: (b.t * h * dh) as i64,
         };
         for t0 in (0..b.t).step_by(chunk) {
             let n = chunk.min(b.t - t0);
@@ -2179,6 +2258,13 @@ impl Device for Cuda {
                     Args::new().push(args),
                 )?;
             }
+        }
+        out.planes = planes;
+        if !fused {
+            self.rope(&mut out, b, h, &a.rope, true)?;
+        }
+        if store {
+            return Ok(out);
         }
         // The chunk's rows enter the window only after every query read the old ones.
         self.launch(

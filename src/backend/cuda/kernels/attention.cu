@@ -12,17 +12,22 @@ extern "C" __global__ void kv_pack(const float* kv, float* rounded, u8* packed, 
     encode_row(v, packed + (long)blockIdx.x * f.bytes, f, rounded + (long)blockIdx.x * f.dim);
 }
 
-// Copies each sequence's last `window` packed rows of the chunk into its window ring.
-extern "C" __global__ void window_store(const u8* packed, const u32* tok_seq, const u32* tok_pos,
-                                        const SeqDesc* descs, long win_off, int window, int bytes) {
-    pdl_wait();
-    int t = blockIdx.x;
+// Copies token t's packed row into its sequence's window ring if it is among the sequence's
+// last `window` rows of the chunk, by the calling block.
+__device__ __forceinline__ void store_window_row(const u8* packed, const u32* tok_seq, const u32* tok_pos,
+                                 const SeqDesc* descs, long win_off, int window, int bytes, int t) {
     const SeqDesc s = descs[tok_seq[t]];
     long q = tok_pos[t];
     if (q - s.pos + window < s.len) return;
     uint4* dst = (uint4*)((u8*)s.fixed + win_off + (q % window) * (long)bytes);
     const uint4* src = (const uint4*)(packed + (long)t * bytes);
     for (int i = threadIdx.x; i < bytes / 16; i += blockDim.x) dst[i] = src[i];
+}
+
+extern "C" __global__ void window_store(const u8* packed, const u32* tok_seq, const u32* tok_pos,
+                                        const SeqDesc* descs, long win_off, int window, int bytes) {
+    pdl_wait();
+    store_window_row(packed, tok_seq, tok_pos, descs, win_off, window, bytes, blockIdx.x);
 }
 
 struct AttnArgs {
@@ -45,6 +50,12 @@ struct AttnArgs {
     RowFmt row;
     const u8* packed;    // [T] rows of this call in the state's layout (attend_mma)
     int hpb;             // heads a block (attend_mma)
+    // attend_join: the inverse rotation's frequencies (`half` of them) or null; split_act's
+    // three planes of `out` (`plane_n` values each) or null; whether it stores the window rows.
+    const float* freqs;
+    int half, store;
+    u16* planes;
+    long plane_n;
 };
 
 // Keys decoded to f32 in shared memory at once.

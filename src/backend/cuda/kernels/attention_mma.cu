@@ -384,9 +384,16 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
 // 128 threads): out = sum_j w_j o_j / (sum_j w_j l_j + exp(sink - max)), w_j = exp(m_j - max),
 // over all S slices of the launch, those past the token's own (empty: m = -inf) skipped. Warp
 // w sums the slices j = w mod 4 in order (a lane four dims), and the four sums are added in
-// warp order, so a token's result does not depend on S, that is on its batch.
+// warp order, so a token's result does not depend on S, that is on its batch. Then, as the
+// launches after it would: each head's output rotated back (`freqs`), its three bf16 planes for
+// the output projection (`planes`, split_act's), and, where the launch has all of the call's
+// tokens (`store`), token t's row into its window by block (t, 0, 0): every query has read the
+// window by now.
 extern "C" __global__ void __launch_bounds__(128) attend_join(AttnArgs a) {
     pdl_wait();
+    if (a.store && blockIdx.y == 0 && blockIdx.z == 0)
+        store_window_row(a.packed, a.tok_seq, a.tok_pos, a.descs, a.win_off, a.window, a.row.bytes,
+                         a.t0 + blockIdx.x);
     __shared__ float wt[128];
     __shared__ float4 part[3][32];
     __shared__ float sh[32];
@@ -427,6 +434,27 @@ extern "C" __global__ void __launch_bounds__(128) attend_join(AttnArgs a) {
         acc.z += o.z;
         acc.w += o.w;
     }
-    *(float4*)(a.out + ((long)blockIdx.x * a.H + h) * a.dh + d) =
-        make_float4(acc.x / den, acc.y / den, acc.z / den, acc.w / den);
+    float o[4] = {acc.x / den, acc.y / den, acc.z / den, acc.w / den};
+    int r0 = a.dh - 2 * a.half;
+    if (a.freqs && d >= r0) {
+        float p = (float)a.tok_pos[a.t0 + blockIdx.x];
+        int i = (d - r0) >> 1;
+        rotate_pair(o[0], o[1], p, a.freqs[i], 1);
+        rotate_pair(o[2], o[3], p, a.freqs[i + 1], 1);
+    }
+    *(float4*)(a.out + ((long)blockIdx.x * a.H + h) * a.dh + d) = make_float4(o[0], o[1], o[2], o[3]);
+    if (!a.planes) return;
+    long e = ((long)(a.t0 + blockIdx.x) * a.H + h) * a.dh + d;
+#pragma unroll
+    for (int p = 0; p < 3; p++) {
+        u32 hb[4];
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            u16 v;
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(o[c]));
+            hb[c] = v;
+            o[c] -= __uint_as_float((u32)v << 16);
+        }
+        *(uint2*)(a.planes + p * a.plane_n + e) = make_uint2(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16));
+    }
 }

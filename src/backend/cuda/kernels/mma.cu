@@ -346,12 +346,6 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
 }
 
 // Asynchronous copies to shared memory (sm_80+), zero-filled where `valid` is false.
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm("{\n\t.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;\n\t}" : "=r"(a) : "l"(p));
-    return a;
-}
-
 // The copies take a shared-memory address (`smem_addr`), so that loops compute it once.
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
 #if __CUDA_ARCH__ >= 800

@@ -17,6 +17,9 @@ __device__ __forceinline__ void norm_weights(const float* __restrict__ w, int d,
     }
 }
 
+// A float4's sum of squares, as the norms add it (hc_pre's fused norm takes the same sums).
+__device__ __forceinline__ float sq4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
+
 // Then the row's float4 i in v[u] (zero past the row), normed in place.
 __device__ void norm_vec(const float* r, const float4* g, int d, float eps, float4* v, float* sh) {
     int n4 = d >> 2;
@@ -25,7 +28,7 @@ __device__ void norm_vec(const float* r, const float4* g, int d, float eps, floa
     for (int u = 0; u < NORM_VEC; u++) {
         int i = threadIdx.x + u * blockDim.x;
         v[u] = i < n4 ? ((const float4*)r)[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+        ss += sq4(v[u]);
     }
     ss = block_sum(ss, sh);
     float inv = 1.0f / sqrtf(ss / (float)d + eps);
@@ -102,20 +105,25 @@ extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int d
     for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = w[i] * (r[i] * inv);
 }
 
+// Rotates the pair (x0, x1) by angle p * freq (backwards with `inverse`).
+__device__ __forceinline__ void rotate_pair(float& x0, float& x1, float p, float freq, int inverse) {
+    float a = p * freq, c, s;
+    rope_sincos(a, &s, &c);
+    float y0 = x0, y1 = x1;
+    if (inverse) {
+        x0 = y0 * c + y1 * s;
+        x1 = y1 * c - y0 * s;
+    } else {
+        x0 = y0 * c - y1 * s;
+        x1 = y0 * s + y1 * c;
+    }
+}
+
 // Rotates pair i of the last 2 * half dims of a head at position p.
 __device__ __forceinline__ void rotate(float* h, int dh, int half, int i, float p, const float* freqs,
                                        int inverse) {
-    float a = p * freqs[i], c, s;
-    rope_sincos(a, &s, &c);
     float* pr = h + dh - 2 * half + 2 * i;
-    float x0 = pr[0], x1 = pr[1];
-    if (inverse) {
-        pr[0] = x0 * c + x1 * s;
-        pr[1] = x1 * c - x0 * s;
-    } else {
-        pr[0] = x0 * c - x1 * s;
-        pr[1] = x0 * s + x1 * c;
-    }
+    rotate_pair(pr[0], pr[1], p, freqs[i], inverse);
 }
 
 // Each head (block (t, h)) scaled by its own rsqrt(mean(q^2) + eps), then rotated.

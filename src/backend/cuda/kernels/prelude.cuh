@@ -27,6 +27,72 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// The 32-bit shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{\n\t.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;\n\t}" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Thread block clusters (sm_90): a block writes into another's shared memory asynchronously
+// (`st_async4`: addresses from `cluster_addr`, which maps this block's address of a variable to
+// block `rank`'s), each write counted against an mbarrier of the receiver that expects that
+// many bytes (`mbar_expect`); the receiver waits for the barrier (`mbar_wait0`), no thread
+// fences on either side (a release at cluster scope waits for every access the thread has in
+// flight, an acquire invalidates the L1: polled, they took half of a kernel's time). Launched
+// on older GPUs they do nothing (the host does not choose them there).
+__device__ __forceinline__ u32 cluster_addr(u32 local, u32 rank) {
+    u32 r = local;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(local), "r"(rank));
+#endif
+    return r;
+}
+// 16 bytes into another block's shared memory (`addr`), counted by its mbarrier `bar`.
+__device__ __forceinline__ void st_async4(u32 addr, float4 v, u32 bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1,%2,%3,%4}, [%5];" ::"r"(addr),
+                 "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
+                 : "memory");
+#endif
+}
+// An mbarrier of this block that completes once `bytes` have arrived (its one arrival made
+// here), made visible to the cluster by the cluster barrier that must follow.
+__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    unsigned long long state;
+    asm volatile(
+        "mbarrier.init.shared::cta.b64 [%1], 1;\n\t"
+        "mbarrier.arrive.expect_tx.shared::cta.b64 %0, [%1], %2;\n\t"
+        "fence.mbarrier_init.release.cluster;"
+        : "=l"(state)
+        : "r"(bar), "r"(bytes)
+        : "memory");
+#endif
+}
+// Waits for the first phase of this block's mbarrier `bar` (each is used once a launch).
+__device__ __forceinline__ void mbar_wait0(u32 bar) {
+#if __CUDA_ARCH__ >= 900
+    u32 done = 0;
+    while (!done)
+        asm volatile(
+            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n\t"
+            "selp.u32 %0, 1, 0, p;\n\t}"
+            : "=r"(done)
+            : "r"(bar)
+            : "memory");
+#endif
+}
+// Every thread of every block of the cluster, with no memory ordering beyond the mbarriers'
+// initialization.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
+// A barrier for the first `n` threads of the block (named barrier 1; n a multiple of 32).
+__device__ __forceinline__ void bar_first(int n) { asm volatile("bar.sync 1, %0;" ::"r"(n) : "memory"); }
+
 #define FP8_MAX 448.0f
 #define FP4_MAX 6.0f
 
