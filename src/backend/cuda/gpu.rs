@@ -273,9 +273,6 @@ pub struct Gpu {
     /// Whether kernels are launched to overlap the one before (programmatic dependent launch:
     /// compute capability 9.0 and later, unless `HADAL_CUDA_PDL=0`).
     pub overlap: bool,
-    /// The scheduling priority of the side stream's launches (the device's greatest; 0 with
-    /// `HADAL_CUDA_PRIORITY=0`).
-    side_priority: i32,
     gate: Gate,
 }
 
@@ -343,11 +340,6 @@ impl Gpu {
             sms,
             arch,
             overlap: arch >= (9, 0) && !std::env::var("HADAL_CUDA_PDL").is_ok_and(|v| v == "0"),
-            side_priority: if std::env::var("HADAL_CUDA_PRIORITY").is_ok_and(|v| v == "0") {
-                0
-            } else {
-                greatest_priority()?
-            },
             gate: Gate::default(),
         }))
     }
@@ -626,7 +618,7 @@ impl Gpu {
         // Every kernel waits for the work before it (`pdl_wait` in prelude.cuh), so it may be
         // launched while that work runs: its launch and the first loads of its weights overlap
         // the kernel before it.
-        let mut attrs = Vec::with_capacity(3);
+        let mut attrs = Vec::with_capacity(2);
         if self.overlap {
             attrs.push(sys::CUlaunchAttribute {
                 id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
@@ -646,18 +638,6 @@ impl Gpu {
                         y: 1,
                         z: 1,
                     },
-                },
-            });
-        }
-        // A side chain's kernels are the short ones (a join's second chain: the keys, the
-        // indexer, the router): their blocks go first when both streams' blocks wait for room,
-        // instead of queueing behind a long linear's whole wave.
-        if self.side_priority != 0 && self.on_side() {
-            attrs.push(sys::CUlaunchAttribute {
-                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY,
-                pad: [0; 4],
-                value: sys::CUlaunchAttributeValue {
-                    priority: self.side_priority,
                 },
             });
         }
@@ -692,17 +672,6 @@ impl Gpu {
             .get(name)
             .ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))
     }
-}
-
-/// The greatest scheduling priority of the current context's streams (a negative number; 0
-/// where there are no priorities).
-fn greatest_priority() -> Result<i32> {
-    let (mut least, mut greatest) = (0, 0);
-    // SAFETY: a plain driver query on the bound context.
-    unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }
-        .result()
-        .map_err(|e| driver_err("reading stream priorities", e))?;
-    Ok(greatest)
 }
 
 /// Keeps memory freed by the stream in the device's pool instead of returning it to the driver

@@ -44,6 +44,7 @@ pub const NAMES: &[&str] = &[
     "embed",
     "hc_mix",
     "hc_pre_m4",
+    "hc_pre_rows_m4",
     "hc_post",
     "hc_head",
     "compress_emit",

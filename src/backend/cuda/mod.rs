@@ -308,6 +308,8 @@ mod args {
         pub y: u64,
         pub post: u64,
         pub comb: u64,
+        pub part: u64,
+        pub done: u64,
         pub d: i32,
         pub iters: i32,
         pub hc_eps: f32,
@@ -538,8 +540,11 @@ fn bucket(end: usize) -> usize {
 /// a thread in flight, which 1,024 threads' registers would not allow).
 const HC_THREADS: u32 = 512;
 
-/// Threads of a block that reduces a row of `n` values: about four values each (one round of
-/// loads at decode, where a row is all the work there is), 32 to 1,024.
+/// From this many tokens the mHC pre step meets through global memory (`hc_pre_rows_m4`), not
+/// in a cluster a token: a cluster's blocks wait for each other, which across a prefill's
+/// thousands of tokens holds SMs idle.
+const HC_ROWS_FROM: usize = 64;
+
 /// `hc_pre_m4`'s cluster for four copies of `d` dims: (blocks, threads a block), one float4 of
 /// the stream a thread. The fewest blocks (at most 16) that give at most 256 threads, else
 /// up to 512; none where `d` does not split so.
@@ -557,6 +562,8 @@ fn hc_pre_cluster(d: usize) -> Option<(usize, usize)> {
         .or_else(|| fits(16, 512).map(|n| (16, n)))
 }
 
+/// Threads of a block that reduces a row of `n` values: about four values each (one round of
+/// loads at decode, where a row is all the work there is), 32 to 1,024.
 fn row_threads(n: usize) -> u32 {
     n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
 }
@@ -1196,11 +1203,9 @@ impl Cuda {
         let mut y = self.tensor(t, d)?;
         let post = self.tensor(t, m)?;
         let comb = self.tensor(t, m * m)?;
-        // Four copies (V4's) in one launch of a cluster a token (`hc_pre_m4`, compute capability
-        // 9.0); others as the mixes' product, then the rest.
-        let cluster = (m == 4 && self.gpu.arch >= (9, 0))
-            .then(|| hc_pre_cluster(d))
-            .flatten();
+        // Four copies (V4's) in one launch (`hc_pre_m4`, `hc_pre_rows_m4`); others as the
+        // mixes' product, then the rest.
+        let cluster = (m == 4).then(|| hc_pre_cluster(d)).flatten();
         if let (Some((c, threads)), Format::F32, true) = (cluster, hc.fn_.fmt, t > 0) {
             let per = d / 4 / c;
             // The fused norm stands in for rms_norm's 256 threads and quantizes whole warps'
@@ -1217,7 +1222,15 @@ impl Cuda {
                 .map_or((0, 0, 0), |c| (c.q.ptr, c.q_perm.ptr, c.s.ptr));
             let n = (2 + m) * m;
             let np = (n + 4) & !3;
-            let smem = 16 * threads + norm.map_or(0, |_| 4 * d) + 4 * c * np;
+            // A cluster a token for few tokens (compute capability 9.0); many meet through
+            // global memory (the same sums).
+            let rows = t >= HC_ROWS_FROM || self.gpu.arch < (9, 0);
+            let (part, done) = if rows {
+                (Some(self.gpu.alloc(4 * t * c * np)?), self.counters(t)?)
+            } else {
+                (None, 0)
+            };
+            let smem = 16 * threads + if rows || norm.is_some() { 4 * d } else { 0 } + 4 * c * np;
             let a = args::HcPre {
                 fn_: hc.fn_.w.ptr,
                 x: x.buf.ptr,
@@ -1226,6 +1239,8 @@ impl Cuda {
                 y: y.buf.ptr,
                 post: post.buf.ptr,
                 comb: comb.buf.ptr,
+                part: part.as_ref().map_or(0, |b| b.ptr),
+                done,
                 d: d as i32,
                 iters: hc.dims.iters as i32,
                 hc_eps: hc.dims.hc_eps,
@@ -1236,14 +1251,26 @@ impl Cuda {
                 s,
                 rms_eps: norm.map_or(0.0, |(_, e)| e),
             };
-            self.gpu.launch_clustered(
-                "hc_pre_m4",
-                (c as u32, t as u32, 1),
-                threads as u32,
-                smem as u32,
-                c as u32,
-                Args::new().push(a),
-            )?;
+            let grid = (c as u32, t as u32, 1);
+            if rows {
+                self.launch(
+                    "hc_pre_rows_m4",
+                    grid,
+                    threads as u32,
+                    smem as u32,
+                    Args::new().push(a),
+                )?;
+            } else {
+                let (threads, smem, c) = (threads as u32, smem as u32, c as u32);
+                self.gpu.launch_clustered(
+                    "hc_pre_m4",
+                    grid,
+                    threads,
+                    smem,
+                    c,
+                    Args::new().push(a),
+                )?;
+            }
             y.quant = quant;
             return Ok((y, Mix { post, comb }, norm.is_some()));
         }

@@ -237,6 +237,8 @@ struct HcPreArgs {
     float* y;           // [T, D]
     float* post;        // [T, M]
     float* comb;        // [T, M, M]
+    float* part;        // [T, C, NP] partials (hc_pre_rows)
+    u32* done;          // [T] blocks finished, zero (left zero; hc_pre_rows)
     int D, iters;
     float hc_eps, norm_eps;
     // The sublayer's RMS norm of y, or null: its weights, eps and quant_act's output (rms_norm).
@@ -248,46 +250,42 @@ struct HcPreArgs {
 };
 
 // The whole mHC pre step in one launch: the mixes fn @ x, the stream's RMS, the gates, Sinkhorn
-// and the reduction, by a cluster of C blocks a token (grid C x T; block dim M * D / 4C, one
-// float4 of the stream a thread). Block s of a cluster holds dims [s D/C, (s+1) D/C) of every
-// copy: it sums its slice of each mix and of the sum of squares and writes the partials into
-// every block of the cluster (distributed shared memory, one thread a receiving block), so that
-// each block adds the C partials, in block order, itself: no block waits for a last one
-// through global memory. Then every block reduces its dims of y from the copies it holds, and
-// block 0's last warp runs Sinkhorn. With `rms_w` the blocks also send each other their dims
-// of y, and each norms its own as `rms_norm` with 256 threads would (the same sums: each of
-// rms_norm's threads' four float4, its warp's butterfly, the eight warps' in order, computed
-// from the gathered row by warps that stand in for those threads), quantized rows included.
-// The sums' order depends on the shape alone. M copies (a template: the mixes stay in
-// registers).
+// and the reduction, by C blocks a token (grid C x T; block dim M * D / 4C, one float4 of the
+// stream a thread). Block s holds dims [s D/C, (s+1) D/C) of every copy and sums its slice of
+// each mix and of the sum of squares; the C partials are added in block order. Two ways to
+// meet, with the same sums (so a token gets the same bits either way, and the host picks by
+// the number of tokens):
+// - `hc_pre_m4`, a cluster a token (few tokens: decode): each block writes its partials into
+//   every block of the cluster (distributed shared memory), adds them itself, reduces its dims
+//   of y from the copies it holds, and block 0's last warp runs Sinkhorn; with `rms_w` the
+//   blocks send each other their dims of y and each norms its own. No block waits for a last
+//   one through global memory (about 11 -> 8.6 us a launch at batch 1).
+// - `hc_pre_rows_m4` (many tokens: prefill): partials through global memory, and the token's
+//   last block to finish does the rest for the whole row. Its blocks do not wait for each
+//   other, which in a wide launch would hold SMs idle (prefill of 8K tokens 9% slower with
+//   clusters).
+// The norm is rms_norm's with 256 threads: each of its threads' four float4, its warp's
+// butterfly, the eight warps' sums in order, computed from the whole row of y by warps that
+// stand in for those threads; quantized rows included. M copies (a template: the mixes stay
+// in registers).
 template <int M>
-__device__ void hc_pre_m(const HcPreArgs& a) {
-    const int n = (2 + M) * M;
-    __shared__ __align__(8) unsigned long long bars[2];
-    __shared__ float red[16][n + 1];
-    // The partials padded to whole float4 (sent 16 bytes at a time).
-    const int NP = (n + 4) & ~3;
-    __shared__ float mix[n + 1];
-    __shared__ float pre[M];
-    __shared__ __align__(16) float part[NP];
-    __shared__ float shv[8];
-    extern __shared__ float4 dyn[];
-    const int C = gridDim.x, s = blockIdx.x, t = blockIdx.y, D = a.D, D4 = D >> 2, K = M * D;
-    const int per = D4 / C, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
-    // dyn: this block's float4 of the copies (stream j's at j * per), the gathered row of y
-    // (with the norm), the C blocks' partials.
-    float4* xs = dyn;
-    float4* ys = xs + blockDim.x;
-    float* parts = (float*)(ys + (a.rms_w ? D4 : 0));
+struct HcPre {
+    static const int n = (2 + M) * M;
+    static const int NP = (n + 4) & ~3;  // partials padded to whole float4
+    float red[16][n + 1];
+    float mix[n + 1];
+    float pre[M];
+    __align__(16) float part[NP];
+    float shv[8];
+};
+
+// Block s's partials of token t into `sh.part`; its float4 of the copies into `xs` (stream
+// j's at j * per). The weights are loaded before the kernel waits for its input.
+template <int M>
+__device__ void hc_partials(const HcPreArgs& a, HcPre<M>& sh, int s, int t, int C, float4* xs) {
+    const int n = HcPre<M>::n, D = a.D, K = M * D, per = (D >> 2) / C;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     const int j = tid / per, c4 = s * per + tid % per;
-    // The barriers exist in every block before any block writes to it; before the weights'
-    // loads, so that the cluster's barrier waits for none of them.
-    u32 bar_mix = smem_addr(&bars[0]), bar_y = smem_addr(&bars[1]);
-    if (tid == 0) {
-        mbar_expect(bar_mix, 4 * C * NP);
-        if (a.rms_w) mbar_expect(bar_y, 16 * D4);
-    }
-    cluster_sync_relaxed();
     float4 w[n];
 #pragma unroll
     for (int r = 0; r < n; r++) {
@@ -296,8 +294,6 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
                      : "=f"(w[r].x), "=f"(w[r].y), "=f"(w[r].z), "=f"(w[r].w)
                      : "l"(p));
     }
-    float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (a.rms_w && tid < per) g = ((const float4*)a.rms_w)[s * per + tid];
     pdl_wait();
     float4 xv = ((const float4*)(a.x + (long)t * K + (long)j * D))[c4];
     xs[tid] = xv;
@@ -308,65 +304,60 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
 #pragma unroll
     for (int r = 0; r <= n; r++) {
         float v = warp_sum(acc[r]);
-        if (lane == 0) red[warp][r] = v;
+        if (lane == 0) sh.red[warp][r] = v;
     }
     __syncthreads();
-    if (tid < NP) {
+    if (tid < HcPre<M>::NP) {
         float v = 0.0f;
         if (tid <= n)
-            for (int u = 0; u < nw; u++) v += red[u][tid];
-        part[tid] = v;
+            for (int u = 0; u < nw; u++) v += sh.red[u][tid];
+        sh.part[tid] = v;
     }
     __syncthreads();
-    if (tid < C) {
-        u32 dst = cluster_addr(smem_addr(parts + s * NP), tid), bar = cluster_addr(bar_mix, tid);
-        for (int r = 0; r < NP; r += 4) st_async4(dst + 4 * r, *(const float4*)&part[r], bar);
-    }
-    mbar_wait0(bar_mix);
+}
+
+// The mixes from the C partials (`parts`, rows of NP, in block order), the gates (`post` by
+// block 0), and Sinkhorn by block 0's last warp, which then leaves: the other warps go on.
+template <int M>
+__device__ bool hc_gates(const HcPreArgs& a, HcPre<M>& sh, const float* parts, int s, int t, int C) {
+    const int n = HcPre<M>::n, tid = threadIdx.x, nw = blockDim.x >> 5;
     if (tid <= n) {
         float v = 0.0f;
-        for (int b = 0; b < C; b++) v += parts[b * NP + tid];
-        mix[tid] = v;
+        for (int b = 0; b < C; b++) v += parts[b * HcPre<M>::NP + tid];
+        sh.mix[tid] = v;
     }
     __syncthreads();
-    float r = 1.0f / sqrtf(mix[n] / (float)K + a.norm_eps);
+    float r = 1.0f / sqrtf(sh.mix[n] / (float)(M * a.D) + a.norm_eps);
     if (tid < M) {
-        pre[tid] = sigmoidf(mix[tid] * r * a.scale[0] + a.base[tid]) + a.hc_eps;
-        if (s == 0) a.post[t * M + tid] = 2.0f * sigmoidf(mix[M + tid] * r * a.scale[1] + a.base[M + tid]);
+        sh.pre[tid] = sigmoidf(sh.mix[tid] * r * a.scale[0] + a.base[tid]) + a.hc_eps;
+        if (s == 0) a.post[t * M + tid] = 2.0f * sigmoidf(sh.mix[M + tid] * r * a.scale[1] + a.base[M + tid]);
     }
     __syncthreads();
-    // The last warp: Sinkhorn in block 0, nothing elsewhere (the y and norm work below is the
-    // other warps', so that no barrier waits for Sinkhorn).
-    if (warp == nw - 1) {
-        if (s == 0) sinkhorn_lanes<M>(mix, r, a.scale, a.base, a.comb + (long)t * M * M, a.iters, a.hc_eps);
-        return;
-    }
-    const int work = (nw - 1) * 32;
+    if ((int)(tid >> 5) != nw - 1) return true;
+    if (s == 0) sinkhorn_lanes<M>(sh.mix, r, a.scale, a.base, a.comb + (long)t * M * M, a.iters, a.hc_eps);
+    return false;
+}
+
+// y's float4 i from the copies' (stream j's float4 i at xs + j * stride).
+template <int M>
+__device__ __forceinline__ float4 hc_reduce(const float4* xs, long stride, const float* pre) {
     float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (tid < per) {
 #pragma unroll
-        for (int i = 0; i < M; i++) {
-            float4 v = xs[i * per + tid];
-            o.x += pre[i] * v.x;
-            o.y += pre[i] * v.y;
-            o.z += pre[i] * v.z;
-            o.w += pre[i] * v.w;
-        }
+    for (int i = 0; i < M; i++) {
+        float4 v = xs[i * stride];
+        o.x += pre[i] * v.x;
+        o.y += pre[i] * v.y;
+        o.z += pre[i] * v.z;
+        o.w += pre[i] * v.w;
     }
-    float* yt = a.y + (long)t * D;
-    if (!a.rms_w) {
-        if (tid < per) ((float4*)yt)[s * per + tid] = o;
-        return;
-    }
-    // Each of the slice's threads sends its float4 to every block (this one included).
-    if (tid < per) {
-        u32 dst = smem_addr(ys + s * per + tid);
-        for (int b = 0; b < C; b++) st_async4(cluster_addr(dst, b), o, cluster_addr(bar_y, b));
-    }
-    mbar_wait0(bar_y);
-    // rms_norm's 256 threads: thread v's float4 v + 256 u (u < 4, zero past the row), warp w
-    // of them by the working warps in turn.
-    for (int vw = warp; vw < 8; vw += nw - 1) {
+    return o;
+}
+
+// rms_norm's reciprocal RMS of the row `ys` (D4 float4) with 256 threads, by the block's
+// warps but its last (threads below `work`).
+__device__ float hc_norm_inv(const float4* ys, int D4, int D, float eps, float* shv, int work) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int vw = warp; vw < 8; vw += work >> 5) {
         int v = vw * 32 + lane;
         float ss = 0.0f;
 #pragma unroll
@@ -379,15 +370,104 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
     }
     bar_first(work);
     float ss = warp_sum(lane < 8 ? shv[lane] : 0.0f);
-    float inv = 1.0f / sqrtf(ss / (float)D + a.rms_eps);
-    if (tid >= per) return;
-    int i = s * per + tid;
+    return 1.0f / sqrtf(ss / (float)D + eps);
+}
+
+// Normed float4 i of token t's y (weights g), stored with its quantized block by the warp
+// whose 32 lanes hold that block of 128.
+__device__ __forceinline__ void hc_store_normed(const HcPreArgs& a, int t, int i, float4 o, float4 g, float inv) {
     float4 v = make_float4(g.x * (o.x * inv), g.y * (o.y * inv), g.z * (o.z * inv), g.w * (o.w * inv));
-    ((float4*)yt)[i] = v;
+    ((float4*)(a.y + (long)t * a.D))[i] = v;
     if (!a.q) return;
-    long b = ((long)t * D >> 7) + (i >> 5);
+    long b = ((long)t * a.D >> 7) + (i >> 5);
     float sc = quant_block(v, a.q + 128 * b, false, a.qp + 128 * b);
-    if (lane == 0) a.s[b] = sc;
+    if ((threadIdx.x & 31) == 0) a.s[b] = sc;
+}
+
+template <int M>
+__device__ void hc_pre_m(const HcPreArgs& a) {
+    const int NP = HcPre<M>::NP;
+    __shared__ __align__(8) unsigned long long bars[2];
+    __shared__ HcPre<M> sh;
+    extern __shared__ float4 dyn[];
+    const int C = gridDim.x, s = blockIdx.x, t = blockIdx.y, D = a.D, D4 = D >> 2;
+    const int per = D4 / C, tid = threadIdx.x, nw = blockDim.x >> 5;
+    // dyn: this block's float4 of the copies, the gathered row of y (with the norm), the C
+    // blocks' partials.
+    float4* xs = dyn;
+    float4* ys = xs + blockDim.x;
+    float* parts = (float*)(ys + (a.rms_w ? D4 : 0));
+    // The barriers exist in every block before any block writes to it; before the weights'
+    // loads, so that the cluster's barrier waits for none of them.
+    u32 bar_mix = smem_addr(&bars[0]), bar_y = smem_addr(&bars[1]);
+    if (tid == 0) {
+        mbar_expect(bar_mix, 4 * C * NP);
+        if (a.rms_w) mbar_expect(bar_y, 16 * D4);
+    }
+    cluster_sync_relaxed();
+    float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (a.rms_w && tid < per) g = ((const float4*)a.rms_w)[s * per + tid];
+    hc_partials<M>(a, sh, s, t, C, xs);
+    if (tid < C) {
+        u32 dst = cluster_addr(smem_addr(parts + s * NP), tid), bar = cluster_addr(bar_mix, tid);
+        for (int r = 0; r < NP; r += 4) st_async4(dst + 4 * r, *(const float4*)&sh.part[r], bar);
+    }
+    mbar_wait0(bar_mix);
+    if (!hc_gates<M>(a, sh, parts, s, t, C)) return;
+    float4 o = tid < per ? hc_reduce<M>(xs + tid, per, sh.pre) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (!a.rms_w) {
+        if (tid < per) ((float4*)(a.y + (long)t * D))[s * per + tid] = o;
+        return;
+    }
+    // Each of the slice's threads sends its float4 to every block (this one included).
+    if (tid < per) {
+        u32 dst = smem_addr(ys + s * per + tid);
+        for (int b = 0; b < C; b++) st_async4(cluster_addr(dst, b), o, cluster_addr(bar_y, b));
+    }
+    mbar_wait0(bar_y);
+    float inv = hc_norm_inv(ys, D4, D, a.rms_eps, sh.shv, (nw - 1) * 32);
+    if (tid < per) hc_store_normed(a, t, s * per + tid, o, g, inv);
+}
+
+template <int M>
+__device__ void hc_pre_rows_m(const HcPreArgs& a) {
+    const int NP = HcPre<M>::NP;
+    __shared__ HcPre<M> sh;
+    __shared__ int last;
+    extern __shared__ float4 dyn[];
+    const int C = gridDim.x, s = blockIdx.x, t = blockIdx.y, D = a.D, D4 = D >> 2;
+    const int tid = threadIdx.x, nw = blockDim.x >> 5;
+    float4* xs = dyn;
+    float4* ys = xs + blockDim.x;
+    hc_partials<M>(a, sh, s, t, C, xs);
+    float* pt = a.part + ((long)t * C + s) * NP;
+    if (tid < NP) pt[tid] = sh.part[tid];
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(&a.done[t], 1u) == (u32)C - 1;
+        if (last) a.done[t] = 0;  // zero again for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float* parts = (float*)(ys + D4);
+    for (int k = tid; k < C * NP; k += blockDim.x) parts[k] = ((volatile float*)a.part)[(long)t * C * NP + k];
+    __syncthreads();
+    if (!hc_gates<M>(a, sh, parts, 0, t, C)) return;
+    const int work = (nw - 1) * 32;
+    const float4* x4 = (const float4*)(a.x + (long)t * M * D);
+    float4* y4 = (float4*)(a.y + (long)t * D);
+    for (int i = tid; i < D4; i += work) {
+        float4 o = hc_reduce<M>(x4 + i, D4, sh.pre);
+        if (a.rms_w) ys[i] = o;
+        else y4[i] = o;
+    }
+    if (!a.rms_w) return;
+    bar_first(work);
+    float inv = hc_norm_inv(ys, D4, D, a.rms_eps, sh.shv, work);
+    for (int i = tid; i < D4; i += work) hc_store_normed(a, t, i, ys[i], ((const float4*)a.rms_w)[i], inv);
 }
 
 extern "C" __global__ void __launch_bounds__(512) hc_pre_m4(HcPreArgs a) { hc_pre_m<4>(a); }
+extern "C" __global__ void __launch_bounds__(512) hc_pre_rows_m4(HcPreArgs a) { hc_pre_rows_m<4>(a); }
