@@ -7,6 +7,10 @@
 #   tools/device/run.sh score    V4-Flash-shaped synthetic layers scored on the GPU (compare
 #                                with the CPU's run: tools/device/compare.py)
 #   tools/device/run.sh bench ARGS...   hadal bench --device cuda ARGS (a report per call)
+#   tools/device/run.sh ab N ARGS...   the same bench with this build and the one kept by
+#                                tools/device/keep-prev.sh (.device/prev.tar.xz, carried too),
+#                                alternating N times, each with its own kernel cache, into
+#                                $OUT/ab.log (a "### new i" or "### prev i" line before each)
 #   tools/device/run.sh cpu ARGS...   the CPU kernels' unit tests on this machine's CPU, then
 #                                hadal bench --device cpu ARGS, the f32 kernels
 #                                (HADAL_CPU_SIMD=avx512) and the default alternating, twice
@@ -101,6 +105,21 @@ while true; do
       while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
       step bench "$B/hadal" bench --device cuda "${args[@]}"
       ;;
+    ab)
+      n=$1
+      shift
+      args=()
+      while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+      [ -x .device/prev/hadal ] || tar -C .device -xJf .device/prev.tar.xz || exit 1
+      for i in $(seq "$n"); do
+        for which in new prev; do
+          exe=$B/hadal cache=/tmp/hadal-cache
+          [ $which = prev ] && exe=$PWD/.device/prev/hadal cache=/tmp/hadal-cache-prev
+          echo "### $which $i" >> "$OUT/ab.log"
+          HADAL_CACHE_DIR=$cache step ab "$exe" bench --device cuda "${args[@]}"
+        done
+      done
+      ;;
     cpu)
       args=()
       while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
@@ -174,3 +193,4 @@ while true; do
 done
 grep -hE "test result|panicked|FAILED|check [0-9]|skipped|error" "$OUT"/tests.log "$OUT"/golden.log "$OUT"/split.log 2>/dev/null | tail -n 60
 tail -n 30 "$OUT"/bench.log "$OUT"/serve.log "$OUT"/score.log "$OUT"/cpu.log 2>/dev/null
+[ -f "$OUT/ab.log" ] && grep -E '^###|^prefill|^ +[0-9]+K? +[0-9]+ ' "$OUT/ab.log"
