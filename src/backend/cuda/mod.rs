@@ -1950,8 +1950,8 @@ impl Device for Cuda {
         w: &Vector,
         eps: f32,
     ) -> Result<(Tensor, Mix)> {
-        // `hc_pre_m4` norms y with the sums of `rms_norm`'s 256 threads where `rms_norm` would
-        // take as many (rows of 3,073 to 4,096: four float4 a thread).
+        // The pre step's kernels norm y with the sums of `rms_norm`'s 256 threads where
+        // `rms_norm` would take as many (rows of 3,073 to 4,096: four float4 a thread).
         let fuse = self.fuse_norms && w.len == hc.dims.d && row_threads(w.len.div_ceil(4)) == 256;
         let (mut y, mix, normed) = self.hc_pre_with(hc, x, fuse.then_some((w, eps)))?;
         if !normed {
