@@ -274,6 +274,8 @@ pub struct Gpu {
     /// compute capability 9.0 and later, unless `HADAL_CUDA_PDL=0`).
     pub overlap: bool,
     gate: Gate,
+    /// [`Gpu::clusters_fit`]'s answers by kernel, threads, shared memory and cluster size.
+    cluster_fits: Mutex<HashMap<(String, u32, u32, u32), bool>>,
 }
 
 impl Gpu {
@@ -341,6 +343,7 @@ impl Gpu {
             arch,
             overlap: arch >= (9, 0) && !std::env::var("HADAL_CUDA_PDL").is_ok_and(|v| v == "0"),
             gate: Gate::default(),
+            cluster_fits: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -575,6 +578,81 @@ impl Gpu {
         args: &mut Args,
     ) -> Result<()> {
         self.launch_clustered(name, grid, block, smem, 0, args)
+    }
+
+    /// Whether at least one cluster of `cluster` blocks of `name` (`block` threads, `smem`
+    /// bytes of dynamic shared memory) can be resident on this GPU at once: a slice of a
+    /// partitioned GPU (MIG) may not hold 16 blocks together. Asked of the driver once.
+    pub fn clusters_fit(&self, name: &str, block: u32, smem: u32, cluster: u32) -> bool {
+        let key = (name.to_string(), block, smem, cluster);
+        let mut fits = self.cluster_fits.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&f) = fits.get(&key) {
+            return f;
+        }
+        let answer = self.max_active_clusters(name, block, smem, cluster);
+        if answer == 0 {
+            eprintln!(
+                "hadal: warning: {name}: clusters of {cluster} blocks do not fit this GPU; its \
+                 other kernel runs instead"
+            );
+        }
+        fits.insert(key, answer > 0);
+        answer > 0
+    }
+
+    fn max_active_clusters(&self, name: &str, block: u32, smem: u32, cluster: u32) -> i32 {
+        let Ok(f) = self.func(name) else { return 0 };
+        if self.bind().is_err() {
+            return 0;
+        }
+        let attribute = |a, v| f.set_attribute(a, v).is_ok();
+        if cluster > 8
+            && !attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )
+        {
+            return 0;
+        }
+        if smem > 48 * 1024
+            && !attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+        {
+            return 0;
+        }
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+                    x: cluster,
+                    y: 1,
+                    z: 1,
+                },
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: cluster,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: std::ptr::null_mut(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut n = 0;
+        // SAFETY: a query about a loaded kernel with a well-formed configuration.
+        let ok = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) };
+        if ok.result().is_ok() {
+            n
+        } else {
+            0
+        }
     }
 
     /// [`Gpu::launch`] in clusters of `cluster` consecutive blocks along x (thread block

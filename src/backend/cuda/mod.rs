@@ -1222,15 +1222,23 @@ impl Cuda {
                 .map_or((0, 0, 0), |c| (c.q.ptr, c.q_perm.ptr, c.s.ptr));
             let n = (2 + m) * m;
             let np = (n + 4) & !3;
-            // A cluster a token for few tokens (compute capability 9.0); many meet through
-            // global memory (the same sums).
-            let rows = t >= HC_ROWS_FROM || self.gpu.arch < (9, 0);
+            // A cluster a token for few tokens (compute capability 9.0, where such clusters
+            // fit); many meet through global memory (the same sums).
+            let smem = |row: bool| 16 * threads + if row { 4 * d } else { 0 } + 4 * c * np;
+            let rows = t >= HC_ROWS_FROM
+                || self.gpu.arch < (9, 0)
+                || !self.gpu.clusters_fit(
+                    "hc_pre_m4",
+                    threads as u32,
+                    smem(norm.is_some()) as u32,
+                    c as u32,
+                );
             let (part, done) = if rows {
                 (Some(self.gpu.alloc(4 * t * c * np)?), self.counters(t)?)
             } else {
                 (None, 0)
             };
-            let smem = 16 * threads + if rows || norm.is_some() { 4 * d } else { 0 } + 4 * c * np;
+            let smem = smem(rows || norm.is_some());
             let a = args::HcPre {
                 fn_: hc.fn_.w.ptr,
                 x: x.buf.ptr,
