@@ -262,8 +262,8 @@ struct HcPreArgs {
 //   one through global memory (about 11 -> 8.6 us a launch at batch 1).
 // - `hc_pre_rows_m4` (many tokens: prefill): partials through global memory, and the token's
 //   last block to finish does the rest for the whole row. Its blocks do not wait for each
-//   other, which in a wide launch would hold SMs idle (prefill of 8K tokens 9% slower with
-//   clusters).
+//   other, which in a wide launch would hold SMs idle (with clusters the 8K prefill's window
+//   and HCA layers took 5-6% longer).
 // The norm is rms_norm's with 256 threads: each of its threads' four float4, its warp's
 // butterfly, the eight warps' sums in order, computed from the whole row of y by warps that
 // stand in for those threads; quantized rows included. M copies (a template: the mixes stay
