@@ -601,38 +601,13 @@ impl Gpu {
     }
 
     fn max_active_clusters(&self, name: &str, block: u32, smem: u32, cluster: u32) -> i32 {
-        let Ok(f) = self.func(name) else { return 0 };
         if self.bind().is_err() {
             return 0;
         }
-        let attribute = |a, v| f.set_attribute(a, v).is_ok();
-        if cluster > 8
-            && !attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                1,
-            )
-        {
+        let Ok(f) = self.kernel(name, smem, cluster) else {
             return 0;
-        }
-        if smem > 48 * 1024
-            && !attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-        {
-            return 0;
-        }
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-            pad: [0; 4],
-            value: sys::CUlaunchAttributeValue {
-                clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
-                    x: cluster,
-                    y: 1,
-                    z: 1,
-                },
-            },
         };
+        let mut attr = cluster_dim(cluster);
         let config = sys::CUlaunchConfig {
             gridDimX: cluster,
             gridDimY: 1,
@@ -671,21 +646,7 @@ impl Gpu {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        let f = self.func(name)?;
-        if smem > 48 * 1024 {
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| driver_err(&format!("kernel {name}: shared memory"), e))?;
-        }
-        if cluster > 8 {
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                1,
-            )
-            .map_err(|e| driver_err(&format!("kernel {name}: clusters of {cluster}"), e))?;
-        }
+        let f = self.kernel(name, smem, cluster)?;
         let _g = self.gate.enter();
         self.bind()?;
         let mut params: Vec<*mut c_void> = args
@@ -707,17 +668,7 @@ impl Gpu {
             });
         }
         if cluster > 0 {
-            attrs.push(sys::CUlaunchAttribute {
-                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-                pad: [0; 4],
-                value: sys::CUlaunchAttributeValue {
-                    clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
-                        x: cluster,
-                        y: 1,
-                        z: 1,
-                    },
-                },
-            });
+            attrs.push(cluster_dim(cluster));
         }
         let config = sys::CUlaunchConfig {
             gridDimX: grid.0,
@@ -745,10 +696,42 @@ impl Gpu {
         .map_err(|e| driver_err(&format!("launching {name}"), e))
     }
 
+    /// Kernel `name`, allowed `smem` bytes of dynamic shared memory and clusters of `cluster`
+    /// blocks (past 48 KiB and 8 blocks the kernel must opt in).
+    fn kernel(&self, name: &str, smem: u32, cluster: u32) -> Result<&CudaFunction> {
+        let f = self.func(name)?;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| driver_err(&format!("kernel {name}: shared memory"), e))?;
+        }
+        if cluster > 8 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )
+            .map_err(|e| driver_err(&format!("kernel {name}: clusters of {cluster}"), e))?;
+        }
+        Ok(f)
+    }
+
     fn func(&self, name: &str) -> Result<&CudaFunction> {
         self.funcs
             .get(name)
             .ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))
+    }
+}
+
+/// The launch attribute of clusters of `x` blocks along x.
+fn cluster_dim(x: u32) -> sys::CUlaunchAttribute {
+    sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue {
+            clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x, y: 1, z: 1 },
+        },
     }
 }
 
