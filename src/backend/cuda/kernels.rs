@@ -87,6 +87,8 @@ pub const NAMES: &[&str] = &[
     "mma_experts_down_f8_r1",
     "mma_experts_up_f4_r1",
     "mma_experts_down_f4_r1",
+    "mma_experts_up_f4_x1",
+    "mma_experts_down_f4_x1",
     "tile_linear_f8",
     "tile_linear_f8x",
     "tile_linear_f4",

@@ -2453,10 +2453,14 @@ impl Device for Cuda {
                 w: 1,
                 limit: moe.limit,
             };
+            // One token: the FP4 passes take its activation into shared memory with the weights
+            // (the `_x1` kernels), spread over every SM.
+            let x1 = route.t == 1 && set.fmt == Format::F4;
             // One-row passes: a block a tile of 16 rows, its `w` warps walking the tile's `ks`
-            // slices of k. FP4 weights stream through shared memory: per warp, four steps of 16
-            // rows (80 bytes a row and 64 of scales) of each weight (`mma_core_f4_stream`); the
-            // slices of warps 1.. wait there too.
+            // slices of k. FP4 weights stream through shared memory (`mma_core_f4_stream`: per
+            // warp, four steps of 16 rows of each weight, 80 bytes a row and 64 of scales, and
+            // with one token its activation's 256 bytes and scale); the slices of warps 1..
+            // wait there too.
             let one_row = |a: &mut args::MmaExperts, rows: usize, weights: u32| {
                 a.w = match self.expert_warps.load(Ordering::Relaxed) {
                     0 => expert_warps(
@@ -2467,16 +2471,19 @@ impl Device for Cuda {
                     w => 1 << w.min(a.ks as usize).ilog2(),
                 };
                 let ring = if set.fmt == Format::F4 {
-                    4 * (16 * 80 + 64) * weights
+                    4 * ((16 * 80 + 64) * weights + if x1 { 272 } else { 0 })
                 } else {
                     0
                 };
-                let part = if a.w > 1 {
-                    weights * a.ks as u32 * 512
+                let part = weights * (a.ks - a.ks / a.w) as u32 * 512;
+                let smem = a.w as u32 * ring + part;
+                let blocks = segs * rows.div_ceil(16) as u32;
+                let smem = if x1 {
+                    self.gpu.spread_smem(blocks, smem)
                 } else {
-                    0
+                    smem
                 };
-                (32 * a.w as u32, a.w as u32 * ring + part)
+                (32 * a.w as u32, smem)
             };
             // Tiled: up takes 128 rows of w1 and of w3 a block, down 256 rows of w2.
             let tile = tile_shape(set.fmt, false, 4);
@@ -2494,7 +2501,7 @@ impl Device for Cuda {
                 } else {
                     let (threads, smem) = one_row(a, rows, 1 + up as u32);
                     self.launch(
-                        &format!("mma_experts_{dir}_{sfx}_r1"),
+                        &format!("mma_experts_{dir}_{sfx}_{}", if x1 { "x1" } else { "r1" }),
                         (segs, rows.div_ceil(16) as u32, 1),
                         threads,
                         smem,

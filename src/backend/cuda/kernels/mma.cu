@@ -129,12 +129,22 @@ __device__ __forceinline__ void a_frags_f4(u32 x, u32 y, u32* A0, u32* A1) {
     A1[0] = px[2]; A1[1] = py[2]; A1[2] = px[3]; A1[3] = py[3];
 }
 
-// Scale byte `b` of `w` (UE8M0) times 2^14, the e2m1 codes' offset: e8m0() * 2^14 with the
-// exponent added in the bits (2^-127 is then normal; from 2^114 on it is infinite; 255 is NaN).
+// The four UE8M0 scale bytes of `w` times 2^14, the e2m1 codes' offset: each byte plus 14 in
+// an f32's exponent bits, the four added at once (bytewise, modulo 256). A scale byte from 241
+// on (2^114 and more, beyond any weight's) gives infinity, zero or a tiny power of two instead
+// of e8m0()'s value; every FP4 kernel reads the same.
+__device__ __forceinline__ void f4_scales(u32 w, float* f) {
+    u32 e = ((w & 0x7f7f7f7fu) + 0x0e0e0e0eu) ^ (w & 0x80808080u);
+    f[0] = __uint_as_float((e << 23) & 0x7f800000u);
+    f[1] = __uint_as_float((e << 15) & 0x7f800000u);
+    f[2] = __uint_as_float((e << 7) & 0x7f800000u);
+    f[3] = __uint_as_float((e >> 1) & 0x7f800000u);
+}
+
 __device__ __forceinline__ float f4_scale(u32 w, int b) {
-    u32 e = __byte_perm(w, 0, 0x4440 + b);
-    u32 bits = ((e < 241u ? e : 241u) + 14) << 23;
-    return __int_as_float(e == 255 ? 0x7fc00000u : bits);
+    float f[4];
+    f4_scales(w, f);
+    return f[b];
 }
 
 // The A fragments of four MMAs from a lane's 16 FP8 bytes of rows g (`wa`) and g + 8 (`wb`):
@@ -317,6 +327,9 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
         if (k >= ke) break;
         if (k + 128 * (MMA_STAGES_F4 - 1) < ke) load(k + 128 * (MMA_STAGES_F4 - 1), ring[(st + MMA_STAGES_F4 - 1) % MMA_STAGES_F4]);
         const u32* cur = ring[st];
+        float fsa[4], fsb[4];
+        f4_scales(cur[8], fsa);
+        f4_scales(cur[9], fsb);
         float x0[RT], x1[RT];
 #pragma unroll
         for (int j = 0; j < RT; j++) {
@@ -328,7 +341,7 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
             u32 x = cur[b], y = cur[4 + b];
             u32 A0[4], A1[4];
             a_frags_f4(x, y, A0, A1);
-            float fa = f4_scale(cur[8], b), fb = f4_scale(cur[9], b);
+            float fa = fsa[b], fb = fsb[b];
 #pragma unroll
             for (int j = 0; j < RT; j++) {
                 uint4 xv = make_uint4(0, 0, 0, 0);
@@ -465,6 +478,104 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
         }
         if (--left == 0) {
             on_slice(i / slice_steps);
+            left = slice_steps;
+        }
+    }
+    cp_wait<0>();
+}
+
+// The same for a pass of one pair whose activation row and scale come through the ring too
+// (F4S_X more bytes a step, from code offset `xrow` and scale offset `xsc`), so that no MMA
+// waits for a load issued just before it: decode's batch 1, where each expert has one pair.
+// Only the pair's column (0) is summed; each source advances a step at a time. The bits are
+// mma_core_f4_stream's.
+#define F4S_X (256 + 16)
+
+template <bool DUAL, typename OnSlice>
+__device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restrict__ S,
+                                   const u8* __restrict__ W2, const u8* __restrict__ S2, int N,
+                                   int K, int n0, const u16* __restrict__ xq,
+                                   const float* __restrict__ xs, long xrow, long xsc, int kb,
+                                   int ke, int slice_steps, float (*tot)[4], float (*tot2)[4],
+                                   u8* ring, OnSlice on_slice) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int half = K >> 1, kq = K >> 5;
+    const int NW = DUAL ? 2 : 1, STRIDE = F4S_STEP * NW + F4S_X;
+    // What a lane copies a step, of each weight: 16 bytes of rows g and g + 8 and, lanes 0-15,
+    // row `lane`'s scale byte word (rows past N clamped: the copy then reads nothing, size 0);
+    // of the activation, lanes 0-15 16 bytes of codes and lane 16 the scale. The sources
+    // advance a step at a time.
+    bool va = n0 + g < N, vb = n0 + g + 8 < N, sv = lane < 16 && n0 + lane < N;
+    long wob = vb ? 8L * half : 0;
+    const u8* wp[NW];
+    const u8* sp[NW];
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+        wp[w] = (w ? W2 : W) + (long)(va ? n0 + g : N - 1) * half + 16 * t + (kb >> 1);
+        sp[w] = (w ? S2 : S) + (long)(sv ? n0 + lane : N - 1) * kq + (kb >> 5);
+    }
+    const u8* xp = lane < 16 ? (const u8*)(xq + xrow + kb + 8 * lane) : (const u8*)(xs + xsc + (kb >> 7));
+    u32 base = smem_addr(ring), wd = base + g * F4S_ROW + 16 * t, sd = base + 16 * F4S_ROW + 4 * lane;
+    u32 xd = base + NW * F4S_STEP + 16 * (lane & 15) + (lane < 16 ? 0 : 256);
+    auto issue = [&](int stage) {
+        u32 at = stage * STRIDE;
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            cp_async16(wd + at + w * F4S_STEP, wp[w], va);
+            cp_async16(wd + at + w * F4S_STEP + 8 * F4S_ROW, wp[w] + wob, vb);
+            if (lane < 16) cp_async4(sd + at + w * F4S_STEP, sp[w], sv);
+            wp[w] += 64;
+            sp[w] += 4;
+        }
+        if (lane < 16) cp_async16(xd + at, xp, true);
+        else if (lane == 16) cp_async4(xd + at, xp, true);
+        xp += lane < 16 ? 256 : 4;
+    };
+    int steps = (ke - kb) >> 7;
+#pragma unroll
+    for (int s = 0; s < F4S_STAGES - 1; s++) {
+        if (s < steps) issue(s);
+        cp_commit();
+    }
+    pdl_wait();
+    // (Unrolled by the ring's length, so that each stage's place were a constant, the loop
+    // outgrew the instruction cache: slower.)
+    for (int i = 0, left = slice_steps, slice = 0; i < steps; i++) {
+        cp_wait<F4S_STAGES - 2>();
+        __syncwarp();
+        if (i + F4S_STAGES - 1 < steps) issue((i + F4S_STAGES - 1) % F4S_STAGES);
+        cp_commit();
+        const u8* st = ring + (i % F4S_STAGES) * STRIDE;
+        const u8* xst = st + NW * F4S_STEP;
+        float x0 = *(const float*)(xst + 256);
+        float fs[NW][2][4];
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            f4_scales(*(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * g), fs[w][0]);
+            f4_scales(*(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * (g + 8)), fs[w][1]);
+        }
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            // Every lane reads the one row (the other columns are never kept).
+            uint4 xv = *(const uint4*)(xst + 64 * b + 16 * t);
+#pragma unroll
+            for (int w = 0; w < NW; w++) {
+                const u8* d = st + w * F4S_STEP;
+                float(*acc)[4] = w ? tot2 : tot;
+                u32 x = *(const u32*)(d + g * F4S_ROW + 16 * b + 4 * t);
+                u32 y = *(const u32*)(d + (g + 8) * F4S_ROW + 16 * b + 4 * t);
+                u32 A0[4], A1[4];
+                a_frags_f4(x, y, A0, A1);
+                float fa = fs[w][0][b], fb = fs[w][1][b];
+                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma16816(c, A0[0], A0[1], A0[2], A0[3], xv.x, xv.y);
+                mma16816(c, A1[0], A1[1], A1[2], A1[3], xv.z, xv.w);
+                acc[0][0] = fmaf(c[0], fa * x0, acc[0][0]);
+                acc[0][2] = fmaf(c[2], fb * x0, acc[0][2]);
+            }
+        }
+        if (--left == 0) {
+            on_slice(slice++);
             left = slice_steps;
         }
     }
@@ -611,7 +722,7 @@ struct MmaExpertArgs {
 // in slice order, as mma_linear's KS warps' are (reduce_splits): the bits do not depend on W,
 // which the host picks to fill the GPU (fewer warps, longer walks, when tiles are many).
 // Dynamic shared memory: each warp's ring (FP4), then the slices of warps 1.. (`part`).
-template <int FMT, bool UP>
+template <int FMT, bool UP, bool XS>
 __device__ void mma_experts(const MmaExpertArgs& a) {
     extern __shared__ __align__(16) u8 smem[];
     const int NW = UP ? 2 : 1;
@@ -627,20 +738,22 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
     const u8* S1 = (const u8*)(UP ? a.s1[e] : a.s2[e]);
     const u8* W3 = (const u8*)(UP ? a.w3[e] : 0);
     const u8* S3 = (const u8*)(UP ? a.s3[e] : 0);
-    u8* ring = smem + warp * (FMT == FMT_F4 ? F4S_STAGES * F4S_STEP * NW : 0);
-    float* part = (float*)(smem + (FMT == FMT_F4 ? a.W * F4S_STAGES * F4S_STEP * NW : 0));
+    // XS: one token, whose activation the FP4 passes of one pair stage with the weights.
+    const int RING = FMT == FMT_F4 ? F4S_STAGES * (F4S_STEP * NW + (XS ? F4S_X : 0)) : 0;
+    u8* ring = smem + warp * RING;
+    // The slices of warps 1.. (KS - per of each weight).
+    float* part = (float*)(smem + a.W * RING);
+    int kept = KS - per;
+    // A pair's activation row (up: its token's).
+    auto xrow = [&](u32 i) -> long { long p = a.order[off + i]; return UP ? p / a.k : p; };
     for (u32 c = 0; c < cnt; c += 8) {
         LaneRows<1> rows;
         u32 iq = c + g, i0 = c + 2 * t, i1 = i0 + 1;
-        long pq = iq < cnt ? (long)a.order[off + iq] : -1;
         int pc0 = i0 < cnt ? (int)a.order[off + i0] : -1;
         int pc1 = i1 < cnt ? (int)a.order[off + i1] : -1;
-        long rq = pq < 0 ? -1 : UP ? pq / a.k : pq;
-        long r0 = pc0 < 0 ? -1 : UP ? pc0 / a.k : pc0;
-        long r1 = pc1 < 0 ? -1 : UP ? pc1 / a.k : pc1;
-        rows.q[0] = rq < 0 ? -1 : (int)(rq * K);
-        rows.s0[0] = r0 < 0 ? -1 : (int)(r0 * lds);
-        rows.s1[0] = r1 < 0 ? -1 : (int)(r1 * lds);
+        rows.q[0] = iq < cnt ? (int)(xrow(iq) * K) : -1;
+        rows.s0[0] = pc0 < 0 ? -1 : (int)(xrow(i0) * lds);
+        rows.s1[0] = pc1 < 0 ? -1 : (int)(xrow(i1) * lds);
         float acc[NW][1][4], run[NW][4];
 #pragma unroll
         for (int w = 0; w < NW; w++)
@@ -653,14 +766,21 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
 #pragma unroll
                 for (int q = 0; q < 4; q++) {
                     if (warp == 0) run[w][q] = i == 0 ? acc[w][0][q] : run[w][q] + acc[w][0][q];
-                    else part[((w * KS + warp * per + i - per) * 4 + q) * 32 + lane] = acc[w][0][q];
+                    else part[((w * kept + warp * per + i - per) * 4 + q) * 32 + lane] = acc[w][0][q];
                     acc[w][0][q] = 0.0f;
                 }
         };
         if (n0 < N) {
             if constexpr (FMT == FMT_F4) {
-                mma_core_f4_stream<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, rows, kb, ke, kslice >> 7, acc[0],
-                                       acc[NW - 1], ring, on_slice);
+                long r = xrow(c);
+                // One token's one pair, staged. (With one token an expert still has several
+                // pairs where a hash layer's table names it twice: those read theirs through L1.)
+                if (XS && cnt == 1)
+                    mma_core_f4_staged<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, r * K, r * lds, kb, ke,
+                                           kslice >> 7, acc[0], acc[NW - 1], ring, on_slice);
+                else
+                    mma_core_f4_stream<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, rows, kb, ke, kslice >> 7,
+                                           acc[0], acc[NW - 1], ring, on_slice);
             } else {
                 for (int i = 0; i < per; i++) {
                     int k0 = kb + i * kslice;
@@ -676,7 +796,7 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
 #pragma unroll
                 for (int w = 0; w < NW; w++)
 #pragma unroll
-                    for (int q = 0; q < 4; q++) run[w][q] += part[((w * KS + sl - per) * 4 + q) * 32 + lane];
+                    for (int q = 0; q < 4; q++) run[w][q] += part[((w * kept + sl - per) * 4 + q) * 32 + lane];
             int na = n0 + g, nb = n0 + g + 8;
 #pragma unroll
             for (int q = 0; q < 4; q++) {
@@ -691,13 +811,16 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
     }
 }
 
-#define MMA_EXPERTS(NAME, FMT)                                                                 \
-    extern "C" __global__ void TWO_BLOCKS mma_experts_up_##NAME##_r1(MmaExpertArgs a) {        \
-        mma_experts<FMT, true>(a);                                                             \
+#define MMA_EXPERTS(NAME, FMT, XS, BOUNDS)                                                     \
+    extern "C" __global__ void BOUNDS mma_experts_up_##NAME(MmaExpertArgs a) {                 \
+        mma_experts<FMT, true, XS>(a);                                                         \
     }                                                                                          \
-    extern "C" __global__ void TWO_BLOCKS mma_experts_down_##NAME##_r1(MmaExpertArgs a) {      \
-        mma_experts<FMT, false>(a);                                                            \
+    extern "C" __global__ void BOUNDS mma_experts_down_##NAME(MmaExpertArgs a) {               \
+        mma_experts<FMT, false, XS>(a);                                                        \
     }
 
-MMA_EXPERTS(f8, FMT_F8)
-MMA_EXPERTS(f4, FMT_F4)
+MMA_EXPERTS(f8_r1, FMT_F8, false, TWO_BLOCKS)
+MMA_EXPERTS(f4_r1, FMT_F4, false, TWO_BLOCKS)
+// One token: its few blocks, spread over the SMs, never need two of 256 threads an SM, and the
+// staged pass beside the L1 one would spill within 128 registers.
+MMA_EXPERTS(f4_x1, FMT_F4, true, ONE_BLOCK)
