@@ -538,8 +538,8 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
         cp_commit();
     }
     pdl_wait();
-    // (Unrolled by the ring's length, so that each stage's place were a constant, the loop
-    // outgrew the instruction cache: slower.)
+    // (Unrolled by the ring's length, each stage's offset a constant, the loop took 25 KB of
+    // code and was no faster.)
     for (int i = 0, left = slice_steps, slice = 0; i < steps; i++) {
         cp_wait<F4S_STAGES - 2>();
         __syncwarp();
@@ -772,13 +772,13 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
         };
         if (n0 < N) {
             if constexpr (FMT == FMT_F4) {
-                long r = xrow(c);
                 // One token's one pair, staged. (With one token an expert still has several
                 // pairs where a hash layer's table names it twice: those read theirs through L1.)
-                if (XS && cnt == 1)
+                if (XS && cnt == 1) {
+                    long r = xrow(0);
                     mma_core_f4_staged<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, r * K, r * lds, kb, ke,
                                            kslice >> 7, acc[0], acc[NW - 1], ring, on_slice);
-                else
+                } else
                     mma_core_f4_stream<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, rows, kb, ke, kslice >> 7,
                                            acc[0], acc[NW - 1], ring, on_slice);
             } else {
