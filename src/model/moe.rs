@@ -151,12 +151,16 @@ impl<D: Device> Moe<D> {
     ) -> Result<(D::Tensor, D::Tensor)> {
         // The routed experts and the shared one are independent until their sum: a device may
         // run them side by side (beside routed experts in host memory, the shared expert runs
-        // on the GPU while the CPU computes them).
+        // on the GPU while the CPU computes them). The router's product comes first, alone:
+        // the routed chain is the longer one, and beside the shared expert's first product its
+        // blocks would wait for that one's to finish.
+        let mut logits = Some(dev.linear_plain(&self.gate, y)?);
         let (shared, (route, out)) = dev.join(
-            &mut (),
+            &mut logits,
             |_| self.shared.forward(dev, y, self.limit),
-            |_| {
-                let route = dev.route(self, b, dev.linear_plain(&self.gate, y)?)?;
+            |l| {
+                let logits = l.take().expect("the router's logits");
+                let route = dev.route(self, b, logits)?;
                 let out = dev.experts(self, &route, y)?;
                 Ok((route, out))
             },

@@ -25,6 +25,9 @@
 #   tools/device/run.sh probe    how fast one launch reads 32 MiB, cold, hot and after an L2
 #                                prefetch (tools/device/l2probe.cu, built with the machine's
 #                                nvcc), in $OUT/l2probe.txt
+#   tools/device/run.sh pattern  how fast the one-token expert passes' access patterns read HBM
+#                                without their arithmetic (tools/device/pattern.cu, built
+#                                with the machine's nvcc), in $OUT/pattern.txt
 #   tools/device/run.sh profile NAME REGEX SKIP COUNT ARGS...   Nsight Compute's detailed
 #                                sections (throughput, memory, occupancy, stall reasons) for
 #                                COUNT launches of kernels matching REGEX after SKIP of them,
@@ -166,6 +169,10 @@ while true; do
     probe)
       step probe /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/l2probe tools/device/l2probe.cu &&
         step probe sh -c "/tmp/l2probe > $OUT/l2probe.txt"
+      ;;
+    pattern)
+      step pattern /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/pattern tools/device/pattern.cu &&
+        step pattern sh -c "/tmp/pattern > $OUT/pattern.txt"
       ;;
     profile)
       name=$1 regex=$2 skip=$3 count=$4

@@ -276,6 +276,11 @@ pub struct Gpu {
     /// Whether kernels are launched to overlap the one before (programmatic dependent launch:
     /// compute capability 9.0 and later, unless `HADAL_CUDA_PDL=0`).
     pub overlap: bool,
+    /// The launch priority of the side stream's work: the device's greatest (more negative is
+    /// higher), or 0, the default, with `HADAL_CUDA_PRIORITY=0`. The second chain of a join is
+    /// the longer one where it matters (the routed experts, the CSA indexer); when an SM frees,
+    /// its blocks are scheduled before the other chain's waiting ones.
+    side_priority: i32,
     gate: Gate,
     /// [`Gpu::clusters_fit`]'s answers by kernel, threads, shared memory and cluster size.
     cluster_fits: Mutex<HashMap<(String, u32, u32, u32), bool>>,
@@ -320,6 +325,18 @@ impl Gpu {
         let arch = ctx
             .compute_capability()
             .map_err(|e| driver_err("reading the compute capability", e))?;
+        let side_priority = if !std::env::var("HADAL_CUDA_PRIORITY").is_ok_and(|v| v == "0") {
+            let (mut least, mut greatest) = (0, 0);
+            ctx.bind_to_thread()
+                .map_err(|e| driver_err("binding the context", e))?;
+            // SAFETY: two out-parameters, with the context current.
+            unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }
+                .result()
+                .map_err(|e| driver_err("reading the priority range", e))?;
+            greatest
+        } else {
+            0
+        };
         let name = ctx.name().map_err(|e| driver_err("reading the name", e))?;
         let sms =
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -372,6 +389,7 @@ impl Gpu {
             smem: (smem_sm, smem_block, smem_reserved),
             arch,
             overlap: arch >= (9, 0) && !std::env::var("HADAL_CUDA_PDL").is_ok_and(|v| v == "0"),
+            side_priority,
             gate: Gate::default(),
             cluster_fits: Mutex::new(HashMap::new()),
         }))
@@ -393,7 +411,9 @@ impl Gpu {
             let g = self
                 .streams
                 .main
-                .end_capture(sys::CUgraphInstantiate_flags(0))
+                .end_capture(
+                    sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY,
+                )
                 .map_err(|e| driver_err("recording the work", e));
             let t = r?;
             let g = g?.ok_or_else(|| Error::Device("an empty recording".into()))?;
@@ -687,7 +707,7 @@ impl Gpu {
         // Every kernel waits for the work before it (`pdl_wait` in prelude.cuh), so it may be
         // launched while that work runs: its launch and the first loads of its weights overlap
         // the kernel before it.
-        let mut attrs = Vec::with_capacity(2);
+        let mut attrs = Vec::with_capacity(3);
         if self.overlap {
             attrs.push(sys::CUlaunchAttribute {
                 id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
@@ -699,6 +719,15 @@ impl Gpu {
         }
         if cluster > 0 {
             attrs.push(cluster_dim(cluster));
+        }
+        if self.side_priority != 0 && self.on_side() {
+            attrs.push(sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue {
+                    priority: self.side_priority,
+                },
+            });
         }
         let config = sys::CUlaunchConfig {
             gridDimX: grid.0,

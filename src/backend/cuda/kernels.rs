@@ -121,6 +121,11 @@ fn options(arch: (i32, i32)) -> Vec<String> {
     if std::env::var("HADAL_CUDA_FMAD").is_ok_and(|v| v == "0") {
         o.push("--fmad=false".into());
     }
+    // `HADAL_CUDA_DEFINES="CP_PF=256 LD_PF=128"`: the kernels' tuning macros (prelude.cuh), for
+    // measuring one build's variants side by side.
+    if let Ok(defs) = std::env::var("HADAL_CUDA_DEFINES") {
+        o.extend(defs.split_whitespace().map(|d| format!("-D{d}")));
+    }
     o
 }
 

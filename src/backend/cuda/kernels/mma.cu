@@ -61,7 +61,7 @@ extern "C" __global__ void split_act(const float* x, u16* q, long n) {
 
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate" PF_STR(LD_PF) ".v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;
@@ -69,7 +69,7 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 
 __device__ __forceinline__ u32 ld_stream32(const void* p) {
     u32 v;
-    asm volatile("ld.global.nc.L1::evict_first.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    asm volatile("ld.global.nc.L1::evict_first" PF_STR(LD_PF) ".u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
 
@@ -362,7 +362,7 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
 // The copies take a shared-memory address (`smem_addr`), so that loops compute it once.
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+    asm volatile("cp.async.cg.shared.global" PF_STR(CP_PF) " [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 #endif
 }
 
