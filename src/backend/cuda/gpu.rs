@@ -276,10 +276,12 @@ pub struct Gpu {
     /// Whether kernels are launched to overlap the one before (programmatic dependent launch:
     /// compute capability 9.0 and later, unless `HADAL_CUDA_PDL=0`).
     pub overlap: bool,
-    /// The launch priority of the side stream's work: the device's greatest (more negative is
-    /// higher), or 0, the default, with `HADAL_CUDA_PRIORITY=0`. The second chain of a join is
-    /// the longer one where it matters (the routed experts, the CSA indexer); when an SM frees,
-    /// its blocks are scheduled before the other chain's waiting ones.
+    /// The launch priority of the side stream's work in recorded (decode) steps: the device's
+    /// greatest (more negative is higher), or 0, the default, with `HADAL_CUDA_PRIORITY=0`.
+    /// There the second chain of a join is the longer one and bound by latency (the router and
+    /// routed experts, the CSA indexer); when an SM frees, its blocks go before the other
+    /// chain's waiting ones. Not in a prefill, where both chains are long: there the indexer's
+    /// chain crowded the main one (docs/cuda.md has the measurements).
     side_priority: i32,
     gate: Gate,
     /// [`Gpu::clusters_fit`]'s answers by kernel, threads, shared memory and cluster size.
@@ -720,7 +722,7 @@ impl Gpu {
         if cluster > 0 {
             attrs.push(cluster_dim(cluster));
         }
-        if self.side_priority != 0 && self.on_side() {
+        if self.side_priority != 0 && self.on_side() && self.capturing() {
             attrs.push(sys::CUlaunchAttribute {
                 id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY,
                 pad: [0; 4],

@@ -61,7 +61,6 @@ pub const NAMES: &[&str] = &[
     "topk_count",
     "topk_write",
     "route",
-    "moe_sort",
     "experts_up_f4",
     "experts_down_f4",
     "experts_up_f8",

@@ -167,6 +167,9 @@ pub struct Picks {
 pub struct Route {
     ids: Buf,
     weights: Buf,
+    /// The pairs grouped by expert: `seg_expert`, `seg_off`, `seg_cnt` (E each), `nseg`,
+    /// `order` (T k), as the experts' kernels read them.
+    seg: Buf,
     t: usize,
 }
 
@@ -359,6 +362,29 @@ mod args {
         pub f: i32,
         pub k: i32,
         pub limit: f32,
+    }
+
+    /// moe.cu's `RouteArgs`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct Route {
+        pub logits: u64,
+        pub bias: u64,
+        pub tid2eid: u64,
+        pub tokens: u64,
+        pub ids: u64,
+        pub weights: u64,
+        pub done: u64,
+        pub seg_expert: u64,
+        pub seg_off: u64,
+        pub seg_cnt: u64,
+        pub nseg: u64,
+        pub order: u64,
+        pub t: i32,
+        pub e: i32,
+        pub k: i32,
+        pub func: i32,
+        pub scale: f32,
     }
 
     #[repr(C)]
@@ -2353,8 +2379,11 @@ impl Device for Cuda {
                 "{e} experts, {k} per token: the CUDA router takes at most 1024 and 16"
             )));
         }
-        let ids = self.gpu.alloc(4 * b.t * k)?;
-        let weights = self.gpu.alloc(4 * b.t * k)?;
+        let p = b.t * k;
+        let ids = self.gpu.alloc(4 * p)?;
+        let weights = self.gpu.alloc(4 * p)?;
+        let seg = self.gpu.alloc(4 * (3 * e + 1 + p))?;
+        let at = |i: usize| seg.ptr + 4 * i as u64;
         let (bias, tid2eid) = match &moe.routing {
             Routing::Score(bias) => (bias.buf.ptr, 0u64),
             Routing::Hash(t) => (0u64, t.ptr),
@@ -2364,26 +2393,36 @@ impl Device for Cuda {
             ScoringFunc::Sigmoid => 1,
             ScoringFunc::Softmax => 2,
         };
+        let a = args::Route {
+            logits: logits.buf.ptr,
+            bias,
+            tid2eid,
+            tokens: b.tokens,
+            ids: ids.ptr,
+            weights: weights.ptr,
+            done: self.counters(1)?,
+            seg_expert: at(0),
+            seg_off: at(e),
+            seg_cnt: at(2 * e),
+            nseg: at(3 * e),
+            order: at(3 * e + 1),
+            t: b.t as i32,
+            e: e as i32,
+            k: k as i32,
+            func,
+            scale: moe.scale,
+        };
         self.launch(
             "route",
             (b.t as u32, 1, 1),
             256,
             (8 * e) as u32,
-            Args::new()
-                .push(logits.buf.ptr)
-                .push(bias)
-                .push(tid2eid)
-                .push(b.tokens)
-                .push(e as i32)
-                .push(k as i32)
-                .push(func)
-                .push(moe.scale)
-                .push(ids.ptr)
-                .push(weights.ptr),
+            Args::new().push(a),
         )?;
         Ok(Route {
             ids,
             weights,
+            seg,
             t: b.t,
         })
     }
@@ -2400,24 +2439,7 @@ impl Device for Cuda {
             // No tokens.
             return Ok(out);
         }
-        // seg_expert, seg_off, seg_cnt (E each), nseg, order (P).
-        let seg = self.gpu.alloc(4 * (3 * e + 1 + p))?;
-        let at = |i: usize| seg.ptr + 4 * i as u64;
-        self.launch(
-            "moe_sort",
-            (1, 1, 1),
-            1024,
-            (8 * e) as u32,
-            Args::new()
-                .push(route.ids.ptr)
-                .push(p as i32)
-                .push(e as i32)
-                .push(at(0))
-                .push(at(e))
-                .push(at(2 * e))
-                .push(at(3 * e))
-                .push(at(3 * e + 1)),
-        )?;
+        let at = |i: usize| route.seg.ptr + 4 * i as u64;
         let tab = |i: usize| set.tables.ptr + (8 * i * e) as u64;
         let segs = e.min(p) as u32;
         let pairs = self.tensor(p, d)?;

@@ -16,100 +16,10 @@ __device__ __forceinline__ void warp_argmax(float& v, int& vi) {
     }
 }
 
-// Scores, selection and weights of each token's experts (one block a token).
-// func: 0 sqrt(softplus), 1 sigmoid, 2 softmax.
-extern "C" __global__ void route(const float* logits, const float* bias, const u32* tid2eid,
-                                 const u32* tokens, int E, int k, int func, float scale,
-                                 u32* ids, float* weights) {
-    pdl_wait();
-    extern __shared__ float sc[];
-    float* biased = sc + E;
-    __shared__ float sh[32];
-    __shared__ float bv[32];
-    __shared__ int bi[32];
-    int t = blockIdx.x;
-    const float* l = logits + (long)t * E;
-    float mx = NEG_INF;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) mx = fmaxf(mx, l[e]);
-    if (func == 2) mx = block_max(mx, sh);
-    float part = 0.0f;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        float x = l[e];
-        float s = func == 0 ? sqrtf(softplusf(x)) : func == 1 ? sigmoidf(x) : expf(x - mx);
-        sc[e] = s;
-        part += s;
-    }
-    if (func == 2) {
-        float tot = block_sum(part, sh);
-        for (int e = threadIdx.x; e < E; e += blockDim.x) sc[e] /= tot;
-    }
-    __syncthreads();
-    u32* out = ids + (long)t * k;
-    if (tid2eid) {
-        if (threadIdx.x == 0)
-            for (int j = 0; j < k; j++) out[j] = tid2eid[(long)tokens[t] * k + j];
-    } else {
-        for (int e = threadIdx.x; e < E; e += blockDim.x) biased[e] = sc[e] + (bias ? bias[e] : 0.0f);
-        __syncthreads();
-        if (E <= 32 * ROUTE_PER) {
-            // One warp, its lanes' biased scores in registers: k rounds of a warp's argmax
-            // (the lowest index among ties), with no block barrier between them.
-            if (threadIdx.x < 32) {
-                int lane = threadIdx.x;
-                float r[ROUTE_PER];
-#pragma unroll
-                for (int i = 0; i < ROUTE_PER; i++) r[i] = lane + 32 * i < E ? biased[lane + 32 * i] : NEG_INF;
-                for (int j = 0; j < k; j++) {
-                    float v = NEG_INF;
-                    int vi = 0x7fffffff;
-#pragma unroll
-                    for (int i = 0; i < ROUTE_PER; i++)
-                        if (r[i] > v) { v = r[i]; vi = lane + 32 * i; }
-                    warp_argmax(v, vi);
-                    if (lane == 0) out[j] = vi;
-#pragma unroll
-                    for (int i = 0; i < ROUTE_PER; i++)
-                        if (lane + 32 * i == vi) r[i] = NEG_INF;
-                }
-            }
-        } else {
-            for (int j = 0; j < k; j++) {
-                float v = NEG_INF;
-                int vi = 0x7fffffff;
-                for (int e = threadIdx.x; e < E; e += blockDim.x)
-                    if (biased[e] > v) { v = biased[e]; vi = e; }
-                warp_argmax(v, vi);
-                int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-                if (lane == 0) { bv[w] = v; bi[w] = vi; }
-                __syncthreads();
-                if (threadIdx.x == 0) {
-                    for (int i = 1; i < nw; i++)
-                        if (bv[i] > bv[0] || (bv[i] == bv[0] && bi[i] < bi[0])) { bv[0] = bv[i]; bi[0] = bi[i]; }
-                    out[j] = bi[0];
-                    biased[bi[0]] = NEG_INF;
-                }
-                __syncthreads();
-            }
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float ws[16];
-        float sum = 0.0f;
-        for (int j = 0; j < k; j++) {
-            ws[j] = sc[out[j]];
-            sum += ws[j];
-        }
-        for (int j = 0; j < k; j++) weights[(long)t * k + j] = (func == 2 ? ws[j] : ws[j] / sum) * scale;
-    }
-}
-
-// Groups the T*k (token, expert) pairs by expert (one block): the non-empty experts in
-// ascending order with their slices of `order`.
-extern "C" __global__ void moe_sort(const u32* ids, int pairs, int E, u32* seg_expert,
-                                    u32* seg_off, u32* seg_cnt, u32* nseg, u32* order) {
-    pdl_wait();
-    extern __shared__ u32 cnt[];
+// Groups the `pairs` (token, expert) pairs of `ids` by expert, by one block (`cnt`: 2 E words
+// of shared memory): the non-empty experts in ascending order with their slices of `order`.
+__device__ void sort_pairs(const volatile u32* ids, int pairs, int E, u32* cnt, u32* seg_expert,
+                           u32* seg_off, u32* seg_cnt, u32* nseg, u32* order) {
     u32* cur = cnt + E;
     for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
     __syncthreads();
@@ -157,6 +67,126 @@ extern "C" __global__ void moe_sort(const u32* ids, int pairs, int E, u32* seg_e
     if (threadIdx.x == blockDim.x - 1) *nseg = n;
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) order[atomicAdd(&cur[ids[p]], 1u)] = p;
+}
+
+struct RouteArgs {
+    const float* logits;  // [T, E]
+    const float* bias;    // [E] selection bias, or null
+    const u32* tid2eid;   // [V, k] hash routing, or null
+    const u32* tokens;    // [T]
+    u32* ids;             // [T, k] out
+    float* weights;       // [T, k] out
+    u32* done;            // one counter, zero (left zero)
+    // The pairs grouped by expert (sort_pairs).
+    u32* seg_expert;
+    u32* seg_off;
+    u32* seg_cnt;
+    u32* nseg;
+    u32* order;
+    int T, E, k;
+    int func;  // 0 sqrt(softplus), 1 sigmoid, 2 softmax
+    float scale;
+};
+
+// Scores, selection and weights of each token's experts (one block a token); the last block
+// to finish then groups all the pairs by expert for the experts' kernels (one launch fewer on
+// the MoE's longest chain). A token's picks stay in shared memory (read back from global
+// memory, one after another, they had cost a launch several microseconds).
+extern "C" __global__ void route(RouteArgs a) {
+    pdl_wait();
+    extern __shared__ float sc[];
+    const int E = a.E, k = a.k, func = a.func;
+    float* biased = sc + E;
+    __shared__ float sh[32];
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    __shared__ int sel[16];
+    __shared__ int last;
+    int t = blockIdx.x;
+    const float* l = a.logits + (long)t * E;
+    float mx = NEG_INF;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) mx = fmaxf(mx, l[e]);
+    if (func == 2) mx = block_max(mx, sh);
+    float part = 0.0f;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        float x = l[e];
+        float s = func == 0 ? sqrtf(softplusf(x)) : func == 1 ? sigmoidf(x) : expf(x - mx);
+        sc[e] = s;
+        part += s;
+    }
+    if (func == 2) {
+        float tot = block_sum(part, sh);
+        for (int e = threadIdx.x; e < E; e += blockDim.x) sc[e] /= tot;
+    }
+    __syncthreads();
+    if (a.tid2eid) {
+        if (threadIdx.x < k) sel[threadIdx.x] = a.tid2eid[(long)a.tokens[t] * k + threadIdx.x];
+    } else {
+        for (int e = threadIdx.x; e < E; e += blockDim.x) biased[e] = sc[e] + (a.bias ? a.bias[e] : 0.0f);
+        __syncthreads();
+        if (E <= 32 * ROUTE_PER) {
+            // One warp, its lanes' biased scores in registers: k rounds of a warp's argmax
+            // (the lowest index among ties), with no block barrier between them.
+            if (threadIdx.x < 32) {
+                int lane = threadIdx.x;
+                float r[ROUTE_PER];
+#pragma unroll
+                for (int i = 0; i < ROUTE_PER; i++) r[i] = lane + 32 * i < E ? biased[lane + 32 * i] : NEG_INF;
+                for (int j = 0; j < k; j++) {
+                    float v = NEG_INF;
+                    int vi = 0x7fffffff;
+#pragma unroll
+                    for (int i = 0; i < ROUTE_PER; i++)
+                        if (r[i] > v) { v = r[i]; vi = lane + 32 * i; }
+                    warp_argmax(v, vi);
+                    if (lane == 0) sel[j] = vi;
+#pragma unroll
+                    for (int i = 0; i < ROUTE_PER; i++)
+                        if (lane + 32 * i == vi) r[i] = NEG_INF;
+                }
+            }
+        } else {
+            for (int j = 0; j < k; j++) {
+                float v = NEG_INF;
+                int vi = 0x7fffffff;
+                for (int e = threadIdx.x; e < E; e += blockDim.x)
+                    if (biased[e] > v) { v = biased[e]; vi = e; }
+                warp_argmax(v, vi);
+                int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+                if (lane == 0) { bv[w] = v; bi[w] = vi; }
+                __syncthreads();
+                if (threadIdx.x == 0) {
+                    for (int i = 1; i < nw; i++)
+                        if (bv[i] > bv[0] || (bv[i] == bv[0] && bi[i] < bi[0])) { bv[0] = bv[i]; bi[0] = bi[i]; }
+                    sel[j] = bi[0];
+                    biased[bi[0]] = NEG_INF;
+                }
+                __syncthreads();
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // The weights: the picks' scores over their sum, added in pick order.
+        float sum = 0.0f;
+        for (int j = 0; j < k; j++) sum += sc[sel[j]];
+        for (int j = 0; j < k; j++) {
+            float w = sc[sel[j]];
+            a.ids[(long)t * k + j] = sel[j];
+            a.weights[(long)t * k + j] = (func == 2 ? w : w / sum) * a.scale;
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(a.done, 1u) == (u32)a.T - 1;
+        if (last) *a.done = 0;  // zero again for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    sort_pairs((const volatile u32*)a.ids, a.T * k, E, (u32*)sc, a.seg_expert, a.seg_off, a.seg_cnt, a.nseg,
+               a.order);
 }
 
 struct ExpertArgs {
