@@ -176,8 +176,14 @@ extern "C" __global__ void route(RouteArgs a) {
             a.weights[(long)t * k + j] = (func == 2 ? w : w / sum) * a.scale;
         }
     }
-    __threadfence();
     __syncthreads();
+    // One token (decode): its picks are all the pairs, sorted from shared memory. Each round
+    // trip to global memory costs most here, beside a kernel that streams weights.
+    if (a.T == 1) {
+        sort_pairs((const volatile u32*)sel, k, E, (u32*)sc, a.seg_expert, a.seg_off, a.seg_cnt, a.nseg, a.order);
+        return;
+    }
+    __threadfence();
     if (threadIdx.x == 0) {
         last = atomicAdd(a.done, 1u) == (u32)a.T - 1;
         if (last) *a.done = 0;  // zero again for the next launch
