@@ -90,8 +90,8 @@ struct RouteArgs {
 
 // Scores, selection and weights of each token's experts (one block a token); the last block
 // to finish then groups all the pairs by expert for the experts' kernels (one launch fewer on
-// the MoE's longest chain). A token's picks stay in shared memory (read back from global
-// memory, one after another, they had cost a launch several microseconds).
+// the MoE's longest chain). A token's picks stay in shared memory: no round trip to global
+// memory follows a pick.
 extern "C" __global__ void route(RouteArgs a) {
     pdl_wait();
     extern __shared__ float sc[];
