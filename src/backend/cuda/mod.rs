@@ -2229,8 +2229,9 @@ impl Device for Cuda {
         let keys = b.max_end.min(w) + comp_keys;
         let mma = self.tensor_cores && dh % 64 == 0 && 512 % dh == 0 && row.nope % 16 == 0;
         let (s, hg, threads, smem) = if mma {
-            // At most 64 slices: past 2,048 keys, longer slices rather than more blocks
-            // (a layer's blocks then fit the SMs at once, and the join reads less).
+            // At most 64 slices (`attend_join` takes no more): past 2,048 keys, longer slices
+            // rather than more blocks (a layer's blocks then fit the SMs at once, and the join
+            // reads less).
             let s = keys.div_ceil(32).clamp(1, 64);
             let mut hg = 16;
             while hg > 4 && b.t * h.div_ceil(hg) * s < self.gpu.sms as usize {

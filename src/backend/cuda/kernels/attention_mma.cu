@@ -10,14 +10,19 @@
 // the others to a second, added at the end: a single accumulator would align the small terms to
 // the large ones and drop their low bits (as `wo_a`'s planes would).
 //
-// Warp w takes a quarter of the dims: its share of every score (the four shares are added in
-// warp order through shared memory) and the weighted values of its dims. Every warp keeps the
-// same running max and sum of each head, computed from the same scores in the same order.
+// Warp w takes a quarter of the dims for its share of every score (the four shares are added in
+// warp order through shared memory), and every fourth step of 16 dims (w, w + 4, ...) for the
+// weighted values: a dim's weighted sum is the same whichever warp computes it, and so each
+// warp holds a quarter of the RoPE dims, whose products take three times the MMAs. (Dealt so
+// for the scores too, the sums' order, and so the logits, would change: the last warp's share
+// of them still takes twice the others'.) Every warp keeps the same running max and sum of
+// each head, computed from the same scores in the same order.
 
 #define TC_HEADS 16
 #define TC_KEYS 16
 #define TC_KEYS_PER_SPLIT 32
 #define TC_NT_MAX 16  // 8-dim MMA tiles of a warp's quarter of 512 dims
+#define TC_JOIN_MAX 64  // slices a join takes (the host's most)
 
 // Shared-memory addresses as 32-bit offsets: generic pointers cost a 64-bit address computation
 // (and its conversion) per load, more instructions than the attention's MMAs in its inner loops.
@@ -163,9 +168,11 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
         }
     }
 
-    // The warp's dims [d0w, d0w + dq): its non-RoPE ones end at dn, in its tile jn of 8.
-    int dq = dh / 4, d0w = warp * dq, nto = dq / 8;
-    int dn = d0w + dq < nope ? d0w + dq : (nope > d0w ? nope : d0w), jn = (dn - d0w) / 8;
+    // The warp's scores: dims [d0w, d0w + dq), its non-RoPE ones ending at dn. Its weighted
+    // values: tile j of 8 dims (nto of them) in step warp + 4 (j / 2) of 16 (ns non-RoPE ones).
+    int dq = dh / 4, d0w = warp * dq;
+    int dn = d0w + dq < nope ? d0w + dq : (nope > d0w ? nope : d0w);
+    int ns = nope / 16, nto = 2 * ((dh / 16 - warp + 3) >> 2);
     float oh[TC_NT_MAX][4], ol[TC_NT_MAX][4];
 #pragma unroll
     for (int j = 0; j < TC_NT_MAX; j++)
@@ -327,23 +334,20 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
                     ol[j][c] *= alpha[c >> 1];
                 }
             }
-        // The weighted values of the warp's non-RoPE dims (tiles below jn), then of its RoPE dims.
-#pragma unroll
-        for (int j = 0; j < TC_NT_MAX; j++) {
-            if (j >= jn) break;
-            u32 B[2];
-            ldsm_x2_trans(B, sm + L.k + 2 * ((lane & 15) * L.P + d0w + 8 * j));
-            mma16816_bf16(oh[j], P[0][0], P[0][1], P[0][2], P[0][3], B[0], B[1]);
-            mma16816_bf16(ol[j], P[1][0], P[1][1], P[1][2], P[1][3], B[0], B[1]);
-            mma16816_bf16(ol[j], P[2][0], P[2][1], P[2][2], P[2][3], B[0], B[1]);
-        }
+        // The weighted values of the warp's dims: a non-RoPE tile (keys exact in one plane) or
+        // a RoPE one (three).
 #pragma unroll
         for (int j = 0; j < TC_NT_MAX; j++) {
             if (j >= nto) break;
-            if (j < jn) continue;
-            int d = d0w + 8 * j;
+            int st = warp + 4 * (j >> 1), d = 16 * st + 8 * (j & 1);
             u32 B[3][2];
             ldsm_x2_trans(B[0], sm + L.k + 2 * ((lane & 15) * L.P + d));
+            if (st < ns) {
+                mma16816_bf16(oh[j], P[0][0], P[0][1], P[0][2], P[0][3], B[0][0], B[0][1]);
+                mma16816_bf16(ol[j], P[1][0], P[1][1], P[1][2], P[1][3], B[0][0], B[0][1]);
+                mma16816_bf16(ol[j], P[2][0], P[2][1], P[2][2], P[2][3], B[0][0], B[0][1]);
+                continue;
+            }
 #pragma unroll
             for (int kp = 1; kp < 3; kp++)
                 ldsm_x2_trans(B[kp], sm + L.kr + 2 * (((kp - 1) * TC_KEYS + (lane & 15)) * L.RP + d - nope));
@@ -366,7 +370,8 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
         for (int c = 0; c < 4; c++) {
             int hh = g + 8 * (c >> 1), h = h0 + hh;
             if (hh < a.hpb && h < a.H)
-                a.oo[((tb + h) * a.S + blockIdx.z) * dh + d0w + 8 * j + 2 * tq + (c & 1)] = oh[j][c] + ol[j][c];
+                a.oo[((tb + h) * a.S + blockIdx.z) * dh + 16 * (warp + 4 * (j >> 1)) + 8 * (j & 1) + 2 * tq + (c & 1)] =
+                    oh[j][c] + ol[j][c];
         }
     }
     if (warp == 0 && tq == 0)
@@ -399,25 +404,28 @@ extern "C" __global__ void __launch_bounds__(128) attend_join(AttnArgs a) {
     __shared__ float sh[32];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, h = blockIdx.y;
     long base = ((long)blockIdx.x * a.H + h) * a.S;
-    float mx = NEG_INF;
-    for (int j = tid; j < a.S; j += blockDim.x) mx = fmaxf(mx, a.om[base + j]);
-    mx = block_max(mx, sh);
-    float den = 0.0f;
-    for (int j = tid; j < a.S; j += blockDim.x) {
-        float mj = a.om[base + j];
-        float wj = mj > NEG_INF ? expf(mj - mx) : 0.0f;
-        if (mj > NEG_INF) den += a.ol[base + j] * wj;
-        wt[j] = wj;
-    }
-    den = block_sum(den, sh) + expf(a.sink[h] - mx);
+    // Every load at once (S <= TC_JOIN_MAX): thread j's slice max and sum, and the values of
+    // its warp's slices, whose weights come after.
     int d = blockIdx.z * 128 + 4 * lane;
     bool live = d < a.dh;
+    float mj = tid < a.S ? a.om[base + tid] : NEG_INF;
+    float lj = tid < a.S ? a.ol[base + tid] : 0.0f;
+    float4 ov[TC_JOIN_MAX / 4];
+#pragma unroll
+    for (int i = 0; i < TC_JOIN_MAX / 4; i++)
+        if (live && warp + 4 * i < a.S) ov[i] = *(const float4*)(a.oo + (base + warp + 4 * i) * a.dh + d);
+    float mx = block_max(mj, sh);
+    float wj = mj > NEG_INF ? expf(mj - mx) : 0.0f;
+    if (tid < a.S) wt[tid] = wj;
+    float den = block_sum(mj > NEG_INF ? lj * wj : 0.0f, sh) + expf(a.sink[h] - mx);
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-    for (int j = warp; j < a.S; j += 4) {
+#pragma unroll
+    for (int i = 0; i < TC_JOIN_MAX / 4; i++) {
+        int j = warp + 4 * i;
+        if (j >= a.S) break;
         float wj = wt[j];
         if (wj == 0.0f || !live) continue;
-        float4 o = *(const float4*)(a.oo + (base + j) * a.dh + d);
+        float4 o = ov[i];
         acc.x = fmaf(o.x, wj, acc.x);
         acc.y = fmaf(o.y, wj, acc.y);
         acc.z = fmaf(o.z, wj, acc.z);
