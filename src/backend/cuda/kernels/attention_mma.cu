@@ -13,10 +13,10 @@
 // Warp w takes a quarter of the dims for its share of every score (the four shares are added in
 // warp order through shared memory), and every fourth step of 16 dims (w, w + 4, ...) for the
 // weighted values: a dim's weighted sum is the same whichever warp computes it, and so each
-// warp holds a quarter of the RoPE dims, whose products take three times the MMAs. (Dealt so
-// for the scores too, the sums' order, and so the logits, would change: the last warp's share
-// of them still takes twice the others'.) Every warp keeps the same running max and sum of
-// each head, computed from the same scores in the same order.
+// warp holds a quarter of the RoPE dims, whose products take three times the MMAs. The scores
+// keep their quarters, the last warp's taking twice the others' MMAs: dealt in steps, their
+// sums' order, and so the logits, would change (docs/cuda.md). Every warp keeps the same
+// running max and sum of each head, computed from the same scores in the same order.
 
 #define TC_HEADS 16
 #define TC_KEYS 16
