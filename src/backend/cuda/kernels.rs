@@ -33,6 +33,8 @@ pub const NAMES: &[&str] = &[
     "gemv_f4",
     "gemv_bf16",
     "gemv_f32",
+    "gemv_rows_bf16",
+    "gemv_rows_f32",
     "rms_norm",
     "head_norm_rope",
     "rope",

@@ -562,6 +562,10 @@ fn bucket(end: usize) -> usize {
     end.next_multiple_of(1 << g)
 }
 
+/// `gemv_rows` (linear.cu): weight rows a warp, activation rows a block.
+const GEMV_NR: usize = 4;
+const GEMV_ROW_BLOCK: usize = 64;
+
 /// Threads of a token's block in `hc_mix` and `hc_head` (their stream reductions hold 16 float4
 /// a thread in flight, which 1,024 threads' registers would not allow).
 const HC_THREADS: u32 = 512;
@@ -1063,24 +1067,32 @@ impl Cuda {
         while ks < 8 && n * ks / 8 < target && 2 * ks * 32 * w.fmt.chunk() <= k {
             ks *= 2;
         }
-        self.launch(
-            &format!("gemv_{}", w.fmt.suffix()),
-            blocks_1d(n, 8 / ks),
-            256,
-            0,
-            Args::new()
-                .push(w.w.ptr)
-                .push(w.scales())
-                .push(x.buf.ptr)
-                .push(y.buf.ptr)
-                .push(n as i32)
-                .push(k as i32)
-                .push(r as i32)
-                .push(xcols as i32)
-                .push(n as i32)
-                .push(group_rows as i32)
-                .push(ks as i32),
-        )?;
+        let mut args = Args::new();
+        args.push(w.w.ptr)
+            .push(w.scales())
+            .push(x.buf.ptr)
+            .push(y.buf.ptr)
+            .push(n as i32)
+            .push(k as i32)
+            .push(r as i32)
+            .push(xcols as i32)
+            .push(n as i32);
+        // Past one group of 8 rows, BF16 and F32 weights take `gemv_rows` (the same sums,
+        // each activation chunk serving GEMV_NR weight rows).
+        if r > 8 && groups == 1 && matches!(w.fmt, Format::Bf16 | Format::F32) {
+            let per_block = GEMV_NR * 8 / ks;
+            let grid = (
+                n.div_ceil(per_block) as u32,
+                r.div_ceil(GEMV_ROW_BLOCK) as u32,
+                1,
+            );
+            let name = format!("gemv_rows_{}", w.fmt.suffix());
+            self.launch(&name, grid, 256, 0, args.push(ks as i32))?;
+        } else {
+            let name = format!("gemv_{}", w.fmt.suffix());
+            let args = args.push(group_rows as i32).push(ks as i32);
+            self.launch(&name, blocks_1d(n, 8 / ks), 256, 0, args)?;
+        }
         Ok(y)
     }
 

@@ -166,6 +166,85 @@ __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, 
     }
 }
 
+// Weight rows a warp of `gemv_rows`, and activation rows a block (grid y).
+#define GEMV_NR 4
+#define GEMV_ROW_BLOCK 64
+
+// gemv for many activation rows (prefill): a warp takes GEMV_NR weight rows, so that each
+// activation chunk it loads serves GEMV_NR outputs (gemv re-reads every activation row for
+// every weight row), and grid y splits the rows. Each output's sum is gemv's, term for term:
+// the lane's chunks in increasing k, each chunk summed alone and then added, the warp's
+// butterfly, the KS partials in order; so a row gets the same bits from either kernel. No
+// groups (one activation row serves all of W).
+template <int FMT>
+__device__ void gemv_rows(const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R,
+                          int ldx, int ldy, int KS) {
+    const int CH = Chunk<FMT>::N, NR = GEMV_NR;
+    __shared__ float lut[16];
+    __shared__ float part[8][NR][8];
+    pdl_wait();
+    if (threadIdx.x < 16) lut[threadIdx.x] = E2M1[threadIdx.x];
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, ks = warp % KS;
+    int n0 = (blockIdx.x * (8 / KS) + warp / KS) * NR;
+    const long step = (long)KS * 32 * CH;
+    int r1 = min(R, (int)(blockIdx.y + 1) * GEMV_ROW_BLOCK);
+    for (int r0 = blockIdx.y * GEMV_ROW_BLOCK; r0 < r1; r0 += 8) {
+        int rows = min(r1 - r0, 8);
+        float acc[NR][8];
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+#pragma unroll
+            for (int r = 0; r < 8; r++) acc[i][r] = 0.0f;
+        if (n0 < N)
+            for (long k0 = (long)(ks * 32 + lane) * CH; k0 < K; k0 += step) {
+                float w[NR][CH];
+#pragma unroll
+                for (int i = 0; i < NR; i++) {
+                    if (n0 + i < N) decode_chunk<FMT>(W, S, n0 + i, k0, K, lut, w[i]);
+                    else
+#pragma unroll
+                        for (int c = 0; c < CH; c++) w[i][c] = 0.0f;
+                }
+#pragma unroll
+                for (int r = 0; r < 8; r++) {
+                    if (r >= rows) break;
+                    float4 v[CH / 4];
+#pragma unroll
+                    for (int c = 0; c < CH / 4; c++) v[c] = ((const float4*)(X + (long)(r0 + r) * ldx + k0))[c];
+#pragma unroll
+                    for (int i = 0; i < NR; i++) {
+                        float a = 0.0f;
+#pragma unroll
+                        for (int c = 0; c < CH / 4; c++) {
+                            a = fmaf(w[i][4 * c], v[c].x, a);
+                            a = fmaf(w[i][4 * c + 1], v[c].y, a);
+                            a = fmaf(w[i][4 * c + 2], v[c].z, a);
+                            a = fmaf(w[i][4 * c + 3], v[c].w, a);
+                        }
+                        acc[i][r] += a;
+                    }
+                }
+            }
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                float v = warp_sum(acc[i][r]);
+                if (lane == 0) part[warp][i][r] = v;
+            }
+        __syncthreads();
+        // Lane (i, r) of the first of the KS warps: output n0 + i of row r0 + r.
+        int i = lane >> 3, r = lane & 7;
+        if (ks == 0 && n0 + i < N && r < rows) {
+            float s = 0.0f;
+            for (int j = 0; j < KS; j++) s += part[warp + j][i][r];
+            Y[(long)(r0 + r) * ldy + n0 + i] = s;
+        }
+        __syncthreads();
+    }
+}
+
 #define LINEAR_KERNELS(NAME, FMT)                                                              \
     extern "C" __global__ void __launch_bounds__(256, 2) gemv_##NAME(                          \
         const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R, int ldx,      \
@@ -173,7 +252,16 @@ __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, 
         gemv<FMT>(W, S, X, Y, N, K, R, ldx, ldy, group_rows, KS);                              \
     }
 
+#define ROWS_KERNELS(NAME, FMT)                                                                \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemv_rows_##NAME(                     \
+        const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R, int ldx,      \
+        int ldy, int KS) {                                                                     \
+        gemv_rows<FMT>(W, S, X, Y, N, K, R, ldx, ldy, KS);                                     \
+    }
+
 LINEAR_KERNELS(f8, FMT_F8)
 LINEAR_KERNELS(f4, FMT_F4)
 LINEAR_KERNELS(bf16, FMT_BF16)
 LINEAR_KERNELS(f32, FMT_F32)
+ROWS_KERNELS(bf16, FMT_BF16)
+ROWS_KERNELS(f32, FMT_F32)
