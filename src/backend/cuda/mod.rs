@@ -1077,15 +1077,18 @@ impl Cuda {
             .push(r as i32)
             .push(xcols as i32)
             .push(n as i32);
-        // Past one group of 8 rows, BF16 and F32 weights take `gemv_rows` (the same sums,
-        // each activation chunk serving GEMV_NR weight rows).
-        if r > 8 && groups == 1 && matches!(w.fmt, Format::Bf16 | Format::F32) {
-            let per_block = GEMV_NR * 8 / ks;
-            let grid = (
-                n.div_ceil(per_block) as u32,
-                r.div_ceil(GEMV_ROW_BLOCK) as u32,
-                1,
-            );
+        // A prefill's rows (from GEMV_ROW_BLOCK) through BF16 and F32 weights take `gemv_rows`:
+        // the same sums, each activation chunk serving GEMV_NR weight rows, where its blocks
+        // still fill the GPU. A decode batch keeps `gemv` (measured so; not `gemv_rows`).
+        let per_block = GEMV_NR * 8 / ks;
+        let grid = (
+            n.div_ceil(per_block) as u32,
+            r.div_ceil(GEMV_ROW_BLOCK) as u32,
+            1,
+        );
+        let rows =
+            r >= GEMV_ROW_BLOCK && grid.1 <= 65535 && grid.0 as usize * grid.1 as usize >= target;
+        if rows && groups == 1 && matches!(w.fmt, Format::Bf16 | Format::F32) {
             let name = format!("gemv_rows_{}", w.fmt.suffix());
             self.launch(&name, grid, 256, 0, args.push(ks as i32))?;
         } else {
