@@ -80,27 +80,29 @@ __device__ __forceinline__ void decode_chunk(const u8* W, const u8* S, long n, l
     decode_raw<FMT>(load_chunk<FMT>(W, S, n, k0, K), lut, w);
 }
 
+// A chunk's products with activations v, summed alone (the order both gemv kernels keep).
+template <int CH>
+__device__ __forceinline__ float chunk_dot(const float* w, const float4* v) {
+    float a = 0.0f;
+#pragma unroll
+    for (int i = 0; i < CH / 4; i++) {
+        float4 x = v[i];
+        a = fmaf(w[4 * i], x.x, a);
+        a = fmaf(w[4 * i + 1], x.y, a);
+        a = fmaf(w[4 * i + 2], x.z, a);
+        a = fmaf(w[4 * i + 3], x.w, a);
+    }
+    return a;
+}
+
 // acc[r] += the chunk's products with rows r0 + r of X (each chunk summed alone, then added).
 template <int FMT>
 __device__ __forceinline__ void gemv_chunk(const float* w, const float* x, long k0, int r0,
                                            int rows, int ldx, float* acc) {
     const int CH = Chunk<FMT>::N;
 #pragma unroll
-    for (int r = 0; r < 8; r++) {
-        if (r < rows) {
-            const float4* xr = (const float4*)(x + (long)(r0 + r) * ldx + k0);
-            float a = 0.0f;
-#pragma unroll
-            for (int i = 0; i < CH / 4; i++) {
-                float4 v = xr[i];
-                a = fmaf(w[4 * i], v.x, a);
-                a = fmaf(w[4 * i + 1], v.y, a);
-                a = fmaf(w[4 * i + 2], v.z, a);
-                a = fmaf(w[4 * i + 3], v.w, a);
-            }
-            acc[r] += a;
-        }
-    }
+    for (int r = 0; r < 8; r++)
+        if (r < rows) acc[r] += chunk_dot<CH>(w, (const float4*)(x + (long)(r0 + r) * ldx + k0));
 }
 
 // Chunks a lane loads before it multiplies: a warp's loads are in flight together rather than
@@ -175,16 +177,15 @@ __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, 
 // every weight row), and grid y splits the rows. Each output's sum is gemv's, term for term:
 // the lane's chunks in increasing k, each chunk summed alone and then added, the warp's
 // butterfly, the KS partials in order; so a row gets the same bits from either kernel. No
-// groups (one activation row serves all of W).
+// groups (one activation row serves all of W); BF16 and F32 weights (no FP4 table).
 template <int FMT>
 __device__ void gemv_rows(const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R,
                           int ldx, int ldy, int KS) {
+    static_assert(FMT == FMT_BF16 || FMT == FMT_F32, "gemv_rows decodes BF16 and F32 weights");
+    static_assert(GEMV_NR * 8 == 32, "a lane of a warp stores each of its outputs");
     const int CH = Chunk<FMT>::N, NR = GEMV_NR;
-    __shared__ float lut[16];
     __shared__ float part[8][NR][8];
     pdl_wait();
-    if (threadIdx.x < 16) lut[threadIdx.x] = E2M1[threadIdx.x];
-    __syncthreads();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, ks = warp % KS;
     int n0 = (blockIdx.x * (8 / KS) + warp / KS) * NR;
     const long step = (long)KS * 32 * CH;
@@ -201,7 +202,7 @@ __device__ void gemv_rows(const u8* W, const u8* S, const float* X, float* Y, in
                 float w[NR][CH];
 #pragma unroll
                 for (int i = 0; i < NR; i++) {
-                    if (n0 + i < N) decode_chunk<FMT>(W, S, n0 + i, k0, K, lut, w[i]);
+                    if (n0 + i < N) decode_chunk<FMT>(W, S, n0 + i, k0, K, nullptr, w[i]);
                     else
 #pragma unroll
                         for (int c = 0; c < CH; c++) w[i][c] = 0.0f;
@@ -213,17 +214,7 @@ __device__ void gemv_rows(const u8* W, const u8* S, const float* X, float* Y, in
 #pragma unroll
                     for (int c = 0; c < CH / 4; c++) v[c] = ((const float4*)(X + (long)(r0 + r) * ldx + k0))[c];
 #pragma unroll
-                    for (int i = 0; i < NR; i++) {
-                        float a = 0.0f;
-#pragma unroll
-                        for (int c = 0; c < CH / 4; c++) {
-                            a = fmaf(w[i][4 * c], v[c].x, a);
-                            a = fmaf(w[i][4 * c + 1], v[c].y, a);
-                            a = fmaf(w[i][4 * c + 2], v[c].z, a);
-                            a = fmaf(w[i][4 * c + 3], v[c].w, a);
-                        }
-                        acc[i][r] += a;
-                    }
+                    for (int i = 0; i < NR; i++) acc[i][r] += chunk_dot<CH>(w[i], v);
                 }
             }
 #pragma unroll
