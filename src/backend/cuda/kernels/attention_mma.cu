@@ -22,7 +22,7 @@
 #define TC_KEYS 16
 #define TC_KEYS_PER_SPLIT 32
 #define TC_NT_MAX 16  // 8-dim MMA tiles of a warp's quarter of 512 dims
-#define TC_JOIN_MAX 64  // slices a join takes (the host's most)
+#define TC_JOIN_AHEAD 4  // slices a warp of the join loads before the weights are known (of <= 64)
 
 // Shared-memory addresses as 32-bit offsets: generic pointers cost a 64-bit address computation
 // (and its conversion) per load, more instructions than the attention's MMAs in its inner loops.
@@ -404,32 +404,38 @@ extern "C" __global__ void __launch_bounds__(128) attend_join(AttnArgs a) {
     __shared__ float sh[32];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, h = blockIdx.y;
     long base = ((long)blockIdx.x * a.H + h) * a.S;
-    // Every load at once (S <= TC_JOIN_MAX): thread j's slice max and sum, and the values of
-    // its warp's slices, whose weights come after.
+    // The first loads at once: thread j's slice max and sum, and the values of its warp's first
+    // TC_JOIN_AHEAD slices, whose weights come after. (All 16 slices ahead took 92 registers
+    // and 5 blocks an SM, which a prefill's thousands of blocks felt; decode's few did not.)
     int d = blockIdx.z * 128 + 4 * lane;
     bool live = d < a.dh;
     float mj = tid < a.S ? a.om[base + tid] : NEG_INF;
     float lj = tid < a.S ? a.ol[base + tid] : 0.0f;
-    float4 ov[TC_JOIN_MAX / 4];
+    const float* oo = a.oo + base * a.dh + d;
+    float4 ov[TC_JOIN_AHEAD];
 #pragma unroll
-    for (int i = 0; i < TC_JOIN_MAX / 4; i++)
-        if (live && warp + 4 * i < a.S) ov[i] = *(const float4*)(a.oo + (base + warp + 4 * i) * a.dh + d);
+    for (int i = 0; i < TC_JOIN_AHEAD; i++)
+        if (live && warp + 4 * i < a.S) ov[i] = *(const float4*)(oo + (long)(warp + 4 * i) * a.dh);
     float mx = block_max(mj, sh);
     float wj = mj > NEG_INF ? expf(mj - mx) : 0.0f;
     if (tid < a.S) wt[tid] = wj;
     float den = block_sum(mj > NEG_INF ? lj * wj : 0.0f, sh) + expf(a.sink[h] - mx);
+    // Slices j = warp, warp + 4, ... in order; an empty slice (weight 0) is skipped, its values
+    // never written.
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    auto add = [&](float4 o, float w) {
+        if (w == 0.0f) return;
+        acc.x = fmaf(o.x, w, acc.x);
+        acc.y = fmaf(o.y, w, acc.y);
+        acc.z = fmaf(o.z, w, acc.z);
+        acc.w = fmaf(o.w, w, acc.w);
+    };
+    if (live) {
 #pragma unroll
-    for (int i = 0; i < TC_JOIN_MAX / 4; i++) {
-        int j = warp + 4 * i;
-        if (j >= a.S) break;
-        float wj = wt[j];
-        if (wj == 0.0f || !live) continue;
-        float4 o = ov[i];
-        acc.x = fmaf(o.x, wj, acc.x);
-        acc.y = fmaf(o.y, wj, acc.y);
-        acc.z = fmaf(o.z, wj, acc.z);
-        acc.w = fmaf(o.w, wj, acc.w);
+        for (int i = 0; i < TC_JOIN_AHEAD; i++)
+            if (warp + 4 * i < a.S) add(ov[i], wt[warp + 4 * i]);
+#pragma unroll 4
+        for (int j = warp + 4 * TC_JOIN_AHEAD; j < a.S; j += 4) add(*(const float4*)(oo + (long)j * a.dh), wt[j]);
     }
     if (warp > 0) part[warp - 1][lane] = acc;
     __syncthreads();

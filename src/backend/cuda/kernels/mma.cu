@@ -167,6 +167,14 @@ __device__ __forceinline__ float f4_scale(u32 w, int b) {
     return f[b];
 }
 
+// A scale block's partial `c` joins an FP4 product's total as fmaf(c, fa * x, tot) would (fa
+// the weight's block scale, x the activation's 128-block scale, both powers of two), with
+// half the multiplications: over a step's four blocks the total is carried in units of x
+// (times `pow2_recip(x)`, fmaf(c, fa, u) a block, times x again), the same sums rounded the
+// same way (a power of two's scaling commutes with rounding, short of subnormals and
+// overflow). Every FP4 kernel does it so, so they agree bit for bit even there.
+__device__ __forceinline__ float pow2_recip(float x) { return __uint_as_float(0x7f000000u - __float_as_uint(x)); }
+
 // The A fragments of four MMAs from a lane's 16 FP8 bytes of rows g (`wa`) and g + 8 (`wb`):
 // MMA i takes bytes 4i..4i+3 (bf16 against split_act's planes, else f16).
 template <bool EXACT>
@@ -355,6 +363,11 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
         for (int j = 0; j < RT; j++) {
             x0[j] = rows.s0[j] >= 0 ? xs[rows.s0[j] + (k >> 7)] : 0.0f;
             x1[j] = rows.s1[j] >= 0 ? xs[rows.s1[j] + (k >> 7)] : 0.0f;
+            float r0 = pow2_recip(x0[j]), r1 = pow2_recip(x1[j]);
+            tot[j][0] *= r0;
+            tot[j][1] *= r1;
+            tot[j][2] *= r0;
+            tot[j][3] *= r1;
         }
 #pragma unroll
         for (int b = 0; b < 4; b++) {
@@ -369,11 +382,18 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
                 float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 mma16816(c, A0[0], A0[1], A0[2], A0[3], xv.x, xv.y);
                 mma16816(c, A1[0], A1[1], A1[2], A1[3], xv.z, xv.w);
-                tot[j][0] = fmaf(c[0], fa * x0[j], tot[j][0]);
-                tot[j][1] = fmaf(c[1], fa * x1[j], tot[j][1]);
-                tot[j][2] = fmaf(c[2], fb * x0[j], tot[j][2]);
-                tot[j][3] = fmaf(c[3], fb * x1[j], tot[j][3]);
+                tot[j][0] = fmaf(c[0], fa, tot[j][0]);
+                tot[j][1] = fmaf(c[1], fa, tot[j][1]);
+                tot[j][2] = fmaf(c[2], fb, tot[j][2]);
+                tot[j][3] = fmaf(c[3], fb, tot[j][3]);
             }
+        }
+#pragma unroll
+        for (int j = 0; j < RT; j++) {
+            tot[j][0] *= x0[j];
+            tot[j][1] *= x1[j];
+            tot[j][2] *= x0[j];
+            tot[j][3] *= x1[j];
         }
     }
 }
@@ -469,6 +489,15 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
         int k = kb + 128 * i;
         float x0 = rows.s0[0] >= 0 ? xs[rows.s0[0] + (k >> 7)] : 0.0f;
         float x1 = rows.s1[0] >= 0 ? xs[rows.s1[0] + (k >> 7)] : 0.0f;
+        float r0 = pow2_recip(x0), r1 = pow2_recip(x1);
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            float* acc = (w ? tot2 : tot)[0];
+            acc[0] *= r0;
+            acc[1] *= r1;
+            acc[2] *= r0;
+            acc[3] *= r1;
+        }
         u32 sa[NW], sb[NW];
 #pragma unroll
         for (int w = 0; w < NW; w++) {
@@ -490,11 +519,19 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
                 float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 mma16816(c, A0[0], A0[1], A0[2], A0[3], xv.x, xv.y);
                 mma16816(c, A1[0], A1[1], A1[2], A1[3], xv.z, xv.w);
-                acc[0][0] = fmaf(c[0], fa * x0, acc[0][0]);
-                acc[0][1] = fmaf(c[1], fa * x1, acc[0][1]);
-                acc[0][2] = fmaf(c[2], fb * x0, acc[0][2]);
-                acc[0][3] = fmaf(c[3], fb * x1, acc[0][3]);
+                acc[0][0] = fmaf(c[0], fa, acc[0][0]);
+                acc[0][1] = fmaf(c[1], fa, acc[0][1]);
+                acc[0][2] = fmaf(c[2], fb, acc[0][2]);
+                acc[0][3] = fmaf(c[3], fb, acc[0][3]);
             }
+        }
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            float* acc = (w ? tot2 : tot)[0];
+            acc[0] *= x0;
+            acc[1] *= x1;
+            acc[2] *= x0;
+            acc[3] *= x1;
         }
         if (--left == 0) {
             on_slice(i / slice_steps);
@@ -569,7 +606,13 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
         cp_commit();
         const u8* st = ring + (i % F4S_STAGES) * STRIDE;
         const u8* xst = st + NW * F4S_STEP;
-        float x0 = *(const float*)(xst + 256);
+        float x0 = *(const float*)(xst + 256), r0 = pow2_recip(x0);
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            float* acc = (w ? tot2 : tot)[0];
+            acc[0] *= r0;
+            acc[2] *= r0;
+        }
         float fs[NW][2][4];
 #pragma unroll
         for (int w = 0; w < NW; w++) {
@@ -592,9 +635,15 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
                 float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 mma16816(c, A0[0], A0[1], A0[2], A0[3], xv.x, xv.y);
                 mma16816(c, A1[0], A1[1], A1[2], A1[3], xv.z, xv.w);
-                acc[0][0] = fmaf(c[0], fa * x0, acc[0][0]);
-                acc[0][2] = fmaf(c[2], fb * x0, acc[0][2]);
+                acc[0][0] = fmaf(c[0], fa, acc[0][0]);
+                acc[0][2] = fmaf(c[2], fb, acc[0][2]);
             }
+        }
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            float* acc = (w ? tot2 : tot)[0];
+            acc[0] *= x0;
+            acc[2] *= x0;
         }
         if (--left == 0) {
             on_slice(slice++);

@@ -14,6 +14,11 @@
 // Shared memory rows are stored in 16-byte chunks permuted by the row (`swz_*`), so that the
 // eight lanes of a quarter-warp reading one chunk column hit different banks.
 
+// Whether a step spreads the next step's copies over its MMAs (1) or issues them at its start.
+#ifndef TILE_SPREAD
+#define TILE_SPREAD 1
+#endif
+
 #define TL_LINEAR 0
 #define TL_UP 1
 #define TL_DOWN 2
@@ -73,40 +78,71 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     int wn = warp / (8 / WN), wm = warp % (8 / WN);
     long wbytes = T::F4 ? K >> 1 : K, kq = K >> 5;
-    // Stage step `st` (k = 128 st) into buffer `buf`.
-    auto issue = [&](int st, u8* buf) {
+    // The thread's copies of a step, fixed for the tile: each source at k = 0 (where the row is
+    // past the weight's or the batch's end, its slab's first byte, copied as zeros) and where
+    // it lands. Read into registers once: the copies' barriers would otherwise make the
+    // compiler reload `sl` and `arow` from shared memory and redo the address arithmetic
+    // (30-odd instructions a copy) every step.
+    constexpr int CPR = T::WROW / 16, NW = T::BN * CPR / 256, NX = T::PLANES * BM * 16 / 256;
+    static_assert(T::BN * CPR % 256 == 0 && BM * 16 % 256 == 0, "whole copies a thread");
+    const u8* wsrc[NW];
+    u32 wdst[NW], wok = 0;
+#pragma unroll
+    for (int i = 0; i < NW; i++) {
+        int row = tid / CPR + 256 / CPR * i, ch = tid % CPR, s = row >> 6, r = sl.row[s] + (row & 63);
+        bool ok = r < N;
+        wok |= (u32)ok << i;
+        wsrc[i] = sl.w[s] + (ok ? r * wbytes + 16 * ch : 0);
+        wdst[i] = row * T::WROW + 16 * (T::F4 ? swz_w4(row, ch) : swz_w8(row, ch));
+    }
+    const u8* ssrc = sl.s[0];  // FP4: the row's scales
+    bool sok = false;
+    if (T::F4 && tid < T::BN) {
+        int s = tid >> 6, r = sl.row[s] + (tid & 63);
+        sok = r < N;
+        ssrc = sl.s[s] + (sok ? r * kq : 0);
+    }
+    // Activations: copy i reads plane i / (NX / PLANES) (BM * 16 copies a plane).
+    int xsrc[NX];  // code offsets within the plane; -1: no row
+    u32 xdst[NX];
+#pragma unroll
+    for (int i = 0; i < NX; i++) {
+        int p = i / (NX / T::PLANES), row = (tid / 16 + 16 * i) % BM, ch = tid & 15, a = arow[row];
+        xsrc[i] = a >= 0 ? a + 8 * ch : -1;
+        xdst[i] = (p * BM + row) * 256 + 16 * swz_x<T::F4>(row, ch);
+    }
+    int xssrc = !T::EXACT && tid < BM && arow[tid] >= 0 ? arow[tid] >> 7 : -1;  // the row's scales
+    // Stage step `st` (k = 128 st) into buffer `buf`: of the step's copies (the weights', their
+    // scales', the activations', theirs), those that fall in `part` of `parts` (compile-time
+    // constants once unrolled). A step spreads the next one's copies over its MMAs: issued at
+    // once, each copy's registers stayed locked until the copy left the queue, and the first
+    // MMAs waited on them (11% of the up projection's stall samples, 2026-12-02 run 1).
+    constexpr int NCOPY = NW + T::F4 + NX + !T::EXACT;
+    auto issue = [&](int st, u8* buf, int part, int parts) {
+        auto mine = [&](int q) { return q * parts / NCOPY == part; };
         int k = st * 128;
-        constexpr int CPR = T::WROW / 16;
-        for (int c = tid; c < T::BN * CPR; c += 256) {
-            int row = c / CPR, ch = c % CPR, s = row >> 6, r = sl.row[s] + (row & 63);
-            bool v = r < N;
-            const u8* src = sl.w[s] + (v ? r * wbytes + (T::F4 ? k >> 1 : k) + 16 * ch : 0);
-            int pos = T::F4 ? swz_w4(row, ch) : swz_w8(row, ch);
-            cp_async16(buf + row * T::WROW + 16 * pos, src, v);
+        u32 b = smem_addr(buf);
+#pragma unroll
+        for (int i = 0; i < NW; i++) {
+            bool ok = wok >> i & 1;
+            if (mine(i)) cp_async16(b + wdst[i], wsrc[i] + (ok ? (T::F4 ? k >> 1 : k) : 0), ok);
         }
-        if (T::F4)
-            for (int row = tid; row < T::BN; row += 256) {
-                int s = row >> 6, r = sl.row[s] + (row & 63);
-                bool v = r < N;
-                cp_async4(buf + T::W_BYTES + 4 * row, sl.s[s] + (v ? r * kq + (k >> 5) : 0), v);
-            }
-        u8* xb = buf + T::W_BYTES + T::WS_BYTES;
-        for (int c = tid; c < T::PLANES * BM * 16; c += 256) {
-            int p = c / (BM * 16), row = (c / 16) % BM, ch = c & 15, a = arow[row];
-            const u16* src = xq + (a >= 0 ? p * pstride + a + k + 8 * ch : 0);
-            cp_async16(xb + (p * BM + row) * 256 + 16 * swz_x<T::F4>(row, ch), src, a >= 0);
+        if (T::F4 && mine(NW) && tid < T::BN) cp_async4(b + T::W_BYTES + 4 * tid, ssrc + (sok ? k >> 5 : 0), sok);
+        u32 xb = b + T::W_BYTES + T::WS_BYTES;
+#pragma unroll
+        for (int i = 0; i < NX; i++) {
+            const u16* plane = xq + (i / (NX / T::PLANES)) * pstride;
+            if (mine(NW + T::F4 + i))
+                cp_async16(xb + xdst[i], plane + (xsrc[i] >= 0 ? xsrc[i] + k : 0), xsrc[i] >= 0);
         }
-        if (!T::EXACT)
-            for (int row = tid; row < BM; row += 256) {
-                int a = arow[row];
-                cp_async4(xb + T::X_BYTES + 4 * row, xs + (a >= 0 ? (a >> 7) + (k >> 7) : 0), a >= 0);
-            }
+        if (!T::EXACT && mine(NCOPY - 1) && tid < BM)
+            cp_async4(xb + T::X_BYTES + 4 * tid, xs + (xssrc >= 0 ? xssrc + (k >> 7) : 0), xssrc >= 0);
     };
 
     int steps = K >> 7, per_split = steps / KS;
 #pragma unroll
     for (int s = 0; s < T::STAGES - 1; s++) {
-        if (s < steps) issue(s, stages + s * T::STAGE);
+        if (s < steps) issue(s, stages + s * T::STAGE, 0, 1);
         cp_commit();
     }
     float tot[MT][NT][4];
@@ -123,20 +159,33 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
         cp_wait<T::STAGES - 2>();
         __syncthreads();
         int nx = i + T::STAGES - 1;
-        if (nx < steps) issue(nx, stages + (nx % T::STAGES) * T::STAGE);
-        cp_commit();
+        u8* next = stages + (nx % T::STAGES) * T::STAGE;
+        auto issue_part = [&](int part, int parts) {
+            if (nx < steps && (TILE_SPREAD || part == 0))
+                issue(nx, next, TILE_SPREAD ? part : 0, TILE_SPREAD ? parts : 1);
+        };
         const u8* st = stages + (i % T::STAGES) * T::STAGE;
         const u8* xst = st + T::W_BYTES + T::WS_BYTES;
         const float* xsc = (const float*)(xst + T::X_BYTES);
         if constexpr (T::F4) {
+            // The totals in units of the activation rows' scales over the step (pow2_recip).
             float x0[NT], x1[NT];
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 x0[j] = xsc[xr0 + 8 * j + 2 * t];
                 x1[j] = xsc[xr0 + 8 * j + 2 * t + 1];
+                float r0 = pow2_recip(x0[j]), r1 = pow2_recip(x1[j]);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    tot[m][j][0] *= r0;
+                    tot[m][j][1] *= r1;
+                    tot[m][j][2] *= r0;
+                    tot[m][j][3] *= r1;
+                }
             }
 #pragma unroll
             for (int b = 0; b < 4; b++) {
+                issue_part(b, 4);
                 uint4 xv[NT];
 #pragma unroll
                 for (int j = 0; j < NT; j++) {
@@ -157,16 +206,27 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
                         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                         mma16816(c, A0[0], A0[1], A0[2], A0[3], xv[j].x, xv[j].y);
                         mma16816(c, A1[0], A1[1], A1[2], A1[3], xv[j].z, xv[j].w);
-                        tot[m][j][0] = fmaf(c[0], fa * x0[j], tot[m][j][0]);
-                        tot[m][j][1] = fmaf(c[1], fa * x1[j], tot[m][j][1]);
-                        tot[m][j][2] = fmaf(c[2], fb * x0[j], tot[m][j][2]);
-                        tot[m][j][3] = fmaf(c[3], fb * x1[j], tot[m][j][3]);
+                        tot[m][j][0] = fmaf(c[0], fa, tot[m][j][0]);
+                        tot[m][j][1] = fmaf(c[1], fa, tot[m][j][1]);
+                        tot[m][j][2] = fmaf(c[2], fb, tot[m][j][2]);
+                        tot[m][j][3] = fmaf(c[3], fb, tot[m][j][3]);
                     }
                 }
             }
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    tot[m][j][0] *= x0[j];
+                    tot[m][j][1] *= x1[j];
+                    tot[m][j][2] *= x0[j];
+                    tot[m][j][3] *= x1[j];
+                }
         } else {
             // mma_core_f8's order a sum: halves of 64 k, MMAs i = 0..3 of each; the exact
-            // planes' second and third parts into their own sums, plane by plane.
+            // planes' second and third parts into their own sums, plane by plane. (The weight
+            // block's scale is loaded first, its latency under the MMAs.)
+            float sw = e8m0(wsc[i]);
             float c[MT][NT][4], cl[T::EXACT ? MT : 1][NT][4];
 #pragma unroll
             for (int m = 0; m < MT; m++)
@@ -194,6 +254,7 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
                     }
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
+                    issue_part(h * MT + m, 2 * MT);
                     int ra = wr0 + 16 * m + g, rb = ra + 8;
                     uint4 wa = lds128(st + ra * 128 + 16 * swz_w8(ra, 4 * h + t));
                     uint4 wb = lds128(st + rb * 128 + 16 * swz_w8(rb, 4 * h + t));
@@ -217,7 +278,6 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
                             }
                 }
             }
-            float sw = e8m0(wsc[i]);
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 float s0 = T::EXACT ? sw : sw * xsc[xr0 + 8 * j + 2 * t];
@@ -234,6 +294,7 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
                 }
             }
         }
+        cp_commit();
         // A k-slice ends: its sum joins those before it, in order (reduce_splits').
         if ((i + 1) % per_split == 0) {
             bool first = i + 1 == per_split;
