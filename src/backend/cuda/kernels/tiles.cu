@@ -14,7 +14,9 @@
 // Shared memory rows are stored in 16-byte chunks permuted by the row (`swz_*`), so that the
 // eight lanes of a quarter-warp reading one chunk column hit different banks.
 
-// Whether a step spreads the next step's copies over its MMAs (1) or issues them at its start.
+// Whether a step spreads the next step's copies over its MMAs (1) or issues them at its start
+// (0), where the tile keeps all in registers with it: the experts' tiles and `wo_a`'s (the
+// other linears' tiles spill with it).
 #ifndef TILE_SPREAD
 #define TILE_SPREAD 1
 #endif
@@ -160,9 +162,9 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
         __syncthreads();
         int nx = i + T::STAGES - 1;
         u8* next = stages + (nx % T::STAGES) * T::STAGE;
+        constexpr bool SPREAD = TILE_SPREAD && (WN == 4 || T::EXACT);
         auto issue_part = [&](int part, int parts) {
-            if (nx < steps && (TILE_SPREAD || part == 0))
-                issue(nx, next, TILE_SPREAD ? part : 0, TILE_SPREAD ? parts : 1);
+            if (nx < steps && (SPREAD || part == 0)) issue(nx, next, SPREAD ? part : 0, SPREAD ? parts : 1);
         };
         const u8* st = stages + (i % T::STAGES) * T::STAGE;
         const u8* xst = st + T::W_BYTES + T::WS_BYTES;
