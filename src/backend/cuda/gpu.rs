@@ -774,10 +774,18 @@ impl Gpu {
     }
 
     /// Kernel `name`, allowed `smem` bytes of dynamic shared memory and clusters of `cluster`
-    /// blocks (past 48 KiB and 8 blocks the kernel must opt in).
+    /// blocks (past 48 KiB with its static shared memory, and past 8 blocks, the kernel must
+    /// opt in).
     fn kernel(&self, name: &str, smem: u32, cluster: u32) -> Result<&CudaFunction> {
         let f = self.func(name)?;
-        if smem > 48 * 1024 {
+        let fixed = if smem > 0 {
+            f.shared_size_bytes()
+                .map_err(|e| driver_err(&format!("kernel {name}: shared memory"), e))?
+                as u32
+        } else {
+            0
+        };
+        if smem + fixed > 48 * 1024 {
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,

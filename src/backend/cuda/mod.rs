@@ -322,6 +322,7 @@ mod args {
         pub qp: u64,
         pub s: u64,
         pub rms_eps: f32,
+        pub t: i32,
     }
 
     #[repr(C)]
@@ -574,6 +575,9 @@ const HC_THREADS: u32 = 512;
 /// in a cluster a token: a cluster's blocks wait for each other, which across a prefill's
 /// thousands of tokens holds SMs idle.
 const HC_ROWS_FROM: usize = 64;
+
+/// Tokens a block of `hc_pre_rows_m4` takes (`HC_ROWS_TOKENS` in mhc.cu).
+const HC_ROWS_TOKENS: usize = 8;
 
 /// `hc_pre_m4`'s cluster for four copies of `d` dims: (blocks, threads a block), one float4 of
 /// the stream a thread. The fewest blocks (at most 16) that give at most 256 threads, else
@@ -1299,12 +1303,12 @@ impl Cuda {
                 qp,
                 s,
                 rms_eps: norm.map_or(0.0, |(_, e)| e),
+                t: t as i32,
             };
-            let grid = (c as u32, t as u32, 1);
             if rows {
                 self.launch(
                     "hc_pre_rows_m4",
-                    grid,
+                    (c as u32, t.div_ceil(HC_ROWS_TOKENS) as u32, 1),
                     threads as u32,
                     smem as u32,
                     Args::new().push(a),
@@ -1313,7 +1317,7 @@ impl Cuda {
                 let (threads, smem, c) = (threads as u32, smem as u32, c as u32);
                 self.gpu.launch_clustered(
                     "hc_pre_m4",
-                    grid,
+                    (c, t as u32, 1),
                     threads,
                     smem,
                     c,

@@ -247,6 +247,7 @@ struct HcPreArgs {
     u16* qp;
     float* s;
     float rms_eps;
+    int T;  // tokens (hc_pre_rows: HC_ROWS_TOKENS a block)
 };
 
 // The whole mHC pre step in one launch: the mixes fn @ x, the stream's RMS, the gates, Sinkhorn
@@ -263,7 +264,7 @@ struct HcPreArgs {
 // - `hc_pre_rows_m4` (many tokens: prefill): partials through global memory, and the token's
 //   last block to finish does the rest for the whole row. Its blocks do not wait for each
 //   other, which in a wide launch would hold SMs idle (with clusters the 8K prefill's window
-//   and HCA layers took 5-6% longer).
+//   and HCA layers took 5-6% longer); each takes HC_ROWS_TOKENS tokens (grid C x T / 8).
 // The norm is rms_norm's with 256 threads: each of its threads' four float4, its warp's
 // butterfly, the eight warps' sums in order, computed from the whole row of y by warps that
 // stand in for those threads; quantized rows included. M copies (a template: the mixes stay
@@ -279,24 +280,32 @@ struct HcPre {
     float shv[8];
 };
 
-// Block s's partials of token t into `sh.part`; its float4 of the copies into `xs` (stream
-// j's at j * per). The weights are loaded before the kernel waits for its input.
+// Thread (j, c4)'s float4 of each mix weight: copy j = tid / per, float4 c4 of block s's slice
+// (before the kernel waits for its input: no kernel writes them).
 template <int M>
-__device__ void hc_partials(const HcPreArgs& a, HcPre<M>& sh, int s, int t, int C, float4* xs) {
-    const int n = HcPre<M>::n, D = a.D, K = M * D, per = (D >> 2) / C;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
-    const int j = tid / per, c4 = s * per + tid % per;
-    float4 w[n];
+__device__ __forceinline__ void hc_weights(const HcPreArgs& a, int s, int C, float4 (&w)[HcPre<M>::n]) {
+    const int D = a.D, per = (D >> 2) / C, j = threadIdx.x / per, c4 = s * per + threadIdx.x % per;
 #pragma unroll
-    for (int r = 0; r < n; r++) {
-        const float* p = a.fn + (long)r * K + (long)j * D + 4 * c4;
+    for (int r = 0; r < HcPre<M>::n; r++) {
+        const float* p = a.fn + (long)r * M * D + (long)j * D + 4 * c4;
         asm volatile("ld.global.nc.v4.f32 {%0,%1,%2,%3}, [%4];"
                      : "=f"(w[r].x), "=f"(w[r].y), "=f"(w[r].z), "=f"(w[r].w)
                      : "l"(p));
     }
-    pdl_wait();
-    float4 xv = ((const float4*)(a.x + (long)t * K + (long)j * D))[c4];
-    xs[tid] = xv;
+}
+
+// The thread's float4 of token t's copies.
+template <int M>
+__device__ __forceinline__ float4 hc_stream(const HcPreArgs& a, int s, int C, long t) {
+    const int D = a.D, per = (D >> 2) / C, j = threadIdx.x / per, c4 = s * per + threadIdx.x % per;
+    return ((const float4*)(a.x + t * M * D + (long)j * D))[c4];
+}
+
+// The thread's terms of each mix and of the sum of squares, summed over its warp into
+// `red[warp]` (both pre-step kernels sum them so: a token's bits do not depend on which).
+template <int M>
+__device__ __forceinline__ void hc_warp_sums(const float4 (&w)[HcPre<M>::n], float4 xv, float (*red)[HcPre<M>::n + 1]) {
+    const int n = HcPre<M>::n, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float acc[n + 1];
 #pragma unroll
     for (int r = 0; r < n; r++) acc[r] = w[r].x * xv.x + w[r].y * xv.y + w[r].z * xv.z + w[r].w * xv.w;
@@ -304,15 +313,28 @@ __device__ void hc_partials(const HcPreArgs& a, HcPre<M>& sh, int s, int t, int 
 #pragma unroll
     for (int r = 0; r <= n; r++) {
         float v = warp_sum(acc[r]);
-        if (lane == 0) sh.red[warp][r] = v;
+        if (lane == 0) red[warp][r] = v;
     }
+}
+
+// Partial r of a block: its warps' sums in order (0 past the mixes and the sum of squares).
+template <int M>
+__device__ __forceinline__ float hc_block_part(const float (*red)[HcPre<M>::n + 1], int r) {
+    float v = 0.0f;
+    if (r <= HcPre<M>::n)
+        for (int u = 0; u < (int)(blockDim.x >> 5); u++) v += red[u][r];
+    return v;
+}
+
+// Block s's partials of token t into `sh.part`; its float4 of the copies into `xs`.
+template <int M>
+__device__ void hc_partials(const HcPreArgs& a, HcPre<M>& sh, const float4 (&w)[HcPre<M>::n], int s, int t,
+                            int C, float4* xs) {
+    float4 xv = hc_stream<M>(a, s, C, t);
+    xs[threadIdx.x] = xv;
+    hc_warp_sums<M>(w, xv, sh.red);
     __syncthreads();
-    if (tid < HcPre<M>::NP) {
-        float v = 0.0f;
-        if (tid <= n)
-            for (int u = 0; u < nw; u++) v += sh.red[u][tid];
-        sh.part[tid] = v;
-    }
+    if (threadIdx.x < HcPre<M>::NP) sh.part[threadIdx.x] = hc_block_part<M>(sh.red, threadIdx.x);
     __syncthreads();
 }
 
@@ -407,7 +429,10 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
     cluster_sync_relaxed();
     float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (a.rms_w && tid < per) g = ((const float4*)a.rms_w)[s * per + tid];
-    hc_partials<M>(a, sh, s, t, C, xs);
+    float4 w[HcPre<M>::n];
+    hc_weights<M>(a, s, C, w);
+    pdl_wait();
+    hc_partials<M>(a, sh, w, s, t, C, xs);
     if (tid < C) {
         u32 dst = cluster_addr(smem_addr(parts + s * NP), tid), bar = cluster_addr(bar_mix, tid);
         for (int r = 0; r < NP; r += 4) st_async4(dst + 4 * r, *(const float4*)&sh.part[r], bar);
@@ -429,44 +454,69 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
     if (tid < per) hc_store_normed(a, t, s * per + tid, o, g, inv);
 }
 
+// Token t's row by the block that finished its partials last (the C blocks' partials in
+// `parts`' space): the gates, Sinkhorn (the last warp), the reduction and the norm. Every
+// thread reaches its final barrier.
 template <int M>
-__device__ void hc_pre_rows_m(const HcPreArgs& a) {
-    const int NP = HcPre<M>::NP;
-    __shared__ HcPre<M> sh;
-    __shared__ int last;
-    extern __shared__ float4 dyn[];
-    const int C = gridDim.x, s = blockIdx.x, t = blockIdx.y, D = a.D, D4 = D >> 2;
-    const int tid = threadIdx.x, nw = blockDim.x >> 5;
-    float4* xs = dyn;
-    float4* ys = xs + blockDim.x;
-    hc_partials<M>(a, sh, s, t, C, xs);
-    float* pt = a.part + ((long)t * C + s) * NP;
-    if (tid < NP) pt[tid] = sh.part[tid];
+__device__ void hc_row(const HcPreArgs& a, HcPre<M>& sh, float* parts, float4* ys, int t, int C) {
+    const int NP = HcPre<M>::NP, D = a.D, D4 = D >> 2, tid = threadIdx.x, work = ((blockDim.x >> 5) - 1) * 32;
     __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        last = atomicAdd(&a.done[t], 1u) == (u32)C - 1;
-        if (last) a.done[t] = 0;  // zero again for the next launch
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    float* parts = (float*)(ys + D4);
     for (int k = tid; k < C * NP; k += blockDim.x) parts[k] = ((volatile float*)a.part)[(long)t * C * NP + k];
     __syncthreads();
-    if (!hc_gates<M>(a, sh, parts, 0, t, C)) return;
-    const int work = (nw - 1) * 32;
-    const float4* x4 = (const float4*)(a.x + (long)t * M * D);
-    float4* y4 = (float4*)(a.y + (long)t * D);
-    for (int i = tid; i < D4; i += work) {
-        float4 o = hc_reduce<M>(x4 + i, D4, sh.pre);
-        if (a.rms_w) ys[i] = o;
-        else y4[i] = o;
+    if (hc_gates<M>(a, sh, parts, 0, t, C)) {
+        const float4* x4 = (const float4*)(a.x + (long)t * M * D);
+        float4* y4 = (float4*)(a.y + (long)t * D);
+        for (int i = tid; i < D4; i += work) {
+            float4 o = hc_reduce<M>(x4 + i, D4, sh.pre);
+            if (a.rms_w) ys[i] = o;
+            else y4[i] = o;
+        }
+        if (a.rms_w) {
+            bar_first(work);
+            float inv = hc_norm_inv(ys, D4, D, a.rms_eps, sh.shv, work);
+            for (int i = tid; i < D4; i += work) hc_store_normed(a, t, i, ys[i], ((const float4*)a.rms_w)[i], inv);
+        }
     }
-    if (!a.rms_w) return;
-    bar_first(work);
-    float inv = hc_norm_inv(ys, D4, D, a.rms_eps, sh.shv, work);
-    for (int i = tid; i < D4; i += work) hc_store_normed(a, t, i, ys[i], ((const float4*)a.rms_w)[i], inv);
+    __syncthreads();
+}
+
+// Tokens a block of `hc_pre_rows_m4` takes: its mix weights, loaded once, serve them all (a
+// block a token read the step's 1.5 MB of weights once a token: 8.4 ms of a four-layer 4K
+// prefill, 2026-12-02 sixth session).
+#define HC_ROWS_TOKENS 8
+
+template <int M>
+__device__ void hc_pre_rows_m(const HcPreArgs& a) {
+    const int n = HcPre<M>::n, NP = HcPre<M>::NP, TT = HC_ROWS_TOKENS;
+    __shared__ HcPre<M> sh;
+    __shared__ float red[TT][16][n + 1];
+    __shared__ int last[TT];
+    extern __shared__ float4 dyn[];
+    const int C = gridDim.x, s = blockIdx.x, D4 = a.D >> 2, tid = threadIdx.x;
+    const int t0 = blockIdx.y * TT, nt = a.T - t0 < TT ? a.T - t0 : TT;
+    float4* ys = dyn + blockDim.x;
+    float* parts = (float*)(ys + D4);
+    float4 w[n];
+    hc_weights<M>(a, s, C, w);
+    pdl_wait();
+    float4 xv = hc_stream<M>(a, s, C, t0);
+    for (int u = 0; u < nt; u++) {
+        float4 xn = u + 1 < nt ? hc_stream<M>(a, s, C, t0 + u + 1) : xv;  // the next token's, in flight
+        hc_warp_sums<M>(w, xv, red[u]);
+        xv = xn;
+    }
+    __syncthreads();
+    for (int q = tid; q < nt * NP; q += blockDim.x)
+        a.part[((long)(t0 + q / NP) * C + s) * NP + q % NP] = hc_block_part<M>(red[q / NP], q % NP);
+    __threadfence();
+    __syncthreads();
+    if (tid < nt) {
+        last[tid] = atomicAdd(&a.done[t0 + tid], 1u) == (u32)C - 1;
+        if (last[tid]) a.done[t0 + tid] = 0;  // zero again for the next launch
+    }
+    __syncthreads();
+    for (int u = 0; u < nt; u++)
+        if (last[u]) hc_row<M>(a, sh, parts, ys, t0 + u, C);
 }
 
 extern "C" __global__ void __launch_bounds__(512) hc_pre_m4(HcPreArgs a) { hc_pre_m<4>(a); }

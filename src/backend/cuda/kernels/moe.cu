@@ -88,13 +88,71 @@ struct RouteArgs {
     float scale;
 };
 
+// One token (decode's batch 1, scores by sigmoid or sqrt(softplus), up to 32 ROUTE_PER
+// experts): a thread an expert's score (its bias loaded before the wait), one barrier, then
+// warp 0 alone picks from registers and finds the weights and the pairs' grouping by warp
+// shuffles. The general path below took one block's latency chain of a dozen barriers and
+// three rounds of dependent loads (5 us alone, 7-8 in a step). The same scores, picks (the
+// lowest index among ties), weights (summed in pick order) and groups, so the same bits.
+__device__ void route_one(const RouteArgs& a, float* sc, float* biased) {
+    const int E = a.E, k = a.k, tid = threadIdx.x, lane = tid & 31;
+    float bias = a.bias && tid < E ? a.bias[tid] : 0.0f;
+    pdl_wait();
+    if (tid < E) {
+        float x = a.logits[tid];
+        float v = a.func == 0 ? sqrtf(softplusf(x)) : sigmoidf(x);
+        sc[tid] = v;
+        biased[tid] = v + bias;
+    }
+    __syncthreads();
+    if (tid >= 32) return;
+    float r[ROUTE_PER];
+#pragma unroll
+    for (int i = 0; i < ROUTE_PER; i++) r[i] = lane + 32 * i < E ? biased[lane + 32 * i] : NEG_INF;
+    // Round j's pick and its score end in lane j.
+    int mine = 0;
+    float w = 0.0f, sum = 0.0f;
+    for (int j = 0; j < k; j++) {
+        float v = NEG_INF;
+        int vi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < ROUTE_PER; i++)
+            if (r[i] > v) { v = r[i]; vi = lane + 32 * i; }
+        warp_argmax(v, vi);
+#pragma unroll
+        for (int i = 0; i < ROUTE_PER; i++)
+            if (lane + 32 * i == vi) r[i] = NEG_INF;
+        float s = sc[vi < E ? vi : 0];  // (no pick: scores all NaN)
+        sum += s;
+        if (lane == j) {
+            mine = vi;
+            w = s;
+        }
+    }
+    if (lane >= k) return;
+    a.ids[lane] = mine;
+    a.weights[lane] = w / sum * a.scale;
+    // The experts in ascending order, each with its one pair (sort_pairs' groups).
+    int rank = 0;
+    for (int j = 0; j < k; j++) rank += __shfl_sync((1u << k) - 1, mine, j) < mine;
+    a.seg_expert[rank] = mine;
+    a.seg_off[rank] = rank;
+    a.seg_cnt[rank] = 1;
+    a.order[rank] = lane;
+    if (lane == 0) *a.nseg = k;
+}
+
 // Scores, selection and weights of each token's experts (one block a token); the last block
 // to finish then groups all the pairs by expert for the experts' kernels (one launch fewer on
 // the MoE's longest chain). A token's picks stay in shared memory: no round trip to global
 // memory follows a pick.
 extern "C" __global__ void route(RouteArgs a) {
-    pdl_wait();
     extern __shared__ float sc[];
+    if (a.T == 1 && !a.tid2eid && a.func != 2 && a.E <= (int)blockDim.x && a.E <= 32 * ROUTE_PER) {
+        route_one(a, sc, sc + a.E);
+        return;
+    }
+    pdl_wait();
     const int E = a.E, k = a.k, func = a.func;
     float* biased = sc + E;
     __shared__ float sh[32];
