@@ -28,6 +28,10 @@
 #   tools/device/run.sh pattern  how fast the one-token expert passes' access patterns read HBM
 #                                without their arithmetic (tools/device/pattern.cu, built
 #                                with the machine's nvcc), in $OUT/pattern.txt
+#   tools/device/run.sh pdl      when a kernel launched to overlap the one before it starts,
+#                                by the shapes of both, in streams and graphs (forks, joins:
+#                                tools/device/pdlprobe.cu, built with the machine's nvcc), in
+#                                $OUT/pdlprobe.txt
 #   tools/device/run.sh profile NAME REGEX SKIP COUNT ARGS...   Nsight Compute's detailed
 #                                sections (throughput, memory, occupancy, stall reasons) for
 #                                COUNT launches of kernels matching REGEX after SKIP of them,
@@ -169,6 +173,10 @@ while true; do
     probe)
       step probe /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/l2probe tools/device/l2probe.cu &&
         step probe sh -c "/tmp/l2probe > $OUT/l2probe.txt"
+      ;;
+    pdl)
+      step pdl /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/pdlprobe tools/device/pdlprobe.cu &&
+        step pdl sh -c "/tmp/pdlprobe > $OUT/pdlprobe.txt"
       ;;
     pattern)
       step pattern /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/pattern tools/device/pattern.cu &&

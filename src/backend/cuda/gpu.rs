@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaFunction, CudaStream};
 
+use super::arena::Arena;
 use super::kernels;
 use crate::error::{Error, Result};
 
@@ -140,10 +141,47 @@ pub struct Buf {
     pub ptr: u64,
     /// Its size.
     pub bytes: usize,
+    home: Home,
+}
+
+/// Where a buffer's memory came from.
+#[derive(Clone, Copy, PartialEq)]
+enum Home {
+    /// The stream's allocator.
+    Stream,
+    /// The workspace of a step being recorded, at this offset.
+    Workspace(usize),
+    /// The stream's allocator, while a step was recorded and the workspace had no room.
+    Spill,
 }
 
 impl Drop for Buf {
     fn drop(&mut self) {
+        if let Home::Workspace(at) = self.home {
+            // (Dropped after its recording ended, which then failed: the workspace is not
+            // used again by that recording.)
+            if let Some((_, w)) = self
+                .streams
+                .workspace
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                w.give(at, self.bytes);
+            }
+            return;
+        }
+        if self.home == Home::Spill {
+            if let Some((_, w)) = self
+                .streams
+                .workspace
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                w.unspilled(self.bytes);
+            }
+        }
         // A failure here has no one to report to; the driver reports a broken context at the
         // next synchronization.
         let _ = self.streams.ctx.bind_to_thread();
@@ -164,6 +202,9 @@ struct Streams {
     /// Where `side` starts (recorded on `main`) and where it ends (recorded on `side`).
     fork: CudaEvent,
     rejoin: CudaEvent,
+    /// While a step is recorded, the workspace its buffers come from: its address and
+    /// bookkeeping.
+    workspace: Mutex<Option<(u64, Arena)>>,
 }
 
 thread_local! {
@@ -227,8 +268,11 @@ impl Args {
     }
 }
 
-/// A recorded stream of work, replayed by [`Gpu::replay`].
-pub struct Graph(cudarc::driver::CudaGraph);
+/// A recorded stream of work, replayed by [`Gpu::replay`], and the workspace its buffers are in.
+pub struct Graph {
+    graph: cudarc::driver::CudaGraph,
+    _workspace: Arc<Buf>,
+}
 
 // SAFETY: a graph is used by one thread at a time (its owner keeps it behind a lock).
 unsafe impl Send for Graph {}
@@ -255,6 +299,9 @@ impl Gate {
             .then(|| self.lock.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
+
+/// The first workspace of recorded steps (batch-1 decode needs a few MiB).
+const WORKSPACE_START: usize = 64 << 20;
 
 /// A CUDA device with hadal's kernels loaded.
 pub struct Gpu {
@@ -284,6 +331,10 @@ pub struct Gpu {
     /// chain crowded the main one (docs/cuda.md has the measurements).
     side_priority: i32,
     gate: Gate,
+    /// The workspace of recorded steps ([`super::arena`]), and the size the next one needs;
+    /// none with `HADAL_CUDA_WORKSPACE=0` (buffers from the stream, to compare).
+    workspace: Mutex<(Option<Arc<Buf>>, usize)>,
+    use_workspace: bool,
     /// [`Gpu::clusters_fit`]'s answers by kernel, threads, shared memory and cluster size.
     cluster_fits: Mutex<HashMap<(String, u32, u32, u32), bool>>,
 }
@@ -323,6 +374,7 @@ impl Gpu {
             side_lock: Mutex::new(()),
             fork: event()?,
             rejoin: event()?,
+            workspace: Mutex::new(None),
         });
         let arch = ctx
             .compute_capability()
@@ -393,6 +445,8 @@ impl Gpu {
             overlap: arch >= (9, 0) && !std::env::var("HADAL_CUDA_PDL").is_ok_and(|v| v == "0"),
             side_priority,
             gate: Gate::default(),
+            workspace: Mutex::new((None, WORKSPACE_START)),
+            use_workspace: !std::env::var("HADAL_CUDA_WORKSPACE").is_ok_and(|v| v == "0"),
             cluster_fits: Mutex::new(HashMap::new()),
         }))
     }
@@ -404,6 +458,15 @@ impl Gpu {
         let _held = self.gate.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gate.owner.store(thread_number(), Ordering::Release);
         let out = (|| {
+            let workspace = self.workspace()?;
+            if self.use_workspace {
+                *self
+                    .streams
+                    .workspace
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) =
+                    Some((workspace.ptr, Arena::new(workspace.bytes)));
+            }
             self.streams
                 .main
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -419,10 +482,51 @@ impl Gpu {
                 .map_err(|e| driver_err("recording the work", e));
             let t = r?;
             let g = g?.ok_or_else(|| Error::Device("an empty recording".into()))?;
-            Ok((t, Graph(g)))
+            dump_graph(&g);
+            Ok((
+                t,
+                Graph {
+                    graph: g,
+                    _workspace: workspace,
+                },
+            ))
         })();
         self.gate.owner.store(0, Ordering::Release);
+        let Some((_, arena)) = self
+            .streams
+            .workspace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return out;
+        };
+        // Where the workspace had no room, the next one has (recordings made before keep
+        // the workspace they address).
+        {
+            let mut w = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+            w.1 = w.1.max(arena.peak().next_power_of_two());
+        }
+        if out.is_ok() && arena.live() > 0 {
+            return Err(Error::Device(format!(
+                "a recorded step kept {} of its buffers past its end",
+                arena.live()
+            )));
+        }
         out
+    }
+
+    /// The workspace for the next recording: the last one, or a larger one where a recording
+    /// needed more.
+    fn workspace(&self) -> Result<Arc<Buf>> {
+        let mut w = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = w.0.as_ref().filter(|b| b.bytes >= w.1) {
+            return Ok(Arc::clone(b));
+        }
+        // (Before the recording starts: from the stream.)
+        let b = Arc::new(self.alloc(w.1)?);
+        w.0 = Some(Arc::clone(&b));
+        Ok(b)
     }
 
     /// The stream the calling thread queues work on.
@@ -463,6 +567,14 @@ impl Gpu {
         {
             let _g = self.gate.enter();
             s.fork.record(&s.main).map_err(err("marking a fork"))?;
+            if let Some((_, w)) = s
+                .workspace
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                w.fork();
+            }
         }
         // Until the side stream waits at the fork, nothing needs joining back.
         let ra = a(x)?;
@@ -479,6 +591,14 @@ impl Gpu {
             let _g = self.gate.enter();
             s.rejoin.record(&s.side).map_err(err("marking a join"))?;
             s.main.wait(&s.rejoin).map_err(err("waiting at a join"))?;
+            if let Some((_, w)) = s
+                .workspace
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                w.join();
+            }
         }
         Ok((ra, rb?))
     }
@@ -491,7 +611,8 @@ impl Gpu {
     /// Queues a recorded graph.
     pub fn replay(&self, g: &Graph) -> Result<()> {
         let _g = self.gate.enter();
-        g.0.launch()
+        g.graph
+            .launch()
             .map_err(|e| driver_err("replaying a recording", e))
     }
 
@@ -499,6 +620,30 @@ impl Gpu {
     pub fn alloc(&self, bytes: usize) -> Result<Buf> {
         let _g = self.gate.enter();
         self.bind()?;
+        let mut home = Home::Stream;
+        if self.capturing() {
+            let mut ws = self
+                .streams
+                .workspace
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some((base, w)) = ws.as_mut() {
+                match w.take(bytes) {
+                    Some(at) => {
+                        return Ok(Buf {
+                            streams: self.streams.clone(),
+                            ptr: *base + at as u64,
+                            bytes,
+                            home: Home::Workspace(at),
+                        });
+                    }
+                    None => {
+                        w.spilled(bytes);
+                        home = Home::Spill;
+                    }
+                }
+            }
+        }
         let n = bytes.max(16).next_multiple_of(16);
         // SAFETY: the contents are written before they are read (or `zeros` clears them).
         let ptr = unsafe { result::malloc_async(self.stream().cu_stream(), n) }.map_err(|e| {
@@ -511,6 +656,7 @@ impl Gpu {
             streams: self.streams.clone(),
             ptr,
             bytes,
+            home,
         })
     }
 
@@ -807,6 +953,26 @@ impl Gpu {
             .get(name)
             .ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))
     }
+}
+
+/// With `HADAL_CUDA_GRAPH_DOT=PREFIX`, writes each recorded graph's nodes and edges (kernels,
+/// memory nodes, the edges' kinds) to `PREFIX.N.dot`, Graphviz's format: how a recording
+/// came out, for a person to read.
+fn dump_graph(g: &cudarc::driver::CudaGraph) {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let Some(prefix) = std::env::var_os("HADAL_CUDA_GRAPH_DOT") else {
+        return;
+    };
+    let path = format!(
+        "{}.{}.dot",
+        prefix.to_string_lossy(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let Ok(path) = std::ffi::CString::new(path) else {
+        return;
+    };
+    // SAFETY: a live graph and a NUL-terminated path; a failure only leaves no file.
+    let _ = unsafe { sys::cuGraphDebugDotPrint(g.cu_graph(), path.as_ptr(), 0) };
 }
 
 /// The launch attribute of clusters of `x` blocks along x.

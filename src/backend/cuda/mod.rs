@@ -5,6 +5,7 @@
 //! runs on machines without CUDA, where [`device_count`] is 0. Kernels are CUDA C++ compiled by
 //! NVRTC for the device found ([`kernels`]).
 
+mod arena;
 pub mod gpu;
 pub mod kernels;
 pub mod state;

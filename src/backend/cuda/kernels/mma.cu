@@ -174,6 +174,14 @@ __device__ __forceinline__ float f4_scale(u32 w, int b) {
 // same way (a power of two's scaling commutes with rounding, short of subnormals and
 // overflow). Every FP4 kernel does it so, so they agree bit for bit even there.
 __device__ __forceinline__ float pow2_recip(float x) { return __uint_as_float(0x7f000000u - __float_as_uint(x)); }
+// An MMA lane's four sums times their columns' factors (c[0], c[2] in column 2t, c[1], c[3]
+// in 2t + 1): into and out of the activation scale's units.
+__device__ __forceinline__ void scale_cols(float* c, float a, float b) {
+    c[0] *= a;
+    c[1] *= b;
+    c[2] *= a;
+    c[3] *= b;
+}
 
 // The A fragments of four MMAs from a lane's 16 FP8 bytes of rows g (`wa`) and g + 8 (`wb`):
 // MMA i takes bytes 4i..4i+3 (bf16 against split_act's planes, else f16).
@@ -364,10 +372,7 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
             x0[j] = rows.s0[j] >= 0 ? xs[rows.s0[j] + (k >> 7)] : 0.0f;
             x1[j] = rows.s1[j] >= 0 ? xs[rows.s1[j] + (k >> 7)] : 0.0f;
             float r0 = pow2_recip(x0[j]), r1 = pow2_recip(x1[j]);
-            tot[j][0] *= r0;
-            tot[j][1] *= r1;
-            tot[j][2] *= r0;
-            tot[j][3] *= r1;
+            scale_cols(tot[j], r0, r1);
         }
 #pragma unroll
         for (int b = 0; b < 4; b++) {
@@ -390,10 +395,7 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
         }
 #pragma unroll
         for (int j = 0; j < RT; j++) {
-            tot[j][0] *= x0[j];
-            tot[j][1] *= x1[j];
-            tot[j][2] *= x0[j];
-            tot[j][3] *= x1[j];
+            scale_cols(tot[j], x0[j], x1[j]);
         }
     }
 }
@@ -491,13 +493,7 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
         float x1 = rows.s1[0] >= 0 ? xs[rows.s1[0] + (k >> 7)] : 0.0f;
         float r0 = pow2_recip(x0), r1 = pow2_recip(x1);
 #pragma unroll
-        for (int w = 0; w < NW; w++) {
-            float* acc = (w ? tot2 : tot)[0];
-            acc[0] *= r0;
-            acc[1] *= r1;
-            acc[2] *= r0;
-            acc[3] *= r1;
-        }
+        for (int w = 0; w < NW; w++) scale_cols((w ? tot2 : tot)[0], r0, r1);
         u32 sa[NW], sb[NW];
 #pragma unroll
         for (int w = 0; w < NW; w++) {
@@ -526,13 +522,7 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
             }
         }
 #pragma unroll
-        for (int w = 0; w < NW; w++) {
-            float* acc = (w ? tot2 : tot)[0];
-            acc[0] *= x0;
-            acc[1] *= x1;
-            acc[2] *= x0;
-            acc[3] *= x1;
-        }
+        for (int w = 0; w < NW; w++) scale_cols((w ? tot2 : tot)[0], x0, x1);
         if (--left == 0) {
             on_slice(i / slice_steps);
             left = slice_steps;
@@ -609,7 +599,7 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
         float x0 = *(const float*)(xst + 256), r0 = pow2_recip(x0);
 #pragma unroll
         for (int w = 0; w < NW; w++) {
-            float* acc = (w ? tot2 : tot)[0];
+            float* acc = (w ? tot2 : tot)[0];  // (column 2t + 1, acc[1] and acc[3], unused)
             acc[0] *= r0;
             acc[2] *= r0;
         }
@@ -641,7 +631,7 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
         }
 #pragma unroll
         for (int w = 0; w < NW; w++) {
-            float* acc = (w ? tot2 : tot)[0];
+            float* acc = (w ? tot2 : tot)[0];  // (column 2t + 1, acc[1] and acc[3], unused)
             acc[0] *= x0;
             acc[2] *= x0;
         }

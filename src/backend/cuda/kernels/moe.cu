@@ -16,6 +16,22 @@ __device__ __forceinline__ void warp_argmax(float& v, int& vi) {
     }
 }
 
+// One round of the one-warp selection: the warp's largest of the lanes' ROUTE_PER biased
+// scores `r` (lane l holds experts l, l + 32, ...), the lowest index among ties, in every
+// lane; the pick is then set to -inf so the next round passes it over.
+__device__ __forceinline__ int warp_pick(float (&r)[ROUTE_PER], int lane) {
+    float v = NEG_INF;
+    int vi = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < ROUTE_PER; i++)
+        if (r[i] > v) { v = r[i]; vi = lane + 32 * i; }
+    warp_argmax(v, vi);
+#pragma unroll
+    for (int i = 0; i < ROUTE_PER; i++)
+        if (lane + 32 * i == vi) r[i] = NEG_INF;
+    return vi;
+}
+
 // Groups the `pairs` (token, expert) pairs of `ids` by expert, by one block (`cnt`: 2 E words
 // of shared memory): the non-empty experts in ascending order with their slices of `order`.
 __device__ void sort_pairs(const volatile u32* ids, int pairs, int E, u32* cnt, u32* seg_expert,
@@ -113,15 +129,7 @@ __device__ void route_one(const RouteArgs& a, float* sc, float* biased) {
     int mine = 0;
     float w = 0.0f, sum = 0.0f;
     for (int j = 0; j < k; j++) {
-        float v = NEG_INF;
-        int vi = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < ROUTE_PER; i++)
-            if (r[i] > v) { v = r[i]; vi = lane + 32 * i; }
-        warp_argmax(v, vi);
-#pragma unroll
-        for (int i = 0; i < ROUTE_PER; i++)
-            if (lane + 32 * i == vi) r[i] = NEG_INF;
+        int vi = warp_pick(r, lane);
         float s = sc[vi < E ? vi : 0];  // (no pick: scores all NaN)
         sum += s;
         if (lane == j) {
@@ -191,16 +199,8 @@ extern "C" __global__ void route(RouteArgs a) {
 #pragma unroll
                 for (int i = 0; i < ROUTE_PER; i++) r[i] = lane + 32 * i < E ? biased[lane + 32 * i] : NEG_INF;
                 for (int j = 0; j < k; j++) {
-                    float v = NEG_INF;
-                    int vi = 0x7fffffff;
-#pragma unroll
-                    for (int i = 0; i < ROUTE_PER; i++)
-                        if (r[i] > v) { v = r[i]; vi = lane + 32 * i; }
-                    warp_argmax(v, vi);
+                    int vi = warp_pick(r, lane);
                     if (lane == 0) sel[j] = vi;
-#pragma unroll
-                    for (int i = 0; i < ROUTE_PER; i++)
-                        if (lane + 32 * i == vi) r[i] = NEG_INF;
                 }
             }
         } else {

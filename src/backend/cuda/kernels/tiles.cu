@@ -179,10 +179,7 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
                 float r0 = pow2_recip(x0[j]), r1 = pow2_recip(x1[j]);
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
-                    tot[m][j][0] *= r0;
-                    tot[m][j][1] *= r1;
-                    tot[m][j][2] *= r0;
-                    tot[m][j][3] *= r1;
+                    scale_cols(tot[m][j], r0, r1);
                 }
             }
 #pragma unroll
@@ -219,10 +216,7 @@ __device__ void tile_product(const Slabs<WN>& sl /* shared */, int N, int K, int
             for (int m = 0; m < MT; m++)
 #pragma unroll
                 for (int j = 0; j < NT; j++) {
-                    tot[m][j][0] *= x0[j];
-                    tot[m][j][1] *= x1[j];
-                    tot[m][j][2] *= x0[j];
-                    tot[m][j][3] *= x1[j];
+                    scale_cols(tot[m][j], x0[j], x1[j]);
                 }
         } else {
             // mma_core_f8's order a sum: halves of 64 k, MMAs i = 0..3 of each; the exact
