@@ -1204,7 +1204,8 @@ fn mhc_pre_with_its_norm_gives_the_two_launches_bits() {
 /// mHC alone against the CPU on random streams: the pre step (with and without the sublayer's
 /// norm) and the post step (of one output and of a sum) at tiny-a's, V4-Flash's and V4-Pro's widths (a cluster of one block,
 /// of 16 blocks of 256 threads, of 16 of 448), 1 to 70 tokens; each row within 2e-5 of the
-/// CPU's, and a token's first row with the same bits whatever the batch.
+/// CPU's, and a token's first row with the same bits whatever the batch. The post step done by
+/// the next pre step (`hc_post_pre_norm`) gives the bits of the two steps one after the other.
 #[test]
 fn mhc_matches_the_cpu() {
     let Some(cuda) = gpu("mhc_matches_the_cpu") else {
@@ -1271,6 +1272,36 @@ fn mhc_matches_the_cpu() {
             let shg = cuda.upload(&sh, d).unwrap();
             let ag2 = cuda.copy(&ag).unwrap();
             cuda.hc_post_sum(&hc_gpu, &mut sg, ag2, &shg, &mg).unwrap();
+            // The residual mixed in by the next pre step: the stream and the next sublayer's
+            // normed input with the bits of the post step, then the pre step.
+            for sum in [false, true] {
+                let (_, mix) = cuda.hc_pre(&hc_gpu, &xg).unwrap();
+                let mut xf = cuda.copy(&xg).unwrap();
+                let r = hadal::model::mhc::Residual {
+                    hc: &hc_gpu,
+                    a: cuda.copy(&ag).unwrap(),
+                    b: sum.then(|| cuda.copy(&shg).unwrap()),
+                    mix,
+                };
+                let (yf, _) = cuda
+                    .hc_post_pre_norm(r, &mut xf, &hc_gpu, &wg, 1e-6)
+                    .unwrap();
+                let mixed = if sum { &sg } else { &pg };
+                let (yr, _) = cuda.hc_pre_norm(&hc_gpu, mixed, &wg, 1e-6).unwrap();
+                let bits = |t: &_| -> Vec<u32> {
+                    cuda.download(t)
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                let what = if sum { "of a sum" } else { "of one output" };
+                assert!(bits(&xf) == bits(mixed), "D = {d}, {t} tokens: the stream {what} mixed in by the pre step differs from hc_post's");
+                assert!(
+                    bits(&yf) == bits(&yr),
+                    "D = {d}, {t} tokens: the pre step after mixing {what} in differs"
+                );
+            }
             for (i, (what, g, c, w)) in [
                 ("pre", cuda.download(&yg).unwrap(), yc, d),
                 ("pre with the norm", cuda.download(&ng).unwrap(), nc, d),

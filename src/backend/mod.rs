@@ -29,7 +29,7 @@ use crate::generate::{Sampler, TokenLogprob};
 use crate::model::attention::Attention;
 use crate::model::compressor::Compressor;
 use crate::model::indexer::Indexer;
-use crate::model::mhc::{HcHead, HyperConn};
+use crate::model::mhc::{HcHead, HyperConn, Residual};
 use crate::model::moe::{Expert, Moe};
 use crate::model::rope::Rope;
 use crate::model::Span;
@@ -276,6 +276,20 @@ pub trait Device: Sized + Send + Sync + 'static {
         let (mut y, mix) = self.hc_pre(hc, x)?;
         self.rms_norm(&mut y, w, eps)?;
         Ok((y, mix))
+    }
+    /// The sublayer before's residual mixed into the stream ([`Residual::apply`]), then
+    /// [`Device::hc_pre_norm`] of the next sublayer: a device may do both in one pass over
+    /// the stream.
+    fn hc_post_pre_norm(
+        &self,
+        done: Residual<'_, Self>,
+        x: &mut Self::Tensor,
+        hc: &HyperConn<Self>,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Mix)> {
+        done.apply(self, x)?;
+        self.hc_pre_norm(hc, x, w, eps)
     }
     /// The mHC mix after a sublayer: `X'_k = post_k a + sum_j comb[j][k] X_j`, in place.
     fn hc_post(

@@ -288,7 +288,9 @@ impl<D: Device> Backend for Runner<D> {
         }
         let mut t = self.dev.upload(x, self.width())?;
         self.run(std::slice::from_mut(input), 1, |b| {
-            block.forward(&self.dev, b, 0, &mut t)
+            block
+                .forward(&self.dev, b, 0, &mut t, None)?
+                .apply(&self.dev, &mut t)
         })?;
         self.dev.download(&t)
     }

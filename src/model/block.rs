@@ -4,7 +4,7 @@ use crate::backend::Device;
 use crate::config::Config;
 use crate::error::Result;
 use crate::model::attention::Attention;
-use crate::model::mhc::{HcDims, HyperConn};
+use crate::model::mhc::{HcDims, HyperConn, Residual};
 use crate::model::moe::Moe;
 use crate::model::Loader;
 
@@ -50,20 +50,36 @@ impl<D: Device> Block<D> {
     }
 
     /// Runs the block on a `T x M x D` stream in place, advancing block `slot` of each
-    /// sequence's state.
-    pub fn forward(
-        &self,
+    /// sequence's state: `before`, the block before's MoE output, is mixed into the stream
+    /// first, and the MoE's output is left for what reads the stream next
+    /// ([`Residual::apply`], or the next block).
+    pub fn forward<'s>(
+        &'s self,
         dev: &D,
         b: &mut D::Batch<'_>,
         slot: usize,
         x: &mut D::Tensor,
-    ) -> Result<()> {
-        let (y, mix) = dev.hc_pre_norm(&self.hc_attn, x, &self.attn_norm, self.eps)?;
+        before: Option<Residual<'_, D>>,
+    ) -> Result<Residual<'s, D>> {
+        let (y, mix) = match before {
+            Some(r) => dev.hc_post_pre_norm(r, x, &self.hc_attn, &self.attn_norm, self.eps)?,
+            None => dev.hc_pre_norm(&self.hc_attn, x, &self.attn_norm, self.eps)?,
+        };
         let a = self.attn.forward(dev, b, slot, &y)?;
-        dev.hc_post(&self.hc_attn, x, &a, &mix)?;
+        let attn = Residual {
+            hc: &self.hc_attn,
+            a,
+            b: None,
+            mix,
+        };
 
-        let (y, mix) = dev.hc_pre_norm(&self.hc_ffn, x, &self.ffn_norm, self.eps)?;
+        let (y, mix) = dev.hc_post_pre_norm(attn, x, &self.hc_ffn, &self.ffn_norm, self.eps)?;
         let (routed, shared) = self.ffn.forward_parts(dev, b, &y)?;
-        dev.hc_post_sum(&self.hc_ffn, x, routed, &shared, &mix)
+        Ok(Residual {
+            hc: &self.hc_ffn,
+            a: routed,
+            b: Some(shared),
+            mix,
+        })
     }
 }

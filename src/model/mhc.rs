@@ -58,6 +58,31 @@ impl<D: Device> HyperConn<D> {
     }
 }
 
+/// A sublayer's output not yet mixed into the stream: `X'_k = post_k a + sum_j comb[j][k] X_j`
+/// waits for whatever reads the stream next, so that the next sublayer's pre step can mix it
+/// in as it reads the stream ([`Device::hc_post_pre_norm`]: one pass over the stream where two
+/// were).
+pub struct Residual<'h, D: Device> {
+    /// The mHC of the sublayer that made it.
+    pub hc: &'h HyperConn<D>,
+    /// The sublayer's output, or the first of two added (the MoE's routed and shared experts).
+    pub a: D::Tensor,
+    /// The second of two added.
+    pub b: Option<D::Tensor>,
+    /// The weights of the sublayer's pre step.
+    pub mix: D::Mix,
+}
+
+impl<D: Device> Residual<'_, D> {
+    /// Mixes it into the stream `x` now ([`Device::hc_post`]).
+    pub fn apply(self, dev: &D, x: &mut D::Tensor) -> Result<()> {
+        match self.b {
+            Some(b) => dev.hc_post_sum(self.hc, x, self.a, &b, &self.mix),
+            None => dev.hc_post(self.hc, x, &self.a, &self.mix),
+        }
+    }
+}
+
 /// The final reduction of the stream before the head: `y = sum_j pre_j X_j`.
 pub struct HcHead<D: Device> {
     /// Sizes and epsilons.

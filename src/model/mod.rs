@@ -190,7 +190,8 @@ impl<D: Device> Model<D> {
         self.forward_with(dev, b, &mut |_| Ok(()))
     }
 
-    /// [`Model::forward`], calling `after(i)` when block `i` is queued.
+    /// [`Model::forward`], calling `after(i)` when block `i` is queued (but for mixing its
+    /// output into the stream, which the next block's first step does).
     pub fn forward_with(
         &self,
         dev: &D,
@@ -198,9 +199,13 @@ impl<D: Device> Model<D> {
         after: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<D::Tensor> {
         let mut x = dev.embed(&self.embed, b, self.cfg.hc_mult)?;
+        let mut rest = None;
         for (i, block) in self.blocks.iter().enumerate() {
-            block.forward(dev, b, i, &mut x)?;
+            rest = Some(block.forward(dev, b, i, &mut x, rest.take())?);
             after(i)?;
+        }
+        if let Some(r) = rest {
+            r.apply(dev, &mut x)?;
         }
         Ok(x)
     }
@@ -216,7 +221,9 @@ impl<D: Device> Model<D> {
     ) -> Result<D::Tensor> {
         let mtp = self.mtp_block(i)?;
         let mut x = mtp.input(dev, &self.embed, hidden, b)?;
-        mtp.block.forward(dev, b, 0, &mut x)?;
+        mtp.block
+            .forward(dev, b, 0, &mut x, None)?
+            .apply(dev, &mut x)?;
         Ok(x)
     }
 

@@ -27,7 +27,7 @@ use crate::generate::TokenLogprob;
 use crate::model::attention::Attention;
 use crate::model::compressor::Compressor;
 use crate::model::indexer::Indexer;
-use crate::model::mhc::{HcHead, HyperConn};
+use crate::model::mhc::{HcHead, HyperConn, Residual};
 use crate::model::moe::{Expert, Moe, Routing};
 use crate::model::rope::Rope;
 use crate::model::Span;
@@ -324,6 +324,10 @@ mod args {
         pub s: u64,
         pub rms_eps: f32,
         pub t: i32,
+        pub pa: u64,
+        pub pa2: u64,
+        pub ppost: u64,
+        pub pcomb: u64,
     }
 
     #[repr(C)]
@@ -684,7 +688,12 @@ impl Cuda {
         Ok(Cuda {
             tensor_cores: gpu.arch >= (8, 0) && !simt,
             fuse_norms: true,
-            expert_warps: AtomicUsize::new(0),
+            expert_warps: AtomicUsize::new(
+                std::env::var("HADAL_CUDA_EXPERT_WARPS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
             index_blockwise: AtomicBool::new(false),
             concurrent: AtomicBool::new(
                 !std::env::var("HADAL_CUDA_STREAMS").is_ok_and(|v| v == "1"),
@@ -1200,6 +1209,25 @@ impl Cuda {
         Ok(v.chunks(k.max(1)).map(|c| c.to_vec()).collect())
     }
 
+    /// [`Device::hc_pre_norm`], the residual `before` mixed in first ([`Cuda::hc_pre_with`]).
+    fn pre_norm(
+        &self,
+        hc: &HyperConn<Self>,
+        x: &Tensor,
+        w: &Vector,
+        eps: f32,
+        before: Option<&Residual<'_, Self>>,
+    ) -> Result<(Tensor, Mix)> {
+        // The pre step's kernels norm y with the sums of `rms_norm`'s 256 threads where
+        // `rms_norm` would take as many (rows of 3,073 to 4,096: four float4 a thread).
+        let fuse = self.fuse_norms && w.len == hc.dims.d && row_threads(w.len.div_ceil(4)) == 256;
+        let (mut y, mix, normed) = self.hc_pre_with(hc, x, fuse.then_some((w, eps)), before)?;
+        if !normed {
+            self.rms_norm(&mut y, w, eps)?;
+        }
+        Ok((y, mix))
+    }
+
     /// `hc_post` of `a` (plus `a2`, as `add` would add it).
     fn post_mix(
         &self,
@@ -1209,8 +1237,21 @@ impl Cuda {
         a2: Option<&Tensor>,
         mix: &Mix,
     ) -> Result<()> {
+        let t = x.len() / (hc.dims.m * hc.dims.d);
+        self.post_mix_at(hc, x.written(), t, a, a2, mix)
+    }
+
+    /// [`Cuda::post_mix`] into the stream of `t` tokens at `x`.
+    fn post_mix_at(
+        &self,
+        hc: &HyperConn<Self>,
+        x: u64,
+        t: usize,
+        a: &Tensor,
+        a2: Option<&Tensor>,
+        mix: &Mix,
+    ) -> Result<()> {
         let (m, d) = (hc.dims.m, hc.dims.d);
-        let t = x.len() / (m * d);
         // hc_post takes four dims a thread for V4's four copies.
         let threads = if m == 4 && d % 4 == 0 {
             t * d / 4
@@ -1223,7 +1264,7 @@ impl Cuda {
             256,
             0,
             Args::new()
-                .push(x.written())
+                .push(x)
                 .push(a.buf.ptr)
                 .push(a2.map_or(0, |t| t.buf.ptr))
                 .push(mix.post.buf.ptr)
@@ -1236,16 +1277,22 @@ impl Cuda {
 
     /// [`Device::hc_pre`], and with `norm` (V4's four copies), the RMS norm of the sublayer's
     /// input by its weights too, with the quantized rows `rms_norm` would write; the flag says
-    /// whether the norm was applied.
+    /// whether the norm was applied. With `before`, the sublayer before's residual is mixed
+    /// into the stream first (the caller has marked `x` written): by the cluster kernel as it
+    /// reads the stream, else by `hc_post`.
     fn hc_pre_with(
         &self,
         hc: &HyperConn<Self>,
         x: &Tensor,
         norm: Option<(&Vector, f32)>,
+        before: Option<&Residual<'_, Self>>,
     ) -> Result<(Tensor, Mix, bool)> {
         let (m, d) = (hc.dims.m, hc.dims.d);
         Self::check_hc(m)?;
         let t = x.len() / (m * d);
+        let mix_in = |r: &Residual<'_, Self>| {
+            self.post_mix_at(r.hc, x.buf.ptr, t, &r.a, r.b.as_ref(), &r.mix)
+        };
         let mut y = self.tensor(t, d)?;
         let post = self.tensor(t, m)?;
         let comb = self.tensor(t, m * m)?;
@@ -1284,6 +1331,13 @@ impl Cuda {
             } else {
                 (None, 0)
             };
+            let before = match before {
+                Some(r) if rows => {
+                    mix_in(r)?;
+                    None
+                }
+                b => b,
+            };
             let smem = smem(rows || norm.is_some());
             let a = args::HcPre {
                 fn_: hc.fn_.w.ptr,
@@ -1305,6 +1359,10 @@ impl Cuda {
                 s,
                 rms_eps: norm.map_or(0.0, |(_, e)| e),
                 t: t as i32,
+                pa: before.map_or(0, |r| r.a.buf.ptr),
+                pa2: before.and_then(|r| r.b.as_ref()).map_or(0, |b| b.buf.ptr),
+                ppost: before.map_or(0, |r| r.mix.post.buf.ptr),
+                pcomb: before.map_or(0, |r| r.mix.comb.buf.ptr),
             };
             if rows {
                 self.launch(
@@ -1327,6 +1385,9 @@ impl Cuda {
             }
             y.quant = quant;
             return Ok((y, Mix { post, comb }, norm.is_some()));
+        }
+        if let Some(r) = before {
+            mix_in(r)?;
         }
         let mix = self.matmul(&hc.fn_, x, 1)?;
         self.launch(
@@ -1993,7 +2054,7 @@ impl Device for Cuda {
     }
 
     fn hc_pre(&self, hc: &HyperConn<Self>, x: &Tensor) -> Result<(Tensor, Mix)> {
-        let (y, mix, _) = self.hc_pre_with(hc, x, None)?;
+        let (y, mix, _) = self.hc_pre_with(hc, x, None, None)?;
         Ok((y, mix))
     }
 
@@ -2004,14 +2065,25 @@ impl Device for Cuda {
         w: &Vector,
         eps: f32,
     ) -> Result<(Tensor, Mix)> {
-        // The pre step's kernels norm y with the sums of `rms_norm`'s 256 threads where
-        // `rms_norm` would take as many (rows of 3,073 to 4,096: four float4 a thread).
-        let fuse = self.fuse_norms && w.len == hc.dims.d && row_threads(w.len.div_ceil(4)) == 256;
-        let (mut y, mix, normed) = self.hc_pre_with(hc, x, fuse.then_some((w, eps)))?;
-        if !normed {
-            self.rms_norm(&mut y, w, eps)?;
+        self.pre_norm(hc, x, w, eps, None)
+    }
+
+    fn hc_post_pre_norm(
+        &self,
+        done: Residual<'_, Self>,
+        x: &mut Tensor,
+        hc: &HyperConn<Self>,
+        w: &Vector,
+        eps: f32,
+    ) -> Result<(Tensor, Mix)> {
+        let n = x.len() / hc.dims.m;
+        if done.a.len() != n || done.b.as_ref().is_some_and(|b| b.len() != n) {
+            return Err(Error::Input(
+                "a sublayer output of another size than the stream's".into(),
+            ));
         }
-        Ok((y, mix))
+        x.written();
+        self.pre_norm(hc, x, w, eps, Some(&done))
     }
 
     fn hc_post(&self, hc: &HyperConn<Self>, x: &mut Tensor, a: &Tensor, mix: &Mix) -> Result<()> {

@@ -156,9 +156,36 @@ extern "C" __global__ void hc_mix(const float* mix, const float* x, const float*
     reduce_streams(xs, pre, y + (long)t * D, M, D, threadIdx.x, blockDim.x);
 }
 
+// The sublayer's output a (float4 i of it), or with `a2` the sum a + a2 (added as `add_k`
+// would).
+__device__ __forceinline__ float4 hc_post_in(const float* a, const float* a2, long i) {
+    float4 av = ((const float4*)a)[i];
+    if (a2) {
+        float4 bv = ((const float4*)a2)[i];
+        av = make_float4(av.x + bv.x, av.y + bv.y, av.z + bv.z, av.w + bv.w);
+    }
+    return av;
+}
+
+// Copy k's float4 of X'_k = post_k a + sum_j comb[j][k] X_j (token's comb `c`, post `p`) from
+// the copies' float4s `v`: hc_post and the pre step that mixes the residual in (hc_pre_m4)
+// compute it so, for the same bits.
+template <int M>
+__device__ __forceinline__ float4 hc_post_val(const float4 (&v)[M], float4 av, const float* c, float p, int k) {
+    float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int j = 0; j < M; j++) {
+        float cj = c[j * M + k];
+        s.x += cj * v[j].x;
+        s.y += cj * v[j].y;
+        s.z += cj * v[j].z;
+        s.w += cj * v[j].w;
+    }
+    return make_float4(p * av.x + s.x, p * av.y + s.y, p * av.z + s.z, p * av.w + s.w);
+}
+
 // X'_k = post_k a + sum_j comb[j][k] X_j, in place: one thread a token and dim, or, for four
-// copies and D % 4 == 0 (the host launches a quarter of the threads then), four dims. With `a2`,
-// a is the sum a + a2 (added as `add_k` would).
+// copies and D % 4 == 0 (the host launches a quarter of the threads then), four dims.
 template <int M>
 __device__ void hc_post_m(float* x, const float* a, const float* a2, const float* post, const float* comb,
                           long i, int D) {
@@ -169,26 +196,9 @@ __device__ void hc_post_m(float* x, const float* a, const float* a2, const float
     float4 v[M];
 #pragma unroll
     for (int j = 0; j < M; j++) v[j] = xs[j * D4 + d];
-    const float* c = comb + t * M * M;
-    float4 av = ((const float4*)a)[i];
-    if (a2) {
-        float4 bv = ((const float4*)a2)[i];
-        av = make_float4(av.x + bv.x, av.y + bv.y, av.z + bv.z, av.w + bv.w);
-    }
+    float4 av = hc_post_in(a, a2, i);
 #pragma unroll
-    for (int k = 0; k < M; k++) {
-        float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-        for (int j = 0; j < M; j++) {
-            float cj = c[j * M + k];
-            s.x += cj * v[j].x;
-            s.y += cj * v[j].y;
-            s.z += cj * v[j].z;
-            s.w += cj * v[j].w;
-        }
-        float p = post[t * M + k];
-        xs[k * D4 + d] = make_float4(p * av.x + s.x, p * av.y + s.y, p * av.z + s.z, p * av.w + s.w);
-    }
+    for (int k = 0; k < M; k++) xs[k * D4 + d] = hc_post_val<M>(v, av, comb + t * M * M, post[t * M + k], k);
 }
 
 extern "C" __global__ void hc_post(float* x, const float* a, const float* a2, const float* post,
@@ -231,7 +241,7 @@ extern "C" __global__ void hc_head(const float* mix, const float* x, const float
 
 struct HcPreArgs {
     const float* fn;    // [(2 + M) M, M D] mix weights
-    const float* x;     // [T, M, D] streams
+    const float* x;     // [T, M, D] streams (mixed in place by hc_pre_m4 with `pa`)
     const float* base;
     const float* scale;
     float* y;           // [T, D]
@@ -248,6 +258,12 @@ struct HcPreArgs {
     float* s;
     float rms_eps;
     int T;  // tokens (hc_pre_rows: HC_ROWS_TOKENS a block)
+    // hc_pre_m4: the sublayer before's output (a, or a + a2) and mix, to mix into the stream x
+    // first, as hc_post would (in place); a null: x is mixed already.
+    const float* pa;
+    const float* pa2;
+    const float* ppost;
+    const float* pcomb;
 };
 
 // The whole mHC pre step in one launch: the mixes fn @ x, the stream's RMS, the gates, Sinkhorn
@@ -326,11 +342,10 @@ __device__ __forceinline__ float hc_block_part(const float (*red)[HcPre<M>::n + 
     return v;
 }
 
-// Block s's partials of token t into `sh.part`; its float4 of the copies into `xs`.
+// Block s's partials of token t into `sh.part`, from the thread's float4 `xv` of the copies
+// (also into `xs`).
 template <int M>
-__device__ void hc_partials(const HcPreArgs& a, HcPre<M>& sh, const float4 (&w)[HcPre<M>::n], int s, int t,
-                            int C, float4* xs) {
-    float4 xv = hc_stream<M>(a, s, C, t);
+__device__ void hc_partials(HcPre<M>& sh, const float4 (&w)[HcPre<M>::n], float4 xv, float4* xs) {
     xs[threadIdx.x] = xv;
     hc_warp_sums<M>(w, xv, sh.red);
     __syncthreads();
@@ -432,7 +447,23 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
     float4 w[HcPre<M>::n];
     hc_weights<M>(a, s, C, w);
     pdl_wait();
-    hc_partials<M>(a, sh, w, s, t, C, xs);
+    float4 xv;
+    if (a.pa) {
+        // The residual first: the thread's float4 of each copy (its block holds these dims of
+        // every copy, so one barrier orders the loads before the stores).
+        const int j = tid / per, c4 = s * per + tid % per;
+        float4* x4 = (float4*)(a.x + (long)t * M * D);
+        float4 v[M];
+#pragma unroll
+        for (int i = 0; i < M; i++) v[i] = x4[i * D4 + c4];
+        xv = hc_post_val<M>(v, hc_post_in(a.pa, a.pa2, (long)t * D4 + c4), a.pcomb + (long)t * M * M,
+                            a.ppost[t * M + j], j);
+        __syncthreads();
+        x4[j * D4 + c4] = xv;
+    } else {
+        xv = hc_stream<M>(a, s, C, t);
+    }
+    hc_partials<M>(sh, w, xv, xs);
     if (tid < C) {
         u32 dst = cluster_addr(smem_addr(parts + s * NP), tid), bar = cluster_addr(bar_mix, tid);
         for (int r = 0; r < NP; r += 4) st_async4(dst + 4 * r, *(const float4*)&sh.part[r], bar);
