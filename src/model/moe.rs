@@ -153,17 +153,19 @@ impl<D: Device> Moe<D> {
         // run them side by side (beside routed experts in host memory, the shared expert runs
         // on the GPU while the CPU computes them). The router's product comes first, alone:
         // the routed chain is the longer one, and beside the shared expert's first product its
-        // blocks would wait for that one's to finish.
+        // blocks would wait for that one's to finish. The routed chain is the first of the
+        // join, which follows the work before it directly (on a GPU, without a second stream's
+        // start between).
         let mut logits = Some(dev.linear_plain(&self.gate, y)?);
-        let (shared, (route, out)) = dev.join(
+        let ((route, out), shared) = dev.join(
             &mut logits,
-            |_| self.shared.forward(dev, y, self.limit),
             |l| {
                 let logits = l.take().expect("the router's logits");
                 let route = dev.route(self, b, logits)?;
                 let out = dev.experts(self, &route, y)?;
                 Ok((route, out))
             },
+            |_| self.shared.forward(dev, y, self.limit),
         )?;
         if let Some(t) = self.trace.lock().expect("trace lock").as_mut() {
             *t = dev.distinct_experts(&route)?;

@@ -688,12 +688,7 @@ impl Cuda {
         Ok(Cuda {
             tensor_cores: gpu.arch >= (8, 0) && !simt,
             fuse_norms: true,
-            expert_warps: AtomicUsize::new(
-                std::env::var("HADAL_CUDA_EXPERT_WARPS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-            ),
+            expert_warps: AtomicUsize::new(0),
             index_blockwise: AtomicBool::new(false),
             concurrent: AtomicBool::new(
                 !std::env::var("HADAL_CUDA_STREAMS").is_ok_and(|v| v == "1"),
