@@ -160,25 +160,13 @@ impl Drop for Buf {
         if let Home::Workspace(at) = self.home {
             // (Dropped after its recording ended, which then failed: the workspace is not
             // used again by that recording.)
-            if let Some((_, w)) = self
-                .streams
-                .workspace
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
+            if let Some((_, w)) = self.streams.arena().as_mut() {
                 w.give(at, self.bytes);
             }
             return;
         }
         if self.home == Home::Spill {
-            if let Some((_, w)) = self
-                .streams
-                .workspace
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
+            if let Some((_, w)) = self.streams.arena().as_mut() {
                 w.unspilled(self.bytes);
             }
         }
@@ -213,6 +201,11 @@ thread_local! {
 }
 
 impl Streams {
+    /// The workspace of the step being recorded, if one is.
+    fn arena(&self) -> MutexGuard<'_, Option<(u64, Arena)>> {
+        self.workspace.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn on_side(&self) -> bool {
         ON_SIDE.with(|s| s.get()) == self as *const Self as usize
     }
@@ -271,7 +264,7 @@ impl Args {
 /// A recorded stream of work, replayed by [`Gpu::replay`], and the workspace its buffers are in.
 pub struct Graph {
     graph: cudarc::driver::CudaGraph,
-    _workspace: Arc<Buf>,
+    _workspace: Option<Arc<Buf>>,
 }
 
 // SAFETY: a graph is used by one thread at a time (its owner keeps it behind a lock).
@@ -458,15 +451,13 @@ impl Gpu {
         let _held = self.gate.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gate.owner.store(thread_number(), Ordering::Release);
         let out = (|| {
-            let workspace = self.workspace()?;
-            if self.use_workspace {
-                *self
-                    .streams
-                    .workspace
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) =
-                    Some((workspace.ptr, Arena::new(workspace.bytes)));
-            }
+            let workspace = if self.use_workspace {
+                let w = self.workspace()?;
+                *self.streams.arena() = Some((w.ptr, Arena::new(w.bytes)));
+                Some(w)
+            } else {
+                None
+            };
             self.streams
                 .main
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -492,13 +483,7 @@ impl Gpu {
             ))
         })();
         self.gate.owner.store(0, Ordering::Release);
-        let Some((_, arena)) = self
-            .streams
-            .workspace
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
+        let Some((_, arena)) = self.streams.arena().take() else {
             return out;
         };
         // Where the workspace had no room, the next one has (recordings made before keep
@@ -567,12 +552,7 @@ impl Gpu {
         {
             let _g = self.gate.enter();
             s.fork.record(&s.main).map_err(err("marking a fork"))?;
-            if let Some((_, w)) = s
-                .workspace
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
+            if let Some((_, w)) = s.arena().as_mut() {
                 w.fork();
             }
         }
@@ -591,12 +571,7 @@ impl Gpu {
             let _g = self.gate.enter();
             s.rejoin.record(&s.side).map_err(err("marking a join"))?;
             s.main.wait(&s.rejoin).map_err(err("waiting at a join"))?;
-            if let Some((_, w)) = s
-                .workspace
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
+            if let Some((_, w)) = s.arena().as_mut() {
                 w.join();
             }
         }
@@ -622,11 +597,7 @@ impl Gpu {
         self.bind()?;
         let mut home = Home::Stream;
         if self.capturing() {
-            let mut ws = self
-                .streams
-                .workspace
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut ws = self.streams.arena();
             if let Some((base, w)) = ws.as_mut() {
                 match w.take(bytes) {
                     Some(at) => {
