@@ -296,11 +296,22 @@ struct HcPre {
     float shv[8];
 };
 
-// Thread (j, c4)'s float4 of each mix weight: copy j = tid / per, float4 c4 of block s's slice
-// (before the kernel waits for its input: no kernel writes them).
+// A pre-step thread's place among block s's C: copy j = tid / per, float4 c4 of the block's
+// slice of D / 4.
+struct HcSlot {
+    int j, c4;
+};
+__device__ __forceinline__ HcSlot hc_slot(int D, int s, int C) {
+    const int per = (D >> 2) / C;
+    return {(int)(threadIdx.x / per), (int)(s * per + threadIdx.x % per)};
+}
+
+// The thread's float4 of each mix weight (before the kernel waits for its input: no kernel
+// writes them).
 template <int M>
 __device__ __forceinline__ void hc_weights(const HcPreArgs& a, int s, int C, float4 (&w)[HcPre<M>::n]) {
-    const int D = a.D, per = (D >> 2) / C, j = threadIdx.x / per, c4 = s * per + threadIdx.x % per;
+    const int D = a.D;
+    const auto [j, c4] = hc_slot(D, s, C);
 #pragma unroll
     for (int r = 0; r < HcPre<M>::n; r++) {
         const float* p = a.fn + (long)r * M * D + (long)j * D + 4 * c4;
@@ -313,7 +324,8 @@ __device__ __forceinline__ void hc_weights(const HcPreArgs& a, int s, int C, flo
 // The thread's float4 of token t's copies.
 template <int M>
 __device__ __forceinline__ float4 hc_stream(const HcPreArgs& a, int s, int C, long t) {
-    const int D = a.D, per = (D >> 2) / C, j = threadIdx.x / per, c4 = s * per + threadIdx.x % per;
+    const int D = a.D;
+    const auto [j, c4] = hc_slot(D, s, C);
     return ((const float4*)(a.x + t * M * D + (long)j * D))[c4];
 }
 
@@ -451,7 +463,7 @@ __device__ void hc_pre_m(const HcPreArgs& a) {
     if (a.pa) {
         // The residual first: the thread's float4 of each copy (its block holds these dims of
         // every copy, so one barrier orders the loads before the stores).
-        const int j = tid / per, c4 = s * per + tid % per;
+        const auto [j, c4] = hc_slot(D, s, C);
         float4* x4 = (float4*)(a.x + (long)t * M * D);
         float4 v[M];
 #pragma unroll
