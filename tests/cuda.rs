@@ -310,10 +310,11 @@ fn grouped_output_projection_matches_the_cpu() {
     }
 }
 
-/// The indexer's selection against a sort: rows long enough to be split over many blocks and
-/// short ones in one, rows shorter than k, distinct scores and scores with many ties (the
-/// lowest indices win), a row of negative scores; many rows of over 8,192 entries (as in a
-/// long prefill), one block a row.
+/// The indexer's selection against a sort: rows long enough to be split over many blocks (in
+/// a cluster, and past 16 blocks' entries through global memory) and short ones in one, rows
+/// shorter than k, distinct scores and scores with many ties (the lowest indices win), a row of
+/// negative scores; many rows of over 8,192 entries (as in a long prefill), a cluster of one
+/// block a row.
 #[test]
 fn index_selection_matches_a_sort() {
     let Some(dev) = gpu("index_selection_matches_a_sort") else {
@@ -334,7 +335,9 @@ fn index_selection_matches_a_sort() {
         (8_192, vec![8_192, 8_191, 513, 7_000], 512),
         (8_193, vec![8_193, 8_000, 512, 9], 512),
         (262_144, vec![262_144], 1024),
-        // Many tokens: the digit passes' one block a row.
+        // Past a cluster's 16 blocks: the digit passes over many blocks.
+        (300_000, vec![300_000, 262_145], 512),
+        // Many tokens: a cluster of one block a row.
         (9_000, (0..1_500).map(|i| 513 + i * 5).collect(), 512),
     ] {
         // Scores as drawn, or rounded to steps of 1/8 or 1: ties, and at 262,144 entries a

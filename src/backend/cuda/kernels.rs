@@ -62,6 +62,7 @@ pub const NAMES: &[&str] = &[
     "topk_digit",
     "topk_count",
     "topk_write",
+    "topk_cluster",
     "route",
     "experts_up_f4",
     "experts_down_f4",

@@ -646,6 +646,12 @@ fn expert_warps(tiles: usize, ks: usize, sms: u32) -> i32 {
     w as i32
 }
 
+/// Steps of 128 `k` in an FP4 one-row pass's ring (`F4S_STAGES` in mma.cu).
+const F4S_STAGES: u32 = 3;
+
+/// Entries a block of `topk_cluster` selects from (`TOPKC_BLOCK` in indexer.cu).
+const TOPK_CLUSTER_BLOCK: usize = 16 * 1024;
+
 /// Activation rows from which a tensor-core product takes the tiled kernels (`tiles.cu`), whose
 /// bits are the row-pass kernels' own: below it, one or two passes over the weights cost less
 /// than staging tiles.
@@ -1117,7 +1123,8 @@ impl Cuda {
 
     /// The `k` largest of each row's first `(tok_pos[t] + 1) / ratio` scores, their indices
     /// in increasing order (the lowest among ties), written to `picks` (`rows x k`, -1 where a
-    /// row has fewer). Long rows are split over many blocks (`topk_digit`), short ones take one.
+    /// row has fewer). Short rows take one block, longer ones a cluster of blocks
+    /// (`topk_cluster`), the longest many blocks meeting through global memory (`topk_digit`).
     fn select_top(
         &self,
         scores: &Tensor,
@@ -1135,6 +1142,24 @@ impl Cuda {
                 (t as u32, 1, 1),
                 1024,
                 0,
+                Args::new()
+                    .push(scores.buf.ptr)
+                    .push(tok_pos)
+                    .push(ratio as i32)
+                    .push(nmax as i32)
+                    .push(k as i32)
+                    .push(picks.ptr),
+            );
+        }
+        // Up to 16 blocks' entries (`TOPKC_BLOCK`): a cluster a row (compute capability 9.0).
+        let c = nmax.div_ceil(TOPK_CLUSTER_BLOCK) as u32;
+        if c <= 16 && self.gpu.arch >= (9, 0) && self.gpu.clusters_fit("topk_cluster", 1024, 0, c) {
+            return self.gpu.launch_clustered(
+                "topk_cluster",
+                (c, t as u32, 1),
+                1024,
+                0,
+                c,
                 Args::new()
                     .push(scores.buf.ptr)
                     .push(tok_pos)
@@ -2568,9 +2593,9 @@ impl Device for Cuda {
             let x1 = route.t == 1 && set.fmt == Format::F4;
             // One-row passes: a block a tile of 16 rows, its `w` warps walking the tile's `ks`
             // slices of k. FP4 weights stream through shared memory (`mma_core_f4_stream`: per
-            // warp, four steps of 16 rows of each weight, 80 bytes a row and 64 of scales, and
-            // with one token its activation's 256 bytes and scale); the slices of warps 1..
-            // wait there too.
+            // warp, `F4S_STAGES` steps of 16 rows of each weight, 80 bytes a row and 64 of
+            // scales, and with one token its activation's 256 bytes and scale); the slices of
+            // warps 1.. wait there too.
             let one_row = |a: &mut args::MmaExperts, rows: usize, weights: u32| {
                 a.w = match self.expert_warps.load(Ordering::Relaxed) {
                     0 => expert_warps(
@@ -2581,7 +2606,7 @@ impl Device for Cuda {
                     w => 1 << w.min(a.ks as usize).ilog2(),
                 };
                 let ring = if set.fmt == Format::F4 {
-                    4 * ((16 * 80 + 64) * weights + if x1 { 272 } else { 0 })
+                    F4S_STAGES * ((16 * 80 + 64) * weights + if x1 { 272 } else { 0 })
                 } else {
                     0
                 };

@@ -617,3 +617,121 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
         }
     }
 }
+
+// Entries a thread of `topk_cluster` holds, and a block's (1,024 threads).
+#define TOPKC_PER 16
+#define TOPKC_BLOCK (1024 * TOPKC_PER)
+
+// index_topk's selection for rows of up to 16 blocks' entries (262,144: V4's 1M context over
+// 4), one cluster of ceil(n / TOPKC_BLOCK) blocks a row, its keys in registers from one load:
+// each block counts its keys into a 256-bin histogram and sends it to every block of the
+// cluster, which all pick the same digit from the sum, four passes of 8 bits; then each block
+// writes its picks after those of the blocks before it, whose counts they sent it too. The
+// same picks as index_topk and the digit passes (the lowest indices among ties, index order),
+// in one launch where those took five, each a round trip through global memory. Blocks send
+// by `st.async`, counted by the receiver's mbarrier (one a exchange): no fences.
+extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* scores, const u32* tok_pos,
+                                                                int ratio, int nmax, int k, int* picks) {
+    __shared__ __align__(8) unsigned long long bars[5];
+    __shared__ __align__(16) u32 hist[256];
+    __shared__ __align__(16) u32 recv[2][16][256];  // the cluster's histograms, by pass parity
+    __shared__ __align__(16) uint4 cnt[16];         // the blocks' keys above the k-th and equal
+    __shared__ u32 total[256];
+    __shared__ u32 sh[64];
+    __shared__ u32 sel[2];
+    const int C = gridDim.x, r = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, lane = tid & 31;
+    // The barriers exist in every block before any block sends.
+    if (tid < 5) mbar_expect(smem_addr(&bars[tid]), tid < 4 ? C * 1024 : C * 16);
+    if (tid < 256) hist[tid] = 0;
+    cluster_sync_relaxed();
+    pdl_wait();
+    long n = (tok_pos[t] + 1) / ratio;
+    int* out = picks + (long)t * k;
+    if (n <= k) {
+        // (Uniform over the cluster: no block waits for another.)
+        if (r == 0)
+            for (int i = tid; i < k; i += blockDim.x) out[i] = i < n ? i : -1;
+        return;
+    }
+    const float* row = scores + (long)t * nmax;
+    long i0 = (long)r * TOPKC_BLOCK + (long)tid * TOPKC_PER;
+    u32 u[TOPKC_PER];
+    if (i0 + TOPKC_PER <= n && ((long)t * nmax & 3) == 0) {
+#pragma unroll
+        for (int j = 0; j < TOPKC_PER; j += 4) {
+            float4 v = *(const float4*)(row + i0 + j);
+            u[j] = fkey(v.x);
+            u[j + 1] = fkey(v.y);
+            u[j + 2] = fkey(v.z);
+            u[j + 3] = fkey(v.w);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < TOPKC_PER; j++) u[j] = i0 + j < n ? fkey(row[i0 + j]) : 0;
+    }
+    u32 prefix = 0, mask = 0, need = k;
+    for (int pass = 0, shift = 24; shift >= 0; pass++, shift -= 8) {
+        // Lanes with the same bin add once (the first passes' keys crowd into a few bins).
+#pragma unroll
+        for (int j = 0; j < TOPKC_PER; j++) {
+            bool in = i0 + j < n && (u[j] & mask) == prefix;
+            if (!__any_sync(0xffffffffu, in)) continue;
+            u32 bin = (u[j] >> shift) & 255;
+            u32 peers = __match_any_sync(0xffffffffu, in ? bin : 0xffffffffu);
+            if (in && __ffs(peers) - 1 == lane) atomicAdd(&hist[bin], __popc(peers));
+        }
+        __syncthreads();
+        // Thread i sends 16 bytes of the histogram to block i / 64.
+        u32 bar = smem_addr(&bars[pass]);
+        if (tid < 64 * C) {
+            int dst = tid >> 6, c = tid & 63;
+            u32 at = smem_addr(&recv[pass & 1][r][4 * c]);
+            st_async4u(cluster_addr(at, dst), ((const uint4*)hist)[c], cluster_addr(bar, dst));
+        }
+        __syncthreads();
+        if (tid < 256) hist[tid] = 0;
+        mbar_wait0(bar);
+        if (tid < 256) {
+            u32 s = 0;
+            for (int b = 0; b < C; b++) s += recv[pass & 1][b][tid];
+            total[tid] = s;
+        }
+        __syncthreads();
+        pick_bin(total, need, sel);
+        __syncthreads();
+        prefix |= sel[0] << shift;
+        mask |= 255u << shift;
+        need = sel[1];
+    }
+    // `prefix` is the k-th largest key; `need` entries equal to it are taken, lowest first.
+    u32 gt = 0, eq = 0;
+#pragma unroll
+    for (int j = 0; j < TOPKC_PER; j++) {
+        gt += i0 + j < n && u[j] > prefix;
+        eq += i0 + j < n && u[j] == prefix;
+    }
+    u32 gt_before = gt, eq_before = eq;
+    block_scan2(gt_before, eq_before, sh);
+    // The block's counts to every block (the last thread's sums).
+    u32 bar = smem_addr(&bars[4]);
+    if (tid == blockDim.x - 1) {
+        uint4 v = make_uint4(gt_before + gt, eq_before + eq, 0, 0);
+        for (int b = 0; b < C; b++) st_async4u(cluster_addr(smem_addr(&cnt[r]), b), v, cluster_addr(bar, b));
+    }
+    mbar_wait0(bar);
+    u32 gb = 0, eb = 0;
+    for (int b = 0; b < r; b++) {
+        gb += cnt[b].x;
+        eb += cnt[b].y;
+    }
+    u32 eqb = eb + eq_before;
+    u32 tied = eqb < need ? eqb : need, take = need - tied < eq ? need - tied : eq;
+    u32 at = gb + gt_before + tied;
+#pragma unroll
+    for (int j = 0; j < TOPKC_PER; j++) {
+        if (i0 + j < n && (u[j] > prefix || (u[j] == prefix && take > 0))) {
+            if (u[j] == prefix) take--;
+            out[at++] = (int)(i0 + j);
+        }
+    }
+}

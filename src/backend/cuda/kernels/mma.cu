@@ -440,7 +440,7 @@ __device__ __forceinline__ void cp_wait() {
 // up projection, w1's and w3's rows in the same steps. A step of one weight: 16 rows of 64
 // bytes of codes, each in 80 bytes (so the fragment reads of 8 rows hit 32 different banks),
 // then the rows' 4 scale bytes.
-#define F4S_STAGES 4
+#define F4S_STAGES 3
 #define F4S_ROW 80
 #define F4S_STEP (16 * F4S_ROW + 64)
 

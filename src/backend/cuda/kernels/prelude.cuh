@@ -75,6 +75,14 @@ __device__ __forceinline__ void st_async4(u32 addr, float4 v, u32 bar) {
                  : "memory");
 #endif
 }
+// The same for four words.
+__device__ __forceinline__ void st_async4u(u32 addr, uint4 v, u32 bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1,%2,%3,%4}, [%5];" ::"r"(addr),
+                 "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar)
+                 : "memory");
+#endif
+}
 // An mbarrier of this block that completes once `bytes` have arrived (its one arrival made
 // here), made visible to the cluster by the cluster barrier that must follow.
 __device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
