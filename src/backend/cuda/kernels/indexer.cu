@@ -643,6 +643,7 @@ extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* sco
     // The barriers exist in every block before any block sends.
     if (tid < 5) mbar_expect(smem_addr(&bars[tid]), tid < 4 ? C * 1024 : C * 16);
     if (tid < 256) hist[tid] = 0;
+    __syncthreads();
     cluster_sync_relaxed();
     pdl_wait();
     long n = (tok_pos[t] + 1) / ratio;
