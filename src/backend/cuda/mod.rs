@@ -296,7 +296,7 @@ mod args {
         pub dim: i32,
         pub ratio: i32,
         pub nmax: i32,
-        pub per_block: i32,
+        pub passes: i32,
         pub blockwise: i32,
         pub table: i64,
         pub row: RowFormat,
@@ -2245,10 +2245,12 @@ impl Device for Cuda {
         let image = hp * (2 * ix.dim + 64) + 4 * 4 * hp + 4 * hp + 16;
         let img = self.gpu.alloc(b.t * image)?;
         // Three blocks an SM in all (as many as its registers hold: 168 a thread), so that a
-        // long row is one wave; each scores a multiple of 128 entries (4 warps x 32). An
-        // entry's score does not depend on the block that computes it.
+        // long row is one wave, the row's passes of 128 entries (4 warps x 32) dealt evenly
+        // over them (whole multiples of 128 a block had left some SMs a third more than
+        // others). An entry's score does not depend on the block that computes it.
         let sms = self.gpu.sms as usize;
-        let per_block = nmax.div_ceil((3 * sms / b.t).max(1)).next_multiple_of(128);
+        let passes = nmax.div_ceil(128);
+        let blocks = (3 * sms / b.t).clamp(1, passes);
         let a = args::Score {
             q: q.buf.ptr,
             w: w.buf.ptr,
@@ -2261,7 +2263,7 @@ impl Device for Cuda {
             dim: ix.dim as i32,
             ratio: ratio as i32,
             nmax: nmax as i32,
-            per_block: per_block as i32,
+            passes: passes as i32,
             blockwise: self.index_blockwise.load(Ordering::Relaxed) as i32,
             table: cl.table as i64,
             row: cl.row,
@@ -2278,7 +2280,7 @@ impl Device for Cuda {
         let smem = image - 16 + 4 * 32 * 80;
         self.launch(
             "index_scores",
-            (b.t as u32, nmax.div_ceil(per_block) as u32, 1),
+            (b.t as u32, blocks as u32, 1),
             128,
             smem as u32,
             Args::new().push(a),

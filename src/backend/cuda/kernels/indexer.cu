@@ -8,7 +8,8 @@ struct ScoreArgs {
     const SeqDesc* descs;
     float* scores;       // [T, nmax]
     u8* img;             // [T, image]: each token's staged queries (index_stage)
-    int H, dim, ratio, nmax, per_block;
+    int H, dim, ratio, nmax;
+    int passes;          // of 128 entries a row, dealt evenly over the grid's y blocks
     int blockwise;       // 1: every pass sums each block of 32 dims on its own (tests)
     long table;
     RowFmt row;
@@ -116,7 +117,7 @@ extern "C" __global__ void index_stage(ScoreArgs a) {
 // 8 heads' query values over a power of two, C = entries x heads. A lane (g, t) feeds, of each
 // block, the 8 dims at 8t (4 bytes of a row, in the pairs `a_frags_f4` decodes them in) and
 // the queries are staged in that order. Each warp scores 32 entries (two m-tiles) a pass,
-// against every head; a block of 4 warps covers `per_block` entries of one token.
+// against every head; a block of 4 warps covers its share of a token's passes of 128 entries.
 //
 // Every product is exact, and so is each block's sum of 32 (they fit an f32's significand).
 // Where a row's block scales and a head's lie within IFOLD_SPAN binades of their largest, the
@@ -146,8 +147,9 @@ __device__ __forceinline__ void index_scores_kb(const ScoreArgs& a, u8* smem) {
     uint4* mine = rows + warp * 32 * IROW_PIECES;
     const SeqDesc s = a.descs[a.tok_seq[t]];
     long n = (a.tok_pos[t] + 1) / a.ratio;
-    long e_lo = (long)blockIdx.y * a.per_block;
-    long e_hi = e_lo + a.per_block < a.nmax ? e_lo + a.per_block : a.nmax;
+    long e_lo = 128 * ((long)blockIdx.y * a.passes / gridDim.y);
+    long e_hi = 128 * ((long)(blockIdx.y + 1) * a.passes / gridDim.y);
+    e_hi = e_hi < a.nmax ? e_hi : a.nmax;
     // A warp's passes: 32 entries each, interleaved with the other warps'. Rows of the next
     // pass are loaded while this one multiplies (a ring of three passes in shared memory,
     // copied asynchronously, measured slower: 33.6 -> 36.2 us at 1M).
