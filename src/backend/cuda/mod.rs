@@ -1135,39 +1135,25 @@ impl Cuda {
     ) -> Result<()> {
         let (t, nmax) = (scores.rows, scores.cols);
         let sms = self.gpu.sms;
+        let mut row_args = Args::new();
+        row_args
+            .push(scores.buf.ptr)
+            .push(tok_pos)
+            .push(ratio as i32)
+            .push(nmax as i32)
+            .push(k as i32)
+            .push(picks.ptr);
         // One block of 1,024 threads holds 8,192 keys in registers (`TOPK1_PER`).
         if nmax <= 8192 {
-            return self.launch(
-                "index_topk",
-                (t as u32, 1, 1),
-                1024,
-                0,
-                Args::new()
-                    .push(scores.buf.ptr)
-                    .push(tok_pos)
-                    .push(ratio as i32)
-                    .push(nmax as i32)
-                    .push(k as i32)
-                    .push(picks.ptr),
-            );
+            return self.launch("index_topk", (t as u32, 1, 1), 1024, 0, &mut row_args);
         }
         // Up to 16 blocks' entries (`TOPKC_BLOCK`): a cluster a row (compute capability 9.0).
         let c = nmax.div_ceil(TOPK_CLUSTER_BLOCK) as u32;
         if c <= 16 && self.gpu.arch >= (9, 0) && self.gpu.clusters_fit("topk_cluster", 1024, 0, c) {
-            return self.gpu.launch_clustered(
-                "topk_cluster",
-                (c, t as u32, 1),
-                1024,
-                0,
-                c,
-                Args::new()
-                    .push(scores.buf.ptr)
-                    .push(tok_pos)
-                    .push(ratio as i32)
-                    .push(nmax as i32)
-                    .push(k as i32)
-                    .push(picks.ptr),
-            );
+            let grid = (c, t as u32, 1);
+            return self
+                .gpu
+                .launch_clustered("topk_cluster", grid, 1024, 0, c, &mut row_args);
         }
         // The histograms and the blocks' counters are launch counters (zero, left zero): no
         // clearing launches.

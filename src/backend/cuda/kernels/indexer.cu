@@ -402,6 +402,48 @@ __device__ u32 block_scan(u32 v, u32* sh, u32* total) {
     return x;
 }
 
+// The next 8 bits of the k-th largest key from a pass's histogram (all threads, after the
+// barrier that completes it).
+__device__ __forceinline__ void take_digit(const u32* hist, int shift, u32* sel, u32& prefix, u32& mask, u32& need) {
+    pick_bin(hist, need, sel);
+    __syncthreads();
+    prefix |= sel[0] << shift;
+    mask |= 255u << shift;
+    need = sel[1];
+}
+
+// A thread's PER keys from entry i0 (those from n on left out): how many lie above the k-th
+// largest (`prefix`) and how many equal it (gt, eq), and the same of the block's threads
+// before it (gt_before, eq_before; `sh` as block_scan2's).
+template <int PER>
+__device__ __forceinline__ void count_keys(const u32 (&u)[PER], long i0, long n, u32 prefix, u32* sh, u32& gt,
+                                           u32& eq, u32& gt_before, u32& eq_before) {
+    gt = 0;
+    eq = 0;
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+        gt += i0 + j < n && u[j] > prefix;
+        eq += i0 + j < n && u[j] == prefix;
+    }
+    gt_before = gt;
+    eq_before = eq;
+    block_scan2(gt_before, eq_before, sh);
+}
+
+// A thread's picks in index order from out[at] on: its keys above the k-th largest and the
+// first `take` of those equal to it.
+template <int PER>
+__device__ __forceinline__ void write_picks(const u32 (&u)[PER], long i0, long n, u32 prefix, u32 take, u32 at,
+                                            int* out) {
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+        if (i0 + j < n && (u[j] > prefix || (u[j] == prefix && take > 0))) {
+            if (u[j] == prefix) take--;
+            out[at++] = (int)(i0 + j);
+        }
+    }
+}
+
 // Entries a thread of `index_topk` holds: rows of up to 8,192 entries take one block.
 #define TOPK1_PER 8
 
@@ -434,30 +476,13 @@ extern "C" __global__ void __launch_bounds__(1024) index_topk(const float* score
         for (int j = 0; j < TOPK1_PER; j++)
             if (i0 + j < n && (u[j] & mask) == prefix) atomicAdd(&hist[(u[j] >> shift) & 255], 1u);
         __syncthreads();
-        pick_bin(hist, need, sel);
-        __syncthreads();
-        prefix |= sel[0] << shift;
-        mask |= 255u << shift;
-        need = sel[1];
+        take_digit(hist, shift, sel, prefix, mask, need);
     }
     // `prefix` is the k-th largest key; `need` entries equal to it are taken, lowest first.
-    u32 gt = 0, eq = 0;
-#pragma unroll
-    for (int j = 0; j < TOPK1_PER; j++) {
-        gt += i0 + j < n && u[j] > prefix;
-        eq += i0 + j < n && u[j] == prefix;
-    }
-    u32 gt_before = gt, eq_before = eq;
-    block_scan2(gt_before, eq_before, sh);
+    u32 gt, eq, gt_before, eq_before;
+    count_keys(u, i0, n, prefix, sh, gt, eq, gt_before, eq_before);
     u32 tied = eq_before < need ? eq_before : need, take = need - tied < eq ? need - tied : eq;
-    u32 at = gt_before + tied;
-#pragma unroll
-    for (int j = 0; j < TOPK1_PER; j++) {
-        if (i0 + j < n && (u[j] > prefix || (u[j] == prefix && take > 0))) {
-            if (u[j] == prefix) take--;
-            out[at++] = (int)(i0 + j);
-        }
-    }
+    write_picks(u, i0, n, prefix, take, gt_before + tied, out);
 }
 
 // The top-k of long rows over many blocks a token. Three passes of `topk_digit` find the k-th
@@ -700,21 +725,11 @@ extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* sco
             total[tid] = s;
         }
         __syncthreads();
-        pick_bin(total, need, sel);
-        __syncthreads();
-        prefix |= sel[0] << shift;
-        mask |= 255u << shift;
-        need = sel[1];
+        take_digit(total, shift, sel, prefix, mask, need);
     }
     // `prefix` is the k-th largest key; `need` entries equal to it are taken, lowest first.
-    u32 gt = 0, eq = 0;
-#pragma unroll
-    for (int j = 0; j < TOPKC_PER; j++) {
-        gt += i0 + j < n && u[j] > prefix;
-        eq += i0 + j < n && u[j] == prefix;
-    }
-    u32 gt_before = gt, eq_before = eq;
-    block_scan2(gt_before, eq_before, sh);
+    u32 gt, eq, gt_before, eq_before;
+    count_keys(u, i0, n, prefix, sh, gt, eq, gt_before, eq_before);
     // The block's counts to every block (the last thread's sums).
     u32 bar = smem_addr(&bars[4]);
     if (tid == blockDim.x - 1) {
@@ -729,12 +744,5 @@ extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* sco
     }
     u32 eqb = eb + eq_before;
     u32 tied = eqb < need ? eqb : need, take = need - tied < eq ? need - tied : eq;
-    u32 at = gb + gt_before + tied;
-#pragma unroll
-    for (int j = 0; j < TOPKC_PER; j++) {
-        if (i0 + j < n && (u[j] > prefix || (u[j] == prefix && take > 0))) {
-            if (u[j] == prefix) take--;
-            out[at++] = (int)(i0 + j);
-        }
-    }
+    write_picks(u, i0, n, prefix, take, gb + gt_before + tied, out);
 }

@@ -68,20 +68,17 @@ __device__ __forceinline__ u32 cluster_addr(u32 local, u32 rank) {
     return r;
 }
 // 16 bytes into another block's shared memory (`addr`), counted by its mbarrier `bar`.
-__device__ __forceinline__ void st_async4(u32 addr, float4 v, u32 bar) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1,%2,%3,%4}, [%5];" ::"r"(addr),
-                 "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
-                 : "memory");
-#endif
-}
-// The same for four words.
 __device__ __forceinline__ void st_async4u(u32 addr, uint4 v, u32 bar) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1,%2,%3,%4}, [%5];" ::"r"(addr),
                  "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar)
                  : "memory");
 #endif
+}
+// The same for four floats.
+__device__ __forceinline__ void st_async4(u32 addr, float4 v, u32 bar) {
+    st_async4u(addr, make_uint4(__float_as_uint(v.x), __float_as_uint(v.y), __float_as_uint(v.z), __float_as_uint(v.w)),
+               bar);
 }
 // An mbarrier of this block that completes once `bytes` have arrived (its one arrival made
 // here), made visible to the cluster by the cluster barrier that must follow.
