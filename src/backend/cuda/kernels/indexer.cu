@@ -656,7 +656,7 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
 // writes its picks after those of the blocks before it, whose counts they sent it too. The
 // same picks as index_topk and the digit passes (the lowest indices among ties, index order),
 // in one launch where those took five, each a round trip through global memory. Blocks send
-// by `st.async`, counted by the receiver's mbarrier (one a exchange): no fences.
+// by `st.async`, counted by the receiver's mbarrier (one for each exchange): no fences.
 extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* scores, const u32* tok_pos,
                                                                 int ratio, int nmax, int k, int* picks) {
     __shared__ __align__(8) unsigned long long bars[5];
