@@ -2083,10 +2083,15 @@ impl Device for Cuda {
         eps: f32,
     ) -> Result<(Tensor, Mix)> {
         let n = x.len() / hc.dims.m;
-        if done.a.len() != n || done.b.as_ref().is_some_and(|b| b.len() != n) {
-            return Err(Error::Input(
-                "a sublayer output of another size than the stream's".into(),
-            ));
+        if let Some(bad) = [Some(&done.a), done.b.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|t| t.len() != n)
+        {
+            return Err(Error::Input(format!(
+                "a sublayer output of {} values for a stream copy of {n}",
+                bad.len()
+            )));
         }
         x.written();
         self.pre_norm(hc, x, w, eps, Some(&done))
