@@ -2332,7 +2332,12 @@ impl Device for Cuda {
         // 16 keys a slice and 8 heads (each key it decodes serves 8), or 4 where that leaves
         // SMs idle (a head's sums are the same either way).
         let keys = b.max_end.min(w) + comp_keys;
-        let mma = self.tensor_cores && dh % 64 == 0 && 512 % dh == 0 && row.nope % 16 == 0;
+        let nope = row.nope as usize;
+        let mma = self.tensor_cores
+            && 512usize.is_multiple_of(dh)
+            && dh == nope + 64
+            && nope.is_multiple_of(64)
+            && nope <= 448;
         let (s, hg, threads, smem) = if mma {
             // At most 64 slices (`attend_join` takes no more): past 2,048 keys, longer slices
             // rather than more blocks (a layer's blocks then fit the SMs at once, and the join

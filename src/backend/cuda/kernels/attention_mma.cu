@@ -17,11 +17,14 @@
 // keep their quarters, the last warp's taking twice the others' MMAs: dealt in steps, their
 // sums' order, and so the logits, would change (docs/cuda.md). Every warp keeps the same
 // running max and sum of each head, computed from the same scores in the same order.
+//
+// Shapes: 64 RoPE dims and up to 448 others, a multiple of 64 (each warp then has the same
+// number of non-RoPE steps and one RoPE step), dims dividing 512.
 
 #define TC_HEADS 16
 #define TC_KEYS 16
 #define TC_KEYS_PER_SPLIT 32
-#define TC_NT_MAX 16  // 8-dim MMA tiles of a warp's quarter of 512 dims
+#define TC_NT_NOPE 14  // 8-dim MMA tiles of a warp's non-RoPE dims: 2 a step of 64, up to 448
 #define TC_JOIN_AHEAD 4  // slices a warp of the join loads before the weights are known (of <= 64)
 
 // Shared-memory addresses as 32-bit offsets: generic pointers cost a 64-bit address computation
@@ -169,15 +172,19 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     }
 
     // The warp's scores: dims [d0w, d0w + dq), its non-RoPE ones ending at dn. Its weighted
-    // values: tile j of 8 dims (nto of them) in step warp + 4 (j / 2) of 16 (ns non-RoPE ones).
+    // values: non-RoPE tile j < ntn of 8 dims in step warp + 4 (j / 2) of 16, and the two tiles
+    // of RoPE step rst.
     int dq = dh / 4, d0w = warp * dq;
     int dn = d0w + dq < nope ? d0w + dq : (nope > d0w ? nope : d0w);
-    int ns = nope / 16, nto = 2 * ((dh / 16 - warp + 3) >> 2);
-    float oh[TC_NT_MAX][4], ol[TC_NT_MAX][4];
+    int ntn = nope / 32, rst = warp + nope / 16;
+    float oh[TC_NT_NOPE][4], ol[TC_NT_NOPE][4], rh[2][4], rl[2][4];
 #pragma unroll
-    for (int j = 0; j < TC_NT_MAX; j++)
+    for (int c = 0; c < 4; c++) {
 #pragma unroll
-        for (int c = 0; c < 4; c++) oh[j][c] = ol[j][c] = 0.0f;
+        for (int j = 0; j < TC_NT_NOPE; j++) oh[j][c] = ol[j][c] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 2; j++) rh[j][c] = rl[j][c] = 0.0f;
+    }
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // heads g and g + 8
     float* part = (float*)(smem + L.part);
 
@@ -326,28 +333,43 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
         // Once the running max settles (most chunks of a long list), every alpha is 1.
         if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f))
 #pragma unroll
-            for (int j = 0; j < TC_NT_MAX; j++) {
-                if (j >= nto) break;
+            for (int c = 0; c < 4; c++) {
 #pragma unroll
-                for (int c = 0; c < 4; c++) {
+                for (int j = 0; j < TC_NT_NOPE; j++) {
                     oh[j][c] *= alpha[c >> 1];
                     ol[j][c] *= alpha[c >> 1];
                 }
-            }
-        // The weighted values of the warp's dims: a non-RoPE tile (keys exact in one plane) or
-        // a RoPE one (three).
 #pragma unroll
-        for (int j = 0; j < TC_NT_MAX; j++) {
-            if (j >= nto) break;
-            int st = warp + 4 * (j >> 1), d = 16 * st + 8 * (j & 1);
+                for (int j = 0; j < 2; j++) {
+                    rh[j][c] *= alpha[c >> 1];
+                    rl[j][c] *= alpha[c >> 1];
+                }
+            }
+        // The weighted values of the warp's dims: its non-RoPE tiles (keys exact in one plane),
+        // all fragments loaded, then each plane's MMAs over every tile, so that no MMA waits on
+        // the one before it (each accumulator still adds its products in the same order); then
+        // its RoPE step (three planes).
+        {
+            u32 B[TC_NT_NOPE][2];
+#pragma unroll
+            for (int j = 0; j < TC_NT_NOPE; j++) {
+                int jj = j < ntn ? j : 0;  // past the warp's tiles: any row of the plane
+                ldsm_x2_trans(B[j], sm + L.k + 2 * ((lane & 15) * L.P + 16 * (warp + 4 * (jj >> 1)) + 8 * (jj & 1)));
+            }
+#pragma unroll
+            for (int j = 0; j < TC_NT_NOPE; j++)
+                if (j < ntn) mma16816_bf16(oh[j], P[0][0], P[0][1], P[0][2], P[0][3], B[j][0], B[j][1]);
+#pragma unroll
+            for (int p = 1; p < 3; p++)
+#pragma unroll
+                for (int j = 0; j < TC_NT_NOPE; j++)
+                    if (j < ntn) mma16816_bf16(ol[j], P[p][0], P[p][1], P[p][2], P[p][3], B[j][0], B[j][1]);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            int d = 16 * rst + 8 * j;
             u32 B[3][2];
             ldsm_x2_trans(B[0], sm + L.k + 2 * ((lane & 15) * L.P + d));
-            if (st < ns) {
-                mma16816_bf16(oh[j], P[0][0], P[0][1], P[0][2], P[0][3], B[0][0], B[0][1]);
-                mma16816_bf16(ol[j], P[1][0], P[1][1], P[1][2], P[1][3], B[0][0], B[0][1]);
-                mma16816_bf16(ol[j], P[2][0], P[2][1], P[2][2], P[2][3], B[0][0], B[0][1]);
-                continue;
-            }
 #pragma unroll
             for (int kp = 1; kp < 3; kp++)
                 ldsm_x2_trans(B[kp], sm + L.kr + 2 * (((kp - 1) * TC_KEYS + (lane & 15)) * L.RP + d - nope));
@@ -355,7 +377,7 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
             for (int pp = 0; pp < 3; pp++)
 #pragma unroll
                 for (int kp = 0; kp < 3; kp++) {
-                    float* c = pp == 0 && kp == 0 ? oh[j] : ol[j];
+                    float* c = pp == 0 && kp == 0 ? rh[j] : rl[j];
                     mma16816_bf16(c, P[pp][0], P[pp][1], P[pp][2], P[pp][3], B[kp][0], B[kp][1]);
                 }
         }
@@ -364,15 +386,15 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     // The slice's results: values of the warp's dims, max and sum of each head.
     long tb = (long)blockIdx.x * a.H;
 #pragma unroll
-    for (int j = 0; j < TC_NT_MAX; j++) {
-        if (j >= nto) break;
+    for (int c = 0; c < 4; c++) {
+        int hh = g + 8 * (c >> 1), h = h0 + hh;
+        if (hh >= a.hpb || h >= a.H) continue;
+        float* o = a.oo + ((tb + h) * a.S + blockIdx.z) * dh + 2 * tq + (c & 1);
 #pragma unroll
-        for (int c = 0; c < 4; c++) {
-            int hh = g + 8 * (c >> 1), h = h0 + hh;
-            if (hh < a.hpb && h < a.H)
-                a.oo[((tb + h) * a.S + blockIdx.z) * dh + 16 * (warp + 4 * (j >> 1)) + 8 * (j & 1) + 2 * tq + (c & 1)] =
-                    oh[j][c] + ol[j][c];
-        }
+        for (int j = 0; j < TC_NT_NOPE; j++)
+            if (j < ntn) o[16 * (warp + 4 * (j >> 1)) + 8 * (j & 1)] = oh[j][c] + ol[j][c];
+#pragma unroll
+        for (int j = 0; j < 2; j++) o[16 * rst + 8 * j] = rh[j][c] + rl[j][c];
     }
     if (warp == 0 && tq == 0)
 #pragma unroll
