@@ -24,7 +24,7 @@
 #define TC_HEADS 16
 #define TC_KEYS 16
 #define TC_KEYS_PER_SPLIT 32
-#define TC_NT_NOPE 14  // 8-dim MMA tiles of a warp's non-RoPE dims: 2 a step of 64, up to 448
+#define TC_NT_NOPE 14  // 8-dim MMA tiles of a warp's non-RoPE dims: 2 for every 64 of them, up to 448
 #define TC_JOIN_AHEAD 4  // slices a warp of the join loads before the weights are known (of <= 64)
 
 // Shared-memory addresses as 32-bit offsets: generic pointers cost a 64-bit address computation
