@@ -2332,12 +2332,8 @@ impl Device for Cuda {
         // 16 keys a slice and 8 heads (each key it decodes serves 8), or 4 where that leaves
         // SMs idle (a head's sums are the same either way).
         let keys = b.max_end.min(w) + comp_keys;
-        let nope = row.nope as usize;
-        let mma = self.tensor_cores
-            && 512usize.is_multiple_of(dh)
-            && dh == nope + 64
-            && nope.is_multiple_of(64)
-            && nope <= 448;
+        // 64 RoPE dims of a head dividing 512: the others are then a multiple of 64, up to 448.
+        let mma = self.tensor_cores && 512usize.is_multiple_of(dh) && dh == row.nope as usize + 64;
         let (s, hg, threads, smem) = if mma {
             // At most 64 slices (`attend_join` takes no more): past 2,048 keys, longer slices
             // rather than more blocks (a layer's blocks then fit the SMs at once, and the join

@@ -18,8 +18,8 @@
 // sums' order, and so the logits, would change (docs/cuda.md). Every warp keeps the same
 // running max and sum of each head, computed from the same scores in the same order.
 //
-// Shapes: 64 RoPE dims and up to 448 others, a multiple of 64 (each warp then has the same
-// number of non-RoPE steps and one RoPE step), dims dividing 512.
+// Shapes: 64 RoPE dims of a head dividing 512, so that the other dims are a multiple of 64 (each
+// warp then has nope / 64 non-RoPE steps and one RoPE step), up to 448.
 
 #define TC_HEADS 16
 #define TC_KEYS 16
