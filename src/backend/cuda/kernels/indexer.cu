@@ -152,16 +152,19 @@ __device__ __forceinline__ void index_scores_kb(const ScoreArgs& a, u8* smem) {
     e_hi = e_hi < a.nmax ? e_hi : a.nmax;
     // A warp's passes: 32 entries each, interleaved with the other warps'. Rows of the next
     // pass are loaded while this one multiplies (a ring of three passes in shared memory,
-    // copied asynchronously, measured slower: 33.6 -> 36.2 us at 1M).
+    // copied asynchronously, measured slower: 33.6 -> 36.2 us at 1M). A pass's 32 rows lie in
+    // one page (64 rows, and passes start at multiples of 32), one after another: one page
+    // lookup, and the pieces past the last row the token sees left zero.
     uint4 next[IROW_PIECES];
+    long e_end = n < e_hi ? n : e_hi;
     auto fetch = [&](long e0) {
+        const uint4* rows0 = (const uint4*)paged_row(s.tables, a.table, e0, rb);
+        long live = (e_end - e0) * pieces;
 #pragma unroll
         for (int u = 0; u < IROW_PIECES; u++) {
             int i = lane + 32 * u;
-            long e = e0 + i / pieces;
             next[u] = make_uint4(0, 0, 0, 0);
-            if (i < 32 * pieces && e < n && e < e_hi)
-                next[u] = ((const uint4*)paged_row(s.tables, a.table, e, rb))[i % pieces];
+            if (i < 32 * pieces && i < live) next[u] = rows0[i];
         }
     };
     long e0 = e_lo + 32 * warp;
@@ -193,24 +196,28 @@ __device__ __forceinline__ void index_scores_kb(const ScoreArgs& a, u8* smem) {
         const u8* rw = (const u8*)mine;
         // A fragments of both m-tiles, every block (even registers row g, odd row g + 8); each
         // row's largest key scale and its blocks' relative to it.
-        u32 A[2][IKB_MAX][8];
+        u32 A[2][IKB_MAX][8], hk[2][2][IKB_MAX];
         float sk[2][2][IKB_MAX], top[2][2];
         bool near = true;
 #pragma unroll
         for (int m = 0; m < 2; m++) {
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                const u8* sc = rw + (16 * m + g + 8 * r) * rb + a.row.s_off;
+                // (A row's scale bytes are 4-aligned: one load.)
+                u32 sw = *(const u32*)(rw + (16 * m + g + 8 * r) * rb + a.row.s_off);
                 int e[IKB_MAX], hi = 0, lo = 0;
 #pragma unroll
-                for (int b = 0; b < IKB_MAX; b++) e[b] = b < KB ? sc[b] : 0;
+                for (int b = 0; b < IKB_MAX; b++) e[b] = b < KB ? (sw >> (8 * b)) & 255 : 0;
 #pragma unroll
                 for (int b = 0; b < IKB_MAX; b++) hi = b < KB ? max(hi, e[b]) : hi;
 #pragma unroll
                 for (int b = 0; b < IKB_MAX; b++) {
                     if (b < KB) lo = min(lo, e[b] - hi);
-                    // 2^(e - hi), flushed to zero below 2^-126 (the scales 126 binades apart).
-                    sk[m][r][b] = __int_as_float(max(127 + e[b] - hi, 0) << 23);
+                    // 2^(e - hi), flushed to zero below 2^-126 (the scales 126 binades apart);
+                    // where the blocks fold, 2^(e - hi + 14) in both halves of an f16x2.
+                    int x = max(127 + e[b] - hi, 0);
+                    sk[m][r][b] = __int_as_float(x << 23);
+                    hk[m][r][b] = 0x10001u * ((u32)(x - 127 + 29) << 10);
                 }
                 top[m][r] = e8m0(hi);
                 near = near && lo + q_span >= -IFOLD_SPAN;
@@ -234,11 +241,7 @@ __device__ __forceinline__ void index_scores_kb(const ScoreArgs& a, u8* smem) {
                 for (int b = 0; b < IKB_MAX; b++) {
                     if (b >= KB) break;
 #pragma unroll
-                    for (int i = 0; i < 8; i++) {
-                        float f = sk[m][i & 1][b];
-                        u32 h = (u32)((__float_as_int(f) >> 23) - 127 + 29) << 10;
-                        A[m][b][i] = hmul2(A[m][b][i], h | (h << 16));
-                    }
+                    for (int i = 0; i < 8; i++) A[m][b][i] = hmul2(A[m][b][i], hk[m][i & 1][b]);
                 }
 #pragma unroll 2
             for (int h0 = 0; h0 < H; h0 += 8) {
