@@ -2335,7 +2335,7 @@ impl Device for Cuda {
         // 64 RoPE dims of a head dividing 512: the others are then a multiple of 64, up to 448.
         let mma = self.tensor_cores && 512usize.is_multiple_of(dh) && dh == row.nope as usize + 64;
         let (s, hg, threads, smem) = if mma {
-            // At most 64 slices (`attend_join` takes no more): past 2,048 keys, longer slices
+            // At most 64 slices (`attend_join` takes up to 128): past 2,048 keys, longer slices
             // rather than more blocks (a layer's blocks then fit the SMs at once, and the join
             // reads less).
             let s = keys.div_ceil(32).clamp(1, 64);
