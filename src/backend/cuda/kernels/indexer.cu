@@ -158,8 +158,9 @@ __device__ __forceinline__ void index_scores_kb(const ScoreArgs& a, u8* smem) {
     uint4 next[IROW_PIECES];
     long e_end = n < e_hi ? n : e_hi;
     auto fetch = [&](long e0) {
-        const uint4* rows0 = (const uint4*)paged_row(s.tables, a.table, e0, rb);
+        // (A page past the token's entries may not exist: its table entry is not read.)
         long live = (e_end - e0) * pieces;
+        const uint4* rows0 = live > 0 ? (const uint4*)paged_row(s.tables, a.table, e0, rb) : nullptr;
 #pragma unroll
         for (int u = 0; u < IROW_PIECES; u++) {
             int i = lane + 32 * u;
