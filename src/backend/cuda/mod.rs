@@ -2335,10 +2335,12 @@ impl Device for Cuda {
         // 64 RoPE dims of a head dividing 512: the others are then a multiple of 64, up to 448.
         let mma = self.tensor_cores && 512usize.is_multiple_of(dh) && dh == row.nope as usize + 64;
         let (s, hg, threads, smem) = if mma {
-            // At most 64 slices (`attend_join` takes up to 128): past 2,048 keys, longer slices
+            // At most 66 slices (`attend_join` takes up to 128): past 2,112 keys, longer slices
             // rather than more blocks (a layer's blocks then fit the SMs at once, and the join
-            // reads less).
-            let s = keys.div_ceil(32).clamp(1, 64);
+            // reads less). 66: a wave of V4-Flash's four groups of 16 heads, two blocks an SM
+            // of 132; an HCA layer's 8,319 keys at 1M take 65 slices of eight chunks (64 had
+            // made 58 of nine). A constant: a token's slices decide the order of its sums.
+            let s = keys.div_ceil(32).clamp(1, 66);
             let mut hg = 16;
             while hg > 4 && b.t * h.div_ceil(hg) * s < self.gpu.sms as usize {
                 hg /= 2;
