@@ -1341,6 +1341,23 @@ fn chained_index_scores_give_the_blockwise_bits() {
     assert_eq!(differ, None);
 }
 
+/// The cluster top-k, which starts from the histograms the indexer's scores count as they are
+/// written, picks what the one-block top-k picks: V4-Flash-shaped blocks over 700 tokens (a
+/// top-64 of up to 175 entries, and rows shorter than that), every row through a cluster or
+/// through one block, score the same logits.
+#[test]
+fn cluster_top_k_gives_the_one_blocks_bits() {
+    if gpu("cluster_top_k_gives_the_one_blocks_bits").is_none() {
+        return;
+    }
+    let prompts = flash_prompts(700, 31, 97);
+    let differ = first_difference_by(53, &prompts, 256, |dev, cluster| {
+        let one_block = if cluster { 0 } else { 8192 };
+        dev.topk_one_block.store(one_block, Ordering::Relaxed)
+    });
+    assert_eq!(differ, None);
+}
+
 /// Chains run side by side on two streams (`Device::join`) give the bits of one stream: V4-Flash-
 /// shaped blocks over 300 tokens (a top-64 that selects), 256 prefilled in one call and the
 /// rest decoded token by token (recorded steps), score the same logits both ways.

@@ -292,6 +292,7 @@ mod args {
         pub descs: u64,
         pub scores: u64,
         pub img: u64,
+        pub hist: u64,
         pub h: i32,
         pub dim: i32,
         pub ratio: i32,
@@ -500,6 +501,10 @@ pub struct Cuda {
     /// sum across blocks where the scales allow: `index_scores`). For tests: the bits do not
     /// depend on it.
     pub index_blockwise: AtomicBool,
+    /// The longest rows of scores the top-k takes in one block (`index_topk`: 8,192, as many
+    /// as its registers hold); longer ones take clusters. For tests: the picks do not depend
+    /// on it.
+    pub topk_one_block: AtomicUsize,
     pool: Arc<Pool>,
     layouts: Mutex<HashMap<(usize, usize), Arc<Layout>>>,
     recordings: Mutex<Recordings>,
@@ -696,6 +701,7 @@ impl Cuda {
             fuse_norms: true,
             expert_warps: AtomicUsize::new(0),
             index_blockwise: AtomicBool::new(false),
+            topk_one_block: AtomicUsize::new(8192),
             concurrent: AtomicBool::new(
                 !std::env::var("HADAL_CUDA_STREAMS").is_ok_and(|v| v == "1"),
             ),
@@ -1121,10 +1127,32 @@ impl Cuda {
         keys.div_ceil(16).clamp(1, 128)
     }
 
+    /// Whether `index_topk` takes rows of `nmax` scores, one block a row.
+    fn topk_in_one_block(&self, nmax: usize) -> bool {
+        // One block of 1,024 threads holds 8,192 keys in registers (`TOPK1_PER`).
+        nmax <= self.topk_one_block.load(Ordering::Relaxed).min(8192)
+    }
+
+    /// Blocks of the cluster `topk_cluster` takes a row of `nmax` scores in, where it takes it
+    /// (rows of 8,192 at most take one block, `index_topk`; rows past 16 blocks, or GPUs
+    /// without clusters, the digit passes through global memory).
+    fn topk_cluster_blocks(&self, nmax: usize) -> Option<u32> {
+        if self.topk_in_one_block(nmax) {
+            return None;
+        }
+        // Up to 16 blocks' entries (`TOPKC_BLOCK`): a cluster a row (compute capability 9.0).
+        let c = nmax.div_ceil(TOPK_CLUSTER_BLOCK) as u32;
+        (c <= 16 && self.gpu.arch >= (9, 0) && self.gpu.clusters_fit("topk_cluster", 1024, 0, c))
+            .then_some(c)
+    }
+
     /// The `k` largest of each row's first `(tok_pos[t] + 1) / ratio` scores, their indices
     /// in increasing order (the lowest among ties), written to `picks` (`rows x k`, -1 where a
     /// row has fewer). Short rows take one block, longer ones a cluster of blocks
-    /// (`topk_cluster`), the longest many blocks meeting through global memory (`topk_digit`).
+    /// (`topk_cluster`, which starts from `hist`, each row's 256 counts of its visible keys'
+    /// top 8 bits, and leaves them zero: required
+    /// where [`Cuda::topk_cluster_blocks`] says it runs), the longest many blocks meeting
+    /// through global memory (`topk_digit`).
     fn select_top(
         &self,
         scores: &Tensor,
@@ -1132,6 +1160,7 @@ impl Cuda {
         ratio: usize,
         k: usize,
         picks: &Buf,
+        hist: u64,
     ) -> Result<()> {
         let (t, nmax) = (scores.rows, scores.cols);
         let sms = self.gpu.sms;
@@ -1143,17 +1172,24 @@ impl Cuda {
             .push(nmax as i32)
             .push(k as i32)
             .push(picks.ptr);
-        // One block of 1,024 threads holds 8,192 keys in registers (`TOPK1_PER`).
-        if nmax <= 8192 {
+        if self.topk_in_one_block(nmax) {
             return self.launch("index_topk", (t as u32, 1, 1), 1024, 0, &mut row_args);
         }
-        // Up to 16 blocks' entries (`TOPKC_BLOCK`): a cluster a row (compute capability 9.0).
-        let c = nmax.div_ceil(TOPK_CLUSTER_BLOCK) as u32;
-        if c <= 16 && self.gpu.arch >= (9, 0) && self.gpu.clusters_fit("topk_cluster", 1024, 0, c) {
+        if let Some(c) = self.topk_cluster_blocks(nmax) {
+            if hist == 0 {
+                return Err(Error::Device(
+                    "topk_cluster needs the rows' histograms".into(),
+                ));
+            }
             let grid = (c, t as u32, 1);
-            return self
-                .gpu
-                .launch_clustered("topk_cluster", grid, 1024, 0, c, &mut row_args);
+            return self.gpu.launch_clustered(
+                "topk_cluster",
+                grid,
+                1024,
+                0,
+                c,
+                row_args.push(hist),
+            );
         }
         // The histograms and the blocks' counters are launch counters (zero, left zero): no
         // clearing launches.
@@ -1210,7 +1246,20 @@ impl Cuda {
         let pos: Vec<u32> = visible.iter().map(|&v| (v - 1) as u32).collect();
         let pos = self.gpu.upload(&pos)?;
         let picks = self.gpu.alloc(4 * t * k)?;
-        self.select_top(&s, pos.ptr, 1, k, &picks)?;
+        // What index_scores counts as it writes the scores (`topk_cluster` starts from it).
+        let mut hist = vec![0u32; 256 * t];
+        for (row, (&v, h)) in scores
+            .chunks(nmax)
+            .zip(visible.iter().zip(hist.chunks_mut(256)))
+        {
+            for &x in &row[..v] {
+                let b = x.to_bits();
+                let key = if b >> 31 == 1 { !b } else { b | 1 << 31 };
+                h[(key >> 24) as usize] += 1;
+            }
+        }
+        let hist = self.gpu.upload(&hist)?;
+        self.select_top(&s, pos.ptr, 1, k, &picks, hist.ptr)?;
         let v: Vec<i32> = self.gpu.read(picks.ptr, t * k)?;
         Ok(v.chunks(k.max(1)).map(|c| c.to_vec()).collect())
     }
@@ -2241,6 +2290,11 @@ impl Device for Cuda {
         // others). An entry's score does not depend on the block that computes it.
         let sms = self.gpu.sms as usize;
         let passes = nmax.div_ceil(128);
+        // The rows' histograms for `topk_cluster` (launch counters: it leaves them zero).
+        let hist = match self.topk_cluster_blocks(nmax) {
+            Some(_) => self.counters(256 * b.t)?,
+            None => 0,
+        };
         let blocks = (3 * sms / b.t).clamp(1, passes);
         let a = args::Score {
             q: q.buf.ptr,
@@ -2250,6 +2304,7 @@ impl Device for Cuda {
             descs: b.descs,
             scores: scores.buf.ptr,
             img: img.ptr,
+            hist,
             h: ix.heads as i32,
             dim: ix.dim as i32,
             ratio: ratio as i32,
@@ -2276,7 +2331,7 @@ impl Device for Cuda {
             smem as u32,
             Args::new().push(a),
         )?;
-        self.select_top(&scores, b.tok_pos, ratio, ix.topk, &picks)?;
+        self.select_top(&scores, b.tok_pos, ratio, ix.topk, &picks, hist)?;
         Ok(Picks {
             buf: picks,
             k: ix.topk,

@@ -8,6 +8,7 @@ struct ScoreArgs {
     const SeqDesc* descs;
     float* scores;       // [T, nmax]
     u8* img;             // [T, image]: each token's staged queries (index_stage)
+    u32* hist;           // [T, 256] zero, or null: the histogram topk_cluster starts from
     int H, dim, ratio, nmax;
     int passes;          // of 128 entries a row, dealt evenly over the grid's y blocks
     int blockwise;       // 1: every pass sums each block of 32 dims on its own (tests)
@@ -112,6 +113,12 @@ extern "C" __global__ void index_stage(ScoreArgs a) {
     if (threadIdx.x == 0) *(int*)(wh + H) = q_span;
 }
 
+// An order-preserving key of a float (larger float, larger key).
+__device__ __forceinline__ u32 fkey(float x) {
+    u32 b = __float_as_uint(x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
 // Scores on tensor cores. A query value is an e2m1 code times its block's power-of-two scale,
 // a key the same. mma.m16n8k16: A = 16 entries' key codes (shifted into f16s, times 2^-14), B =
 // 8 heads' query values over a power of two, C = entries x heads. A lane (g, t) feeds, of each
@@ -136,7 +143,7 @@ extern "C" __global__ void index_stage(ScoreArgs a) {
 // loop ended in a branch, which kept the next block's loads and MMAs from being scheduled
 // among the current ones.
 template <int KB>
-__device__ __forceinline__ void index_scores_kb(const ScoreArgs& a, u8* smem) {
+__device__ __forceinline__ void index_scores_kb(const ScoreArgs& a, u8* smem, u32* lh) {
     int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
     // Heads in whole n-tiles of 8; the padding heads score zero with weight zero.
     int H = (a.H + 7) & ~7, dim = KB * 32, rb = a.row.bytes, pieces = rb >> 4;
@@ -307,26 +314,36 @@ __device__ __forceinline__ void index_scores_kb(const ScoreArgs& a, u8* smem) {
                 v += __shfl_xor_sync(0xffffffffu, v, 1);
                 v += __shfl_xor_sync(0xffffffffu, v, 2);
                 long e = e0 + 16 * m + 8 * r + g;
-                if (tq == 0 && e < e_hi) a.scores[(long)t * a.nmax + e] = e < n ? v * top[m][r] : NEG_INF;
+                if (tq == 0 && e < e_hi) {
+                    v = e < n ? v * top[m][r] : NEG_INF;
+                    a.scores[(long)t * a.nmax + e] = v;
+                    if (lh && e < n) atomicAdd(&lh[fkey(v) >> 24], 1u);
+                }
             }
     }
 }
 
+// With `hist`, each block also counts its visible scores by their keys' top 8 bits (`lh`) into
+// the token's histogram: topk_cluster's first digit then needs no pass of its own.
 extern "C" __global__ void __launch_bounds__(128) index_scores(ScoreArgs a) {
     pdl_wait();
     extern __shared__ __align__(16) u8 smem[];
+    __shared__ u32 hist[256];
+    u32* lh = a.hist ? hist : nullptr;
+    if (lh)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) lh[i] = 0;
+    // (index_scores_kb's barrier after its staging orders the zeros before its counts.)
     switch (a.dim >> 5) {
-    case 1: index_scores_kb<1>(a, smem); break;
-    case 2: index_scores_kb<2>(a, smem); break;
-    case 3: index_scores_kb<3>(a, smem); break;
-    default: index_scores_kb<4>(a, smem); break;
+    case 1: index_scores_kb<1>(a, smem, lh); break;
+    case 2: index_scores_kb<2>(a, smem, lh); break;
+    case 3: index_scores_kb<3>(a, smem, lh); break;
+    default: index_scores_kb<4>(a, smem, lh); break;
     }
-}
-
-// An order-preserving key of a float (larger float, larger key).
-__device__ __forceinline__ u32 fkey(float x) {
-    u32 b = __float_as_uint(x);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    if (!lh) return;
+    __syncthreads();
+    u32* gh = a.hist + 256l * blockIdx.x;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        if (lh[i]) atomicAdd(&gh[i], lh[i]);
 }
 
 // Warp 0 of the block finds, counting a 256-bin histogram's bins from the top, the bin in
@@ -654,17 +671,21 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
 #define TOPKC_BLOCK (1024 * TOPKC_PER)
 
 // index_topk's selection for rows of up to 16 blocks' entries (262,144: V4's 1M context over
-// 4), one cluster of ceil(n / TOPKC_BLOCK) blocks a row, its keys in registers from one load:
-// each block counts its keys into a 256-bin histogram and sends it to every block of the
-// cluster, which all pick the same digit from the sum, four passes of 8 bits; then each block
-// writes its picks after those of the blocks before it, whose counts they sent it too. The
-// same picks as index_topk and the digit passes (the lowest indices among ties, index order),
-// in one launch where those took five, each a round trip through global memory. Blocks send
-// by `st.async`, counted by the receiver's mbarrier (one for each exchange): no fences.
+// 4), one cluster of ceil(n / TOPKC_BLOCK) blocks a row, its keys in registers from one load.
+// The first 8 bits of the k-th largest key come from the row's histogram of its keys' top 8
+// bits, which index_scores counted (`hist`, [T, 256]; zero again when the kernel ends). Three
+// passes find the rest, 8 bits each: each block counts its keys into a 256-bin histogram and
+// sends it to every block of the cluster, which all pick the same digit from the sum; then
+// each block writes its picks after those of the blocks before it, whose counts they sent it
+// too. The same picks as index_topk and the digit passes (the lowest
+// indices among ties, index order), in one launch where those took five, each a round trip
+// through global memory. Blocks send by `st.async`, counted by the receiver's mbarrier (one
+// for each exchange): no fences.
 extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* scores, const u32* tok_pos,
-                                                                int ratio, int nmax, int k, int* picks) {
-    __shared__ __align__(8) unsigned long long bars[5];
-    __shared__ __align__(16) u32 hist[256];
+                                                                int ratio, int nmax, int k, int* picks,
+                                                                u32* hist) {
+    __shared__ __align__(8) unsigned long long bars[4];
+    __shared__ __align__(16) u32 lhist[256];
     __shared__ __align__(16) u32 recv[2][16][256];  // the cluster's histograms, by pass parity
     __shared__ __align__(16) uint4 cnt[16];         // the blocks' keys above the k-th and equal
     __shared__ u32 total[256];
@@ -672,19 +693,23 @@ extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* sco
     __shared__ u32 sel[2];
     const int C = gridDim.x, r = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, lane = tid & 31;
     // The barriers exist in every block before any block sends.
-    if (tid < 5) mbar_expect(smem_addr(&bars[tid]), tid < 4 ? C * 1024 : C * 16);
-    if (tid < 256) hist[tid] = 0;
+    if (tid < 4) mbar_expect(smem_addr(&bars[tid]), tid < 3 ? C * 1024 : C * 16);
+    if (tid < 256) lhist[tid] = 0;
     __syncthreads();
     cluster_sync_relaxed();
     pdl_wait();
     long n = (tok_pos[t] + 1) / ratio;
     int* out = picks + (long)t * k;
+    u32* gh = hist + 256l * t;
     if (n <= k) {
         // (Uniform over the cluster: no block waits for another.)
-        if (r == 0)
+        if (r == 0) {
             for (int i = tid; i < k; i += blockDim.x) out[i] = i < n ? i : -1;
+            if (tid < 256) gh[tid] = 0;
+        }
         return;
     }
+    if (tid < 256) total[tid] = gh[tid];
     const float* row = scores + (long)t * nmax;
     long i0 = (long)r * TOPKC_BLOCK + (long)tid * TOPKC_PER;
     u32 u[TOPKC_PER];
@@ -702,27 +727,32 @@ extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* sco
         for (int j = 0; j < TOPKC_PER; j++) u[j] = i0 + j < n ? fkey(row[i0 + j]) : 0;
     }
     u32 prefix = 0, mask = 0, need = k;
-    for (int pass = 0, shift = 24; shift >= 0; pass++, shift -= 8) {
-        // Lanes with the same bin add once (the first passes' keys crowd into a few bins).
+    __syncthreads();
+    take_digit(total, 24, sel, prefix, mask, need);
+    for (int pass = 1, shift = 16; shift >= 0; pass++, shift -= 8) {
+        // Lanes with the same bin add once (the keys that match the digits so far crowd into
+        // a few bins).
 #pragma unroll
         for (int j = 0; j < TOPKC_PER; j++) {
             bool in = i0 + j < n && (u[j] & mask) == prefix;
             if (!__any_sync(0xffffffffu, in)) continue;
             u32 bin = (u[j] >> shift) & 255;
             u32 peers = __match_any_sync(0xffffffffu, in ? bin : 0xffffffffu);
-            if (in && __ffs(peers) - 1 == lane) atomicAdd(&hist[bin], __popc(peers));
+            if (in && __ffs(peers) - 1 == lane) atomicAdd(&lhist[bin], __popc(peers));
         }
         __syncthreads();
         // Thread i sends 16 bytes of the histogram to block i / 64.
-        u32 bar = smem_addr(&bars[pass]);
+        u32 bar = smem_addr(&bars[pass - 1]);
         if (tid < 64 * C) {
             int dst = tid >> 6, c = tid & 63;
             u32 at = smem_addr(&recv[pass & 1][r][4 * c]);
-            st_async4u(cluster_addr(at, dst), ((const uint4*)hist)[c], cluster_addr(bar, dst));
+            st_async4u(cluster_addr(at, dst), ((const uint4*)lhist)[c], cluster_addr(bar, dst));
         }
         __syncthreads();
-        if (tid < 256) hist[tid] = 0;
+        if (tid < 256) lhist[tid] = 0;
         mbar_wait0(bar);
+        // Every block has read the row's histogram before it sent this pass's.
+        if (pass == 1 && r == 0 && tid < 256) gh[tid] = 0;
         if (tid < 256) {
             u32 s = 0;
             for (int b = 0; b < C; b++) s += recv[pass & 1][b][tid];
@@ -735,7 +765,7 @@ extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* sco
     u32 gt, eq, gt_before, eq_before;
     count_keys(u, i0, n, prefix, sh, gt, eq, gt_before, eq_before);
     // The block's counts to every block (the last thread's sums).
-    u32 bar = smem_addr(&bars[4]);
+    u32 bar = smem_addr(&bars[3]);
     if (tid == blockDim.x - 1) {
         uint4 v = make_uint4(gt_before + gt, eq_before + eq, 0, 0);
         for (int b = 0; b < C; b++) st_async4u(cluster_addr(smem_addr(&cnt[r]), b), v, cluster_addr(bar, b));
