@@ -1150,9 +1150,8 @@ impl Cuda {
     /// in increasing order (the lowest among ties), written to `picks` (`rows x k`, -1 where a
     /// row has fewer). Short rows take one block, longer ones a cluster of blocks
     /// (`topk_cluster`, which starts from `hist`, each row's 256 counts of its visible keys'
-    /// top 8 bits, and leaves them zero: required
-    /// where [`Cuda::topk_cluster_blocks`] says it runs), the longest many blocks meeting
-    /// through global memory (`topk_digit`).
+    /// top 8 bits, and leaves them zero: required where [`Cuda::topk_cluster_blocks`] says it
+    /// runs), the longest many blocks meeting through global memory (`topk_digit`).
     fn select_top(
         &self,
         scores: &Tensor,

@@ -677,10 +677,9 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(TopkArgs a) {
 // passes find the rest, 8 bits each: each block counts its keys into a 256-bin histogram and
 // sends it to every block of the cluster, which all pick the same digit from the sum; then
 // each block writes its picks after those of the blocks before it, whose counts they sent it
-// too. The same picks as index_topk and the digit passes (the lowest
-// indices among ties, index order), in one launch where those took five, each a round trip
-// through global memory. Blocks send by `st.async`, counted by the receiver's mbarrier (one
-// for each exchange): no fences.
+// too. The same picks as index_topk and the digit passes (the lowest indices among ties, index
+// order), in one launch where those took five, each a round trip through global memory. Blocks
+// send by `st.async`, counted by the receiver's mbarrier (one for each exchange): no fences.
 extern "C" __global__ void __launch_bounds__(1024) topk_cluster(const float* scores, const u32* tok_pos,
                                                                 int ratio, int nmax, int k, int* picks,
                                                                 u32* hist) {
