@@ -168,29 +168,32 @@ __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, 
     }
 }
 
-// Weight rows a warp of `gemv_rows`, and activation rows a block (grid y).
+// Weight rows a warp of `gemv_rows`.
 #define GEMV_NR 4
-#define GEMV_ROW_BLOCK 64
 
-// gemv for many activation rows (prefill): a warp takes GEMV_NR weight rows, so that each
-// activation chunk it loads serves GEMV_NR outputs (gemv re-reads every activation row for
-// every weight row), and grid y splits the rows. Each output's sum is gemv's, term for term:
-// the lane's chunks in increasing k, each chunk summed alone and then added, the warp's
+// gemv for many activation rows (prefill, decode batches): a warp takes GEMV_NR weight rows,
+// so that each activation chunk it loads serves GEMV_NR outputs (gemv re-reads every
+// activation row for every weight row), and a block `rpb` rows, 8 a pass. With `rows_in_x`
+// the row blocks are grid x and the weight tiles grid y, so that the blocks of a tile of
+// weights run together and read it from memory once (a decode batch's few row blocks); else
+// the other way round (a prefill's many). Each output's sum is gemv's, term for term: the
+// lane's chunks in increasing k, each chunk summed alone and then added, the warp's
 // butterfly, the KS partials in order; so a row gets the same bits from either kernel. No
 // groups (one activation row serves all of W); BF16 and F32 weights (no FP4 table).
 template <int FMT>
 __device__ void gemv_rows(const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R,
-                          int ldx, int ldy, int KS) {
+                          int ldx, int ldy, int KS, int rpb, int rows_in_x) {
     static_assert(FMT == FMT_BF16 || FMT == FMT_F32, "gemv_rows decodes BF16 and F32 weights");
     static_assert(GEMV_NR * 8 == 32, "a lane of a warp stores each of its outputs");
     const int CH = Chunk<FMT>::N, NR = GEMV_NR;
     __shared__ float part[8][NR][8];
     pdl_wait();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, ks = warp % KS;
-    int n0 = (blockIdx.x * (8 / KS) + warp / KS) * NR;
+    int tile = rows_in_x ? blockIdx.y : blockIdx.x, rb = rows_in_x ? blockIdx.x : blockIdx.y;
+    int n0 = (tile * (8 / KS) + warp / KS) * NR;
     const long step = (long)KS * 32 * CH;
-    int r1 = min(R, (int)(blockIdx.y + 1) * GEMV_ROW_BLOCK);
-    for (int r0 = blockIdx.y * GEMV_ROW_BLOCK; r0 < r1; r0 += 8) {
+    int r1 = min(R, (rb + 1) * rpb);
+    for (int r0 = rb * rpb; r0 < r1; r0 += 8) {
         int rows = min(r1 - r0, 8);
         float acc[NR][8];
 #pragma unroll
@@ -246,8 +249,8 @@ __device__ void gemv_rows(const u8* W, const u8* S, const float* X, float* Y, in
 #define ROWS_KERNELS(NAME, FMT)                                                                \
     extern "C" __global__ void __launch_bounds__(256, 2) gemv_rows_##NAME(                     \
         const u8* W, const u8* S, const float* X, float* Y, int N, int K, int R, int ldx,      \
-        int ldy, int KS) {                                                                     \
-        gemv_rows<FMT>(W, S, X, Y, N, K, R, ldx, ldy, KS);                                     \
+        int ldy, int KS, int rpb, int rows_in_x) {                                             \
+        gemv_rows<FMT>(W, S, X, Y, N, K, R, ldx, ldy, KS, rpb, rows_in_x);                     \
     }
 
 LINEAR_KERNELS(f8, FMT_F8)
