@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::ops::{rms_norm, sink_attention, softmax_strided, RowLayout};
-use super::order::{aten_column_sum, dot_in, order, Numerics};
+use super::ops::{rms_norm, sink_attention_scored, softmax_strided, RowLayout};
+use super::order::{aten_column_sum, chain_dots, dot_in, order, Numerics, Order, LANES};
 use super::{top_k, Batch, Cpu};
 use crate::model::attention::Attention;
 use crate::model::compressor::Compressor;
@@ -85,10 +85,39 @@ pub fn push(
 pub fn decode_rows(codec: RowCodec, st: &CompressorState, rows: &[usize]) -> Vec<f32> {
     let (b, d) = (codec.bytes(), codec.dim());
     let mut out = vec![0f32; rows.len() * d];
-    for (&r, o) in rows.iter().zip(out.chunks_mut(d)) {
-        codec.decode(st.entries.row(r, b), o);
-    }
+    out.par_chunks_mut(d)
+        .zip(rows)
+        .with_min_len(64)
+        .for_each(|(o, &r)| codec.decode(st.entries.row(r, b), o));
     out
+}
+
+/// Decodes every entry of a compressor into blocks of [`LANES`] entries, each block transposed
+/// ([`decode_block`]): the layout [`chain_dots`] reads.
+fn decode_lanes(codec: RowCodec, st: &CompressorState) -> Vec<f32> {
+    let d = codec.dim();
+    let mut out = vec![0f32; st.entries.len.div_ceil(LANES) * LANES * d];
+    out.par_chunks_mut(d * LANES).enumerate().for_each_init(
+        || vec![0f32; d],
+        |row, (b, blk)| decode_block(codec, st, b, row, blk),
+    );
+    out
+}
+
+/// Entries `b LANES..` of a compressor (up to [`LANES`], as many as there are) transposed into
+/// `blk` (`dim x LANES`: entry `b LANES + l`'s value `k` at `k LANES + l`), missing ones zero;
+/// `row` holds `dim` values.
+fn decode_block(codec: RowCodec, st: &CompressorState, b: usize, row: &mut [f32], blk: &mut [f32]) {
+    let m = LANES.min(st.entries.len - b * LANES);
+    if m < LANES {
+        blk.fill(0.0);
+    }
+    for l in 0..m {
+        codec.decode(st.entries.row(b * LANES + l, codec.bytes()), row);
+        for (k, &v) in row.iter().enumerate() {
+            blk[k * LANES + l] = v;
+        }
+    }
 }
 
 /// For each sequence and query, the entries (among the first `n` visible) it attends to, best
@@ -113,27 +142,57 @@ pub fn index_topk(
                 .indexer
                 .as_ref()
                 .expect("CSA block without indexer state");
-            let rows: Vec<usize> = (0..ist.entries.len).collect();
-            let keys = decode_rows(ix.compressor.codec, ist, &rows);
+            let (dim, codec) = (ix.dim, ix.compressor.codec);
+            // A chunk of many queries decodes every entry once for them all; a few queries (a
+            // decode step) decode each block of entries where they score it, in a buffer of
+            // the thread's, so that no array of the whole history is written and read back.
+            let all = (s.len > 16).then(|| decode_lanes(codec, ist));
             let ranked = (s.pos + s.len).max(s.prompt_end) / ratio;
             // The reference's score product has a row per position and head.
-            let ord = num.product(s.len * ix.heads, ix.dim);
+            let ord = num.product(s.len * ix.heads, dim);
             (0..s.len)
                 .into_par_iter()
                 .map(|i| {
                     let t = s.start + i;
                     let n = (s.pos + i + 1) / ratio;
                     let (qt, wt) = (&q[t * hq..(t + 1) * hq], &w[t * hw..(t + 1) * hw]);
-                    let mut scores: Vec<f32> = keys[..n * ix.dim]
-                        .chunks(ix.dim)
-                        .map(|k| {
-                            let mut sc = 0f32;
-                            for (qh, wh) in qt.chunks(ix.dim).zip(wt) {
-                                sc += dot_in(ord, qh, k).max(0.0) * wh;
+                    let heads: Vec<&[f32]> = qt.chunks(dim).collect();
+                    // An entry's score: its heads' dots, each ReLU'd and weighted, added in
+                    // head order; LANES entries at a time, each lane one entry's sum.
+                    let mut scores = vec![0f32; n.div_ceil(LANES) * LANES];
+                    scores.par_chunks_mut(LANES).enumerate().for_each_init(
+                        || {
+                            let dots = vec![[0f32; LANES]; heads.len()];
+                            (dots, vec![0f32; dim], vec![0f32; dim * LANES])
+                        },
+                        |(dots, row, own), (blk, sc)| {
+                            let kt: &[f32] = match &all {
+                                Some(a) => &a[blk * dim * LANES..(blk + 1) * dim * LANES],
+                                None => {
+                                    decode_block(codec, ist, blk, row, own);
+                                    own
+                                }
+                            };
+                            if ord == Order::Chain {
+                                chain_dots(kt, &heads, dots);
+                            } else {
+                                for l in 0..LANES {
+                                    for (k, v) in row.iter_mut().enumerate() {
+                                        *v = kt[k * LANES + l];
+                                    }
+                                    for (d, qh) in dots.iter_mut().zip(&heads) {
+                                        d[l] = dot_in(ord, qh, row);
+                                    }
+                                }
                             }
-                            sc
-                        })
-                        .collect();
+                            for (d, &wh) in dots.iter().zip(wt) {
+                                for (s, &x) in sc.iter_mut().zip(d) {
+                                    *s += x.max(0.0) * wh;
+                                }
+                            }
+                        },
+                    );
+                    scores.truncate(n);
                     scores.resize(ranked.max(n), f32::NEG_INFINITY);
                     // In the order torch.topk returns them (best first), which is the order the
                     // attention sums them in; the entries not yet visible come last and go.
@@ -223,14 +282,16 @@ fn store_window(a: &Attention<Cpu>, s: &Span, st: &mut BlockState, packed: &[u8]
     }
 }
 
-/// One head of one query at position `pos`: its window rows, then its compressed picks, in
-/// the reference's index row (window slots then compressed slots, each padded with empty
-/// slots up to the row's width, which decides how the exponentials are summed).
+/// Heads `h0..` (as many as `out` holds) of one query at position `pos`, `q` all of its
+/// heads. The query sees its window rows, then its compressed picks, in the reference's index
+/// row (window slots then compressed slots, each padded with empty slots up to the row's width,
+/// which decides how the exponentials are summed). Scores in the chain order are computed for
+/// [`LANES`] heads at once ([`chain_dots`]: the same bits).
 #[allow(clippy::too_many_arguments)]
-fn attend_one(
+fn attend_heads(
     a: &Attention<Cpu>,
     q: &[f32],
-    head: usize,
+    h0: usize,
     pos: usize,
     prompt: usize,
     keys: &SeqKeys,
@@ -256,12 +317,35 @@ fn attend_one(
         window_pad: window_width.saturating_sub(hi - lo),
         tail_pad: comp_width.saturating_sub(picks.len()),
     };
-    let rows = keys.raw[lo * dh..hi * dh]
+    let rows: Vec<&[f32]> = keys.raw[lo * dh..hi * dh]
         .chunks(dh)
-        .chain(picks.iter().map(|&b| &keys.comp[b * dh..(b + 1) * dh]));
+        .chain(picks.iter().map(|&b| &keys.comp[b * dh..(b + 1) * dh]))
+        .collect();
     let ord = order(a.heads, dh);
     let scale = (dh as f64).powf(-0.5) as f32;
-    sink_attention(q, rows, a.sink[head], scale, ord, layout, out);
+    let lanes = if ord == Order::Chain {
+        let mut t = vec![0f32; dh * LANES];
+        for (l, qh) in q[h0 * dh..].chunks(dh).take(out.len() / dh).enumerate() {
+            for (k, &v) in qh.iter().enumerate() {
+                t[k * LANES + l] = v;
+            }
+        }
+        let mut sc = vec![[0f32; LANES]; rows.len()];
+        chain_dots(&t, &rows, &mut sc);
+        sc
+    } else {
+        Vec::new()
+    };
+    for (l, o) in out.chunks_mut(dh).enumerate() {
+        let head = h0 + l;
+        let sc: Vec<f32> = if ord == Order::Chain {
+            lanes.iter().map(|s| s[l] * scale).collect()
+        } else {
+            let qh = &q[head * dh..(head + 1) * dh];
+            rows.iter().map(|k| dot_in(ord, qh, k) * scale).collect()
+        };
+        sink_attention_scored(sc, rows.iter().copied(), a.sink[head], layout, o);
+    }
 }
 
 /// Attention of every query head of the batch; rounds and stores the chunk's KV rows in the
@@ -304,13 +388,23 @@ pub fn attend(
             &packed[rows.start * row_bytes..rows.end * row_bytes],
         );
         let qs = &q[rows.start * h * dh..rows.end * h * dh];
+        // Heads in groups of LANES where the scores are chains (one pass over the keys for
+        // them all), else one at a time.
+        let group = if order(h, dh) == Order::Chain {
+            LANES
+        } else {
+            1
+        };
         o[rows.start * h * dh..rows.end * h * dh]
-            .par_chunks_mut(dh)
+            .par_chunks_mut(h * dh)
             .enumerate()
-            .for_each(|(j, out)| {
-                let (t, head) = (j / h, j % h);
-                let qh = &qs[t * h * dh + head * dh..t * h * dh + (head + 1) * dh];
-                attend_one(a, qh, head, s.pos + t, prompt, &keys, t, out);
+            .for_each(|(t, ot)| {
+                let qt = &qs[t * h * dh..(t + 1) * h * dh];
+                ot.par_chunks_mut(group * dh)
+                    .enumerate()
+                    .for_each(|(g, out)| {
+                        attend_heads(a, qt, g * group, s.pos + t, prompt, &keys, t, out)
+                    });
             });
     }
     o

@@ -197,7 +197,18 @@ pub fn sink_attention<'a>(
     layout: RowLayout,
     out: &mut [f32],
 ) {
-    let mut sc: Vec<f32> = keys.clone().map(|k| dot_in(order, q, k) * scale).collect();
+    let sc: Vec<f32> = keys.clone().map(|k| dot_in(order, q, k) * scale).collect();
+    sink_attention_scored(sc, keys, sink, layout, out);
+}
+
+/// [`sink_attention`] from the scores already computed (`q . k * scale`, in the keys' order).
+pub fn sink_attention_scored<'a>(
+    mut sc: Vec<f32>,
+    keys: impl Iterator<Item = &'a [f32]>,
+    sink: f32,
+    layout: RowLayout,
+    out: &mut [f32],
+) {
     let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let exp = |x: f32| (x as f64).exp() as f32;
     sc.iter_mut().for_each(|v| *v = exp(*v - mx));

@@ -144,6 +144,129 @@ pub fn dot_in(order: Order, a: &[f32], b: &[f32]) -> f32 {
     dot_generic(order, a, b)
 }
 
+/// How many dot products [`chain_dots`] advances together.
+pub const LANES: usize = 16;
+
+/// Dot products in the chain order, [`LANES`] at a time: `out[r][l]` is `dot_in(Order::Chain,
+/// rows[r], v_l)` bit for bit, where `t` holds the vectors `v_l` transposed (`t[k * LANES + l]
+/// = v_l[k]`, `dim = t.len() / LANES`). A chain is one fused multiply-add after another, each
+/// waiting for the last: one chain at a time leaves the multiply-add units idle for their
+/// latency. Here each vector lane carries its own chain, so one instruction advances sixteen,
+/// and several rows at a time keep several such vectors in flight. (The attention's scores:
+/// lanes are heads, rows keys; the indexer's: lanes are entries, rows heads.)
+pub fn chain_dots(t: &[f32], rows: &[&[f32]], out: &mut [[f32; LANES]]) {
+    let dim = t.len() / LANES;
+    assert!(out.len() >= rows.len() && rows.iter().all(|r| r.len() >= dim));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; the lengths were checked above.
+            return unsafe { chain_dots_avx512(t, rows, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA; the lengths were checked above.
+            return unsafe { chain_dots_avx2(t, rows, out) };
+        }
+    }
+    chain_dots_portable(t, rows, out)
+}
+
+/// [`chain_dots`] one chain at a time, for CPUs without the vector paths.
+fn chain_dots_portable(t: &[f32], rows: &[&[f32]], out: &mut [[f32; LANES]]) {
+    let dim = t.len() / LANES;
+    let cols: Vec<Vec<f32>> = (0..LANES)
+        .map(|l| t.iter().skip(l).step_by(LANES).copied().collect())
+        .collect();
+    for (row, o) in rows.iter().zip(out) {
+        for (v, c) in o.iter_mut().zip(&cols) {
+            *v = dot_in(Order::Chain, &row[..dim], c);
+        }
+    }
+}
+
+/// Eight rows at a time, a 16-lane register each: 8 chains in flight.
+///
+/// # Safety
+/// The CPU has AVX-512F; every row holds `t.len() / LANES` values, `out` `rows.len()` entries.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn chain_dots_avx512(t: &[f32], rows: &[&[f32]], out: &mut [[f32; LANES]]) {
+    use std::arch::x86_64::*;
+    const G: usize = 8;
+    let dim = t.len() / LANES;
+    for (rs, os) in rows.chunks(G).zip(out.chunks_mut(G)) {
+        // A short last group repeats its last row; the repeats are not stored.
+        let p: [*const f32; G] = std::array::from_fn(|g| rs[g.min(rs.len() - 1)].as_ptr());
+        let mut tot = [_mm512_setzero_ps(); G];
+        let mut at = 0;
+        for (i, len) in blocks(dim).enumerate() {
+            let mut acc = [_mm512_setzero_ps(); G];
+            for k in at..at + len {
+                let tk = _mm512_loadu_ps(t.as_ptr().add(k * LANES));
+                for g in 0..G {
+                    acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(*p[g].add(k)), tk, acc[g]);
+                }
+            }
+            for g in 0..G {
+                tot[g] = if i == 0 {
+                    acc[g]
+                } else {
+                    _mm512_add_ps(tot[g], acc[g])
+                };
+            }
+            at += len;
+        }
+        for (o, v) in os.iter_mut().zip(tot) {
+            _mm512_storeu_ps(o.as_mut_ptr(), v);
+        }
+    }
+}
+
+/// Four rows at a time, two 8-lane registers each: 8 chains in flight.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; every row holds `t.len() / LANES` values, `out` `rows.len()`
+/// entries.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chain_dots_avx2(t: &[f32], rows: &[&[f32]], out: &mut [[f32; LANES]]) {
+    use std::arch::x86_64::*;
+    const G: usize = 4;
+    let dim = t.len() / LANES;
+    for (rs, os) in rows.chunks(G).zip(out.chunks_mut(G)) {
+        let p: [*const f32; G] = std::array::from_fn(|g| rs[g.min(rs.len() - 1)].as_ptr());
+        let mut tot = [[_mm256_setzero_ps(); 2]; G];
+        let mut at = 0;
+        for (i, len) in blocks(dim).enumerate() {
+            let mut acc = [[_mm256_setzero_ps(); 2]; G];
+            for k in at..at + len {
+                let tk = t.as_ptr().add(k * LANES);
+                let (lo, hi) = (_mm256_loadu_ps(tk), _mm256_loadu_ps(tk.add(8)));
+                for g in 0..G {
+                    let x = _mm256_set1_ps(*p[g].add(k));
+                    acc[g][0] = _mm256_fmadd_ps(x, lo, acc[g][0]);
+                    acc[g][1] = _mm256_fmadd_ps(x, hi, acc[g][1]);
+                }
+            }
+            for g in 0..G {
+                for h in 0..2 {
+                    tot[g][h] = if i == 0 {
+                        acc[g][h]
+                    } else {
+                        _mm256_add_ps(tot[g][h], acc[g][h])
+                    };
+                }
+            }
+            at += len;
+        }
+        for (o, v) in os.iter_mut().zip(tot) {
+            _mm256_storeu_ps(o.as_mut_ptr(), v[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), v[1]);
+        }
+    }
+}
+
 /// `sum_k p[k] v_k` over rows `v_k` of `vals` (`len` wide), one fused chain per output in the
 /// order of `p`: the reference's weighted sum of attention values.
 pub fn weighted_rows<'a>(p: &[f32], vals: impl Iterator<Item = &'a [f32]>, out: &mut [f32]) {
@@ -271,6 +394,62 @@ mod tests {
         for rows in [1, 2, 11, 406] {
             assert_eq!(Numerics::BatchInvariant.product(rows, 256), Order::Chain);
             assert_eq!(Numerics::BatchInvariant.product(rows, 4096), Order::Lanes16);
+        }
+    }
+
+    #[test]
+    fn chain_dots_are_the_chains() {
+        // Widths of one block, of two and of several (the attention's 512, the indexer's
+        // 128), row counts around the group sizes; values whose sums round.
+        let val = |i: usize, seed: usize| {
+            let h = (i.wrapping_mul(2654435761) ^ seed.wrapping_mul(40503)) % 10007;
+            (h as f32 / 5003.0 - 1.0) * 2f32.powi((h % 13) as i32 - 6)
+        };
+        for dim in [1, 64, 128, 512, 1024, 1100] {
+            for nrows in [0, 1, 3, 4, 7, 8, 9, 17] {
+                let vecs: Vec<Vec<f32>> = (0..LANES)
+                    .map(|l| (0..dim).map(|k| val(k * 31 + l, 7)).collect())
+                    .collect();
+                let t: Vec<f32> = (0..dim * LANES)
+                    .map(|i| vecs[i % LANES][i / LANES])
+                    .collect();
+                let rows: Vec<Vec<f32>> = (0..nrows)
+                    .map(|r| (0..dim).map(|k| val(k * 17 + r, 3)).collect())
+                    .collect();
+                let refs: Vec<&[f32]> = rows.iter().map(|r| &r[..]).collect();
+                type Dots = fn(&[f32], &[&[f32]], &mut [[f32; LANES]]);
+                let mut paths: Vec<(&str, Dots)> = vec![
+                    ("dispatched", chain_dots),
+                    ("portable", chain_dots_portable),
+                ];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU has AVX-512F; the lengths match.
+                        paths.push(("avx512", |t, r, o| unsafe { chain_dots_avx512(t, r, o) }));
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU has AVX2 and FMA; the lengths match.
+                        paths.push(("avx2", |t, r, o| unsafe { chain_dots_avx2(t, r, o) }));
+                    }
+                }
+                for (name, f) in paths {
+                    let mut out = vec![[0f32; LANES]; nrows];
+                    f(&t, &refs, &mut out);
+                    for (r, o) in out.iter().enumerate() {
+                        for (l, v) in vecs.iter().enumerate() {
+                            let want = dot_in(Order::Chain, &rows[r], v);
+                            assert_eq!(
+                                o[l].to_bits(),
+                                want.to_bits(),
+                                "{name}: dim {dim} row {r} lane {l}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
