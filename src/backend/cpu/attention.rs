@@ -330,13 +330,17 @@ fn attend_heads(
                 t[k * LANES + l] = v;
             }
         }
+        // Keys in parallel too: a decode step has only heads / LANES such groups, and at long
+        // contexts (an HCA layer's 8K entries at 1M) each is long.
         let mut sc = vec![[0f32; LANES]; rows.len()];
-        chain_dots(&t, &rows, &mut sc);
+        sc.par_chunks_mut(256)
+            .zip(rows.par_chunks(256))
+            .for_each(|(s, r)| chain_dots(&t, r, s));
         sc
     } else {
         Vec::new()
     };
-    for (l, o) in out.chunks_mut(dh).enumerate() {
+    out.par_chunks_mut(dh).enumerate().for_each(|(l, o)| {
         let head = h0 + l;
         let sc: Vec<f32> = if ord == Order::Chain {
             lanes.iter().map(|s| s[l] * scale).collect()
@@ -345,7 +349,7 @@ fn attend_heads(
             rows.iter().map(|k| dot_in(ord, qh, k) * scale).collect()
         };
         sink_attention_scored(sc, rows.iter().copied(), a.sink[head], layout, o);
-    }
+    });
 }
 
 /// Attention of every query head of the batch; rounds and stores the chunk's KV rows in the
