@@ -408,6 +408,19 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
 #endif
 }
 
+// The L2 prefetch-size hint of the batch passes' weight copies (`mma_core_f4_stream`: decode
+// batches, whose experts are read whole): 256 bytes. Measured (2026-12-03, sixth session) at
+// batch 32: 26.08-26.11 ms a step against 26.40-26.45 with 128; every copy at 256 cost batch 1
+// 3.6%, so the others keep `CP_PF`.
+#ifndef F4S_PF
+#define F4S_PF 256
+#endif
+__device__ __forceinline__ void cp_async16_f4s(u32 dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global" PF_STR(F4S_PF) " [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+#endif
+}
+
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
@@ -469,8 +482,8 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
 #pragma unroll
         for (int w = 0; w < NW; w++) {
             const u8* wm = (w ? W2 : W) + (k >> 1) + wo;
-            cp_async16(wd + at + w * F4S_STEP, wm, va);
-            cp_async16(wd + at + w * F4S_STEP + 8 * F4S_ROW, wm + wob, vb);
+            cp_async16_f4s(wd + at + w * F4S_STEP, wm, va);
+            cp_async16_f4s(wd + at + w * F4S_STEP + 8 * F4S_ROW, wm + wob, vb);
             if (lane < 16) cp_async4(sd + at + w * F4S_STEP, (w ? S2 : S) + (k >> 5) + so, sv);
         }
     };
