@@ -409,9 +409,9 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
 }
 
 // The L2 prefetch-size hint of the batch passes' weight copies (`mma_core_f4_stream`: decode
-// batches, whose experts are read whole): 256 bytes. Measured (2026-12-03, sixth session) at
-// batch 32: 26.08-26.11 ms a step against 26.40-26.45 with 128; every copy at 256 cost batch 1
-// 3.6%, so the others keep `CP_PF`.
+// batches, whose experts are read whole): 256 bytes. At batch 32 (2026-12-03, sixth session,
+// five calls each) 26.02-26.48 ms a step, mean 26.23, against 26.31-26.47, mean 26.40, with
+// 128; every copy at 256 (`CP_PF`) gave 26.12-26.19 but cost batch 1 3.6%.
 #ifndef F4S_PF
 #define F4S_PF 256
 #endif
