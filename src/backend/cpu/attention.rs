@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::ops::{rms_norm, sink_attention_scored, softmax_strided, RowLayout};
+use super::ops::{rms_norm, sink_attention, softmax_strided, RowLayout};
 use super::order::{aten_column_sum, chain_dots, dot_in, order, Numerics, Order, LANES};
 use super::{top_k, Batch, Cpu};
 use crate::model::attention::Attention;
@@ -348,7 +348,7 @@ fn attend_heads(
             let qh = &q[head * dh..(head + 1) * dh];
             rows.iter().map(|k| dot_in(ord, qh, k) * scale).collect()
         };
-        sink_attention_scored(sc, rows.iter().copied(), a.sink[head], layout, o);
+        sink_attention(sc, rows.iter().copied(), a.sink[head], layout, o);
     });
 }
 

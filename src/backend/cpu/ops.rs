@@ -1,6 +1,6 @@
 //! Small element-wise and row-wise operations, in f32 and in the reference's order of operations.
 
-use super::order::{aten_sum, aten_sum_of, dot_in, weighted_rows, Order};
+use super::order::{aten_sum, aten_sum_of, weighted_rows};
 
 /// `x * rsqrt(mean(x^2) + eps) * w`, in place.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
@@ -183,26 +183,13 @@ pub struct RowLayout {
     pub tail_pad: usize,
 }
 
-/// One head's attention over `keys` (which double as values) with a sink: `softmax` over the
-/// scores `q . k * scale` and the sink logit, the sink carrying no value. The scores are summed
-/// in `order` (the reference's for a product with as many rows as the model has heads), the
-/// exponentials rounded from f64 (the reference's vector math library is within an ulp), their
-/// sum as ATen sums the row laid out by `layout`, the weighted values as one chain per output.
+/// One head's attention over `keys` (which double as values) with a sink, from its scores
+/// `sc` (`q . k * scale` in the keys' order, summed in the reference's order for a product with
+/// as many rows as the model has heads): `softmax` over them and the sink logit, the sink
+/// carrying no value, the exponentials rounded from f64 (the reference's vector math library
+/// is within an ulp), their sum as ATen sums the row laid out by `layout`, the weighted values
+/// as one chain per output.
 pub fn sink_attention<'a>(
-    q: &[f32],
-    keys: impl Iterator<Item = &'a [f32]> + Clone,
-    sink: f32,
-    scale: f32,
-    order: Order,
-    layout: RowLayout,
-    out: &mut [f32],
-) {
-    let sc: Vec<f32> = keys.clone().map(|k| dot_in(order, q, k) * scale).collect();
-    sink_attention_scored(sc, keys, sink, layout, out);
-}
-
-/// [`sink_attention`] from the scores already computed (`q . k * scale`, in the keys' order).
-pub fn sink_attention_scored<'a>(
     mut sc: Vec<f32>,
     keys: impl Iterator<Item = &'a [f32]>,
     sink: f32,
@@ -231,6 +218,7 @@ pub fn sink_attention_scored<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::order::{dot_in, Order};
 
     #[test]
     fn sink_attention_matches_softmax_with_an_empty_key() {
@@ -242,12 +230,11 @@ mod tests {
         ];
         let sink = 0.7f32;
         let mut out = [0f32; 4];
+        let scores = |order| keys.iter().map(|k| dot_in(order, &q, k) * 0.5).collect();
         sink_attention(
-            &q,
+            scores(Order::Chain),
             keys.iter().map(|k| &k[..]),
             sink,
-            0.5,
-            Order::Chain,
             // Empty slots change only the order of the sum.
             RowLayout {
                 window: 2,
@@ -275,11 +262,9 @@ mod tests {
         }
         // A very negative sink vanishes; a very large one absorbs all the mass.
         sink_attention(
-            &q,
+            scores(Order::Lanes16),
             keys.iter().map(|k| &k[..]),
             80.0,
-            0.5,
-            Order::Lanes16,
             RowLayout::default(),
             &mut out,
         );
