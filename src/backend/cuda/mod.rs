@@ -612,6 +612,10 @@ fn row_threads(n: usize) -> u32 {
     n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
 }
 
+/// Waves of `attend_mma` blocks a launch aims at (see `Cuda::attention`): of 2, 4 and 8 an 8K
+/// prefill was fastest at 4 (docs/cuda.md).
+const ATTEND_WAVES: usize = 4;
+
 /// Dynamic shared memory of `attend_mma` (attention_mma.cu's `tc_layout`): three planes of 16
 /// heads' queries and a plane of 16 keys, rows of `dh + 8` bf16 values; two more planes of the
 /// keys' RoPE dims; the four warps' shares of the 16 x 16 scores; two chunks of 16 packed rows.
@@ -2418,6 +2422,17 @@ impl Device for Cuda {
         };
         let groups = h.div_ceil(hg);
         let chunk = ((256usize << 20) / (4 * h * s * dh)).clamp(1, b.t);
+        // A block of `attend_mma` walks every z-th slice of its token: as many blocks as make
+        // `ATTEND_WAVES` waves of two an SM, and no fewer than a block a slice where those are
+        // fewer (decode). A prefill's queries are then split into planes a few times a token
+        // instead of once a slice. Which block computes a slice does not change its sums.
+        let z = if mma {
+            (ATTEND_WAVES * 2 * self.gpu.sms as usize)
+                .div_ceil(chunk * groups)
+                .clamp(1, s)
+        } else {
+            s
+        };
         let mut out = self.tensor(b.t, h * dh)?;
         // The tensor-core path's join also rotates the heads back, splits them into the output
         // projection's planes and, with every token in one launch, stores the window rows.
@@ -2473,7 +2488,7 @@ impl Device for Cuda {
             }
             self.launch(
                 if mma { "attend_mma" } else { "attend" },
-                (n as u32, groups as u32, s as u32),
+                (n as u32, groups as u32, z as u32),
                 threads as u32,
                 smem,
                 Args::new().push(args),

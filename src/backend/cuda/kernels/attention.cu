@@ -81,12 +81,12 @@ __device__ __forceinline__ const u8* key_row(const AttnArgs& a, const SeqDesc& s
     return paged_row(s.tables, a.table, e, a.row.bytes);
 }
 
-// The slice of token t's keys (nwin window rows, then its picks or all its compressed
-// entries) that block z takes, [k0, k1), and the token's number of slices: `per_split` keys a
-// slice, at most S. It depends on the token alone, so that its result does not depend on the
-// batch. Every thread of the block calls it (`picked`: a shared int).
-__device__ void token_slice(const AttnArgs& a, int t, long p, int nwin, int per_split, int* picked,
-                            long* k0, long* k1, long* splits) {
+// How token t's keys (nwin window rows, then its picks or all its compressed entries) divide
+// into slices: `per` keys a slice (a multiple of 16), `n` of them, at most S; slice j is
+// [j per, min((j + 1) per, total)). It depends on the token alone, so that its result does not
+// depend on the batch. Every thread of the block calls it (`picked`: a shared int).
+__device__ void token_slices(const AttnArgs& a, int t, long p, int nwin, int per_split, int* picked,
+                             long* total, long* per, long* n) {
     long ncomp = 0;
     if (a.picks) {
         // The picks come first, then -1s: the last pick finds itself (one round of loads).
@@ -100,16 +100,22 @@ __device__ void token_slice(const AttnArgs& a, int t, long p, int nwin, int per_
     } else if (a.ratio > 0) {
         ncomp = (p + 1) / a.ratio;
     }
-    long total = nwin + ncomp;
-    long n = (total + per_split - 1) / per_split;
-    n = n < 1 ? 1 : (n > a.S ? a.S : n);
+    *total = nwin + ncomp;
+    long m = (*total + per_split - 1) / per_split;
+    m = m < 1 ? 1 : (m > a.S ? a.S : m);
     // Whole chunks of 16 keys a slice (a chunk costs the same however few keys it holds).
-    long per = ((total + n - 1) / n + 15) & ~15l;
-    n = total > per ? (total + per - 1) / per : 1;
+    *per = ((*total + m - 1) / m + 15) & ~15l;
+    *n = *total > *per ? (*total + *per - 1) / *per : 1;
+}
+
+// Block z's slice of token t's keys, [k0, k1) (empty past the token's slices), and their count.
+__device__ void token_slice(const AttnArgs& a, int t, long p, int nwin, int per_split, int* picked,
+                            long* k0, long* k1, long* splits) {
+    long total, per;
+    token_slices(a, t, p, nwin, per_split, picked, &total, &per, splits);
     *k0 = blockIdx.z * per;
     *k1 = *k0 + per < total ? *k0 + per : total;
-    if (blockIdx.z >= n) *k1 = *k0;
-    *splits = n;
+    if (blockIdx.z >= *splits) *k1 = *k0;
 }
 
 // Attention of one token (t0 + blockIdx.x) and a group of heads (one warp each, blockIdx.y)

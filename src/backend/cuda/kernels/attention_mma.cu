@@ -3,7 +3,7 @@
 // of their own.
 //
 // A block takes one token, up to 16 heads (`hpb`: the MMA's 16 rows, those past them zero) and
-// a slice of the token's keys, 16 keys a chunk. Key values are e4m3 codes times power-of-two scales (exact in bf16) and f32 RoPE dims;
+// one or more slices of the token's keys, 16 keys a chunk. Key values are e4m3 codes times power-of-two scales (exact in bf16) and f32 RoPE dims;
 // queries and probabilities are f32. Each f32 operand is split into three bf16 parts that add up
 // to it exactly (split_act's split), so each MMA product is exact in f32 and the sums differ
 // from the CPU's only in their order. The first parts' products go to one accumulator and all
@@ -116,19 +116,28 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     const SeqDesc s = a.descs[a.tok_seq[t]];
     long p = a.tok_pos[t];
     int nwin = (int)(p + 1 < a.window ? p + 1 : a.window);
-    long k0, k1, splits;
-    token_slice(a, t, p, nwin, TC_KEYS_PER_SPLIT, &picked, &k0, &k1, &splits);
-    int nchunks = (int)((k1 - k0 + TC_KEYS - 1) / TC_KEYS);
+    // The block takes the token's slices z, z + Z, ... (Z = gridDim.z: a decode step's few
+    // tokens a block a slice, a prefill's many tokens several slices a block, so that their
+    // queries are split once), one chunk of 16 keys after another: chunk c is the (c % cps)-th
+    // of slice z + (c / cps) Z. Only the token's last slice can be shorter than `per`.
+    long total, per, nsl;
+    token_slices(a, t, p, nwin, TC_KEYS_PER_SPLIT, &picked, &total, &per, &nsl);
+    int cps = (int)(per / TC_KEYS);
+    auto chunk_at = [&](int c, long* sl, long* kb) {
+        *sl = blockIdx.z + (long)(c / cps) * gridDim.z;
+        *kb = *sl * per + (long)(c % cps) * TC_KEYS;
+        return *sl < nsl && *kb < total;
+    };
 
     // The block's threads walk the chunk's keys by items, one a thread and the next a block's
     // width on, so that every thread has as much to do: 16-byte pieces of the raw rows
     // (copying), groups of 16 non-RoPE dims and of 4 RoPE dims (converting).
     int cpr = rb / 16, nq = nope / 16, rq = (dh - nope) / 4;
     WalkStep cpw = walk_step(cpr), nqw = walk_step(nq), rqw = walk_step(rq);
-    // Chunk c's packed rows into raw buffer c % 2 (the addresses of up to TC_SRC_MAX keys
-    // looked up together, one a thread).
-    auto fetch = [&](int c) {
-        long kb = k0 + (long)c * TC_KEYS;
+    // Chunk c's packed rows into raw buffer c % 2 (the addresses of up to TC_SRC_MAX keys of a
+    // slice looked up together, one a thread).
+    auto fetch = [&](int c, long sl, long kb) {
+        long k0 = sl * per, k1 = k0 + per < total ? k0 + per : total;
         if ((kb - k0) % TC_SRC_MAX == 0) {
             __syncthreads();
             if (kb + tid < k1 && tid < TC_SRC_MAX) src[tid] = key_src(a, s, p, nwin, kb + tid, t);
@@ -140,7 +149,10 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
         for (; w.row < nk; walk_next(w, cpw))
             cp_async16(dst + w.row * rb + 16 * w.col, src[sb + w.row] + 16 * w.col, true);
     };
-    if (nchunks > 0) fetch(0);
+    {
+        long sl, kb;
+        if (chunk_at(0, &sl, &kb)) fetch(0, sl, kb);
+    }
     cp_commit();
 
     // A thread splits four dims (d4) of the query rows r0, r0 + rstep, ... (dh divides 512, so
@@ -188,14 +200,19 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // heads g and g + 8
     float* part = (float*)(smem + L.part);
 
-    for (int c = 0; c < nchunks; c++) {
-        long kb = k0 + (long)c * TC_KEYS;
+    long tb = (long)blockIdx.x * a.H;
+    long sl, kb;
+    for (int c = 0; chunk_at(c, &sl, &kb); c++) {
+        long k1 = sl * per + per < total ? sl * per + per : total;
         int nk = (int)(k1 - kb < TC_KEYS ? k1 - kb : TC_KEYS);
         // Chunk c has landed, and every warp is done with the previous chunk's planes and
         // raw buffer; chunk c + 1 loads while this one is computed.
         cp_wait<0>();
         __syncthreads();
-        if (c + 1 < nchunks) fetch(c + 1);
+        {
+            long sl1, kb1;
+            if (chunk_at(c + 1, &sl1, &kb1)) fetch(c + 1, sl1, kb1);
+        }
         cp_commit();
         // The chunk's keys as bf16 parts: 16 non-RoPE dims (one scale block's) or 4 RoPE dims
         // an item; rows past nk zero.
@@ -381,30 +398,51 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
                     mma16816_bf16(c, P[pp][0], P[pp][1], P[pp][2], P[pp][3], B[kp][0], B[kp][1]);
                 }
         }
-    }
-
-    // The slice's results: values of the warp's dims, max and sum of each head.
-    long tb = (long)blockIdx.x * a.H;
+        if (kb + TC_KEYS < k1) continue;
+        // The slice's results: values of the warp's dims, max and sum of each head; then the
+        // next slice starts afresh.
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
-        int hh = g + 8 * (c >> 1), h = h0 + hh;
-        if (hh >= a.hpb || h >= a.H) continue;
-        float* o = a.oo + ((tb + h) * a.S + blockIdx.z) * dh + 2 * tq + (c & 1);
+        for (int c = 0; c < 4; c++) {
+            int hh = g + 8 * (c >> 1), h = h0 + hh;
+            if (hh >= a.hpb || h >= a.H) continue;
+            float* o = a.oo + ((tb + h) * a.S + sl) * dh + 2 * tq + (c & 1);
 #pragma unroll
-        for (int j = 0; j < TC_NT_NOPE; j++)
-            if (j < ntn) o[16 * (warp + 4 * (j >> 1)) + 8 * (j & 1)] = oh[j][c] + ol[j][c];
+            for (int j = 0; j < TC_NT_NOPE; j++)
+                if (j < ntn) o[16 * (warp + 4 * (j >> 1)) + 8 * (j & 1)] = oh[j][c] + ol[j][c];
 #pragma unroll
-        for (int j = 0; j < 2; j++) o[16 * rst + 8 * j] = rh[j][c] + rl[j][c];
-    }
-    if (warp == 0 && tq == 0)
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            int hh = g + 8 * r, h = h0 + hh;
-            if (hh < a.hpb && h < a.H) {
-                a.om[(tb + h) * a.S + blockIdx.z] = m[r];
-                a.ol[(tb + h) * a.S + blockIdx.z] = l[r];
-            }
+            for (int j = 0; j < 2; j++) o[16 * rst + 8 * j] = rh[j][c] + rl[j][c];
         }
+        if (warp == 0 && tq == 0)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                int hh = g + 8 * r, h = h0 + hh;
+                if (hh < a.hpb && h < a.H) {
+                    a.om[(tb + h) * a.S + sl] = m[r];
+                    a.ol[(tb + h) * a.S + sl] = l[r];
+                }
+            }
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+#pragma unroll
+            for (int j = 0; j < TC_NT_NOPE; j++) oh[j][c] = ol[j][c] = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 2; j++) rh[j][c] = rl[j][c] = 0.0f;
+        }
+        m[0] = m[1] = NEG_INF;
+        l[0] = l[1] = 0.0f;
+    }
+    // The block's slots past the token's slices: empty (the join skips them). The loop ended
+    // at a slice past them, or within the token's last (short) slice.
+    if (warp == 0 && tq == 0)
+        for (long j = sl < nsl ? sl + gridDim.z : sl; j < a.S; j += gridDim.z)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                int hh = g + 8 * r, h = h0 + hh;
+                if (hh < a.hpb && h < a.H) {
+                    a.om[(tb + h) * a.S + j] = NEG_INF;
+                    a.ol[(tb + h) * a.S + j] = 0.0f;
+                }
+            }
 }
 
 // The join of a token's slices for one head and 128 of its dims (grid: tokens, heads, dh / 128;
