@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Summarises an Nsight Systems kernel trace of `hadal bench` (tools/device/run.sh timeline).
 
-Usage: timeline.py TRACE.csv [FIRST]
+Usage: timeline.py TRACE.csv [FIRST] [--prefill]
 
 Steps end at the sampling kernel (`sample_rows`); the fastest of the later steps is taken (a
-replayed decode step). Prints its span, the time some kernel runs, the time two or more run at
+replayed decode step), or with --prefill the first (every launch before the first sampling:
+the synthetic weights' generation and a bench's prefill). Prints its span, the time some kernel runs, the time two or more run at
 once, the gaps where none runs, and per kernel name: launches, summed duration and the time it
 ran alone (nothing beside it: what a step waits for); then its first FIRST launches (default
 120) in order with their start, duration and stream.
@@ -22,8 +23,10 @@ def column(header, *words):
 
 
 def main():
-    path = sys.argv[1]
-    first = int(sys.argv[2]) if len(sys.argv) > 2 else 120
+    args = [a for a in sys.argv[1:] if a != "--prefill"]
+    prefill = len(args) < len(sys.argv) - 1
+    path = args[0]
+    first = int(args[1]) if len(args) > 1 else 120
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     header = rows[0]
@@ -47,7 +50,7 @@ def main():
     if not steps:
         raise SystemExit("no step (no sample_rows kernel) in the trace")
     later = steps[len(steps) // 2:]
-    step = min(later, key=lambda s: s[-1][1] - s[0][0])
+    step = steps[0] if prefill else min(later, key=lambda s: s[-1][1] - s[0][0])
     t0, t1 = step[0][0], step[-1][1]
     # Sweep the step's kernel intervals: time with >= 1 and >= 2 running, gaps, time alone.
     events = sorted([(s, 1, i) for i, (s, e, _, _) in enumerate(step)] +
@@ -72,7 +75,8 @@ def main():
         else:
             running.discard(i)
     span = t1 - t0
-    print(f"{len(steps)} steps traced; the fastest of the later ones: {len(step)} launches, "
+    which = "the first" if prefill else "the fastest of the later ones"
+    print(f"{len(steps)} steps traced; {which}: {len(step)} launches, "
           f"{span / 1e3:.1f} us")
     print(f"  some kernel running {busy / 1e3:.1f} us ({100 * busy / span:.1f}%), two or more "
           f"{both / 1e3:.1f} us, none {sum(g for g, _ in gaps) / 1e3:.1f} us in {len(gaps)} gaps")
