@@ -170,6 +170,9 @@ __device__ void gemv(const u8* W, const u8* S, const float* X, float* Y, int N, 
 
 // Weight rows a warp of `gemv_rows`.
 #define GEMV_NR 4
+#ifndef GEMV_RA
+#define GEMV_RA 4
+#endif
 
 // gemv for many activation rows (prefill, decode batches): a warp takes GEMV_NR weight rows,
 // so that each activation chunk it loads serves GEMV_NR outputs (gemv re-reads every
@@ -210,14 +213,22 @@ __device__ void gemv_rows(const u8* W, const u8* S, const float* X, float* Y, in
 #pragma unroll
                         for (int c = 0; c < CH; c++) w[i][c] = 0.0f;
                 }
+                // GEMV_RA activation rows' chunks loaded at once, then their products: the
+                // loads had been the warps' main wait (Nsight Compute, 2026-12-03).
 #pragma unroll
-                for (int r = 0; r < 8; r++) {
+                for (int r = 0; r < 8; r += GEMV_RA) {
                     if (r >= rows) break;
-                    float4 v[CH / 4];
+                    float4 v[GEMV_RA][CH / 4];
 #pragma unroll
-                    for (int c = 0; c < CH / 4; c++) v[c] = ((const float4*)(X + (long)(r0 + r) * ldx + k0))[c];
+                    for (int a = 0; a < GEMV_RA; a++)
 #pragma unroll
-                    for (int i = 0; i < NR; i++) acc[i][r] += chunk_dot<CH>(w[i], v);
+                        for (int c = 0; c < CH / 4; c++)
+                            v[a][c] = r + a < rows ? ((const float4*)(X + (long)(r0 + r + a) * ldx + k0))[c]
+                                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+                    for (int a = 0; a < GEMV_RA; a++)
+#pragma unroll
+                        for (int i = 0; i < NR; i++) acc[i][r + a] += chunk_dot<CH>(w[i], v[a]);
                 }
             }
 #pragma unroll
