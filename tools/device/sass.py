@@ -17,14 +17,20 @@ head = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
 cols = rows[head]
 ix = {c: i for i, c in enumerate(cols)}
 stalls = [c for c in cols if c.startswith("stall_") and "Not Issued" not in c]
-insts = []
-for n, r in enumerate(rows[head + 1:]):
-    if len(r) < len(cols):
+# Several launches profiled: a section each (a "Kernel Name" row, the header again), summed
+# instruction by instruction (by address).
+by_addr = {}
+for r in rows[head + 1:]:
+    if len(r) < len(cols) or r[0] == "Address":
         continue
     num = lambda c: float(r[ix[c]] or 0) if r[ix[c]] not in ("-", "") else 0.0
-    reasons = sorted(((num(s), s[6:]) for s in stalls), reverse=True)[:3]
-    insts.append((n, r[ix["Source"]].strip(), num("Warp Stall Sampling (All Samples)"),
-                  num("Instructions Executed"), reasons))
+    e = by_addr.setdefault(r[ix["Address"]], [len(by_addr), r[ix["Source"]].strip(), 0.0, 0.0, Counter()])
+    e[2] += num("Warp Stall Sampling (All Samples)")
+    e[3] += num("Instructions Executed")
+    for c in stalls:
+        e[4][c[6:]] += num(c)
+insts = [(n, src, smp, ex, sorted(((v, k) for k, v in why.items()), reverse=True)[:3])
+         for n, src, smp, ex, why in by_addr.values()]
 samples = sum(i[2] for i in insts) or 1
 executed = sum(i[3] for i in insts) or 1
 print(f"{len(insts)} instructions, {samples:.0f} samples, {executed:.0f} warp instructions executed")
