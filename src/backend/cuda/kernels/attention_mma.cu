@@ -190,17 +190,35 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
     int dn = d0w + dq < nope ? d0w + dq : (nope > d0w ? nope : d0w);
     int ntn = nope / 32, rst = warp + nope / 16;
     float oh[TC_NT_NOPE][4], ol[TC_NT_NOPE][4], rh[2][4], rl[2][4];
+    float m[2], l[2];  // heads g and g + 8
+    // A slice starts from nothing.
+    auto reset = [&]() {
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
+        for (int c = 0; c < 4; c++) {
 #pragma unroll
-        for (int j = 0; j < TC_NT_NOPE; j++) oh[j][c] = ol[j][c] = 0.0f;
+            for (int j = 0; j < TC_NT_NOPE; j++) oh[j][c] = ol[j][c] = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 2; j++) rh[j][c] = rl[j][c] = 0.0f;
-    }
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // heads g and g + 8
+            for (int j = 0; j < 2; j++) rh[j][c] = rl[j][c] = 0.0f;
+        }
+        m[0] = m[1] = NEG_INF;
+        l[0] = l[1] = 0.0f;
+    };
+    reset();
     float* part = (float*)(smem + L.part);
 
+    // Slot j's maximum and sum of heads g and g + 8 (by lanes tq = 0 of warp 0).
     long tb = (long)blockIdx.x * a.H;
+    auto store_ml = [&](long j, const float* mv, const float* lv) {
+        if (warp != 0 || tq != 0) return;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int hh = g + 8 * r, h = h0 + hh;
+            if (hh < a.hpb && h < a.H) {
+                a.om[(tb + h) * a.S + j] = mv[r];
+                a.ol[(tb + h) * a.S + j] = lv[r];
+            }
+        }
+    };
     long sl, kb;
     for (int c = 0; chunk_at(c, &sl, &kb); c++) {
         long k1 = sl * per + per < total ? sl * per + per : total;
@@ -412,37 +430,13 @@ extern "C" __global__ void __launch_bounds__(128) attend_mma(AttnArgs a) {
 #pragma unroll
             for (int j = 0; j < 2; j++) o[16 * rst + 8 * j] = rh[j][c] + rl[j][c];
         }
-        if (warp == 0 && tq == 0)
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                int hh = g + 8 * r, h = h0 + hh;
-                if (hh < a.hpb && h < a.H) {
-                    a.om[(tb + h) * a.S + sl] = m[r];
-                    a.ol[(tb + h) * a.S + sl] = l[r];
-                }
-            }
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-#pragma unroll
-            for (int j = 0; j < TC_NT_NOPE; j++) oh[j][c] = ol[j][c] = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 2; j++) rh[j][c] = rl[j][c] = 0.0f;
-        }
-        m[0] = m[1] = NEG_INF;
-        l[0] = l[1] = 0.0f;
+        store_ml(sl, m, l);
+        reset();
     }
     // The block's slots past the token's slices: empty (the join skips them). The loop ended
     // at a slice past them, or within the token's last (short) slice.
-    if (warp == 0 && tq == 0)
-        for (long j = sl < nsl ? sl + gridDim.z : sl; j < a.S; j += gridDim.z)
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                int hh = g + 8 * r, h = h0 + hh;
-                if (hh < a.hpb && h < a.H) {
-                    a.om[(tb + h) * a.S + j] = NEG_INF;
-                    a.ol[(tb + h) * a.S + j] = 0.0f;
-                }
-            }
+    const float none_m[2] = {NEG_INF, NEG_INF}, none_l[2] = {0.0f, 0.0f};
+    for (long j = sl < nsl ? sl + gridDim.z : sl; j < a.S; j += gridDim.z) store_ml(j, none_m, none_l);
 }
 
 // The join of a token's slices for one head and 128 of its dims (grid: tokens, heads, dh / 128;

@@ -400,13 +400,19 @@ __device__ void mma_core_f4(const u8* __restrict__ W, const u8* __restrict__ S, 
     }
 }
 
-// Asynchronous copies to shared memory (sm_80+), zero-filled where `valid` is false.
-// The copies take a shared-memory address (`smem_addr`), so that loops compute it once.
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+// Asynchronous 16-byte copies to shared memory (sm_80+), zero-filled where `valid` is false,
+// with an L2 prefetch-size hint of PF bytes (a string literal in the instruction, hence a
+// macro). The copies take a shared-memory address (`smem_addr`), so that loops compute it once.
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global" PF_STR(CP_PF) " [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+#define CP_ASYNC16(NAME, PF)                                                                  \
+    __device__ __forceinline__ void NAME(u32 dst, const void* src, bool valid) {              \
+        asm volatile("cp.async.cg.shared.global" PF_STR(PF) " [%0], [%1], 16, %2;" ::"r"(dst), \
+                     "l"(src), "r"(valid ? 16 : 0));                                          \
+    }
+#else
+#define CP_ASYNC16(NAME, PF) \
+    __device__ __forceinline__ void NAME(u32, const void*, bool) {}
 #endif
-}
 
 // The L2 prefetch-size hint of the batch passes' weight copies (`mma_core_f4_stream`: decode
 // batches, whose experts are read whole): 256 bytes. At batch 32 (2026-12-03, sixth session,
@@ -415,11 +421,8 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
 #ifndef F4S_PF
 #define F4S_PF 256
 #endif
-__device__ __forceinline__ void cp_async16_f4s(u32 dst, const void* src, bool valid) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global" PF_STR(F4S_PF) " [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-#endif
-}
+CP_ASYNC16(cp_async16, CP_PF)
+CP_ASYNC16(cp_async16_f4s, F4S_PF)
 
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
 #if __CUDA_ARCH__ >= 800
