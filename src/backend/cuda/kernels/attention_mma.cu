@@ -29,12 +29,6 @@
 
 // Shared-memory addresses as 32-bit offsets: generic pointers cost a 64-bit address computation
 // (and its conversion) per load, more instructions than the attention's MMAs in its inner loops.
-__device__ __forceinline__ void ldsm_x4(u32* r, u32 p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(p));
-}
-
 __device__ __forceinline__ void ldsm_x2_trans(u32* r, u32 p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
                  : "=r"(r[0]), "=r"(r[1])

@@ -153,12 +153,25 @@ __device__ __forceinline__ void a_frags_f4(u32 x, u32 y, u32* A0, u32* A1) {
 // an f32's exponent bits, the four added at once (bytewise, modulo 256). A scale byte from 241
 // on (2^114 and more, beyond any weight's) gives infinity, zero or a tiny power of two instead
 // of e8m0()'s value; every FP4 kernel reads the same.
-__device__ __forceinline__ void f4_scales(u32 w, float* f) {
-    u32 e = ((w & 0x7f7f7f7fu) + 0x0e0e0e0eu) ^ (w & 0x80808080u);
+__device__ __forceinline__ void f4_exponents(u32 e, float* f) {
     f[0] = __uint_as_float((e << 23) & 0x7f800000u);
     f[1] = __uint_as_float((e << 15) & 0x7f800000u);
     f[2] = __uint_as_float((e << 7) & 0x7f800000u);
     f[3] = __uint_as_float((e >> 1) & 0x7f800000u);
+}
+
+__device__ __forceinline__ void f4_scales(u32 w, float* f) {
+    f4_exponents(((w & 0x7f7f7f7fu) + 0x0e0e0e0eu) ^ (w & 0x80808080u), f);
+}
+
+// The same with the addition as one opaque instruction: left to itself, the compiler adds 14
+// to each byte apart after extracting it (four additions where one does), which costs the
+// one-row passes' loops some 20 instructions a step; the tiles keep f4_scales (within their
+// registers only so).
+__device__ __forceinline__ void f4_scales_one_add(u32 w, float* f) {
+    u32 e;
+    asm("add.u32 %0, %1, 0x0e0e0e0e;" : "=r"(e) : "r"(w & 0x7f7f7f7fu));
+    f4_exponents(e ^ (w & 0x80808080u), f);
 }
 
 __device__ __forceinline__ float f4_scale(u32 w, int b) {
@@ -463,71 +476,94 @@ __device__ __forceinline__ void cp_wait() {
 // The bits are mma_core_f4's: the same lanes hold the same codes, summed in the same order.
 // The range [kb, ke) is walked in slices of `slice_steps` steps of 128 k: after each,
 // `on_slice(i)` takes slice i's sums from `tot` (and `tot2`) and leaves them zero.
+// The lane's activation row (its B column, code offset `xrow`) and its two output columns'
+// (scale offsets `xsc0`, `xsc1`) are always some pair's: a column past the pass's pairs reads
+// a real pair's row and is never kept (a column's sums depend on its own row alone), so no
+// load is predicated. Every source advances a step at a time and the ring's stages are
+// offsets that wrap, so a step computes no address from k; the fragments come by ldmatrix
+// (matrices: rows g of block b, rows g + 8 of b, rows g of b + 1, rows g + 8 of b + 1, lane L
+// giving row L % 8 of matrix L / 8: a row's 16 bytes of a block). By tools/cuda-sass.py a
+// step of the up projection's pass took 566 instructions before, 432 now (down: 307, 232).
 template <bool DUAL, typename OnSlice>
 __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restrict__ S,
                                    const u8* __restrict__ W2, const u8* __restrict__ S2, int N,
                                    int K, int n0, const u16* __restrict__ xq,
-                                   const float* __restrict__ xs, const LaneRows<1>& rows, int kb,
-                                   int ke, int slice_steps, float (*tot)[4], float (*tot2)[4],
-                                   u8* ring, OnSlice on_slice) {
+                                   const float* __restrict__ xs, long xrow, long xsc0, long xsc1,
+                                   int kb, int ke, int slice_steps, float (*tot)[4],
+                                   float (*tot2)[4], u8* ring, OnSlice on_slice) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int half = K >> 1, kq = K >> 5;
-    const int NW = DUAL ? 2 : 1, STRIDE = F4S_STEP * NW;
-    // What a lane copies a step, of each weight: 16 bytes of rows g and g + 8 (offsets within
-    // the matrix, which for one expert stays below 4 GiB) and, lanes 0-15, row `lane`'s scale
-    // byte word. Rows past N are clamped (the copy then reads nothing: size 0).
+    const int NW = DUAL ? 2 : 1;
+    const u32 STRIDE = F4S_STEP * NW, RING = F4S_STAGES * STRIDE;
+    // What a lane copies a step, of each weight: 16 bytes of rows g and g + 8 and, lanes 0-15,
+    // row `lane`'s scale byte word. Rows past N are clamped (the copy then reads nothing: size 0).
     bool va = n0 + g < N, vb = n0 + g + 8 < N, sv = n0 + lane < N;
-    u32 wo = (u32)(va ? n0 + g : N - 1) * (u32)half + 16 * t, wob = vb ? 8 * half : 0;
-    u32 so = (u32)(sv ? n0 + lane : N - 1) * (u32)kq;
+    u32 wob = vb ? 8 * half : 0;  // (one expert's matrix stays below 4 GiB)
+    const u8* wp[NW];
+    const u8* sp[NW];
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+        wp[w] = (w ? W2 : W) + (long)(va ? n0 + g : N - 1) * half + 16 * t + (kb >> 1);
+        sp[w] = (w ? S2 : S) + (long)(sv ? n0 + lane : N - 1) * kq + (kb >> 5);
+    }
+    const u16* xp = xq + xrow + kb + 8 * t;
+    const float* xsp = xs + xsc0 + (kb >> 7);
+    int x1d = (int)(xsc1 - xsc0);  // (the scales of one call stay below 2^31)
     u32 base = smem_addr(ring), wd = base + g * F4S_ROW + 16 * t, sd = base + 16 * F4S_ROW + 4 * lane;
-    auto issue = [&](int k, int stage) {
-        u32 at = stage * STRIDE;
+    u32 lm = base + ((lane & 7) + 8 * ((lane >> 3) & 1)) * F4S_ROW + 16 * (lane >> 4);
+    auto issue = [&](u32 at) {
 #pragma unroll
         for (int w = 0; w < NW; w++) {
-            const u8* wm = (w ? W2 : W) + (k >> 1) + wo;
-            cp_async16_f4s(wd + at + w * F4S_STEP, wm, va);
-            cp_async16_f4s(wd + at + w * F4S_STEP + 8 * F4S_ROW, wm + wob, vb);
-            if (lane < 16) cp_async4(sd + at + w * F4S_STEP, (w ? S2 : S) + (k >> 5) + so, sv);
+            cp_async16_f4s(wd + at + w * F4S_STEP, wp[w], va);
+            cp_async16_f4s(wd + at + w * F4S_STEP + 8 * F4S_ROW, wp[w] + wob, vb);
+            if (lane < 16) cp_async4(sd + at + w * F4S_STEP, sp[w], sv);
+            wp[w] += 64;
+            sp[w] += 4;
         }
     };
+    auto next = [&](u32 at) { return at + STRIDE == RING ? 0u : at + STRIDE; };
     int steps = (ke - kb) >> 7;
+    u32 put = 0, get = 0;
 #pragma unroll
     for (int s = 0; s < F4S_STAGES - 1; s++) {
-        if (s < steps) issue(kb + 128 * s, s);
+        if (s < steps) issue(put);
         cp_commit();
+        put = next(put);
     }
     pdl_wait();
-    for (int i = 0, left = slice_steps; i < steps; i++) {
+    for (int i = 0, left = slice_steps, slice = 0; i < steps; i++) {
         cp_wait<F4S_STAGES - 2>();
         __syncwarp();
-        int nx = i + F4S_STAGES - 1;
-        if (nx < steps) issue(kb + 128 * nx, nx % F4S_STAGES);
+        if (i + F4S_STAGES - 1 < steps) issue(put);
         cp_commit();
-        const u8* st = ring + (i % F4S_STAGES) * STRIDE;
-        int k = kb + 128 * i;
-        float x0 = rows.s0[0] >= 0 ? xs[rows.s0[0] + (k >> 7)] : 0.0f;
-        float x1 = rows.s1[0] >= 0 ? xs[rows.s1[0] + (k >> 7)] : 0.0f;
+        put = next(put);
+        const u8* st = ring + get;
+        u32 xy[NW][2][4];
+#pragma unroll
+        for (int w = 0; w < NW; w++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) ldsm_x4(xy[w][h], lm + get + w * F4S_STEP + 32 * h);
+        get = next(get);
+        float x0 = xsp[0], x1 = xsp[x1d];
+        xsp++;
         float r0 = pow2_recip(x0), r1 = pow2_recip(x1);
 #pragma unroll
         for (int w = 0; w < NW; w++) scale_cols((w ? tot2 : tot)[0], r0, r1);
-        u32 sa[NW], sb[NW];
+        float fs[NW][2][4];
 #pragma unroll
         for (int w = 0; w < NW; w++) {
-            sa[w] = *(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * g);
-            sb[w] = *(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * (g + 8));
+            f4_scales_one_add(*(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * g), fs[w][0]);
+            f4_scales_one_add(*(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * (g + 8)), fs[w][1]);
         }
 #pragma unroll
         for (int b = 0; b < 4; b++) {
-            uint4 xv = rows.q[0] >= 0 ? ld_cached(xq + rows.q[0] + k + 32 * b + 8 * t) : make_uint4(0, 0, 0, 0);
+            uint4 xv = ld_cached(xp + 32 * b);
 #pragma unroll
             for (int w = 0; w < NW; w++) {
-                const u8* d = st + w * F4S_STEP;
                 float(*acc)[4] = w ? tot2 : tot;
-                u32 x = *(const u32*)(d + g * F4S_ROW + 16 * b + 4 * t);
-                u32 y = *(const u32*)(d + (g + 8) * F4S_ROW + 16 * b + 4 * t);
                 u32 A0[4], A1[4];
-                a_frags_f4(x, y, A0, A1);
-                float fa = f4_scale(sa[w], b), fb = f4_scale(sb[w], b);
+                a_frags_f4(xy[w][b >> 1][2 * (b & 1)], xy[w][b >> 1][2 * (b & 1) + 1], A0, A1);
+                float fa = fs[w][0][b], fb = fs[w][1][b];
                 float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 mma16816(c, A0[0], A0[1], A0[2], A0[3], xv.x, xv.y);
                 mma16816(c, A1[0], A1[1], A1[2], A1[3], xv.z, xv.w);
@@ -537,10 +573,11 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
                 acc[0][3] = fmaf(c[3], fb, acc[0][3]);
             }
         }
+        xp += 128;
 #pragma unroll
         for (int w = 0; w < NW; w++) scale_cols((w ? tot2 : tot)[0], x0, x1);
         if (--left == 0) {
-            on_slice(i / slice_steps);
+            on_slice(slice++);
             left = slice_steps;
         }
     }
@@ -582,6 +619,8 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
     const u8* xp = lane < 16 ? (const u8*)(xq + xrow + kb + 8 * lane) : (const u8*)(xs + xsc + (kb >> 7));
     u32 base = smem_addr(ring), wd = base + g * F4S_ROW + 16 * t, sd = base + 16 * F4S_ROW + 4 * lane;
     u32 xd = base + NW * F4S_STEP + 16 * (lane & 15) + (lane < 16 ? 0 : 256);
+    // The fragments' reads as ldmatrix, as mma_core_f4_stream's.
+    u32 lm = base + ((lane & 7) + 8 * ((lane >> 3) & 1)) * F4S_ROW + 16 * (lane >> 4);
     auto issue = [&](int stage) {
         u32 at = stage * STRIDE;
 #pragma unroll
@@ -610,7 +649,8 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
         __syncwarp();
         if (i + F4S_STAGES - 1 < steps) issue((i + F4S_STAGES - 1) % F4S_STAGES);
         cp_commit();
-        const u8* st = ring + (i % F4S_STAGES) * STRIDE;
+        u32 get_at = (i % F4S_STAGES) * STRIDE;
+        const u8* st = ring + get_at;
         const u8* xst = st + NW * F4S_STEP;
         float x0 = *(const float*)(xst + 256), r0 = pow2_recip(x0);
 #pragma unroll
@@ -625,18 +665,20 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
             f4_scales(*(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * g), fs[w][0]);
             f4_scales(*(const u32*)(st + w * F4S_STEP + 16 * F4S_ROW + 4 * (g + 8)), fs[w][1]);
         }
+        u32 xy[NW][2][4];
+#pragma unroll
+        for (int w = 0; w < NW; w++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) ldsm_x4(xy[w][h], lm + get_at + w * F4S_STEP + 32 * h);
 #pragma unroll
         for (int b = 0; b < 4; b++) {
             // Every lane reads the one row (the other columns are never kept).
             uint4 xv = *(const uint4*)(xst + 64 * b + 16 * t);
 #pragma unroll
             for (int w = 0; w < NW; w++) {
-                const u8* d = st + w * F4S_STEP;
                 float(*acc)[4] = w ? tot2 : tot;
-                u32 x = *(const u32*)(d + g * F4S_ROW + 16 * b + 4 * t);
-                u32 y = *(const u32*)(d + (g + 8) * F4S_ROW + 16 * b + 4 * t);
                 u32 A0[4], A1[4];
-                a_frags_f4(x, y, A0, A1);
+                a_frags_f4(xy[w][b >> 1][2 * (b & 1)], xy[w][b >> 1][2 * (b & 1) + 1], A0, A1);
                 float fa = fs[w][0][b], fb = fs[w][1][b];
                 float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 mma16816(c, A0[0], A0[1], A0[2], A0[3], xv.x, xv.y);
@@ -856,9 +898,13 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
                     long r = xrow(0);
                     mma_core_f4_staged<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, r * K, r * lds, kb, ke,
                                            kslice >> 7, acc[0], acc[NW - 1], ring, on_slice);
-                } else
-                    mma_core_f4_stream<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, rows, kb, ke, kslice >> 7,
+                } else {
+                    // Columns past the pass's pairs read its first pair's rows.
+                    auto row_of = [&](u32 i) { return xrow(i < cnt ? i : c); };
+                    mma_core_f4_stream<UP>(W1, S1, W3, S3, N, K, n0, a.xq, a.xs, row_of(iq) * K,
+                                           row_of(i0) * lds, row_of(i1) * lds, kb, ke, kslice >> 7,
                                            acc[0], acc[NW - 1], ring, on_slice);
+                }
             } else {
                 for (int i = 0; i < per; i++) {
                     int k0 = kb + i * kslice;
@@ -899,6 +945,9 @@ __device__ void mma_experts(const MmaExpertArgs& a) {
 
 MMA_EXPERTS(f8_r1, FMT_F8, false, TWO_BLOCKS)
 MMA_EXPERTS(f4_r1, FMT_F4, false, TWO_BLOCKS)
-// One token: its few blocks, spread over the SMs, never need two of 256 threads an SM, and the
-// staged pass beside the L1 one would spill within 128 registers.
-MMA_EXPERTS(f4_x1, FMT_F4, true, ONE_BLOCK)
+// One token: its few blocks, spread over the SMs, never need two of 256 threads an SM. ptxas
+// told nothing gives the kernel 128 registers, where the stream pass spills; told one block an
+// SM, 171, and then an SM holds five of V4-Flash's up-projection blocks of two warps (registers
+// go by 8 a lane: 176 x 64 each), not the six its 768 blocks over 132 SMs need, and batch 1
+// lost 3% (2026-12-03, eighth session, run o2). 168 keeps six.
+MMA_EXPERTS(f4_x1, FMT_F4, true, __maxnreg__(168))

@@ -53,6 +53,14 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return a;
 }
 
+// Four 8 x 8 matrices of 16-bit elements from shared memory (lanes 8i..8i+7 give the row
+// addresses of matrix i; each lane gets 32 bits of each: row L / 4, bytes 4 (L % 4)..).
+__device__ __forceinline__ void ldsm_x4(u32* r, u32 p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(p));
+}
+
 // Thread block clusters (sm_90): a block writes into another's shared memory asynchronously
 // (`st_async4`: addresses from `cluster_addr`, which maps this block's address of a variable to
 // block `rank`'s), each write counted against an mbarrier of the receiver that expects that
