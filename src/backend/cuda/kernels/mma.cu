@@ -473,6 +473,21 @@ __device__ __forceinline__ void cp_wait() {
 #define F4S_ROW 80
 #define F4S_STEP (16 * F4S_ROW + 64)
 
+// Where a one-row FP4 pass's lane copies from, of each of its NW weights, from step kb on: 16
+// bytes of row g (and, 8 rows on, of g + 8) and row `lane`'s scale byte word. Rows past N are
+// clamped to its last (the copy then reads nothing: size 0).
+template <int NW>
+__device__ __forceinline__ void f4_sources(const u8* W, const u8* S, const u8* W2, const u8* S2,
+                                           int N, int K, int n0, int kb, bool va, bool sv,
+                                           const u8** wp, const u8** sp) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+        wp[w] = (w ? W2 : W) + (long)(va ? n0 + g : N - 1) * (K >> 1) + 16 * t + (kb >> 1);
+        sp[w] = (w ? S2 : S) + (long)(sv ? n0 + lane : N - 1) * (K >> 5) + (kb >> 5);
+    }
+}
+
 // The bits are mma_core_f4's: the same lanes hold the same codes, summed in the same order.
 // The range [kb, ke) is walked in slices of `slice_steps` steps of 128 k: after each,
 // `on_slice(i)` takes slice i's sums from `tot` (and `tot2`) and leaves them zero.
@@ -492,7 +507,7 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
                                    int kb, int ke, int slice_steps, float (*tot)[4],
                                    float (*tot2)[4], u8* ring, OnSlice on_slice) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int half = K >> 1, kq = K >> 5;
+    int half = K >> 1;
     const int NW = DUAL ? 2 : 1;
     const u32 STRIDE = F4S_STEP * NW, RING = F4S_STAGES * STRIDE;
     // What a lane copies a step, of each weight: 16 bytes of rows g and g + 8 and, lanes 0-15,
@@ -501,11 +516,7 @@ __device__ void mma_core_f4_stream(const u8* __restrict__ W, const u8* __restric
     u32 wob = vb ? 8 * half : 0;  // (one expert's matrix stays below 4 GiB)
     const u8* wp[NW];
     const u8* sp[NW];
-#pragma unroll
-    for (int w = 0; w < NW; w++) {
-        wp[w] = (w ? W2 : W) + (long)(va ? n0 + g : N - 1) * half + 16 * t + (kb >> 1);
-        sp[w] = (w ? S2 : S) + (long)(sv ? n0 + lane : N - 1) * kq + (kb >> 5);
-    }
+    f4_sources<NW>(W, S, W2, S2, N, K, n0, kb, va, sv, wp, sp);
     const u16* xp = xq + xrow + kb + 8 * t;
     const float* xsp = xs + xsc0 + (kb >> 7);
     int x1d = (int)(xsc1 - xsc0);  // (the scales of one call stay below 2^31)
@@ -601,7 +612,7 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
                                    int ke, int slice_steps, float (*tot)[4], float (*tot2)[4],
                                    u8* ring, OnSlice on_slice) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int half = K >> 1, kq = K >> 5;
+    int half = K >> 1;
     const int NW = DUAL ? 2 : 1, STRIDE = F4S_STEP * NW + F4S_X;
     // What a lane copies a step, of each weight: 16 bytes of rows g and g + 8 and, lanes 0-15,
     // row `lane`'s scale byte word (rows past N clamped: the copy then reads nothing, size 0);
@@ -611,11 +622,7 @@ __device__ void mma_core_f4_staged(const u8* __restrict__ W, const u8* __restric
     long wob = vb ? 8L * half : 0;
     const u8* wp[NW];
     const u8* sp[NW];
-#pragma unroll
-    for (int w = 0; w < NW; w++) {
-        wp[w] = (w ? W2 : W) + (long)(va ? n0 + g : N - 1) * half + 16 * t + (kb >> 1);
-        sp[w] = (w ? S2 : S) + (long)(sv ? n0 + lane : N - 1) * kq + (kb >> 5);
-    }
+    f4_sources<NW>(W, S, W2, S2, N, K, n0, kb, va, sv, wp, sp);
     const u8* xp = lane < 16 ? (const u8*)(xq + xrow + kb + 8 * lane) : (const u8*)(xs + xsc + (kb >> 7));
     u32 base = smem_addr(ring), wd = base + g * F4S_ROW + 16 * t, sd = base + 16 * F4S_ROW + 4 * lane;
     u32 xd = base + NW * F4S_STEP + 16 * (lane & 15) + (lane < 16 ? 0 : 256);
